@@ -1,0 +1,1 @@
+"""posguard's guard: journal, transaction engine, policies and host uplink."""

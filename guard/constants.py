@@ -1,0 +1,98 @@
+"""Protocol facts and tunable defaults, in one place, each with where it comes from.
+
+Anything that is a fact of ISO 8583, the reader link or the journal format lives here, named,
+so that the engine, the uplink, the simulators and the docs agree.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- ISO 8583 message type indicators (ISO 8583:1987; see shared/design/iso8583-reversals.md) ---
+MTI_FIN_REQUEST: Final = "0200"
+MTI_FIN_REPEAT: Final = "0201"  # never sent by posguard: a timed-out sale is reversed, not repeated
+MTI_FIN_RESPONSE: Final = "0210"
+MTI_ADVICE: Final = "0220"  # deferred (offline) sale forwarded later
+MTI_ADVICE_RESPONSE: Final = "0230"
+MTI_REVERSAL: Final = "0400"
+MTI_REVERSAL_REPEAT: Final = "0401"
+MTI_REVERSAL_RESPONSE: Final = "0410"
+MTI_NET_REQUEST: Final = "0800"
+MTI_NET_RESPONSE: Final = "0810"
+
+# --- ISO 8583 field numbers (pyiso8583 keys are strings) ---
+F_PAN: Final = "2"
+F_PROC_CODE: Final = "3"
+F_AMOUNT: Final = "4"
+F_TRANSMISSION_DT: Final = "7"  # MMDDhhmmss, UTC
+F_STAN: Final = "11"  # 000001-999999, unique per terminal (41) + merchant (42) per day
+F_LOCAL_TIME: Final = "12"  # hhmmss
+F_LOCAL_DATE: Final = "13"  # MMDD
+F_EXPIRY: Final = "14"  # YYMM
+F_RRN: Final = "37"  # set by the acquirer
+F_APPROVAL_CODE: Final = "38"
+F_RESPONSE_CODE: Final = "39"
+F_TERMINAL_ID: Final = "41"  # ans 8
+F_MERCHANT_ID: Final = "42"  # ans 15
+F_CURRENCY: Final = "49"
+F_NET_MGMT_CODE: Final = "70"
+F_ORIGINAL_DATA: Final = "90"  # ISO 1987 n42: MTI(4)+STAN(6)+F7(10)+acq id(11)+fwd id(11)
+
+# Fields a response must echo unchanged (PayEx IFSF "ME" rule): a difference means "not ours".
+ECHO_FIELDS: Final = (F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID)
+
+PROC_PURCHASE: Final = "000000"
+PROC_REFUND: Final = "200000"
+PROC_VOID: Final = "020000"
+NET_SIGN_ON: Final = "001"
+NET_ECHO: Final = "301"
+
+STAN_MIN: Final = 1
+STAN_MAX: Final = 999_999
+
+# --- Response codes handled explicitly (ISO 8583:1987 field 39) ---
+RC_APPROVED: Final = "00"
+RC_INVALID_MERCHANT: Final = "03"
+RC_DO_NOT_HONOUR: Final = "05"
+RC_ORIGINAL_NOT_FOUND: Final = "25"  # reversal: "unable to locate original" -> nothing to undo
+RC_INSUFFICIENT_FUNDS: Final = "51"
+RC_NOT_PERMITTED_TERMINAL: Final = "58"
+RC_FREQUENCY_EXCEEDED: Final = "65"
+RC_TOO_LATE: Final = "68"
+RC_ISSUER_UNAVAILABLE: Final = "91"
+RC_DUPLICATE: Final = "94"  # "already processed": never a new charge
+RC_SYSTEM_MALFUNCTION: Final = "96"
+
+# A 0410 with one of these means the original no longer holds a debit.
+REVERSAL_DONE_CODES: Final = frozenset({RC_APPROVED, RC_ORIGINAL_NOT_FOUND, RC_DUPLICATE})
+
+# --- Timers and retry policy (defaults; all overridable in config) ---
+HOST_TIMEOUT_S: Final = 30.0  # typical acquirer response timeout for 0200
+REVERSAL_TIMEOUT_S: Final = 30.0
+REVERSAL_MAX_ATTEMPTS: Final = 6  # PayEx IFSF: 6 failures -> manual action
+REVERSAL_BACKOFF_BASE_S: Final = 1.0
+REVERSAL_BACKOFF_MAX_S: Final = 60.0
+SAF_WINDOW: Final = 8  # reversals in flight at once, matched by STAN
+ECHO_IDLE_S: Final = 60.0  # 0800/301 keepalive when the link is idle
+LATE_RESPONSE_KEEP_S: Final = 120.0  # jPOS QMUX keeps unhandled responses 120 s
+
+# --- Host framing ---
+HOST_HEADER_BINARY2: Final = "binary2"  # 2-byte big-endian length (most common)
+HOST_HEADER_ASCII4: Final = "ascii4"  # 4 ASCII decimal digits
+HOST_HEADERS: Final = (HOST_HEADER_BINARY2, HOST_HEADER_ASCII4)
+TPDU_LEN: Final = 5  # 0x60 + dest(2) + source(2); the response swaps dest and source
+TPDU_ID: Final = 0x60
+HOST_MAX_MESSAGE: Final = 8192  # larger lengths are a framing error, not an allocation
+
+# --- Journal ---
+JOURNAL_SCHEMA_VERSION: Final = 1
+JOURNAL_HASH_DOMAIN: Final = b"posguard.entry.v1"
+JOURNAL_RATCHET_LABEL: Final = b"posguard.ratchet.v1"
+CHECKPOINT_DOMAIN: Final = b"posguard.checkpoint.v1"
+CHECKPOINT_EVERY_ENTRIES: Final = 256
+CHECKPOINT_EVERY_S: Final = 300.0  # seal even when idle (journald CVE-2023-31438 lesson)
+GENESIS_HASH: Final = bytes(32)
+
+# --- Card data (PCI DSS v4.0.1 3.4.1: show at most BIN + last 4) ---
+MASK_KEEP_FIRST: Final = 6
+MASK_KEEP_LAST: Final = 4

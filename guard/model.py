@@ -1,0 +1,153 @@
+"""Value types shared by the engine, the journal, the uplink and the reader side."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import RequestInvalid
+
+
+class TxnKind(str, enum.Enum):
+    SALE = "SALE"
+    REFUND = "REFUND"
+    VOID = "VOID"
+
+
+class TxnState(str, enum.Enum):
+    """Terminal-side states (shared/design/iso8583-reversals.md, minimum state machine)."""
+
+    JOURNALED = "JOURNALED"  # intent durable, nothing sent yet
+    SENT = "SENT"  # request handed to the uplink (in memory only: recovery treats as maybe-sent)
+    APPROVED = "APPROVED"
+    DECLINED = "DECLINED"  # host declined, or failed locally before anything was sent
+    UNKNOWN = "UNKNOWN"  # transient: no/invalid answer; becomes REVERSAL_PENDING in the same commit
+    REVERSAL_PENDING = "REVERSAL_PENDING"
+    REVERSED = "REVERSED"
+    NEEDS_MANUAL = "NEEDS_MANUAL"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+    @property
+    def shown_as_success(self) -> bool:
+        return self is TxnState.APPROVED
+
+
+FINAL_STATES = frozenset({TxnState.APPROVED, TxnState.DECLINED, TxnState.REVERSED, TxnState.NEEDS_MANUAL})
+
+
+def txn_key(reader_id: str, txn_id: bytes) -> str:
+    """Idempotency key: the reader's id and its 16-byte transaction id."""
+    return f"{reader_id}:{txn_id.hex()}"
+
+
+@dataclass(frozen=True, repr=False)
+class CardData:
+    """Clear card data. Lives in memory only until encrypted into the vault; never logged."""
+
+    pan: str
+    expiry: str = ""  # YYMM
+
+    def __post_init__(self) -> None:
+        if not (12 <= len(self.pan) <= 19 and self.pan.isdigit()):
+            raise RequestInvalid("card number must be 12-19 digits", code="REQUEST_BAD_PAN")
+        if self.expiry and not (len(self.expiry) == 4 and self.expiry.isdigit()):
+            raise RequestInvalid("expiry must be YYMM", code="REQUEST_BAD_EXPIRY")
+
+    def __repr__(self) -> str:
+        return f"CardData(pan={mask_pan(self.pan)!r})"
+
+
+@dataclass(frozen=True, repr=False)
+class Request:
+    """A reader request as the engine sees it. ``card`` is None for STATUS-like lookups."""
+
+    reader_id: str
+    txn_id: bytes
+    kind: TxnKind
+    amount: int  # minor units
+    currency: str  # ISO 4217 numeric, e.g. "978"
+    card: CardData
+    original_txn_id: bytes | None = None  # for VOID / REFUND
+
+    def __post_init__(self) -> None:
+        if len(self.txn_id) != 16:
+            raise RequestInvalid("transaction id must be 16 bytes", code="REQUEST_BAD_TXN_ID")
+        if not (0 < self.amount <= 999_999_999_999):
+            raise RequestInvalid("amount must be 1..999999999999 minor units", code="REQUEST_BAD_AMOUNT")
+        if not (len(self.currency) == 3 and self.currency.isdigit()):
+            raise RequestInvalid("currency must be a 3-digit ISO 4217 code", code="REQUEST_BAD_CURRENCY")
+        if not self.reader_id or len(self.reader_id) > 32 or ":" in self.reader_id:
+            raise RequestInvalid("reader id must be 1-32 characters without ':'", code="REQUEST_BAD_READER")
+
+    @property
+    def key(self) -> str:
+        return txn_key(self.reader_id, self.txn_id)
+
+    def __repr__(self) -> str:
+        return f"Request({self.key}, {self.kind.value}, {self.amount} {self.currency}, {self.card!r})"
+
+
+def fingerprint(kind: TxnKind, amount: int, currency: str, card_token: str, original: bytes | None) -> str:
+    """What makes two requests "the same": a hash over the request, never over the clear PAN."""
+    canon = json.dumps(
+        [kind.value, amount, currency, card_token, original.hex() if original else None],
+        separators=(",", ":"),
+    ).encode()
+    return hashlib.sha256(canon).hexdigest()[:32]
+
+
+def mask_pan(pan: str) -> str:
+    """BIN (first 6) and last 4 only (PCI DSS 3.4.1)."""
+    if len(pan) < 13:
+        return "*" * len(pan)
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+@dataclass(frozen=True)
+class Result:
+    """What the reader is told about a transaction. Safe to log: no clear card data."""
+
+    key: str
+    state: TxnState
+    response_code: str = ""
+    approval_code: str = ""
+    rrn: str = ""
+    masked_pan: str = ""
+    stan: int = 0
+    reason: str = ""  # stable code for why (e.g. HOST_TIMEOUT, ECHO_MISMATCH, NO_HOST)
+    in_progress: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def display_text(self) -> str:
+        return display_text(self)
+
+
+def display_text(r: Result) -> str:
+    """Short text for the reader's display (a cashier acts on it)."""
+    if r.in_progress:
+        return "PROCESSING - PLEASE WAIT"
+    s = r.state
+    if s is TxnState.APPROVED:
+        return f"APPROVED {r.approval_code}".strip()
+    if s is TxnState.DECLINED:
+        if r.reason == "NO_HOST":
+            return "HOST UNAVAILABLE - NOT CHARGED"
+        if r.response_code in ("03", "58"):
+            return "TERMINAL CONFIG ERROR - CALL SUPPORT"
+        if r.response_code == "65":
+            return "CARD USED TOO FREQUENTLY"
+        return f"DECLINED {r.response_code}".strip()
+    if s in (TxnState.REVERSAL_PENDING, TxnState.UNKNOWN):
+        return "FAILED - NOT CHARGED (REVERSAL QUEUED)"
+    if s is TxnState.REVERSED:
+        return "FAILED - NOT CHARGED (REVERSED)"
+    if s is TxnState.NEEDS_MANUAL:
+        return "FAILED - CALL SUPPORT (REVERSAL NOT CONFIRMED)"
+    return s.value
