@@ -1,0 +1,593 @@
+"""The transaction engine: a pure state machine (events in, actions out).
+
+It never touches SQLite, sockets, clocks or randomness. The driver feeds it events with the time
+(``now``) and executes the returned actions strictly in order; every ``Append`` (a durable commit)
+precedes the ``SendHost`` or ``Reply`` that depends on it, which is what makes the guard
+write-ahead. State is rebuilt after a crash from the journal's entries (``Engine.restore``).
+
+Lifecycle of a sale (shared/design/iso8583-reversals.md):
+  intent committed -> 0200 sent -> 0210 -> outcome committed -> reader told
+  no/invalid answer -> reversal_pending committed -> reader told "not charged"
+  -> 0400, then 0401 repeats with backoff -> 0410 -> reversed | cap -> needs_manual
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence, Union
+
+from . import constants as C
+from . import iso
+from .errors import IdempotencyConflict, RequestInvalid
+from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan
+
+
+# ----------------------------------------------------------------------------------------------
+# Actions
+
+
+@dataclass(frozen=True)
+class Append:
+    """One durable journal commit: records are (kind, txn key, payload)."""
+
+    records: list[tuple[str, str | None, dict[str, Any]]]
+    vault_put: list[Any] = field(default_factory=list)  # sealed blobs (guard.journal.VaultBlob)
+    vault_shred: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, repr=False)
+class SendHost:
+    """Send an ISO 8583 message. Card fields (2, 14) are filled by the driver from ``card`` or,
+    after a restart, from the vault blob ``card_ref``; the engine keeps no clear PAN."""
+
+    key: str | None
+    fields: dict[str, str]
+    card: CardData | None = None
+    card_ref: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SendHost({self.key}, mti={self.fields.get('t')}, stan={self.fields.get(C.F_STAN)})"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Tell the reader. Always after the commit of the state it reports."""
+
+    result: Result
+
+
+Action = Union[Append, SendHost, Reply]
+
+
+class CardCrypto(Protocol):
+    """Keyed card token and vault sealing, injected so the engine stays pure and testable."""
+
+    def token(self, pan: str) -> str: ...
+
+    def seal(self, txn: str, plaintext: bytes) -> Any: ...  # returns an object with `.ref`
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    terminal_id: str
+    merchant_id: str
+    host_timeout_s: float = C.HOST_TIMEOUT_S
+    reversal_timeout_s: float = C.REVERSAL_TIMEOUT_S
+    reversal_max_attempts: int = C.REVERSAL_MAX_ATTEMPTS
+    backoff_base_s: float = C.REVERSAL_BACKOFF_BASE_S
+    backoff_max_s: float = C.REVERSAL_BACKOFF_MAX_S
+    saf_window: int = C.SAF_WINDOW
+    echo_idle_s: float = C.ECHO_IDLE_S
+
+    def __post_init__(self) -> None:
+        if len(self.terminal_id) != 8:
+            raise RequestInvalid("terminal id (field 41) must be exactly 8 characters", code="CONFIG_TERMINAL_ID")
+        if len(self.merchant_id) != 15:
+            raise RequestInvalid("merchant id (field 42) must be exactly 15 characters", code="CONFIG_MERCHANT_ID")
+
+
+# ----------------------------------------------------------------------------------------------
+# State
+
+
+@dataclass
+class Txn:
+    key: str
+    kind: TxnKind
+    fp: str
+    amount: int
+    currency: str
+    card_token: str
+    masked_pan: str
+    vault_ref: str | None
+    stan: int
+    f7: str
+    created: float
+    state: TxnState = TxnState.JOURNALED
+    rc: str = ""
+    approval: str = ""
+    rrn: str = ""
+    reason: str = ""
+    deadline: float | None = None  # awaiting 0210 until
+    rev_attempts: int = 0  # reversal messages journaled as sent
+    rev_failures: int = 0
+    rev_next_at: float = 0.0
+    rev_inflight_until: float | None = None
+    rev_seq: int = 0  # order in the store-and-forward queue
+
+    def result(self, *, in_progress: bool = False) -> Result:
+        return Result(
+            key=self.key,
+            state=self.state,
+            response_code=self.rc,
+            approval_code=self.approval,
+            rrn=self.rrn,
+            masked_pan=self.masked_pan,
+            stan=self.stan,
+            reason=self.reason,
+            in_progress=in_progress,
+        )
+
+    def request_fields(self, cfg: EngineConfig) -> dict[str, str]:
+        return {
+            "t": C.MTI_FIN_REQUEST,
+            C.F_PROC_CODE: C.PROC_REFUND if self.kind is TxnKind.REFUND else C.PROC_PURCHASE,
+            C.F_AMOUNT: f"{self.amount:012d}",
+            C.F_TRANSMISSION_DT: self.f7,
+            C.F_STAN: f"{self.stan:06d}",
+            C.F_TERMINAL_ID: cfg.terminal_id,
+            C.F_MERCHANT_ID: cfg.merchant_id,
+            C.F_CURRENCY: self.currency,
+        }
+
+
+AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
+
+
+class Engine:
+    """Sans-I/O transaction engine. Not thread-safe: one driver owns it."""
+
+    def __init__(self, cfg: EngineConfig, crypto: CardCrypto, rng: random.Random | None = None) -> None:
+        self.cfg = cfg
+        self.crypto = crypto
+        self.rng = rng or random.Random(0)
+        self.txns: dict[str, Txn] = {}
+        self.by_stan: dict[int, str] = {}
+        self.last_stan = 0
+        self.host_up = False
+        self.last_host_activity = 0.0
+        self.echo_stan: int | None = None
+        self.echo_deadline: float | None = None
+        self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
+        self._saf_counter = 0
+        self.stats: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ restore from the journal
+
+    @classmethod
+    def restore(
+        cls,
+        cfg: EngineConfig,
+        crypto: CardCrypto,
+        entries: Iterable[Any],
+        rng: random.Random | None = None,
+    ) -> Engine:
+        """Rebuild state from journal entries (objects with .kind, .txn, .payload, .ts)."""
+        eng = cls(cfg, crypto, rng)
+        for e in entries:
+            eng._apply_entry(e.kind, e.txn, e.payload, e.ts)
+        return eng
+
+    def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float) -> None:
+        if kind == "stan_use":
+            self.last_stan = int(p["stan"])
+            return
+        if key is None:
+            return
+        if kind == "intent":
+            t = Txn(
+                key=key,
+                kind=TxnKind(p["kind"]),
+                fp=p["fp"],
+                amount=int(p["amount"]),
+                currency=p["currency"],
+                card_token=p["card_token"],
+                masked_pan=p["masked_pan"],
+                vault_ref=p.get("vault_ref"),
+                stan=int(p["stan"]),
+                f7=p["f7"],
+                created=ts,
+            )
+            self.txns[key] = t
+            self.by_stan[t.stan] = key
+            self.last_stan = t.stan
+            return
+        t = self.txns.get(key)
+        if t is None:
+            return
+        if kind == "outcome":
+            t.state = TxnState(p["state"])
+            t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
+        elif kind == "reversal_pending":
+            t.state = TxnState.REVERSAL_PENDING
+            t.reason = p.get("reason", "")
+            t.rc = p.get("rc", t.rc)
+            self._enqueue(t)
+        elif kind == "reversal_attempt":
+            t.rev_attempts = int(p["n"])
+        elif kind == "reversal_failed":
+            t.rev_failures = int(p["failures"])
+        elif kind == "reversed":
+            t.state = TxnState.REVERSED
+            self._saf.pop(key, None)
+        elif kind == "needs_manual":
+            t.state = TxnState.NEEDS_MANUAL
+            t.reason = p.get("reason", t.reason)
+            self._saf.pop(key, None)
+
+    def recover(self, now: float) -> list[Action]:
+        """After restore: every intent without an outcome may have reached the host -> reverse it.
+
+        Reversals that were in flight at the crash are retried (as 0401) right away."""
+        pending = [t for t in self.txns.values() if t.state in AWAITING]
+        acts: list[Action] = []
+        if pending:
+            recs = []
+            for t in pending:
+                self._to_reversal(t, "RECOVERY", now)
+                recs.append(("reversal_pending", t.key, {"reason": "RECOVERY", "stan": t.stan}))
+            acts.append(Append(recs))
+        for key in self._saf:
+            self.txns[key].rev_next_at = now
+        self.count("recovered", len(pending))
+        return acts
+
+    # ------------------------------------------------------------------ reader events
+
+    def submit(self, req: Request, now: float) -> list[Action]:
+        """A reader request. Raises IdempotencyConflict for a reused id with a different request."""
+        if req.kind is not TxnKind.SALE:
+            raise RequestInvalid(f"{req.kind.value} is not supported by this engine yet", code="REQUEST_UNSUPPORTED")
+        token = self.crypto.token(req.card.pan)
+        fp = fingerprint(req.kind, req.amount, req.currency, token, req.original_txn_id)
+        key = req.key
+        known = self.txns.get(key)
+        if known is not None:
+            if known.fp != fp:
+                self.count("idempotency_conflict")
+                raise IdempotencyConflict(
+                    f"transaction id {req.txn_id.hex()} was already used for a different request; "
+                    "use a new transaction id for a new sale"
+                )
+            self.count("idempotent_replay")
+            return [Reply(known.result(in_progress=known.state in AWAITING))]
+
+        stan = self._next_stan()
+        blob = self.crypto.seal(key, _card_plaintext(req.card))
+        t = Txn(
+            key=key,
+            kind=req.kind,
+            fp=fp,
+            amount=req.amount,
+            currency=req.currency,
+            card_token=token,
+            masked_pan=mask_pan(req.card.pan),
+            vault_ref=blob.ref,
+            stan=stan,
+            f7=iso.transmission_dt(now),
+            created=now,
+        )
+        self.txns[key] = t
+        self.by_stan[stan] = key
+        intent = {
+            "kind": t.kind.value,
+            "fp": fp,
+            "amount": t.amount,
+            "currency": t.currency,
+            "card_token": token,
+            "masked_pan": t.masked_pan,
+            "vault_ref": blob.ref,
+            "stan": stan,
+            "f7": t.f7,
+            "tid": self.cfg.terminal_id,
+            "mid": self.cfg.merchant_id,
+        }
+        acts: list[Action] = [Append([("intent", key, intent)], vault_put=[blob])]
+        self.count("intents")
+        if not self.host_up:
+            acts += self._finish(t, TxnState.DECLINED, reason="NO_HOST")
+            return acts
+        t.state = TxnState.SENT
+        t.deadline = now + self.cfg.host_timeout_s
+        acts.append(SendHost(key, t.request_fields(self.cfg), card=req.card))
+        return acts
+
+    def status(self, key: str) -> Result | None:
+        """STATUS(id): the stored result, or None if the id is unknown."""
+        t = self.txns.get(key)
+        if t is None:
+            return None
+        return t.result(in_progress=t.state in AWAITING)
+
+    def last_for_reader(self, reader_id: str) -> Result | None:
+        """STATUS(LAST): the newest transaction of this reader."""
+        prefix = reader_id + ":"
+        for key in reversed(list(self.txns)):
+            if key.startswith(prefix):
+                return self.status(key)
+        return None
+
+    def completion_failed(self, key: str, now: float) -> list[Action]:
+        """Host approved but the card or terminal could not complete (jPOS 4007): reverse."""
+        t = self.txns.get(key)
+        if t is None or t.state is not TxnState.APPROVED:
+            return []
+        self._to_reversal(t, "COMPLETION_FAILED", now)
+        return [Append([("reversal_pending", t.key, {"reason": "COMPLETION_FAILED", "stan": t.stan})]), Reply(t.result())]
+
+    # ------------------------------------------------------------------ host events
+
+    def on_host_up(self, now: float) -> list[Action]:
+        self.host_up = True
+        self.last_host_activity = now
+        return self.tick(now)
+
+    def on_host_down(self, now: float) -> list[Action]:
+        """The connection is gone: no response can arrive for anything in flight on it."""
+        self.host_up = False
+        self.echo_stan = self.echo_deadline = None
+        acts: list[Action] = []
+        sent = [t for t in self.txns.values() if t.state is TxnState.SENT]
+        if sent:
+            acts += self._reverse_many(sent, "HOST_DISCONNECTED", now)
+        for key in self._saf:
+            t = self.txns[key]
+            if t.rev_inflight_until is not None:
+                t.rev_inflight_until = None
+                t.rev_next_at = now + self._backoff(t.rev_failures)
+        return acts
+
+    def send_failed(self, key: str | None, now: float) -> list[Action]:
+        """The driver knows no byte of the message left the terminal."""
+        self.host_up = False
+        if key is None:
+            self.echo_stan = self.echo_deadline = None
+            return []
+        t = self.txns.get(key)
+        if t is None:
+            return []
+        if t.state is TxnState.SENT:
+            return self._finish(t, TxnState.DECLINED, reason="NO_HOST")
+        if key in self._saf and t.rev_inflight_until is not None:
+            t.rev_inflight_until = None
+            t.rev_next_at = now + self._backoff(t.rev_failures)
+        return []
+
+    def host_garbage(self, code: str, detail: str, raw_len: int, digest: str, now: float) -> list[Action]:
+        """Undecodable host input: journal it (no content, only its size and digest), carry on."""
+        self.count("host_garbage")
+        return [Append([("host_garbage", None, {"code": code, "detail": detail[:200], "len": raw_len, "digest": digest})])]
+
+    def host_message(self, fields: dict[str, str], now: float) -> list[Action]:
+        """A decoded ISO 8583 message from the host."""
+        self.last_host_activity = now
+        mti = fields.get("t", "")
+        stan_s = fields.get(C.F_STAN, "")
+        if len(mti) != 4 or not mti.isdigit() or mti[2] not in "13" or not stan_s.isdigit():
+            return self._unmatched(fields, "NOT_A_RESPONSE")
+        stan = int(stan_s)
+        cls = mti[1]
+        if cls == "8":
+            if self.echo_stan == stan:
+                self.echo_stan = self.echo_deadline = None
+            return []
+        key = self.by_stan.get(stan)
+        t = self.txns.get(key) if key else None
+        if t is None:
+            return self._unmatched(fields, "UNKNOWN_STAN")
+        if cls == "2":
+            return self._on_fin_response(t, fields, now)
+        if cls == "4":
+            return self._on_reversal_response(t, fields, now)
+        return self._unmatched(fields, "UNEXPECTED_MTI")
+
+    def _on_fin_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
+        rc = f.get(C.F_RESPONSE_CODE, "")
+        if t.state is not TxnState.SENT:
+            self.count("late_response")
+            note = "after_reversal" if t.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED, TxnState.NEEDS_MANUAL) else "duplicate"
+            return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": note, "state": t.state.value})])]
+        bad = iso.echo_mismatches(t.request_fields(self.cfg), f)
+        if bad:
+            self.count("echo_mismatch")
+            return self._reverse_many([t], "ECHO_MISMATCH", now, extra={"fields": bad, "rc": rc})
+        if rc == C.RC_DUPLICATE:
+            self.count("dup_notice")
+            return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": "duplicate_notice"})])]
+        if len(rc) != 2:
+            self.count("bad_response")
+            return self._reverse_many([t], "BAD_RESPONSE", now)
+        t.rc = rc
+        if rc == C.RC_APPROVED:
+            return self._finish(t, TxnState.APPROVED, approval=f.get(C.F_APPROVAL_CODE, ""), rrn=f.get(C.F_RRN, ""))
+        return self._finish(t, TxnState.DECLINED, rrn=f.get(C.F_RRN, ""), reason="HOST_DECLINED")
+
+    def _on_reversal_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
+        rc = f.get(C.F_RESPONSE_CODE, "")
+        if t.key not in self._saf:
+            self.count("late_reversal_response")
+            return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": "reversal_not_pending", "state": t.state.value})])]
+        sent = self._reversal_fields(t, C.MTI_REVERSAL)
+        bad = [k for k in (C.F_STAN, C.F_TERMINAL_ID, C.F_MERCHANT_ID) if f.get(k) != sent.get(k)]
+        if not bad and rc in C.REVERSAL_DONE_CODES:
+            self._saf.pop(t.key, None)
+            t.state = TxnState.REVERSED
+            t.rev_inflight_until = None
+            self.count("reversed")
+            return [Append([("reversed", t.key, {"rc": rc, "attempts": t.rev_attempts})], vault_shred=self._shred(t))]
+        return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}" if bad else f"RC_{rc or 'NONE'}")
+
+    def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
+        self.count("unmatched")
+        safe = {k: f.get(k, "") for k in ("t", C.F_STAN, C.F_RESPONSE_CODE, C.F_TERMINAL_ID, C.F_MERCHANT_ID)}
+        return [Append([("unmatched_response", None, {"why": why, **safe})])]
+
+    # ------------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        ds = [t.deadline for t in self.txns.values() if t.state is TxnState.SENT and t.deadline is not None]
+        for key in self._saf:
+            t = self.txns[key]
+            ds.append(t.rev_inflight_until if t.rev_inflight_until is not None else t.rev_next_at)
+        if self.echo_deadline is not None:
+            ds.append(self.echo_deadline)
+        if self.host_up:
+            ds.append(self.last_host_activity + self.cfg.echo_idle_s)
+        return min(ds) if ds else None
+
+    def tick(self, now: float) -> list[Action]:
+        acts: list[Action] = []
+        expired = [t for t in self.txns.values() if t.state is TxnState.SENT and t.deadline is not None and now >= t.deadline]
+        if expired:
+            acts += self._reverse_many(expired, "HOST_TIMEOUT", now)
+        for key in list(self._saf):
+            t = self.txns[key]
+            if t.rev_inflight_until is not None and now >= t.rev_inflight_until:
+                acts += self._reversal_failed(t, now, "TIMEOUT")
+        acts += self._dispatch_reversals(now)
+        if self.host_up and self.echo_stan is None and now >= self.last_host_activity + self.cfg.echo_idle_s:
+            acts += self._echo(now)
+        elif self.echo_deadline is not None and now >= self.echo_deadline:
+            self.echo_stan = self.echo_deadline = None
+            self.last_host_activity = now
+        return acts
+
+    def pending_reversals(self) -> int:
+        return len(self._saf)
+
+    def busy(self) -> bool:
+        """True while anything awaits the host: used by drivers to know when a drain is done."""
+        return bool(self._saf) or any(t.state in AWAITING for t in self.txns.values())
+
+    # ------------------------------------------------------------------ internals
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + n
+
+    def _next_stan(self) -> int:
+        self.last_stan = self.last_stan + 1 if self.last_stan < C.STAN_MAX else C.STAN_MIN
+        return self.last_stan
+
+    def _shred(self, t: Txn) -> list[str]:
+        ref, t.vault_ref = t.vault_ref, None
+        return [ref] if ref else []
+
+    def _finish(self, t: Txn, state: TxnState, *, approval: str = "", rrn: str = "", reason: str = "") -> list[Action]:
+        t.state, t.approval, t.rrn, t.reason, t.deadline = state, approval, rrn, reason, None
+        self.count(state.value.lower())
+        payload = {"state": state.value, "rc": t.rc, "approval": approval, "rrn": rrn, "reason": reason}
+        return [Append([("outcome", t.key, payload)], vault_shred=self._shred(t)), Reply(t.result())]
+
+    def _to_reversal(self, t: Txn, reason: str, now: float) -> None:
+        t.state = TxnState.REVERSAL_PENDING
+        t.reason = reason
+        t.deadline = None
+        t.rev_next_at = now
+        self._enqueue(t)
+
+    def _enqueue(self, t: Txn) -> None:
+        self._saf[t.key] = None
+
+    def _reverse_many(self, ts: Sequence[Txn], reason: str, now: float, extra: dict[str, Any] | None = None) -> list[Action]:
+        """UNKNOWN outcome: commit REVERSAL_PENDING before telling the reader anything."""
+        recs = []
+        for t in ts:
+            self._to_reversal(t, reason, now)
+            recs.append(("reversal_pending", t.key, {"reason": reason, "stan": t.stan, **(extra or {})}))
+            self.count("reversal_pending")
+        acts: list[Action] = [Append(recs)]
+        acts += [Reply(t.result()) for t in ts]
+        acts += self._dispatch_reversals(now)
+        return acts
+
+    def _backoff(self, failures: int) -> float:
+        base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** max(0, failures - 1)))
+        return base * (0.5 + self.rng.random() / 2)
+
+    def _reversal_failed(self, t: Txn, now: float, why: str) -> list[Action]:
+        t.rev_inflight_until = None
+        t.rev_failures += 1
+        self.count("reversal_failure")
+        if t.rev_failures >= self.cfg.reversal_max_attempts:
+            self._saf.pop(t.key, None)
+            t.state = TxnState.NEEDS_MANUAL
+            t.reason = f"REVERSAL_UNCONFIRMED:{why}"
+            self.count("needs_manual")
+            return [Append([("needs_manual", t.key, {"reason": t.reason, "attempts": t.rev_attempts})], vault_shred=self._shred(t))]
+        t.rev_next_at = now + self._backoff(t.rev_failures)
+        return [Append([("reversal_failed", t.key, {"why": why, "failures": t.rev_failures})])]
+
+    def _reversal_fields(self, t: Txn, mti: str) -> dict[str, str]:
+        return {
+            "t": mti,
+            C.F_PROC_CODE: C.PROC_PURCHASE,
+            C.F_AMOUNT: f"{t.amount:012d}",
+            C.F_TRANSMISSION_DT: t.f7,
+            C.F_STAN: f"{t.stan:06d}",
+            C.F_TERMINAL_ID: self.cfg.terminal_id,
+            C.F_MERCHANT_ID: self.cfg.merchant_id,
+            C.F_CURRENCY: t.currency,
+            C.F_ORIGINAL_DATA: iso.field90(C.MTI_FIN_REQUEST, t.stan, t.f7),
+        }
+
+    def _dispatch_reversals(self, now: float) -> list[Action]:
+        """Send due reversals, in journal order, up to the window; attempts are journaled first."""
+        if not self.host_up:
+            return []
+        inflight = sum(1 for k in self._saf if self.txns[k].rev_inflight_until is not None)
+        due: list[Txn] = []
+        for key in self._saf:
+            if inflight + len(due) >= self.cfg.saf_window:
+                break
+            t = self.txns[key]
+            if t.rev_inflight_until is None and t.rev_next_at <= now:
+                due.append(t)
+        if not due:
+            return []
+        recs = []
+        sends: list[Action] = []
+        for t in due:
+            mti = C.MTI_REVERSAL if t.rev_attempts == 0 else C.MTI_REVERSAL_REPEAT
+            t.rev_attempts += 1
+            t.rev_inflight_until = now + self.cfg.reversal_timeout_s
+            recs.append(("reversal_attempt", t.key, {"n": t.rev_attempts, "mti": mti}))
+            sends.append(SendHost(t.key, self._reversal_fields(t, mti), card_ref=t.vault_ref))
+        self.count("reversal_sent", len(due))
+        return [Append(recs), *sends]
+
+    def _echo(self, now: float) -> list[Action]:
+        stan = self._next_stan()
+        self.echo_stan = stan
+        self.echo_deadline = now + self.cfg.host_timeout_s
+        self.last_host_activity = now
+        fields = {
+            "t": C.MTI_NET_REQUEST,
+            C.F_TRANSMISSION_DT: iso.transmission_dt(now),
+            C.F_STAN: f"{stan:06d}",
+            C.F_NET_MGMT_CODE: C.NET_ECHO,
+        }
+        return [Append([("stan_use", None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
+
+
+def _card_plaintext(card: CardData) -> bytes:
+    return f"{card.pan}|{card.expiry}".encode()
+
+
+def card_from_plaintext(data: bytes) -> CardData:
+    pan, _, expiry = data.decode().partition("|")
+    return CardData(pan, expiry)
+
+
+Clock = Callable[[], float]

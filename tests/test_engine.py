@@ -1,0 +1,246 @@
+"""The pure engine: ordering of commits, sends and replies; idempotency; reversals; recovery."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from guard import constants as C
+from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.errors import IdempotencyConflict
+from guard.model import CardData, Request, TxnKind, TxnState
+
+NOW = 1_760_000_000.0
+CFG = EngineConfig("TERM0001", "MERCHANT0000001", host_timeout_s=5, reversal_timeout_s=5,
+                   reversal_max_attempts=3, backoff_base_s=1, backoff_max_s=2, saf_window=2, echo_idle_s=1e9)
+
+
+@dataclass
+class Blob:
+    ref: str
+
+
+class FakeCrypto:
+    def token(self, pan: str) -> str:
+        return hashlib.sha256(b"k" + pan.encode()).hexdigest()[:32]
+
+    def seal(self, txn: str, plaintext: bytes) -> Blob:
+        return Blob(hashlib.sha256(txn.encode()).hexdigest())
+
+
+@dataclass
+class E:
+    seq: int
+    kind: str
+    txn: str | None
+    payload: dict[str, Any]
+    ts: float
+
+
+class Log:
+    """Collects appended records as journal entries, to restore engines from."""
+
+    def __init__(self) -> None:
+        self.entries: list[E] = []
+
+    def take(self, acts: list[Any]) -> list[Any]:
+        for a in acts:
+            if isinstance(a, Append):
+                for kind, txn, payload in a.records:
+                    self.entries.append(E(len(self.entries) + 1, kind, txn, payload, NOW))
+        return acts
+
+
+def req(i: int = 1, amount: int = 1000, pan: str = "4761739001010119") -> Request:
+    return Request("R1", i.to_bytes(16, "big"), TxnKind.SALE, amount, "978", CardData(pan, "2912"))
+
+
+def engine(log: Log | None = None) -> Engine:
+    e = Engine(CFG, FakeCrypto(), random.Random(1))
+    if log is not None:
+        log.take(e.on_host_up(NOW))
+    else:
+        e.on_host_up(NOW)
+    return e
+
+
+def response(send: SendHost, rc: str = "00", **over: str) -> dict[str, str]:
+    f = {k: v for k, v in send.fields.items() if k in ("4", "7", "11", "41", "42", "49")}
+    f["t"] = send.fields["t"][:2] + "1" + send.fields["t"][3]
+    f["39"] = rc
+    f["38"] = "A1B2C3" if rc == "00" else ""
+    f["37"] = "000000000042"
+    f.update(over)
+    return f
+
+
+def kinds(acts: list[Any]) -> list[str]:
+    out = []
+    for a in acts:
+        if isinstance(a, Append):
+            out.append("append:" + "+".join(k for k, _, _ in a.records))
+        elif isinstance(a, SendHost):
+            out.append("send:" + a.fields["t"])
+        elif isinstance(a, Reply):
+            out.append("reply:" + a.result.state.value)
+    return out
+
+
+def test_happy_path_commits_intent_before_send_and_outcome_before_reply() -> None:
+    e = engine()
+    acts = e.submit(req(), NOW)
+    assert kinds(acts) == ["append:intent", "send:0200"]
+    intent = acts[0].records[0][2]
+    assert intent["stan"] == 1 and intent["masked_pan"] == "476173******0119"
+    assert "4761739001010119" not in repr(acts[0]) and acts[0].vault_put
+    acts2 = e.host_message(response(acts[1]), NOW + 1)
+    assert kinds(acts2) == ["append:outcome", "reply:APPROVED"]
+    assert acts2[0].vault_shred == [acts[0].vault_put[0].ref], "card data shredded once final"
+
+
+def test_same_id_same_request_returns_stored_result_and_sends_nothing() -> None:
+    e = engine()
+    acts = e.submit(req(), NOW)
+    again = e.submit(req(), NOW + 0.1)
+    assert kinds(again) == ["reply:SENT"] and again[0].result.in_progress
+    e.host_message(response(acts[1]), NOW + 1)
+    third = e.submit(req(), NOW + 2)
+    assert kinds(third) == ["reply:APPROVED"] and not third[0].result.in_progress
+
+
+def test_same_id_different_request_is_an_error_and_sends_nothing() -> None:
+    e = engine()
+    e.submit(req(amount=1000), NOW)
+    with pytest.raises(IdempotencyConflict) as ei:
+        e.submit(req(amount=1001), NOW + 1)
+    assert ei.value.code == "IDEMPOTENCY_MISMATCH"
+    with pytest.raises(IdempotencyConflict):
+        e.submit(req(pan="5413330089020011"), NOW + 1)
+
+
+def test_timeout_commits_reversal_before_reply_then_0400_then_0401_repeats() -> None:
+    e = engine()
+    acts = e.submit(req(), NOW)
+    assert e.tick(NOW + 4.9) == []
+    t = e.tick(NOW + 5)
+    assert kinds(t) == ["append:reversal_pending", "reply:REVERSAL_PENDING", "append:reversal_attempt", "send:0400"]
+    rev = t[3]
+    assert rev.fields["90"][:10] == "0200000001" and rev.fields["11"] == acts[1].fields["11"]
+    assert rev.card_ref == acts[0].vault_put[0].ref, "the reversal gets field 2 from the vault"
+    t2 = e.tick(NOW + 10)  # reversal timed out
+    assert kinds(t2) == ["append:reversal_failed"]
+    t3 = e.tick(NOW + 20)
+    assert kinds(t3) == ["append:reversal_attempt", "send:0401"]
+    done = e.host_message(response(t3[1], "00"), NOW + 21)
+    assert kinds(done) == ["append:reversed"]
+    assert e.txns[req().key].state is TxnState.REVERSED and not e.busy()
+
+
+def test_late_approval_after_reversal_decision_is_journaled_and_does_not_cancel() -> None:
+    e = engine()
+    acts = e.submit(req(), NOW)
+    e.tick(NOW + 5)
+    late = e.host_message(response(acts[1], "00"), NOW + 6)
+    assert kinds(late) == ["append:late_response"]
+    assert late[0].records[0][2]["note"] == "after_reversal"
+    assert e.txns[req().key].state is TxnState.REVERSAL_PENDING and e.pending_reversals() == 1
+
+
+@pytest.mark.parametrize("field,value", [("41", "OTHER001"), ("42", "OTHERMERCHANT01"), ("4", "000000009999")])
+def test_echo_mismatch_is_unknown_and_reversed(field: str, value: str) -> None:
+    e = engine()
+    acts = e.submit(req(), NOW)
+    got = e.host_message(response(acts[1], "00", **{field: value}), NOW + 1)
+    assert kinds(got)[:2] == ["append:reversal_pending", "reply:REVERSAL_PENDING"]
+    assert got[0].records[0][2]["reason"] == "ECHO_MISMATCH" and got[0].records[0][2]["fields"] == [field]
+
+
+def test_rc94_on_sale_is_not_a_decision_and_rc94_on_reversal_means_done() -> None:
+    e = engine()
+    acts = e.submit(req(), NOW)
+    assert kinds(e.host_message(response(acts[1], "94"), NOW + 1)) == ["append:late_response"]
+    assert e.txns[req().key].state is TxnState.SENT
+    t = e.tick(NOW + 5)
+    assert kinds(e.host_message(response(t[-1], "94"), NOW + 6)) == ["append:reversed"]
+
+
+def test_reversal_cap_goes_to_needs_manual_without_blocking_the_queue() -> None:
+    e = engine()
+    a1 = e.submit(req(1), NOW)
+    a2 = e.submit(req(2), NOW)
+    e.on_host_down(NOW + 1)  # both unknown, queued in order
+    e.on_host_up(NOW + 1)
+    now = NOW + 1
+    sent_for_2 = None
+    for _ in range(40):
+        now += 3
+        for a in e.tick(now):
+            if isinstance(a, SendHost) and a.key == req(2).key and sent_for_2 is None:
+                sent_for_2 = a
+        if sent_for_2:
+            e.host_message(response(sent_for_2, "00"), now)
+            sent_for_2 = None
+    assert e.txns[req(2).key].state is TxnState.REVERSED
+    assert e.txns[req(1).key].state is TxnState.NEEDS_MANUAL
+    assert e.txns[req(1).key].rev_attempts == CFG.reversal_max_attempts
+    assert a1 and a2
+
+
+def test_host_down_at_submit_declines_cleanly_without_sending() -> None:
+    e = Engine(CFG, FakeCrypto(), random.Random(1))
+    acts = e.submit(req(), NOW)
+    assert kinds(acts) == ["append:intent", "append:outcome", "reply:DECLINED"]
+    assert acts[2].result.reason == "NO_HOST"
+
+
+def test_recovery_reverses_every_intent_without_outcome_and_repeats_inflight_as_0401() -> None:
+    log = Log()
+    e = engine(log)
+    log.take(e.submit(req(1), NOW))  # crashed after intent (maybe sent)
+    a2 = log.take(e.submit(req(2), NOW))
+    log.take(e.host_message(response(a2[1]), NOW + 1))  # approved
+    log.take(e.submit(req(3), NOW))
+    log.take(e.tick(NOW + 5))  # 3 (and 1) timed out, reversal 0400 sent, then crash
+    r = Engine.restore(CFG, FakeCrypto(), log.entries, random.Random(2))
+    rec = r.recover(NOW + 100)
+    assert rec == []  # nothing was left without an outcome
+    assert r.txns[req(2).key].state is TxnState.APPROVED
+    r.on_host_up(NOW + 100)
+    # simulate a crash right after an intent: restore from a log that only has the intent
+    log2 = Log()
+    e2 = engine(log2)
+    log2.take(e2.submit(req(9), NOW)[:1])
+    r2 = Engine.restore(CFG, FakeCrypto(), log2.entries)
+    assert kinds(r2.recover(NOW + 1)) == ["append:reversal_pending"]
+    sends = [a for a in r2.on_host_up(NOW + 1) if isinstance(a, SendHost)]
+    assert [s.fields["t"] for s in sends] == ["0400"]
+    r3 = Engine.restore(CFG, FakeCrypto(), log.entries)
+    r3.recover(NOW + 1)
+    repeats = [a.fields["t"] for a in r3.on_host_up(NOW + 1) if isinstance(a, SendHost)]
+    assert repeats == ["0401", "0401"], "reversals in flight at the crash are repeated as 0401"
+
+
+def test_stan_is_allocated_from_the_journal_and_wraps() -> None:
+    log = Log()
+    e = engine(log)
+    e.last_stan = C.STAN_MAX - 1
+    log.take(e.submit(req(1), NOW))
+    log.take(e.submit(req(2), NOW))
+    assert [e.txns[req(i).key].stan for i in (1, 2)] == [C.STAN_MAX, 1]
+    r = Engine.restore(CFG, FakeCrypto(), log.entries)
+    assert r.last_stan == 1
+    acts = r.submit(req(3), NOW)
+    assert acts[0].records[0][2]["stan"] == 2
+
+
+def test_unmatched_and_malformed_host_messages_are_journaled_not_raised() -> None:
+    e = engine()
+    for f in ({"t": "0210", "11": "123456", "39": "00"}, {"t": "02x0"}, {}, {"t": "0210", "11": "abc"}):
+        acts = e.host_message(f, NOW)
+        assert kinds(acts) == ["append:unmatched_response"]
+    g = e.host_garbage("HOST_UNDECODABLE", "field 39 too long", 40, "ab" * 8, NOW)
+    assert kinds(g) == ["append:host_garbage"]
