@@ -1,0 +1,119 @@
+"""The `posguard` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from guard.errors import PosguardError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="posguard")
+def main() -> None:
+    """posguard: a terminal-side transaction guard for card-payment terminals.
+
+    Every reader request is journaled before anything goes to the host; timeouts are reversed
+    from a persisted queue, so retries, crashes and power loss never produce a second debit.
+    """
+
+
+@main.command()
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("posguard-demo"),
+              show_default=True, help="Where the journal, keys and host ledger are left for inspection.")
+@click.option("--seed", type=int, default=7, show_default=True, help="Seed for the host simulator.")
+@click.option("--host-timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for the host.")
+def demo(directory: Path, seed: int, host_timeout: float) -> None:
+    """Run sales with injected faults against the host simulator and check the invariant.
+
+    Exit status 0 only if every APPROVED sale has exactly one net debit at the host and every
+    other sale has none, and the journal verifies.
+    """
+    from .demo import run_demo
+
+    sys.exit(run_demo(directory, seed=seed, host_timeout=host_timeout))
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def hostsim(ctx: click.Context) -> None:
+    """Run the stateful acquirer simulator on 127.0.0.1 (see `posguard hostsim -- --help`)."""
+    from guard.hostsim import main as host_main
+
+    sys.exit(host_main(ctx.args))
+
+
+@main.command()
+@click.option("--seed", type=int, default=None, help="Run (and trace) one seed.")
+@click.option("--seeds", type=int, default=100, show_default=True, help="Run seeds 1..N.")
+@click.option("--sales", type=int, default=12, show_default=True, help="Sales per seed.")
+@click.option("--no-dup-detection", is_flag=True, help="Host without duplicate detection.")
+@click.option("--trace", is_flag=True, help="Print the event trace (always printed for a failing seed).")
+def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, trace: bool) -> None:
+    """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants."""
+    from guard.sim import SimConfig, run_seed
+
+    todo = [seed] if seed is not None else list(range(1, seeds + 1))
+    failed = 0
+    for s in todo:
+        rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection), keep_trace=trace)
+        click.echo(rep.summary())
+        if not rep.ok:
+            failed += 1
+            for v in rep.violations:
+                click.echo(f"  VIOLATION {v}")
+            click.echo(f"  reproduce: posguard sim --seed {s} --sales {sales}"
+                       + (" --no-dup-detection" if no_dup_detection else "") + " --trace")
+        if trace or not rep.ok:
+            for line in rep.trace:
+                click.echo(f"    {line}")
+    click.echo(f"{len(todo) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+@main.group()
+def journal() -> None:
+    """Inspect and verify a journal."""
+
+
+@journal.command("verify")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--k0", "k0_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Escrowed initial MAC key (checks every entry's MAC).")
+@click.option("--pubkey", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Terminal's Ed25519 public key (checks checkpoint signatures).")
+@click.option("--anchor", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A checkpoint JSON held elsewhere (detects truncation and rollback).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor: Path | None, as_json: bool) -> None:
+    """Verify the chain, MACs, checkpoints and an anchor. Exit 0 only if all holds."""
+    from rich.progress import Progress
+
+    from guard.keys import load_k0, load_public_key
+    from guard.verify import verify_journal
+
+    try:
+        k0 = load_k0(k0_file) if k0_file else None
+        pub = load_public_key(pubkey) if pubkey else None
+        anc = json.loads(anchor.read_text()) if anchor else None
+    except (PosguardError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    with Progress(transient=True, disable=as_json) as progress:
+        task = progress.add_task("verifying", total=None)
+        rep = verify_journal(path, k0=k0, public_key=pub, anchor=anc,
+                             progress=lambda done, total: progress.update(task, completed=done, total=total))
+    if as_json:
+        click.echo(json.dumps(rep.__dict__, default=str))
+    elif rep.ok:
+        click.echo(f"OK: {rep.entries} entries, {rep.checkpoints} checkpoints verified"
+                   + ("" if k0 else " (MACs not checked: no --k0)") + ("" if pub else " (signatures not checked: no --pubkey)"))
+    else:
+        click.echo(f"FAILED at entry {rep.first_bad_seq}: {rep.reason}: {rep.detail}")
+    sys.exit(0 if rep.ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""`guard.toml`: a documented, validated configuration.
+
+Every key is declared once below with its type, default and check. Unknown keys, wrong types and
+out-of-range values fail at start with the dotted key name and the reason (ConfigError), never
+later in the middle of a sale.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from guard import constants as C
+from guard.errors import ConfigError
+
+
+def _len(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if len(v) == n else f"must be exactly {n} characters (got {len(v)})"
+
+
+def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
+
+
+def _one_of(*xs: Any) -> Callable[[Any], str | None]:
+    return lambda v: None if v in xs else f"must be one of {', '.join(map(str, xs))}"
+
+
+def _hex(n: int) -> Callable[[Any], str | None]:
+    def check(v: str) -> str | None:
+        if v == "":
+            return None
+        try:
+            b = bytes.fromhex(v)
+        except ValueError:
+            return "must be hex digits"
+        if len(b) != n or b[0] != C.TPDU_ID:
+            return f"must be {n} bytes (hex) starting with 60"
+        return None
+
+    return check
+
+
+# (section, key): (type, default, check, doc). A default of ... means required.
+SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any], str | None] | None, str]] = {
+    ("terminal", "terminal_id"): (str, ..., _len(8), "ISO 8583 field 41 (8 characters)"),
+    ("terminal", "merchant_id"): (str, ..., _len(15), "ISO 8583 field 42 (15 characters)"),
+    ("reader", "url"): (str, ..., None, "pyserial URL: /dev/ttyS1, socket://host:port, rfc2217://, loop://, spy://"),
+    ("reader", "baudrate"): (int, 115200, _one_of(9600, 19200, 38400, 57600, 115200, 230400), "line speed"),
+    ("reader", "bytesize"): (int, 8, _one_of(7, 8), "data bits"),
+    ("reader", "parity"): (str, "N", _one_of("N", "E", "O"), "parity"),
+    ("reader", "stopbits"): (int, 1, _one_of(1, 2), "stop bits"),
+    ("reader", "reader_id"): (str, "READER01", lambda v: None if 0 < len(v) <= 32 and ":" not in v else "1-32 characters, no ':'", "id used in idempotency keys"),
+    ("host", "address"): (str, ..., None, "acquirer host name or IP"),
+    ("host", "port"): (int, ..., _range(1, 65535), "TCP port"),
+    ("host", "header"): (str, C.HOST_HEADER_BINARY2, _one_of(*C.HOST_HEADERS), "length header: binary2 or ascii4"),
+    ("host", "tpdu"): (str, "", _hex(C.TPDU_LEN), "optional 5-byte TPDU as hex, e.g. 6000010000"),
+    ("host", "tls"): (bool, False, None, "use TLS (1.2+)"),
+    ("host", "cafile"): (str, "", None, "CA bundle to verify the host"),
+    ("host", "certfile"): (str, "", None, "client certificate (mTLS)"),
+    ("host", "keyfile"): (str, "", None, "client key (mTLS)"),
+    ("host", "server_hostname"): (str, "", None, "name to verify in the host certificate"),
+    ("host", "connect_timeout"): ((int, float), 3.0, _range(0.1, 60), "seconds"),
+    ("host", "timeout"): ((int, float), C.HOST_TIMEOUT_S, _range(0.1, 300), "seconds to wait for a 0210"),
+    ("host", "reversal_timeout"): ((int, float), C.REVERSAL_TIMEOUT_S, _range(0.1, 300), "seconds to wait for a 0410"),
+    ("host", "reversal_max_attempts"): (int, C.REVERSAL_MAX_ATTEMPTS, _range(1, 1000), "then NEEDS_MANUAL"),
+    ("host", "echo_idle"): ((int, float), C.ECHO_IDLE_S, _range(1, 3600), "send 0800 echo after this idle time"),
+    ("journal", "path"): (str, ..., None, "SQLite journal file"),
+    ("journal", "keys"): (str, ..., None, "directory with device keys (posguard keys init)"),
+    ("journal", "checkpoint_every"): (int, C.CHECKPOINT_EVERY_ENTRIES, _range(1, 1_000_000), "entries between signed checkpoints"),
+    ("journal", "checkpoint_interval"): ((int, float), C.CHECKPOINT_EVERY_S, _range(1, 86400), "seconds between checkpoints even when idle"),
+    ("log", "level"): (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
+}
+
+SECTIONS = {s for s, _ in SCHEMA}
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict[tuple[str, str], Any]
+    source: Path | None = None
+
+    def __getitem__(self, dotted: str) -> Any:
+        s, k = dotted.split(".", 1)
+        return self.values[(s, k)]
+
+
+def parse(data: dict[str, Any], source: Path | None = None) -> Config:
+    """Validate a parsed TOML document; raise ConfigError naming the first bad key."""
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(section, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
+        if not isinstance(body, dict):
+            raise ConfigError(section, "must be a table, e.g. [" + section + "]")
+        for key in body:
+            if (section, key) not in SCHEMA:
+                known = ", ".join(k for s, k in SCHEMA if s == section)
+                raise ConfigError(f"{section}.{key}", f"unknown key (known in [{section}]: {known})")
+    values: dict[tuple[str, str], Any] = {}
+    for (section, key), (typ, default, check, _doc) in SCHEMA.items():
+        name = f"{section}.{key}"
+        present = key in data.get(section, {})
+        if not present:
+            if default is ...:
+                raise ConfigError(name, "is required")
+            values[(section, key)] = default
+            continue
+        v = data[section][key]
+        if isinstance(v, bool) and typ is not bool or not isinstance(v, typ):
+            tname = typ.__name__ if isinstance(typ, type) else "number"
+            raise ConfigError(name, f"must be a {tname}, got {type(v).__name__}")
+        if check is not None and (why := check(v)):
+            raise ConfigError(name, why)
+        values[(section, key)] = v
+    if values[("host", "certfile")] and not values[("host", "keyfile")]:
+        raise ConfigError("host.keyfile", "is required when host.certfile is set (mTLS)")
+    if (values[("host", "certfile")] or values[("host", "cafile")]) and not values[("host", "tls")]:
+        raise ConfigError("host.tls", "must be true when TLS files are given")
+    base = source.parent if source else Path.cwd()
+    for key in (("journal", "path"), ("journal", "keys"), ("host", "cafile"), ("host", "certfile"), ("host", "keyfile")):
+        if values[key]:
+            values[key] = str((base / values[key]).resolve())
+    for key in (("host", "cafile"), ("host", "certfile"), ("host", "keyfile")):
+        if values[key] and not Path(values[key]).is_file():
+            raise ConfigError(f"{key[0]}.{key[1]}", f"file not found: {values[key]}")
+    return Config(values, source)
+
+
+def load(path: Path) -> Config:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("(file)", f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("(syntax)", f"{path}: {e}") from None
+    return parse(data, path)
+
+
+def documented_example() -> str:
+    """A complete example config with every key and its meaning (used by docs and `--help`)."""
+    lines = ["# posguard guard.toml: every key, with its default"]
+    section = None
+    for (s, k), (_t, default, _c, doc) in SCHEMA.items():
+        if s != section:
+            lines.append(f"\n[{s}]")
+            section = s
+        if default is ...:
+            lines.append(f"# {k} = ...   # REQUIRED: {doc}")
+        else:
+            v = str(default).lower() if isinstance(default, bool) else repr(default).replace("'", '"')
+            lines.append(f"{k} = {v}   # {doc}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,40 @@
+"""Issue acceptance: a seeded campaign of >= 2,000 sales per host mode, every host fault kind
+mixed in, terminal crashes at any action boundary; the ledger invariant holds for every sale."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from guard.sim import HOST_FAULTS, SimConfig, run_seed
+
+SALES_PER_SEED = 20
+SEEDS = int(os.environ.get("POSGUARD_CAMPAIGN_SEEDS", "100"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dup_detection", [True, False], ids=["host-dedup", "host-no-dedup"])
+def test_seeded_campaign_no_double_debit_no_silent_debit(tmp_path: Path, dup_detection: bool) -> None:
+    sales = crashes = 0
+    faults: Counter[str] = Counter()
+    outcomes: Counter[str] = Counter()
+    failures = []
+    for seed in range(1, SEEDS + 1):
+        rep = run_seed(SimConfig(seed=seed, sales=SALES_PER_SEED, dup_detection=dup_detection),
+                       workdir=tmp_path / f"seed{seed}", keep_trace=False)
+        sales += rep.sales
+        crashes += rep.crashes
+        faults.update(rep.host_faults)
+        outcomes.update(approved=rep.approved, reversed=rep.reversed, declined=rep.declined)
+        if not rep.ok:
+            failures.append(f"seed {seed}: {rep.violations[:3]} (reproduce: posguard sim --seed {seed} --sales {SALES_PER_SEED}"
+                            f"{'' if dup_detection else ' --no-dup-detection'} --trace)")
+    print(f"sales={sales} crashes={crashes} outcomes={dict(outcomes)} faults={dict(faults)}")
+    assert not failures, "\n".join(failures[:10])
+    assert sales >= 2000 * SEEDS // 100
+    missing = [k for k in HOST_FAULTS if faults[k] == 0]
+    assert not missing, f"fault kinds never applied: {missing}"
+    assert crashes > SEEDS // 2 and outcomes["approved"] and outcomes["reversed"] and outcomes["declined"]

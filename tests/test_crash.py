@@ -1,0 +1,126 @@
+"""SIGKILL the real guard (child process, journal on disk, TCP to the host simulator) at every
+named point of the write path and at random times; after restart and drain the invariant holds
+and the journal verifies."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from guard.engine import Engine, EngineConfig
+from guard.hostsim import HostCore, HostServer
+from guard.iso import HostCodec
+from guard.journal import Journal
+from guard.keys import init_keys, load_keys
+from guard.model import TxnState
+from guard.service import JournalCrypto
+from guard.verify import verify_journal
+
+CHILD = Path(__file__).with_name("crash_child.py")
+TID, MID = "CRASHT01", "CRASHMERCHANT01"
+POINTS = [
+    "before_intent_commit",
+    "after_intent_commit",
+    "after_send",
+    "after_response_before_commit",
+    "after_outcome_commit",
+    "mid_reversal_commit",
+    "mid_reversal_send",
+]
+KILLS_PER_POINT = int(os.environ.get("POSGUARD_KILLS_PER_POINT", "36"))
+RANDOM_KILLS = int(os.environ.get("POSGUARD_RANDOM_KILLS", "50"))
+
+
+def run_child(d: Path, port: int, start: int, count: int, point: str, nth: int, kill_after: float | None = None) -> int:
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), str(d), str(port), str(start), str(count), point, str(nth)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    if proc.returncode not in (0, -signal.SIGKILL):
+        raise AssertionError(f"child failed rc={proc.returncode}: {err.decode(errors='replace')[-2000:]}")
+    return proc.returncode
+
+
+def check_invariant(d: Path, core: HostCore) -> dict[str, int]:
+    keys = load_keys(d / "keys")
+    j = Journal.open(d / "journal.db", keys, terminal_id=TID)
+    eng = Engine.restore(EngineConfig(TID, MID), JournalCrypto(j, keys.token_key), j.entries())
+    j.close()
+    known = set()
+    counts: dict[str, int] = {}
+    for key, t in eng.txns.items():
+        known.add((f"{t.stan:06d}", t.f7[:4]))
+        net = core.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4])
+        counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        assert t.state.final, f"{key} still {t.state.value} after the final drain"
+        if t.state is TxnState.APPROVED:
+            assert net == 1, f"{key} APPROVED but host holds {net} net debits"
+        else:
+            assert net == 0, f"{key} {t.state.value} but host holds {net} net debits"
+    for (tid, mid, stan, mmdd), net in core.net_by_key().items():
+        assert not net or (stan, mmdd) in known, f"host debit for stan {stan} unknown to the journal"
+    rep = verify_journal(d / "journal.db", k0=keys.k0, public_key=keys.signing_key.public_key())
+    assert rep.ok, f"journal does not verify: {rep.reason} at {rep.first_bad_seq}: {rep.detail}"
+    return counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dup_detection", [True, False], ids=["host-dedup", "host-no-dedup"])
+def test_sigkill_at_every_named_point_and_at_random(tmp_path: Path, dup_detection: bool) -> None:
+    init_keys(tmp_path / "keys")
+    faults = {"drop_request": 0.05, "delay_response": 0.05, "debit_drop_response": 0.05}
+    core = HostCore(seed=11, dup_detection=dup_detection, faults=faults, late_delay=0.8)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    rng = random.Random(5 if dup_detection else 6)
+    kills = 0
+    start = 0
+    half = 2 if dup_detection else 1  # the two host modes share the CI budget of kills
+    per_point = max(1, KILLS_PER_POINT // half)
+    random_kills = max(1, RANDOM_KILLS // half)
+
+    def progress() -> int:
+        p = tmp_path / "progress"
+        return int(p.read_text()) if p.exists() else start
+
+    try:
+        for point in POINTS:
+            hit = tries = 0
+            while hit < per_point and tries < 4 * per_point:
+                tries += 1
+                rc = run_child(tmp_path, port, start, 3, point, rng.randint(1, 2))
+                hit += rc == -signal.SIGKILL
+                start = progress()
+            assert hit == per_point, f"{point}: only {hit} kills in {tries} runs"
+            kills += hit
+        hit = tries = 0
+        while hit < random_kills and tries < 4 * random_kills:
+            tries += 1
+            rc = run_child(tmp_path, port, start, 4, "none", 0, kill_after=rng.uniform(0.3, 1.2))
+            hit += rc == -signal.SIGKILL
+            start = progress()
+        kills += hit
+        core.faults = {}
+        assert run_child(tmp_path, port, start, 0, "none", 0) == 0, "final drain did not finish"
+        counts = check_invariant(tmp_path, core)
+    finally:
+        server.stop()
+    print(f"kills={kills} sales={start} outcomes={counts} host={core.stats()}")
+    assert kills >= len(POINTS) * per_point + random_kills * 0.8, f"only {kills} kills happened"

@@ -1,0 +1,157 @@
+"""Benchmark: one sale through the guard vs. two bare SQLite WAL+FULL commits, same run.
+
+A sale goes through GuardService.execute with a real journal file, the real ISO 8583 codec on
+both sides and HostCore in-process (no socket). Printed: durable commits per sale (counted, not
+assumed), wall-time medians, the engine's own time per sale excluding the two COMMITs, and the
+ratio to two bare commits of the same size.
+
+usage: python tools/bench_engine.py [--sales N] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guard.engine import Engine, EngineConfig  # noqa: E402
+from guard.hostsim import HostCore  # noqa: E402
+from guard.iso import HostCodec, HostMessage  # noqa: E402
+from guard.journal import Journal  # noqa: E402
+from guard.keys import init_keys  # noqa: E402
+from guard.model import CardData, Request, TxnKind  # noqa: E402
+from guard.service import GuardService, JournalCrypto  # noqa: E402
+from guard.uplink import SendOutcome  # noqa: E402
+
+TID, MID = "BENCH001", "BENCHMERCHANT01"
+
+
+class InProcessUplink:
+    """Uplink stand-in: encodes, lets HostCore answer, decodes the answer; no socket."""
+
+    connected = True
+
+    def __init__(self, core: HostCore, codec: HostCodec) -> None:
+        self.core, self.codec = core, codec
+        self.host_dec = codec.decoder(side="host")
+        self.term_dec = codec.decoder()
+        self.inbox: list[Any] = []
+
+    def send(self, fields: dict[str, str]) -> SendOutcome:
+        for m in self.host_dec.feed(self.codec.encode(fields)):
+            assert isinstance(m, HostMessage), m
+            for r in self.core.handle(m.fields, time.time()):
+                if r.fields is not None:
+                    self.inbox.extend(self.term_dec.feed(self.codec.encode(r.fields)))
+        return SendOutcome.SENT
+
+    def poll(self) -> list[Any]:
+        out, self.inbox = self.inbox, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def machine() -> str:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}"
+
+
+def bare_commits(path: Path, sizes: tuple[int, int], n: int) -> list[float]:
+    """Two INSERT+COMMIT in WAL + synchronous=FULL with payloads of the sale's entry sizes."""
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("CREATE TABLE t(seq INTEGER PRIMARY KEY, payload BLOB)")
+    out = []
+    blobs = [os.urandom(s) for s in sizes]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        for b in blobs:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("INSERT INTO t(payload) VALUES (?)", (b,))
+            con.execute("COMMIT")
+        out.append(time.perf_counter() - t0)
+    con.close()
+    return out
+
+
+def run(sales: int, workdir: Path, policies: Any = None, history: int = 0) -> dict[str, Any]:
+    keys = init_keys(workdir / "keys")
+    journal = Journal.create(workdir / "journal.db", keys, terminal_id=TID, now=time.time())
+    ecfg = EngineConfig(TID, MID)
+    engine = Engine(ecfg, JournalCrypto(journal, keys.token_key), random.Random(1))
+    core = HostCore(seed=1, dup_detection=True, faults={})
+    up = InProcessUplink(core, HostCodec())
+    svc = GuardService(engine, journal, up)  # type: ignore[arg-type]
+    svc.execute(engine.on_host_up(time.time()))
+    walls, engine_only, commits = [], [], []
+    sizes: list[int] = []
+    rng = random.Random(2)
+    for i in range(sales + 20):
+        req = Request("B", i.to_bytes(16, "big"), TxnKind.SALE, 1000 + rng.randrange(1, 999) * 10, "978",
+                      CardData("4761739001010119", "2912"))
+        c0, ct0 = journal.commit_count, journal.commit_seconds
+        t0 = time.perf_counter()
+        svc.submit(req)
+        for m in up.poll():
+            svc.execute(engine.host_message(m.fields, time.time()))
+        wall = time.perf_counter() - t0
+        if i >= 20:  # warm-up excluded
+            walls.append(wall)
+            engine_only.append(wall - (journal.commit_seconds - ct0))
+            commits.append(journal.commit_count - c0)
+        assert svc.replies[req.key].state.value == "APPROVED"
+    for e in journal.entries(max(0, journal.last_seq - 4)):
+        sizes.append(len(e.payload_text) if hasattr(e, "payload_text") else 400)
+    journal.close()
+    db_bytes = sum(p.stat().st_size for p in workdir.glob("journal.db*"))
+    return {"walls": walls, "engine_only": engine_only, "commits": commits, "db_bytes": db_bytes, "sizes": sizes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sales", type=int, default=1000)
+    ap.add_argument("--dir", type=Path, default=None, help="directory for the journal (default: a temp dir on the same disk as /tmp)")
+    args = ap.parse_args(argv)
+    base = args.dir or Path(tempfile.mkdtemp(prefix="posguard-bench-"))
+    base.mkdir(parents=True, exist_ok=True)
+    r = run(args.sales, base / "guard")
+    bare = bare_commits(base / "bare.db", (600, 300), args.sales)
+    med = statistics.median
+    q = lambda xs, p: sorted(xs)[int(p * (len(xs) - 1))]  # noqa: E731
+    commits = set(r["commits"])
+    print(f"machine: {machine()}")
+    print(f"journal dir: {base}")
+    print(f"{'metric':44} {'median':>10} {'p99':>10}")
+    print(f"{'sale through guard, wall (ms)':44} {med(r['walls'])*1e3:10.3f} {q(r['walls'], .99)*1e3:10.3f}")
+    print(f"{'two bare WAL+FULL commits, wall (ms)':44} {med(bare)*1e3:10.3f} {q(bare, .99)*1e3:10.3f}")
+    print(f"{'engine time per sale excl. COMMITs (ms)':44} {med(r['engine_only'])*1e3:10.3f} {q(r['engine_only'], .99)*1e3:10.3f}")
+    print(f"{'ratio sale / two bare commits':44} {med(r['walls'])/med(bare):10.2f}")
+    print(f"{'durable commits per sale (counted)':44} {'/'.join(map(str, sorted(commits))):>10}")
+    print(f"{'journal bytes per sale (db+wal)':44} {r['db_bytes']/ (args.sales + 20):10.0f}")
+    ok = commits == {2} and med(r["engine_only"]) <= 0.3e-3
+    print("targets: exactly 2 commits per sale, engine <= 0.300 ms median ->", "MET" if ok else "NOT MET")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
