@@ -128,6 +128,7 @@ class Txn:
             stan=self.stan,
             reason=self.reason,
             in_progress=in_progress,
+            extra={"amount": self.amount, "currency": self.currency},
         )
 
     def request_fields(self, cfg: EngineConfig) -> dict[str, str]:

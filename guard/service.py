@@ -63,6 +63,8 @@ class GuardService:
         self._registered_fd: int | None = None
         self._extra: dict[int, Callable[[], None]] = {}
         self.replies: dict[str, Result] = {}
+        self.tickers: list[Callable[[], None]] = []  # run every loop round (reader link timers)
+        self.wait_hints: list[Callable[[], float]] = []  # seconds until another adapter has timer work
 
     # ------------------------------------------------------------------ actions
 
@@ -159,8 +161,12 @@ class GuardService:
         wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
         if not self.uplink.connected:
             wait = min(wait, max(0.0, self._next_connect - now))
+        for hint in self.wait_hints:
+            wait = min(wait, hint())
         for key, _ in self.selector.select(wait):
             key.data()
+        for ticker in self.tickers:
+            ticker()
         self.execute(self.engine.tick(self.clock()))
         self.journal.maybe_checkpoint(self.clock())
 

@@ -37,10 +37,10 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
     sys.exit(run_demo(directory, seed=seed, host_timeout=host_timeout))
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def hostsim(ctx: click.Context) -> None:
-    """Run the stateful acquirer simulator on 127.0.0.1 (see `posguard hostsim -- --help`)."""
+    """Stateful acquirer simulator on 127.0.0.1 with seeded faults (`posguard hostsim --help`)."""
     from guard.hostsim import main as host_main
 
     sys.exit(host_main(ctx.args))
@@ -72,6 +72,57 @@ def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, trace:
                 click.echo(f"    {line}")
     click.echo(f"{len(todo) - failed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
+
+
+@main.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="guard.toml (see `posguard config-example`).")
+@click.option("--max-seconds", type=float, default=None, help="Stop after this long (tests, smoke runs).")
+def run_cmd(config_path: Path, max_seconds: float | None) -> None:
+    """Run the guard daemon: reader port <-> engine <-> host, reversals drained in the background.
+
+    Logs JSON lines to stderr. SIGTERM/SIGINT stop it cleanly. Exit 0 on a clean stop, 2 on a bad
+    config or key files (the message names the key), 3 on a journal failure.
+    """
+    from .run import run
+
+    sys.exit(run(config_path, max_seconds=max_seconds))
+
+
+@main.command("config-example")
+def config_example() -> None:
+    """Print a guard.toml with every key, its default and its meaning."""
+    from .config import documented_example
+
+    click.echo(documented_example(), nl=False)
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def readersim(ctx: click.Context) -> None:
+    """Reference card reader (firmware side) with link fault injection (`posguard readersim --help`)."""
+    from firmware_bridge.readersim import main as reader_main
+
+    sys.exit(reader_main(ctx.args))
+
+
+@main.group()
+def keys() -> None:
+    """Device keys: signing key, MAC ratchet seed k0, vault key, card-token key."""
+
+
+@keys.command("init")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def keys_init(directory: Path) -> None:
+    """Create the device keys in DIRECTORY (files 0600). Move k0.escrow off the device to the auditor."""
+    from guard.keys import init_keys
+
+    try:
+        init_keys(directory)
+    except PosguardError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"keys created in {directory}; give k0.escrow and verify.pub to your auditor, then remove k0.escrow "
+               "from the terminal once the journal exists (it is only needed to create it).")
 
 
 @main.group()

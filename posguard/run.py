@@ -1,0 +1,125 @@
+"""`posguard run --config guard.toml`: the daemon.
+
+Wires the reader port (any pyserial URL) to the engine and the host uplink, drains the reversal
+queue in the background of the same loop, logs one JSON object per line to stderr, and stops
+cleanly on SIGTERM/SIGINT: every acknowledged request is already committed, so stopping between
+two loop rounds loses nothing, and anything in flight is reversed at the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from guard.engine import EngineConfig
+from guard.errors import PosguardError
+from guard.iso import HostCodec
+from guard.keys import load_keys
+from guard.service import GuardService, open_guard
+from guard.uplink import Uplink, make_client_context
+
+from .config import Config, load
+
+log = logging.getLogger("posguard.daemon")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger("posguard")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def build(cfg: Config) -> tuple[GuardService, Any]:
+    """Open everything the config names; errors carry the config key or a stable code."""
+    from firmware_bridge.daemon import ReaderBridge
+    from firmware_bridge.link import LinkEndpoint
+    from firmware_bridge.serial_port import SerialLink, open_port
+
+    keys = load_keys(Path(cfg["journal.keys"]))
+    tpdu = bytes.fromhex(cfg["host.tpdu"]) if cfg["host.tpdu"] else None
+    codec = HostCodec(header=cfg["host.header"], tpdu=tpdu)
+    ctx = None
+    if cfg["host.tls"]:
+        ctx = make_client_context(cfg["host.cafile"] or None, cfg["host.certfile"] or None, cfg["host.keyfile"] or None)
+    uplink = Uplink(cfg["host.address"], cfg["host.port"], codec, ssl_context=ctx,
+                    server_hostname=cfg["host.server_hostname"] or None, connect_timeout=cfg["host.connect_timeout"])
+    ecfg = EngineConfig(
+        cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
+        host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
+        reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
+    )
+    svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
+    try:
+        port = open_port(cfg["reader.url"], cfg["reader.baudrate"], cfg["reader.bytesize"], cfg["reader.parity"],
+                         cfg["reader.stopbits"])
+    except Exception as e:  # pyserial raises SerialException/ValueError/OSError
+        svc.close()
+        raise PosguardError(f"cannot open reader port {cfg['reader.url']}: {e}", code="READER_PORT_UNAVAILABLE") from None
+    bridge = ReaderBridge(svc, SerialLink(port, LinkEndpoint("guard", rng=random.Random())), cfg["reader.reader_id"])
+    bridge.attach()
+    return svc, bridge
+
+
+def run(config_path: Path, *, max_seconds: float | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or ``max_seconds``). Exit codes: 0 clean stop, 2 bad config/keys,
+    3 journal failure (restart: recovery resolves anything in flight)."""
+    try:
+        cfg = load(config_path)
+    except PosguardError as e:
+        print(f"posguard: {e}", file=sys.stderr)
+        return 2
+    setup_logging(cfg["log.level"])
+    try:
+        svc, bridge = build(cfg)
+    except PosguardError as e:
+        log.error("%s", e)
+        print(f"posguard: {e}", file=sys.stderr)
+        return 2
+    stop = {"flag": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop["flag"] = True
+        log.info("signal %d: stopping after this loop round", signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("posguard running: terminal %s, reader %s, host %s:%s",
+             cfg["terminal.terminal_id"], cfg["reader.url"], cfg["host.address"], cfg["host.port"])
+    end = time.monotonic() + max_seconds if max_seconds else None
+    rc = 0
+    try:
+        while not stop["flag"] and (end is None or time.monotonic() < end):
+            svc.step(0.05)
+    except PosguardError as e:
+        log.error("fatal: %s", e)
+        rc = 3
+    finally:
+        try:
+            bridge.link.port.close()
+        except Exception:
+            pass
+        svc.close()
+        log.info("stopped: %s", json.dumps(svc.engine.stats))
+    return rc
