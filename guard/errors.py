@@ -64,7 +64,8 @@ class RequestInvalid(PosguardError):
 
 class HostProtocolError(PosguardError):
     """Bytes or a message from the host cannot be used. Codes: HOST_FRAME_TRUNCATED,
-    HOST_BAD_LENGTH, HOST_BAD_TPDU, HOST_UNDECODABLE, HOST_BAD_MTI."""
+    HOST_BAD_LENGTH, HOST_BAD_TPDU, HOST_UNDECODABLE, HOST_BAD_MTI, and HOST_ENCODE_INVALID
+    when a message we build does not fit the host spec."""
 
     code = "HOST_PROTOCOL"
 
