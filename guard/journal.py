@@ -1,0 +1,670 @@
+"""The journal: a durable, append-only, tamper-evident SQLite log (shared/design/journal.md).
+
+Every entry is hash-chained and MACed with a forward-secure ratchet key that is overwritten in
+the same transaction (an attacker who steals today's key cannot re-seal yesterday's entries).
+Signed checkpoints (every N entries and every T seconds, even when idle) give the host an anchor
+that catches truncation and rollback. Card data needed before authorization completes sits
+AES-GCM encrypted in ``vault`` and is shredded once the transaction is final; entries only hold
+its ``ref`` so verification survives shredding.
+
+Entry format (what ``guard.verify`` recomputes)::
+
+    body       = '{"kind":K,"payload":P,"ts":T,"txn":X}'   # canonical JSON, P = stored text verbatim
+    entry_hash = SHA256(JOURNAL_HASH_DOMAIN || seq (8 bytes BE) || prev_hash || body)
+    mac        = HMAC-SHA256(k_seq, entry_hash);   k_{seq+1} = HMAC-SHA256(k_seq, JOURNAL_RATCHET_LABEL)
+
+Entry 1 is a genesis checkpoint MACed with k0, written in the creating transaction, so k0 never
+reaches the journal file. Error codes (``JournalError.code``): JOURNAL_EXISTS, JOURNAL_MISSING,
+JOURNAL_CORRUPT, JOURNAL_NOT_INITIALISED, JOURNAL_SCHEMA_TOO_NEW, JOURNAL_NO_K0,
+JOURNAL_TERMINAL_MISMATCH, JOURNAL_KEY_MISMATCH, JOURNAL_RATCHET_MISMATCH, JOURNAL_BAD_RECORD, JOURNAL_CLOSED,
+JOURNAL_FAILED, VAULT_CORRUPT; ``JournalDurabilityError`` (JOURNAL_NOT_DURABLE).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import re
+import sqlite3
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import sqlite_utils
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .constants import (
+    CHECKPOINT_DOMAIN,
+    CHECKPOINT_EVERY_ENTRIES,
+    CHECKPOINT_EVERY_S,
+    GENESIS_HASH,
+    JOURNAL_HASH_DOMAIN,
+    JOURNAL_RATCHET_LABEL,
+    JOURNAL_SCHEMA_VERSION,
+)
+from .errors import JournalDurabilityError, JournalError
+from .keys import DeviceKeys
+
+CHECKPOINT_KIND = "checkpoint"
+CHECKPOINT_FIELDS = ("counter", "covers_hash", "covers_seq", "terminal", "time")
+MAX_PAYLOAD_CHARS = 65_536
+# Payload keys whose values may legitimately be 13-19 digit Luhn-valid numbers: merchant/terminal
+# ids (ISO 8583 fields 42/41, echoed in unmatched_response) and the 16-hex diagnostic digest
+# (all-decimal ~5e-4 of the time, Luhn-valid a tenth of that). Never exempt card_token/fp/vault_ref:
+# as 32/64-hex strings they can't match (runs glued to letters or longer than 19 digits never do),
+# so exempting them would only hide the bug this check exists for (a PAN passed as the token).
+PAN_SCAN_EXEMPT_KEYS = frozenset({"41", "42", "merchant_id", "terminal_id", "mid", "tid", "digest"})
+VAULT_NONCE_LEN = 12
+
+# (pragma, value set, value read back): WAL + FULL is the only setting that survived power loss.
+REQUIRED_PRAGMAS: tuple[tuple[str, str, object], ...] = (
+    ("journal_mode", "WAL", "wal"),
+    ("synchronous", "FULL", 2),
+    ("secure_delete", "ON", 1),
+    ("foreign_keys", "ON", 1),
+)
+
+_KIND_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# A 13-19 digit run (optionally grouped by spaces/dashes) not glued to letters/digits or a decimal point.
+_PAN_RE = re.compile(r"(?<![0-9A-Za-z.])\d(?:[ -]?\d){12,18}(?![0-9A-Za-z])")
+_DIGIT_CLASS = bytes(48 if 48 <= b <= 57 else 120 for b in range(256))  # digits -> "0", rest -> "x"
+_THIRTEEN_DIGITS = b"0" * 13  # prefilter: no PAN without 13 digits separated only by " " or "-"
+_enc = json.encoder.encode_basestring_ascii  # the C encoder json.dumps uses
+_sha256 = hashlib.sha256
+_LABEL = JOURNAL_RATCHET_LABEL
+_XOR36 = bytes(b ^ 0x36 for b in range(256))
+_XOR5C = bytes(b ^ 0x5C for b in range(256))
+_PAD36 = b"\x36" * 32  # HMAC ipad/opad over the zero-padded half of a 32-byte key
+_PAD5C = b"\x5c" * 32
+_INSERT_ENTRY = (
+    "INSERT INTO entries (seq, ts, kind, txn, payload, prev_hash, entry_hash, mac) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+# --- format: shared with guard.verify --------------------------------------------------------
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def canonical_json(obj: Any) -> str:
+    """The one JSON form we hash and sign: sorted keys, no spaces, ASCII only, no NaN."""
+    return _CANONICAL.encode(obj)
+
+
+def entry_body(ts: float, kind: str, txn: str | None, payload: str) -> bytes:
+    """Canonical JSON of {"kind","payload","ts","txn"} with the stored payload text spliced in verbatim."""
+    return f'{{"kind":{_enc(kind)},"payload":{payload},"ts":{ts!r},"txn":{"null" if txn is None else _enc(txn)}}}'.encode()
+
+
+def entry_hash(seq: int, prev_hash: bytes, body: bytes) -> bytes:
+    return _sha256(JOURNAL_HASH_DOMAIN + seq.to_bytes(8, "big") + prev_hash + body).digest()
+
+
+def mac_and_next(key: bytes, ehash: bytes) -> tuple[bytes, bytes]:
+    """(HMAC-SHA256(k_seq, entry_hash), k_{seq+1} = HMAC-SHA256(k_seq, JOURNAL_RATCHET_LABEL)).
+
+    RFC 2104 spelled out with SHA-256 one-shots, sharing the padded keys between the two MACs:
+    twice as fast as two ``hmac.digest`` calls under OpenSSL 3 (tests pin it to ``hmac.digest``).
+    The ratchet is one-way, so a stolen current key reveals no earlier key.
+    """
+    ki = key.translate(_XOR36) + _PAD36
+    ko = key.translate(_XOR5C) + _PAD5C
+    return _sha256(ko + _sha256(ki + ehash).digest()).digest(), _sha256(ko + _sha256(ki + _LABEL).digest()).digest()
+
+
+def checkpoint_message(fields: dict[str, Any]) -> bytes:
+    """What a checkpoint signature covers: the domain and the canonical JSON of the signed fields."""
+    return CHECKPOINT_DOMAIN + canonical_json({k: fields[k] for k in CHECKPOINT_FIELDS}).encode()
+
+
+def looks_like_pan(text: str) -> bool:
+    """True if ``text`` holds a 13-19 digit run passing the Luhn check (defence in depth)."""
+    if _THIRTEEN_DIGITS not in text.encode("utf-8", "replace").translate(_DIGIT_CLASS, b" -"):
+        return False
+    for m in _PAN_RE.finditer(text):
+        if _luhn_ok(m.group().replace(" ", "").replace("-", "")):
+            return True
+    return False
+
+
+def _pan_outside_exempt(obj: Any) -> bool:
+    """Slow path after a hit: is the card-number-like run anywhere but under PAN_SCAN_EXEMPT_KEYS?"""
+    if isinstance(obj, dict):
+        return any(looks_like_pan(_enc(str(k))) or (k not in PAN_SCAN_EXEMPT_KEYS and _pan_outside_exempt(v))
+                   for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return any(_pan_outside_exempt(v) for v in obj)
+    if isinstance(obj, str):
+        return looks_like_pan(_enc(obj))
+    return looks_like_pan(canonical_json(obj))
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+# --- value types -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    ts: float
+    kind: str
+    txn: str | None
+    payload: dict[str, Any]
+    entry_hash: bytes
+    mac: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Seqs of the caller's records, in order, and of the checkpoint appended in the same commit."""
+
+    seqs: tuple[int, ...]
+    checkpoint_seq: int | None = None
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class VaultBlob:
+    """AES-GCM sealed card data for one transaction; ``ref`` = sha256(nonce || ct) hex."""
+
+    ref: str
+    txn: str
+    nonce: bytes
+    ct: bytes
+
+    def __repr__(self) -> str:
+        return f"VaultBlob(ref={self.ref[:16]}..., txn={self.txn!r}, {len(self.ct)} bytes)"
+
+
+def vault_ref(nonce: bytes, ct: bytes) -> str:
+    return _sha256(nonce + ct).hexdigest()
+
+
+def seal_vault(vault_key: bytes, txn: str, plaintext: bytes, *, rng: Callable[[int], bytes] = os.urandom) -> VaultBlob:
+    """Encrypt ``plaintext`` bound to ``txn`` (AAD) under a fresh 96-bit nonce."""
+    nonce = rng(VAULT_NONCE_LEN)
+    ct = AESGCM(vault_key).encrypt(nonce, plaintext, txn.encode())
+    return VaultBlob(vault_ref(nonce, ct), txn, nonce, ct)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+def _schema_v1(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
+    db.create_table("meta", {"k": str, "v": str}, pk="k", not_null=["v"], strict=True)
+    entries = db.create_table(
+        "entries",
+        {"seq": int, "ts": float, "kind": str, "txn": str, "payload": str,
+         "prev_hash": bytes, "entry_hash": bytes, "mac": bytes},
+        pk="seq",
+        not_null=["ts", "kind", "payload", "prev_hash", "entry_hash", "mac"],
+        strict=True,
+    )
+    entries.create_index(["txn"], index_name="entries_txn")
+    db.create_table("vault", {"ref": str, "txn": str, "nonce": bytes, "ct": bytes}, pk="ref",
+                    not_null=["txn", "nonce", "ct"], strict=True)
+    for sql in (
+        "CREATE TABLE ratchet (id INTEGER PRIMARY KEY CHECK (id = 1), next_seq INTEGER NOT NULL, key BLOB NOT NULL) STRICT",
+        "CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END",
+        "CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries BEGIN SELECT RAISE(ABORT, 'journal entries are append-only'); END",
+        "CREATE TRIGGER ratchet_no_delete BEFORE DELETE ON ratchet BEGIN SELECT RAISE(ABORT, 'ratchet state cannot be deleted'); END",
+    ):
+        conn.execute(sql)
+
+
+# Step n upgrades schema n-1 to n. All pending steps run in one transaction.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _schema_v1}
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """0 for a database without our meta table."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is None:
+        return 0
+    row = conn.execute("SELECT v FROM meta WHERE k = 'schema_version'").fetchone()
+    try:
+        return int(row[0]) if row else 0
+    except ValueError:
+        raise JournalError("meta.schema_version is not an integer", code="JOURNAL_CORRUPT") from None
+
+
+def _migrate_in_txn(conn: sqlite3.Connection) -> int:
+    found = schema_version(conn)
+    if found > JOURNAL_SCHEMA_VERSION:
+        raise JournalError(
+            f"journal schema {found} is newer than this software ({JOURNAL_SCHEMA_VERSION}); upgrade posguard",
+            code="JOURNAL_SCHEMA_TOO_NEW",
+        )
+    for v in range(found + 1, JOURNAL_SCHEMA_VERSION + 1):
+        MIGRATIONS[v](conn)
+    if found != JOURNAL_SCHEMA_VERSION:
+        conn.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('schema_version', ?)", (str(JOURNAL_SCHEMA_VERSION),))
+    return found
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Apply pending migration steps atomically (one BEGIN IMMEDIATE ... COMMIT); returns the version found."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = _migrate_in_txn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return found
+
+
+# --- connection ------------------------------------------------------------------------------
+
+
+def _connect(path: Path, *, mode: str) -> sqlite3.Connection:
+    """Open ``path`` (URI mode rw|ro) in autocommit mode; the hook tests replace."""
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    return sqlite3.connect(uri, uri=True, isolation_level=None)
+
+
+def apply_pragmas(conn: sqlite3.Connection) -> None:
+    """Set and read back every durability pragma; refuse to run on anything else."""
+    for name, value, expected in REQUIRED_PRAGMAS:
+        conn.execute(f"PRAGMA {name} = {value}").fetchall()
+        row = conn.execute(f"PRAGMA {name}").fetchone()
+        got = row[0] if row else None
+        if isinstance(got, str):
+            got = got.lower()
+        if got != expected:
+            raise JournalDurabilityError(f"PRAGMA {name} reads back {got!r} after setting {value}; journal refused")
+    conn.execute("PRAGMA journal_size_limit = 0").fetchall()
+
+
+# --- the journal -----------------------------------------------------------------------------
+
+
+class Journal:
+    """Append-only journal on one SQLite file. Not thread-safe: one driver owns it."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, keys: DeviceKeys, *, terminal_id: str,
+                 checkpoint_every: int, checkpoint_interval_s: float) -> None:
+        """Use :meth:`create` or :meth:`open`."""
+        if checkpoint_every < 1 or not checkpoint_interval_s > 0:
+            raise ValueError("checkpoint_every must be >= 1 and checkpoint_interval_s > 0")
+        self._conn: sqlite3.Connection | None = conn
+        self.path = path
+        self.terminal_id = terminal_id
+        self._signing_key = keys.signing_key
+        self._aead = AESGCM(keys.vault_key)
+        self._every = checkpoint_every
+        self._interval = float(checkpoint_interval_s)
+        self.commit_count = 0
+        self.commit_seconds = 0.0  # wall time in SQLite transactions (BEGIN..COMMIT), for benchmarks
+        self.wal_truncate_on_checkpoint = True
+        self._failed = False
+        self._last_seq = 0
+        self._last_hash = GENESIS_HASH
+        self._key = b""
+        self._cp_seq = 0
+        self._cp: dict[str, Any] = {}
+
+    # -- lifecycle --
+
+    @classmethod
+    def create(cls, path: Path, keys: DeviceKeys, *, terminal_id: str,
+               checkpoint_every: int = CHECKPOINT_EVERY_ENTRIES, checkpoint_interval_s: float = CHECKPOINT_EVERY_S,
+               now: float) -> Journal:
+        """Create a new journal with its schema and genesis checkpoint in one durable commit."""
+        path = Path(path)
+        if keys.k0 is None:
+            raise JournalError("creating a journal needs k0 (provisioning only)", code="JOURNAL_NO_K0")
+        _check_terminal(terminal_id)
+        ts = _check_now(now)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS") from None
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = _connect(path, mode="rw")
+            apply_pragmas(conn)
+            j = cls(conn, path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
+                    checkpoint_interval_s=checkpoint_interval_s)
+            row, cp, k_next = j._checkpoint_row(1, GENESIS_HASH, keys.k0, ts, 1)
+            conn.execute("BEGIN IMMEDIATE")
+            _migrate_in_txn(conn)
+            conn.executemany("INSERT INTO meta (k, v) VALUES (?, ?)", [
+                ("terminal_id", terminal_id), ("created_at", repr(ts)), ("checkpoint_counter", "1")])
+            conn.execute(_INSERT_ENTRY, row)
+            conn.execute("INSERT INTO ratchet (id, next_seq, key) VALUES (1, 2, ?)", (k_next,))
+            conn.execute("COMMIT")
+            _fsync_dir(path.parent)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{path}{suffix}").unlink(missing_ok=True)
+            raise
+        j._set_state(1, row[6], k_next, 1, cp)
+        return j
+
+    @classmethod
+    def open(cls, path: Path, keys: DeviceKeys, *, terminal_id: str,
+             checkpoint_every: int = CHECKPOINT_EVERY_ENTRIES,
+             checkpoint_interval_s: float = CHECKPOINT_EVERY_S) -> Journal:
+        """Open an existing journal: durability pragmas, pending migrations, state from the tail."""
+        path = Path(path)
+        if not path.is_file():
+            raise JournalError(f"journal {path} does not exist", code="JOURNAL_MISSING")
+        conn = _connect(path, mode="rw")
+        try:
+            try:
+                apply_pragmas(conn)
+                if schema_version(conn) < 1:
+                    raise JournalError(f"{path} is not an initialised posguard journal", code="JOURNAL_NOT_INITIALISED")
+                if schema_version(conn) != JOURNAL_SCHEMA_VERSION:
+                    migrate(conn)
+                j = cls(conn, path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
+                        checkpoint_interval_s=checkpoint_interval_s)
+                j._load_state()
+            except sqlite3.OperationalError as e:
+                raise JournalError(f"journal {path} cannot be opened: {e}") from None
+            except sqlite3.DatabaseError as e:
+                raise JournalError(f"journal {path} is unreadable ({e.__class__.__name__})", code="JOURNAL_CORRUPT") from None
+        except BaseException:
+            conn.close()
+            raise
+        return j
+
+    def _load_state(self) -> None:
+        c = self._db()
+        meta = dict(c.execute("SELECT k, v FROM meta").fetchall())
+        if meta.get("terminal_id") != self.terminal_id:
+            raise JournalError(f"journal belongs to terminal {meta.get('terminal_id')!r}, not {self.terminal_id!r}",
+                               code="JOURNAL_TERMINAL_MISMATCH")
+        last = c.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        rat = c.execute("SELECT next_seq, key FROM ratchet WHERE id = 1").fetchone()
+        cp = c.execute("SELECT seq, payload FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1",
+                       (CHECKPOINT_KIND,)).fetchone()
+        if last is None or cp is None:
+            raise JournalError("journal has no genesis checkpoint", code="JOURNAL_CORRUPT")
+        if rat is None or rat[0] != last[0] + 1 or len(rat[1]) != 32:
+            raise JournalError(f"ratchet state does not follow entry {last[0]}; refusing to append",
+                               code="JOURNAL_RATCHET_MISMATCH")
+        try:
+            payload = json.loads(cp[1])
+            self._signing_key.public_key().verify(bytes.fromhex(payload["sig"]), checkpoint_message(payload))
+            float(payload["time"]), int(payload["counter"])
+        except InvalidSignature:
+            raise JournalError(f"checkpoint {cp[0]} was not signed by this device's key (keys re-provisioned? "
+                               "a new key needs a new journal)", code="JOURNAL_KEY_MISMATCH") from None
+        except (ValueError, KeyError, TypeError):
+            raise JournalError(f"checkpoint {cp[0]} is malformed", code="JOURNAL_CORRUPT") from None
+        self._set_state(last[0], last[1], rat[1], cp[0], payload)
+
+    def _set_state(self, last_seq: int, last_hash: bytes, key: bytes, cp_seq: int, cp: dict[str, Any]) -> None:
+        self._last_seq, self._last_hash, self._key = last_seq, last_hash, key
+        self._cp_seq, self._cp = cp_seq, cp
+
+    def close(self) -> None:
+        """Seal the WAL (best effort) and close; superseded ratchet keys leave the files."""
+        if self._conn is not None:
+            try:
+                if not self._failed:
+                    self.seal_wal()
+            except sqlite3.Error:
+                pass
+            self._conn.close()
+            self._conn = None
+        self._key = b""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise JournalError("journal is closed", code="JOURNAL_CLOSED")
+        return self._conn
+
+    # -- writing --
+
+    def seal_vault(self, txn: str, plaintext: bytes) -> VaultBlob:
+        """Encrypt card data for ``txn`` before the append that references its ``ref``."""
+        nonce = os.urandom(VAULT_NONCE_LEN)
+        ct = self._aead.encrypt(nonce, plaintext, txn.encode())
+        return VaultBlob(vault_ref(nonce, ct), txn, nonce, ct)
+
+    def append(self, records: Sequence[tuple[str, str | None, dict[str, Any]]], *, now: float,
+               vault_put: Sequence[VaultBlob] = (), vault_shred: Sequence[str] = ()) -> AppendResult:
+        """Append records, vault inserts/shreds, the ratchet step and any due checkpoint in ONE durable commit."""
+        conn = self._db()
+        if self._failed:
+            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        ts = _check_now(now)
+        prepared = _prepare(records)
+        blobs = [_check_blob(b) for b in vault_put]
+        shred = [(r,) for r in vault_shred]
+        seq, prev, key = self._last_seq, self._last_hash, self._key
+        rows = []
+        for kind, txn, text in prepared:
+            seq += 1
+            h = _sha256(JOURNAL_HASH_DOMAIN + seq.to_bytes(8, "big") + prev + entry_body(ts, kind, txn, text)).digest()
+            mac, next_key = mac_and_next(key, h)
+            rows.append((seq, ts, kind, txn, text, prev, h, mac))
+            key, prev = next_key, h
+        seqs = tuple(r[0] for r in rows)
+        cp_seq, cp = None, None
+        if seq - self._cp_seq >= self._every or ts - self._cp["time"] >= self._interval:
+            seq += 1
+            cp_seq = seq
+            row, cp, key = self._checkpoint_row(seq, prev, key, ts, self._cp["counter"] + 1)
+            rows.append(row)
+            prev = row[6]
+        self._write(conn, rows, blobs, shred, seq, key, cp)
+        self._set_state(seq, prev, key, cp_seq or self._cp_seq, cp or self._cp)
+        if cp is not None:
+            self._after_checkpoint()
+        return AppendResult(seqs, cp_seq)
+
+    def maybe_checkpoint(self, now: float) -> bool:
+        """Seal an epoch if ``checkpoint_interval_s`` passed since the last checkpoint, even when idle."""
+        if _check_now(now) - self._cp["time"] < self._interval:
+            return False
+        self.checkpoint(now)
+        return True
+
+    def checkpoint(self, now: float) -> int:
+        """Commit a signed checkpoint now; returns its seq."""
+        conn = self._db()
+        if self._failed:
+            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        seq = self._last_seq + 1
+        row, cp, key = self._checkpoint_row(seq, self._last_hash, self._key, _check_now(now), self._cp["counter"] + 1)
+        self._write(conn, [row], [], [], seq, key, cp)
+        self._set_state(seq, row[6], key, seq, cp)
+        self._after_checkpoint()
+        return seq
+
+    def _checkpoint_row(self, seq: int, prev: bytes, key: bytes, ts: float,
+                        counter: int) -> tuple[tuple[Any, ...], dict[str, Any], bytes]:
+        fields: dict[str, Any] = {"terminal": self.terminal_id, "covers_seq": seq - 1,
+                                  "covers_hash": prev.hex(), "time": ts, "counter": counter}
+        fields["sig"] = self._signing_key.sign(checkpoint_message(fields)).hex()
+        text = canonical_json(fields)
+        h = entry_hash(seq, prev, entry_body(ts, CHECKPOINT_KIND, None, text))
+        mac, next_key = mac_and_next(key, h)
+        return (seq, ts, CHECKPOINT_KIND, None, text, prev, h, mac), fields, next_key
+
+    def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], blobs: list[tuple[str, str, bytes, bytes]],
+               shred: list[tuple[str]], last_seq: int, key: bytes, cp: dict[str, Any] | None) -> None:
+        cur = conn.cursor()
+        committing = False
+        t0 = time.perf_counter()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if len(rows) == 1:
+                cur.execute(_INSERT_ENTRY, rows[0])
+            else:
+                cur.executemany(_INSERT_ENTRY, rows)
+            if blobs:
+                cur.executemany("INSERT INTO vault (ref, txn, nonce, ct) VALUES (?, ?, ?, ?)", blobs)
+            if shred:
+                cur.executemany("DELETE FROM vault WHERE ref = ?", shred)
+            cur.execute("UPDATE ratchet SET next_seq = ?, key = ? WHERE id = 1", (last_seq + 1, key))
+            if cur.rowcount != 1:
+                raise JournalError("ratchet row missing", code="JOURNAL_RATCHET_MISMATCH")
+            if cp is not None:
+                cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
+            committing = True
+            self._commit(cur)
+        except BaseException:
+            if committing:  # durable or not is unknown (e.g. fsync error): fail-stop, reopen from disk
+                self._failed = True
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._failed = True
+            raise
+        self.commit_count += 1
+        self.commit_seconds += time.perf_counter() - t0
+
+    def _commit(self, cur: sqlite3.Cursor) -> None:
+        """The durable point: WAL append + fsync (synchronous=FULL)."""
+        cur.execute("COMMIT")
+
+    def _after_checkpoint(self) -> None:
+        if self.wal_truncate_on_checkpoint:
+            self.seal_wal()
+
+    def seal_wal(self) -> bool:
+        """Checkpoint and truncate the WAL so superseded ratchet keys and shredded vault pages leave it.
+
+        Never waits for readers (busy_timeout 0); returns False if a reader kept old frames alive.
+        """
+        conn = self._db()
+        old = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+        conn.execute("PRAGMA busy_timeout = 0")
+        try:
+            busy = int(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
+        except sqlite3.OperationalError:
+            busy = 1
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(old)}")
+        return busy == 0
+
+    # -- reading --
+
+    @property
+    def last_seq(self) -> int:
+        return self._last_seq
+
+    @property
+    def last_hash(self) -> bytes:
+        return self._last_hash
+
+    def latest_checkpoint(self) -> dict[str, Any]:
+        """The newest signed checkpoint: a JSON-serialisable anchor for the host or an auditor."""
+        return dict(self._cp)
+
+    def entries(self, since_seq: int = 0) -> Iterator[Entry]:
+        cur = self._db().execute(
+            "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
+        for seq, ts, kind, txn, payload, h, mac in cur:
+            yield Entry(seq, ts, kind, txn, json.loads(payload), h, mac)
+
+    def vault_refs(self) -> set[str]:
+        return {r for (r,) in self._db().execute("SELECT ref FROM vault")}
+
+    def vault_open(self, ref: str) -> bytes | None:
+        """Decrypt a vault blob; None once shredded. A blob that fails authentication raises VAULT_CORRUPT."""
+        row = self._db().execute("SELECT txn, nonce, ct FROM vault WHERE ref = ?", (ref,)).fetchone()
+        if row is None:
+            return None
+        txn, nonce, ct = row
+        if vault_ref(nonce, ct) != ref:
+            raise JournalError(f"vault blob {ref[:16]} does not match its ref", code="VAULT_CORRUPT")
+        try:
+            return self._aead.decrypt(nonce, ct, txn.encode())
+        except InvalidTag:
+            raise JournalError(f"vault blob {ref[:16]} failed authentication", code="VAULT_CORRUPT") from None
+
+    def integrity_check(self, *, full: bool = False) -> list[str]:
+        """SQLite's page-level check (quick_check, or integrity_check if ``full``); [] when healthy."""
+        rows = self._db().execute("PRAGMA integrity_check" if full else "PRAGMA quick_check").fetchall()
+        problems = [r[0] for r in rows]
+        return [] if problems == ["ok"] else problems
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _check_now(now: float) -> float:
+    if isinstance(now, bool) or not isinstance(now, (int, float)) or not math.isfinite(now):
+        raise JournalError("now must be a finite number of seconds", code="JOURNAL_BAD_RECORD")
+    return float(now)
+
+
+def _check_terminal(terminal_id: str) -> None:
+    if not isinstance(terminal_id, str) or not terminal_id:
+        raise JournalError("terminal_id must be a non-empty string", code="JOURNAL_BAD_RECORD")
+
+
+def _prepare(records: Sequence[tuple[str, str | None, dict[str, Any]]]) -> list[tuple[str, str | None, str]]:
+    """Validate and serialise every record before the transaction starts."""
+    if not records:
+        raise JournalError("append needs at least one record", code="JOURNAL_BAD_RECORD")
+    out = []
+    for i, rec in enumerate(records):
+        if not (isinstance(rec, tuple) and len(rec) == 3):
+            raise JournalError(f"record {i} is not a (kind, txn, payload) tuple", code="JOURNAL_BAD_RECORD")
+        kind, txn, payload = rec
+        if not isinstance(kind, str) or not _KIND_RE.fullmatch(kind) or kind == CHECKPOINT_KIND:
+            raise JournalError(f"record {i}: kind must match [a-z][a-z0-9_]* and not be 'checkpoint'",
+                               code="JOURNAL_BAD_RECORD")
+        if txn is not None and not isinstance(txn, str):
+            raise JournalError(f"record {i} ({kind}): txn must be a string or None", code="JOURNAL_BAD_RECORD")
+        if not isinstance(payload, dict):
+            raise JournalError(f"record {i} ({kind}): payload must be a dict", code="JOURNAL_BAD_RECORD")
+        try:
+            text = canonical_json(payload)
+        except (TypeError, ValueError, RecursionError):
+            raise JournalError(f"record {i} ({kind}): payload is not JSON-serialisable", code="JOURNAL_BAD_RECORD") from None
+        if len(text) > MAX_PAYLOAD_CHARS:
+            raise JournalError(f"record {i} ({kind}): payload exceeds {MAX_PAYLOAD_CHARS} characters",
+                               code="JOURNAL_BAD_RECORD")
+        if (looks_like_pan(text) and _pan_outside_exempt(payload)) or (txn is not None and looks_like_pan(txn)):
+            raise JournalError(f"record {i} ({kind}): contains a card-number-like digit run; store a token or mask",
+                               code="JOURNAL_BAD_RECORD")
+        out.append((kind, txn, text))
+    return out
+
+
+def _check_blob(b: VaultBlob) -> tuple[str, str, bytes, bytes]:
+    if not isinstance(b, VaultBlob) or len(b.nonce) != VAULT_NONCE_LEN or vault_ref(b.nonce, b.ct) != b.ref:
+        raise JournalError("vault_put items must be VaultBlob from seal_vault()", code="JOURNAL_BAD_RECORD")
+    return (b.ref, b.txn, b.nonce, b.ct)
+
+
+def _fsync_dir(dir: Path) -> None:
+    fd = os.open(dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,188 @@
+"""Device keys: the checkpoint signing key, the card-token key, the vault key and k0.
+
+Secrets live as hex text in files readable only by the guard's user (0600, PCI DSS 3.5/3.6), in a
+directory separate from the journal. k0 (the journal's initial MAC ratchet key) is written once as
+``k0.escrow`` for the auditor; in production it leaves the device after provisioning, so
+``DeviceKeys.k0`` is None on a running terminal and the journal never stores it.
+
+Error codes (``KeyFileError.code``): KEY_EXISTS, KEY_MISSING, KEY_MALFORMED, KEY_PERMISSIONS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from .errors import KeyFileError
+
+SIGNING_FILE = "signing.key"
+TOKEN_FILE = "token.key"
+VAULT_FILE = "vault.key"
+K0_FILE = "k0.escrow"
+PUBLIC_FILE = "verify.pub"
+SECRET_FILES = (SIGNING_FILE, TOKEN_FILE, VAULT_FILE, K0_FILE)
+KEY_LEN = 32
+CARD_TOKEN_HEX_LEN = 32
+
+_SECRET_MODE = 0o600
+_PUBLIC_MODE = 0o644
+_DIR_MODE = 0o700
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(repr=False)
+class DeviceKeys:
+    """The keys a terminal needs. ``k0`` is only needed to create a journal."""
+
+    signing_key: Ed25519PrivateKey
+    token_key: bytes
+    vault_key: bytes
+    k0: bytes | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if len(self.token_key) != KEY_LEN or len(self.vault_key) != KEY_LEN:
+            raise KeyFileError("token and vault keys must be 32 bytes", code="KEY_MALFORMED")
+        if self.k0 is not None and len(self.k0) != KEY_LEN:
+            raise KeyFileError("k0 must be 32 bytes", code="KEY_MALFORMED")
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.signing_key.public_key()
+
+    def __repr__(self) -> str:
+        return f"DeviceKeys(public={public_key_hex(self.public_key)[:16]}..., k0={'set' if self.k0 else 'None'})"
+
+
+def public_key_hex(key: Ed25519PublicKey) -> str:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def card_token(token_key: bytes, pan: str) -> str:
+    """Keyed hash of the full PAN (PCI DSS 3.5.1.1): stable per card, useless without the key."""
+    return hmac.digest(token_key, pan.encode("utf-8"), hashlib.sha256).hex()[:CARD_TOKEN_HEX_LEN]
+
+
+def init_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> DeviceKeys:
+    """Provision fresh keys into ``dir`` (created 0700); never overwrites an existing key file."""
+    dir = Path(dir)
+    existing = [n for n in (*SECRET_FILES, PUBLIC_FILE) if os.path.lexists(dir / n)]
+    if existing:
+        raise KeyFileError(f"{dir / existing[0]} already exists; refusing to overwrite keys", code="KEY_EXISTS")
+    if not dir.exists():
+        dir.mkdir(mode=_DIR_MODE, parents=True)
+        os.chmod(dir, _DIR_MODE)
+    _check_dir(dir)
+    seeds = {name: rng(KEY_LEN) for name in SECRET_FILES}
+    if any(len(s) != KEY_LEN for s in seeds.values()):
+        raise KeyFileError("rng returned the wrong number of bytes", code="KEY_MALFORMED")
+    signing = Ed25519PrivateKey.from_private_bytes(seeds[SIGNING_FILE])
+    for name, secret in seeds.items():
+        _write_new(dir / name, secret.hex() + "\n", _SECRET_MODE)
+    _write_new(dir / PUBLIC_FILE, public_key_hex(signing.public_key()) + "\n", _PUBLIC_MODE)
+    _fsync_dir(dir)
+    return DeviceKeys(signing, seeds[TOKEN_FILE], seeds[VAULT_FILE], seeds[K0_FILE])
+
+
+def load_keys(dir: Path) -> DeviceKeys:
+    """Load the device keys; k0 is loaded only if ``k0.escrow`` is still present."""
+    dir = Path(dir)
+    _check_dir(dir)
+    signing = Ed25519PrivateKey.from_private_bytes(_read_secret(dir / SIGNING_FILE))
+    token = _read_secret(dir / TOKEN_FILE)
+    vault = _read_secret(dir / VAULT_FILE)
+    k0 = _read_secret(dir / K0_FILE) if os.path.lexists(dir / K0_FILE) else None
+    pub_path = dir / PUBLIC_FILE
+    if os.path.lexists(pub_path):
+        pub = load_public_key(pub_path)
+        if public_key_hex(pub) != public_key_hex(signing.public_key()):
+            raise KeyFileError(f"{pub_path} does not match {dir / SIGNING_FILE}", code="KEY_MALFORMED")
+    return DeviceKeys(signing, token, vault, k0)
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    """The checkpoint verification key (hex text); may be world-readable."""
+    return Ed25519PublicKey.from_public_bytes(_parse_hex(Path(path), _read_text(Path(path), secret=False)))
+
+
+def load_k0(path: Path) -> bytes:
+    """The auditor's escrowed k0, for verifying journal MACs. Same permission rules as any secret."""
+    return _read_secret(Path(path))
+
+
+def _check_dir(dir: Path) -> None:
+    try:
+        st = os.stat(dir)
+    except FileNotFoundError:
+        raise KeyFileError(f"key directory {dir} does not exist", code="KEY_MISSING") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise KeyFileError(f"{dir} is not a directory", code="KEY_MALFORMED")
+    if st.st_mode & 0o022:
+        raise KeyFileError(f"key directory {dir} is writable by group or others", code="KEY_PERMISSIONS")
+
+
+def _read_secret(path: Path) -> bytes:
+    return _parse_hex(path, _read_text(path, secret=True))
+
+
+def _read_text(path: Path, *, secret: bool) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except FileNotFoundError:
+        raise KeyFileError(f"key file {path} is missing", code="KEY_MISSING") from None
+    except OSError as e:
+        raise KeyFileError(f"key file {path} cannot be opened ({e.strerror})", code="KEY_MALFORMED") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {path} is not a regular file", code="KEY_MALFORMED")
+        if secret and st.st_mode & 0o077:
+            raise KeyFileError(
+                f"key file {path} has mode {stat.S_IMODE(st.st_mode):04o}; group/other must have no access (0600)",
+                code="KEY_PERMISSIONS",
+            )
+        raw = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"key file {path} is not hex text", code="KEY_MALFORMED") from None
+
+
+def _parse_hex(path: Path, text: str) -> bytes:
+    text = text.strip()
+    if len(text) != 2 * KEY_LEN:
+        raise KeyFileError(f"key file {path} must hold {2 * KEY_LEN} hex characters", code="KEY_MALFORMED")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise KeyFileError(f"key file {path} is not hex text", code="KEY_MALFORMED") from None
+
+
+def _write_new(path: Path, text: str, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, text.encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(dir: Path) -> None:
+    fd = os.open(dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
