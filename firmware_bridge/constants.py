@@ -131,6 +131,7 @@ STATE_CODES: Final[dict[TxnState, int]] = {
     TxnState.REVERSAL_PENDING: 0x06,
     TxnState.REVERSED: 0x07,
     TxnState.NEEDS_MANUAL: 0x08,
+    TxnState.HELD: 0x09,
 }
 STATE_BY_CODE: Final[dict[int, TxnState]] = {v: k for k, v in STATE_CODES.items()}
 

@@ -106,7 +106,7 @@ class ReaderBridge:
             elif isinstance(msg, M.Ping):
                 self._send(M.Pong())
             elif isinstance(msg, M.Confirm):
-                raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
+                self.svc.execute(self.svc.engine.confirm(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
             else:
                 raise M.MessageError(f"{type(msg).__name__} is not a request a reader may send", code="MSG_NOT_A_REQUEST")
         except PosguardError as e:

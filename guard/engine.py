@@ -20,8 +20,9 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 from . import constants as C
 from . import iso
-from .errors import IdempotencyConflict, RequestInvalid
-from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan
+from .errors import IdempotencyConflict, PosguardError, RequestInvalid
+from .policies import Action as PolicyAction, History, PolicyConfig, Seen, decide
+from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,6 +81,7 @@ class EngineConfig:
     backoff_max_s: float = C.REVERSAL_BACKOFF_MAX_S
     saf_window: int = C.SAF_WINDOW
     echo_idle_s: float = C.ECHO_IDLE_S
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
 
     def __post_init__(self) -> None:
         if len(self.terminal_id) != 8:
@@ -116,6 +118,8 @@ class Txn:
     rev_next_at: float = 0.0
     rev_inflight_until: float | None = None
     rev_seq: int = 0  # order in the store-and-forward queue
+    original: str | None = None  # VOID: the key of the sale it voids
+    voided_by: str | None = None  # SALE: the VOID that reverses it
 
     def result(self, *, in_progress: bool = False) -> Result:
         return Result(
@@ -147,6 +151,10 @@ class Txn:
 AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
 
 
+def _seen(t: Txn) -> Seen:
+    return Seen(t.key, t.created, t.amount, t.kind, t.state)
+
+
 class Engine:
     """Sans-I/O transaction engine. Not thread-safe: one driver owns it."""
 
@@ -164,6 +172,7 @@ class Engine:
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
         self._saf_counter = 0
         self.stats: dict[str, int] = {}
+        self.history = History(cfg.policy.horizon_s)
 
     # ------------------------------------------------------------------ restore from the journal
 
@@ -201,14 +210,26 @@ class Engine:
                 f7=p["f7"],
                 created=ts,
             )
+            t.original = p.get("original")
             self.txns[key] = t
-            self.by_stan[t.stan] = key
-            self.last_stan = t.stan
+            if t.kind is TxnKind.VOID:
+                if t.original in self.txns:
+                    self.txns[t.original].voided_by = key
+            else:
+                self.by_stan[t.stan] = key
+                self.last_stan = t.stan
+                self.history.add(t.card_token, t)
             return
         t = self.txns.get(key)
         if t is None:
             return
-        if kind == "outcome":
+        if kind == "held":
+            t.state = TxnState.HELD
+            t.reason = p.get("code", "")
+        elif kind == "released":
+            t.state = TxnState.JOURNALED
+            t.reason = ""
+        elif kind == "outcome":
             t.state = TxnState(p["state"])
             t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
         elif kind == "reversal_pending":
@@ -232,7 +253,7 @@ class Engine:
         """After restore: every intent without an outcome may have reached the host -> reverse it.
 
         Reversals that were in flight at the crash are retried (as 0401) right away."""
-        pending = [t for t in self.txns.values() if t.state in AWAITING]
+        pending = [t for t in self.txns.values() if t.state in AWAITING and t.kind is not TxnKind.VOID]
         acts: list[Action] = []
         if pending:
             recs = []
@@ -249,8 +270,12 @@ class Engine:
 
     def submit(self, req: Request, now: float) -> list[Action]:
         """A reader request. Raises IdempotencyConflict for a reused id with a different request."""
+        if req.kind is TxnKind.VOID:
+            return self._void(req, now)
         if req.kind is not TxnKind.SALE:
-            raise RequestInvalid(f"{req.kind.value} is not supported by this engine yet", code="REQUEST_UNSUPPORTED")
+            raise RequestInvalid(f"{req.kind.value} is not supported by this terminal yet", code="REQUEST_UNSUPPORTED")
+        if req.card is None:
+            raise RequestInvalid("a sale needs card data", code="REQUEST_BAD_PAN")
         token = self.crypto.token(req.card.pan)
         fp = fingerprint(req.kind, req.amount, req.currency, token, req.original_txn_id)
         key = req.key
@@ -265,6 +290,9 @@ class Engine:
             self.count("idempotent_replay")
             return [Reply(known.result(in_progress=known.state in AWAITING))]
 
+        self.history.prune(now)
+        verdict = decide(req.kind, req.amount, now, [_seen(x) for x in self.history.by_card.get(token, ())],
+                         (_seen(x) for x in self.history.terminal), self.cfg.policy)
         stan = self._next_stan()
         blob = self.crypto.seal(key, _card_plaintext(req.card))
         t = Txn(
@@ -282,6 +310,7 @@ class Engine:
         )
         self.txns[key] = t
         self.by_stan[stan] = key
+        self.history.add(token, t)
         intent = {
             "kind": t.kind.value,
             "fp": fp,
@@ -295,8 +324,19 @@ class Engine:
             "tid": self.cfg.terminal_id,
             "mid": self.cfg.merchant_id,
         }
-        acts: list[Action] = [Append([("intent", key, intent)], vault_put=[blob])]
         self.count("intents")
+        if verdict.action is PolicyAction.DECLINE:
+            self.count("policy_decline")
+            t.state, t.reason, t.vault_ref = TxnState.DECLINED, verdict.code, None
+            outcome = {"state": "DECLINED", "rc": "", "approval": "", "rrn": "", "reason": verdict.code,
+                       "policy": verdict.detail}
+            return [Append([("intent", key, {**intent, "vault_ref": None}), ("outcome", key, outcome)]), Reply(t.result())]
+        if verdict.action is PolicyAction.HOLD:
+            self.count("policy_hold")
+            t.state, t.reason = TxnState.HELD, verdict.code
+            return [Append([("intent", key, intent), ("held", key, {"code": verdict.code, "detail": verdict.detail})],
+                           vault_put=[blob]), Reply(t.result())]
+        acts: list[Action] = [Append([("intent", key, intent)], vault_put=[blob])]
         if not self.host_up:
             acts += self._finish(t, TxnState.DECLINED, reason="NO_HOST")
             return acts
@@ -305,12 +345,72 @@ class Engine:
         acts.append(SendHost(key, t.request_fields(self.cfg), card=req.card))
         return acts
 
+    def confirm(self, key: str, now: float) -> list[Action]:
+        """The operator's CONFIRM of a held request: re-check (a pending reversal still holds
+        refunds), then release it to the host. Raises NOTHING_HELD if it is not held."""
+        t = self.txns.get(key)
+        if t is None or t.state is not TxnState.HELD:
+            raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
+        self.history.prune(now)
+        others = [_seen(x) for x in self.history.by_card.get(t.card_token, ()) if x is not t]
+        verdict = decide(t.kind, t.amount, now, others, (_seen(x) for x in self.history.terminal if x is not t),
+                         self.cfg.policy, confirmed=True)
+        if verdict.action is not PolicyAction.ALLOW:
+            return [Reply(t.result())]
+        t.state, t.reason = TxnState.JOURNALED, ""
+        acts: list[Action] = [Append([("released", key, {"by": "operator"})])]
+        self.count("released")
+        if not self.host_up:
+            return acts + self._finish(t, TxnState.DECLINED, reason="NO_HOST")
+        t.state = TxnState.SENT
+        t.deadline = now + self.cfg.host_timeout_s
+        return acts + [SendHost(key, t.request_fields(self.cfg), card_ref=t.vault_ref)]
+
+    def _void(self, req: Request, now: float) -> list[Action]:
+        """VOID of an APPROVED sale: reverse the original (0400 with its field 90); the VOID's
+        own result follows the reversal. Idempotent by the VOID's txn id."""
+        key = req.key
+        orig_key = txn_key(req.reader_id, req.original_txn_id or b"")
+        fp = fingerprint(req.kind, req.amount, req.currency, "", req.original_txn_id)
+        known = self.txns.get(key)
+        if known is not None:
+            if known.fp != fp:
+                raise IdempotencyConflict(f"transaction id {req.txn_id.hex()} was already used for a different request")
+            return [Reply(known.result(in_progress=not known.state.final))]
+        o = self.txns.get(orig_key)
+        if o is None or o.kind is not TxnKind.SALE or o.state is not TxnState.APPROVED:
+            why = "unknown" if o is None else o.state.value
+            raise PosguardError(f"only an APPROVED sale can be voided (original is {why})", code="VOID_NOT_ALLOWED")
+        if req.amount != o.amount or req.currency != o.currency:
+            raise PosguardError("void amount and currency must equal the original sale's", code="VOID_NOT_ALLOWED")
+        v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.amount, currency=o.currency, card_token=o.card_token,
+                masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
+        self.txns[key] = v
+        o.voided_by = key
+        self._to_reversal(o, "VOID", now)
+        self.count("voids")
+        intent = {"kind": "VOID", "fp": fp, "amount": o.amount, "currency": o.currency, "card_token": o.card_token,
+                  "masked_pan": o.masked_pan, "vault_ref": None, "stan": o.stan, "f7": o.f7, "original": orig_key,
+                  "tid": self.cfg.terminal_id, "mid": self.cfg.merchant_id}
+        rec = ("reversal_pending", orig_key, {"reason": "VOID", "stan": o.stan, "void": key})
+        return [Append([("intent", key, intent), rec]), Reply(v.result(in_progress=True)), *self._dispatch_reversals(now)]
+
     def status(self, key: str) -> Result | None:
         """STATUS(id): the stored result, or None if the id is unknown."""
         t = self.txns.get(key)
         if t is None:
             return None
         return t.result(in_progress=t.state in AWAITING)
+
+    def _void_follow(self, o: Txn, state: TxnState) -> tuple[list[tuple[str, str | None, dict[str, Any]]], list[Action]]:
+        """The VOID's outcome record and reply when the sale it voids is settled."""
+        v = self.txns.get(o.voided_by or "")
+        if v is None or v.state.final:
+            return [], []
+        v.state = state
+        v.reason = "" if state is TxnState.APPROVED else o.reason
+        rec = ("outcome", v.key, {"state": state.value, "rc": "", "approval": "", "rrn": "", "reason": v.reason})
+        return [rec], [Reply(v.result())]
 
     def last_for_reader(self, reader_id: str) -> Result | None:
         """STATUS(LAST): the newest transaction of this reader."""
@@ -427,7 +527,9 @@ class Engine:
             t.state = TxnState.REVERSED
             t.rev_inflight_until = None
             self.count("reversed")
-            return [Append([("reversed", t.key, {"rc": rc, "attempts": t.rev_attempts})], vault_shred=self._shred(t))]
+            vrec, vreply = self._void_follow(t, TxnState.APPROVED)
+            return [Append([("reversed", t.key, {"rc": rc, "attempts": t.rev_attempts}), *vrec], vault_shred=self._shred(t)),
+                    *vreply]
         return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}" if bad else f"RC_{rc or 'NONE'}")
 
     def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
@@ -444,6 +546,8 @@ class Engine:
             ds.append(t.rev_inflight_until if t.rev_inflight_until is not None else t.rev_next_at)
         if self.echo_deadline is not None:
             ds.append(self.echo_deadline)
+        if self.cfg.policy.hold_expiry_s > 0:
+            ds += [t.created + self.cfg.policy.hold_expiry_s for t in self.txns.values() if t.state is TxnState.HELD]
         if self.host_up:
             ds.append(self.last_host_activity + self.cfg.echo_idle_s)
         return min(ds) if ds else None
@@ -457,6 +561,9 @@ class Engine:
             t = self.txns[key]
             if t.rev_inflight_until is not None and now >= t.rev_inflight_until:
                 acts += self._reversal_failed(t, now, "TIMEOUT")
+        if self.cfg.policy.hold_expiry_s > 0:
+            for t in [t for t in self.txns.values() if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
+                acts += self._finish(t, TxnState.DECLINED, reason="HOLD_EXPIRED")
         acts += self._dispatch_reversals(now)
         if self.host_up and self.echo_stan is None and now >= self.last_host_activity + self.cfg.echo_idle_s:
             acts += self._echo(now)
@@ -470,7 +577,7 @@ class Engine:
 
     def busy(self) -> bool:
         """True while anything awaits the host: used by drivers to know when a drain is done."""
-        return bool(self._saf) or any(t.state in AWAITING for t in self.txns.values())
+        return bool(self._saf) or any(t.state in AWAITING and t.kind is not TxnKind.VOID for t in self.txns.values())
 
     # ------------------------------------------------------------------ internals
 
@@ -526,7 +633,9 @@ class Engine:
             t.state = TxnState.NEEDS_MANUAL
             t.reason = f"REVERSAL_UNCONFIRMED:{why}"
             self.count("needs_manual")
-            return [Append([("needs_manual", t.key, {"reason": t.reason, "attempts": t.rev_attempts})], vault_shred=self._shred(t))]
+            vrec, vreply = self._void_follow(t, TxnState.NEEDS_MANUAL)
+            return [Append([("needs_manual", t.key, {"reason": t.reason, "attempts": t.rev_attempts}), *vrec],
+                           vault_shred=self._shred(t)), *vreply]
         t.rev_next_at = now + self._backoff(t.rev_failures)
         return [Append([("reversal_failed", t.key, {"why": why, "failures": t.rev_failures})])]
 

@@ -26,9 +26,9 @@ import hashlib
 import json
 import math
 import os
-import time
 import re
 import sqlite3
+import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,7 +36,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-import sqlite_utils
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -207,6 +206,8 @@ def seal_vault(vault_key: bytes, txn: str, plaintext: bytes, *, rng: Callable[[i
 
 
 def _schema_v1(conn: sqlite3.Connection) -> None:
+    import sqlite_utils  # only when creating or migrating: keeps start-up (and crash recovery) fast
+
     db = sqlite_utils.Database(conn, execute_plugins=False, recursive_triggers=False)
     db.create_table("meta", {"k": str, "v": str}, pk="k", not_null=["v"], strict=True)
     entries = db.create_table(

@@ -28,6 +28,7 @@ class TxnState(str, enum.Enum):
     REVERSAL_PENDING = "REVERSAL_PENDING"
     REVERSED = "REVERSED"
     NEEDS_MANUAL = "NEEDS_MANUAL"
+    HELD = "HELD"  # journaled, not sent: a counter rule wants the operator's CONFIRM first
 
     @property
     def final(self) -> bool:
@@ -136,11 +137,19 @@ def display_text(r: Result) -> str:
     s = r.state
     if s is TxnState.APPROVED:
         return f"APPROVED {r.approval_code}".strip()
+    if s is TxnState.HELD:
+        if r.reason == "HOLD_DOUBLE_SWIPE":
+            return "POSSIBLE DOUBLE SWIPE - CONFIRM TO CHARGE AGAIN"
+        return "REVERSAL PENDING ON CARD - WAIT OR CONFIRM"
     if s is TxnState.DECLINED:
+        if r.reason.startswith("VELOCITY_"):
+            return "CARD USED TOO FREQUENTLY"
+        if r.reason == "HOLD_EXPIRED":
+            return "NOT CONFIRMED - NOT CHARGED"
         if r.reason == "NO_HOST":
             return "HOST UNAVAILABLE - NOT CHARGED"
         if r.response_code in ("03", "58"):
-            return "TERMINAL CONFIG ERROR - CALL SUPPORT"
+            return "TERMINAL CONFIG ERROR - CALL SUPPORT (NOT A CARD PROBLEM)"
         if r.response_code == "65":
             return "CARD USED TOO FREQUENTLY"
         return f"DECLINED {r.response_code}".strip()

@@ -29,6 +29,7 @@ from .errors import IdempotencyConflict
 from .hostsim import HostCore
 from .journal import Journal
 from .keys import DeviceKeys, init_keys
+from .policies import OFF
 from .model import CardData, Request, Result, TxnKind, TxnState, txn_key
 from .service import JournalCrypto
 from .verify import verify_journal
@@ -106,6 +107,7 @@ class _World:
             backoff_base_s=0.5,
             backoff_max_s=8.0,
             echo_idle_s=30.0,
+            policy=OFF,  # readers here reuse cards and amounts; counter rules have their own tests
         )
         rates = {k: cfg.fault_rate / len(HOST_FAULTS) for k in HOST_FAULTS} if cfg.fault_rate else {}
         self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay)

@@ -166,5 +166,16 @@ def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor
     sys.exit(0 if rep.ok else 1)
 
 
+def _register_operator_commands() -> None:
+    """Operator and auditor commands (replay, reconcile, export, keys rotation, compaction)."""
+    try:
+        from .ops_cli import register
+    except ImportError:
+        return
+    register(main, journal, keys)
+
+
+_register_operator_commands()
+
 if __name__ == "__main__":
     main()

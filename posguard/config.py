@@ -71,6 +71,15 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("journal", "keys"): (str, ..., None, "directory with device keys (posguard keys init)"),
     ("journal", "checkpoint_every"): (int, C.CHECKPOINT_EVERY_ENTRIES, _range(1, 1_000_000), "entries between signed checkpoints"),
     ("journal", "checkpoint_interval"): ((int, float), C.CHECKPOINT_EVERY_S, _range(1, 86400), "seconds between checkpoints even when idle"),
+    ("policy", "double_swipe_window"): ((int, float), 120.0, _range(0, 86400), "seconds; same card+amount is HELD (0: off)"),
+    ("policy", "hold_on_pending_reversal"): (bool, True, None, "hold sales/refunds on a card with a pending reversal"),
+    ("policy", "hold_expiry"): ((int, float), 300.0, _range(1, 86400), "seconds before an unconfirmed hold is DECLINED"),
+    ("policy", "card_max_count"): (int, 5, _range(0, 100000), "sales per card per card_count_window (0: off)"),
+    ("policy", "card_count_window"): ((int, float), 600.0, _range(1, 2592000), "seconds"),
+    ("policy", "card_max_amount"): (int, 500000, _range(0, 10**12), "minor units per card per card_amount_window (0: off)"),
+    ("policy", "card_amount_window"): ((int, float), 86400.0, _range(1, 2592000), "seconds"),
+    ("policy", "terminal_max_count"): (int, 30, _range(0, 100000), "sales per terminal per terminal_count_window (0: off)"),
+    ("policy", "terminal_count_window"): ((int, float), 60.0, _range(1, 2592000), "seconds"),
     ("log", "level"): (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
 }
 
@@ -156,3 +165,24 @@ def documented_example() -> str:
             v = str(default).lower() if isinstance(default, bool) else repr(default).replace("'", '"')
             lines.append(f"{k} = {v}   # {doc}")
     return "\n".join(lines) + "\n"
+
+
+def policy_config(cfg: Config) -> "Any":
+    """The counter rules (guard.policies.PolicyConfig) from the [policy] section."""
+    from guard.policies import PolicyConfig, VelocityLimit
+
+    card = []
+    if cfg["policy.card_max_count"]:
+        card.append(VelocityLimit(float(cfg["policy.card_count_window"]), max_count=cfg["policy.card_max_count"]))
+    if cfg["policy.card_max_amount"]:
+        card.append(VelocityLimit(float(cfg["policy.card_amount_window"]), max_amount=cfg["policy.card_max_amount"]))
+    term = []
+    if cfg["policy.terminal_max_count"]:
+        term.append(VelocityLimit(float(cfg["policy.terminal_count_window"]), max_count=cfg["policy.terminal_max_count"]))
+    return PolicyConfig(
+        double_swipe_window_s=float(cfg["policy.double_swipe_window"]),
+        hold_on_pending_reversal=cfg["policy.hold_on_pending_reversal"],
+        hold_expiry_s=float(cfg["policy.hold_expiry"]),
+        card_limits=tuple(card),
+        terminal_limits=tuple(term),
+    )

@@ -24,7 +24,7 @@ from guard.keys import load_keys
 from guard.service import GuardService, open_guard
 from guard.uplink import Uplink, make_client_context
 
-from .config import Config, load
+from .config import Config, load, policy_config
 
 log = logging.getLogger("posguard.daemon")
 
@@ -69,6 +69,7 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
         cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
         host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
         reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
+        policy=policy_config(cfg),
     )
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
     try:

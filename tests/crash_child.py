@@ -22,6 +22,7 @@ from guard.engine import EngineConfig  # noqa: E402
 from guard.errors import PosguardError  # noqa: E402
 from guard.iso import HostCodec  # noqa: E402
 from guard.keys import load_keys  # noqa: E402
+from guard.policies import OFF  # noqa: E402
 from guard.model import CardData, Request, TxnKind  # noqa: E402
 from guard.service import open_guard  # noqa: E402
 from guard.uplink import SendOutcome, Uplink  # noqa: E402
@@ -44,7 +45,7 @@ def main() -> int:
     d, port, start, count, point, nth = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
     keys = load_keys(d / "keys")
     ecfg = EngineConfig(TID, MID, host_timeout_s=0.4, reversal_timeout_s=0.4, backoff_base_s=0.05, backoff_max_s=0.2,
-                        reversal_max_attempts=1000)
+                        reversal_max_attempts=1000, policy=OFF)
     seen = {"n": 0}
 
     def hit() -> None:

@@ -12,11 +12,13 @@ import pytest
 from guard import constants as C
 from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
 from guard.errors import IdempotencyConflict
+from guard.policies import OFF
 from guard.model import CardData, Request, TxnKind, TxnState
 
 NOW = 1_760_000_000.0
 CFG = EngineConfig("TERM0001", "MERCHANT0000001", host_timeout_s=5, reversal_timeout_s=5,
-                   reversal_max_attempts=3, backoff_base_s=1, backoff_max_s=2, saf_window=2, echo_idle_s=1e9)
+                   reversal_max_attempts=3, backoff_base_s=1, backoff_max_s=2, saf_window=2, echo_idle_s=1e9,
+                   policy=OFF)
 
 
 @dataclass

@@ -188,7 +188,7 @@ AUTH_BODY = tlv(Tag.TXN_ID, TXN) + tlv(Tag.AMOUNT, bytes.fromhex("000000001250")
         (b"\x02" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.EXPIRY, b"2512"), "MSG_CLEAR_PAN", Tag.EXPIRY),
         (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.PAN, PAN.encode()), "MSG_CLEAR_PAN", Tag.PAN),
         (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.STATE, b"\x03") + tlv(Tag.DISPLAY_TEXT, b"OK"), "MSG_MISSING_TAG", Tag.IN_PROGRESS),
-        (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.STATE, b"\x09") + tlv(Tag.DISPLAY_TEXT, b"OK") + tlv(Tag.IN_PROGRESS, b"\x00"), "MSG_BAD_VALUE", Tag.STATE),
+        (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.STATE, b"\x7f") + tlv(Tag.DISPLAY_TEXT, b"OK") + tlv(Tag.IN_PROGRESS, b"\x00"), "MSG_BAD_VALUE", Tag.STATE),
         (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.STATE, b"\x03") + tlv(Tag.DISPLAY_TEXT, b"OK") + tlv(Tag.IN_PROGRESS, b"\x02"), "MSG_BAD_VALUE", Tag.IN_PROGRESS),
         (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.STATE, b"\x03") + tlv(Tag.DISPLAY_TEXT, b"\xff") + tlv(Tag.IN_PROGRESS, b"\x00"), "MSG_BAD_VALUE", Tag.DISPLAY_TEXT),
         (b"\x81" + tlv(Tag.TXN_ID, TXN) + tlv(Tag.STATE, b"\x03") + tlv(Tag.DISPLAY_TEXT, b"A\nB") + tlv(Tag.IN_PROGRESS, b"\x00"), "MSG_BAD_VALUE", Tag.DISPLAY_TEXT),

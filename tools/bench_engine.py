@@ -31,6 +31,7 @@ from guard.hostsim import HostCore  # noqa: E402
 from guard.iso import HostCodec, HostMessage  # noqa: E402
 from guard.journal import Journal  # noqa: E402
 from guard.keys import init_keys  # noqa: E402
+from guard.policies import OFF, PolicyConfig  # noqa: E402
 from guard.model import CardData, Request, TxnKind  # noqa: E402
 from guard.service import GuardService, JournalCrypto  # noqa: E402
 from guard.uplink import SendOutcome  # noqa: E402
@@ -102,10 +103,10 @@ def bare_commits(path: Path, sizes: tuple[int, int], n: int) -> list[float]:
     return out
 
 
-def run(sales: int, workdir: Path, policies: Any = None, history: int = 0) -> dict[str, Any]:
+def run(sales: int, workdir: Path, policy: PolicyConfig | None = None, history: int = 0) -> dict[str, Any]:
     keys = init_keys(workdir / "keys")
     journal = Journal.create(workdir / "journal.db", keys, terminal_id=TID, now=time.time())
-    ecfg = EngineConfig(TID, MID)
+    ecfg = EngineConfig(TID, MID, policy=policy if policy is not None else OFF)
     engine = Engine(ecfg, JournalCrypto(journal, keys.token_key), random.Random(1))
     core = HostCore(seed=1, dup_detection=True, faults={})
     up = InProcessUplink(core, HostCodec())
