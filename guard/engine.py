@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 from . import constants as C
 from . import iso
 from .errors import IdempotencyConflict, PosguardError, RequestInvalid
-from .policies import Action as PolicyAction, History, PolicyConfig, Seen, decide
+from .policies import Action as PolicyAction, History, PolicyConfig, decide
 from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key
 
 
@@ -151,10 +151,6 @@ class Txn:
 AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
 
 
-def _seen(t: Txn) -> Seen:
-    return Seen(t.key, t.created, t.amount, t.kind, t.state)
-
-
 class Engine:
     """Sans-I/O transaction engine. Not thread-safe: one driver owns it."""
 
@@ -172,7 +168,7 @@ class Engine:
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
         self._saf_counter = 0
         self.stats: dict[str, int] = {}
-        self.history = History(cfg.policy.horizon_s)
+        self.history = History(cfg.policy)
 
     # ------------------------------------------------------------------ restore from the journal
 
@@ -186,8 +182,10 @@ class Engine:
     ) -> Engine:
         """Rebuild state from journal entries (objects with .kind, .txn, .payload, .ts)."""
         eng = cls(cfg, crypto, rng)
-        for e in entries:
+        for n, e in enumerate(entries):
             eng._apply_entry(e.kind, e.txn, e.payload, e.ts)
+            if n & 4095 == 4095:
+                eng.history.prune(e.ts)
         return eng
 
     def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float) -> None:
@@ -219,6 +217,8 @@ class Engine:
                 self.by_stan[t.stan] = key
                 self.last_stan = t.stan
                 self.history.add(t.card_token, t)
+                if not p.get("verdict"):
+                    self.history.count(t.card_token, ts, t.amount)
             return
         t = self.txns.get(key)
         if t is None:
@@ -226,13 +226,16 @@ class Engine:
         if kind == "held":
             t.state = TxnState.HELD
             t.reason = p.get("code", "")
+            self.history.pending(t.card_token, t)
         elif kind == "released":
             t.state = TxnState.JOURNALED
             t.reason = ""
+            self.history.count(t.card_token, ts, t.amount)
         elif kind == "outcome":
             t.state = TxnState(p["state"])
             t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
         elif kind == "reversal_pending":
+            self.history.pending(t.card_token, t)
             t.state = TxnState.REVERSAL_PENDING
             t.reason = p.get("reason", "")
             t.rc = p.get("rc", t.rc)
@@ -291,8 +294,7 @@ class Engine:
             return [Reply(known.result(in_progress=known.state in AWAITING))]
 
         self.history.prune(now)
-        verdict = decide(req.kind, req.amount, now, [_seen(x) for x in self.history.by_card.get(token, ())],
-                         (_seen(x) for x in self.history.terminal), self.cfg.policy)
+        verdict = decide(req.kind, req.amount, now, self.history.for_card(token), self.history, token, self.cfg.policy)
         stan = self._next_stan()
         blob = self.crypto.seal(key, _card_plaintext(req.card))
         t = Txn(
@@ -330,12 +332,16 @@ class Engine:
             t.state, t.reason, t.vault_ref = TxnState.DECLINED, verdict.code, None
             outcome = {"state": "DECLINED", "rc": "", "approval": "", "rrn": "", "reason": verdict.code,
                        "policy": verdict.detail}
-            return [Append([("intent", key, {**intent, "vault_ref": None}), ("outcome", key, outcome)]), Reply(t.result())]
+            intent.update(vault_ref=None, verdict=verdict.code)
+            return [Append([("intent", key, intent), ("outcome", key, outcome)]), Reply(t.result())]
         if verdict.action is PolicyAction.HOLD:
             self.count("policy_hold")
             t.state, t.reason = TxnState.HELD, verdict.code
+            self.history.pending(token, t)
+            intent["verdict"] = verdict.code
             return [Append([("intent", key, intent), ("held", key, {"code": verdict.code, "detail": verdict.detail})],
                            vault_put=[blob]), Reply(t.result())]
+        self.history.count(token, now, req.amount)
         acts: list[Action] = [Append([("intent", key, intent)], vault_put=[blob])]
         if not self.host_up:
             acts += self._finish(t, TxnState.DECLINED, reason="NO_HOST")
@@ -352,11 +358,13 @@ class Engine:
         if t is None or t.state is not TxnState.HELD:
             raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
         self.history.prune(now)
-        others = [_seen(x) for x in self.history.by_card.get(t.card_token, ()) if x is not t]
-        verdict = decide(t.kind, t.amount, now, others, (_seen(x) for x in self.history.terminal if x is not t),
-                         self.cfg.policy, confirmed=True)
-        if verdict.action is not PolicyAction.ALLOW:
+        others = [x for x in self.history.for_card(t.card_token) if x is not t]
+        verdict = decide(t.kind, t.amount, now, others, self.history, t.card_token, self.cfg.policy, confirmed=True)
+        if verdict.action is PolicyAction.HOLD:
             return [Reply(t.result())]
+        if verdict.action is PolicyAction.DECLINE:
+            return self._finish(t, TxnState.DECLINED, reason=verdict.code)
+        self.history.count(t.card_token, now, t.amount)
         t.state, t.reason = TxnState.JOURNALED, ""
         acts: list[Action] = [Append([("released", key, {"by": "operator"})])]
         self.count("released")
@@ -599,6 +607,7 @@ class Engine:
         return [Append([("outcome", t.key, payload)], vault_shred=self._shred(t)), Reply(t.result())]
 
     def _to_reversal(self, t: Txn, reason: str, now: float) -> None:
+        self.history.pending(t.card_token, t)
         t.state = TxnState.REVERSAL_PENDING
         t.reason = reason
         t.deadline = None

@@ -1,22 +1,27 @@
-"""Counter-side rules as pure functions: double swipe, pending reversal on the card, velocity.
+"""Counter-side rules: double swipe, pending reversal on the card, velocity.
 
-Each rule looks only at the request, the recent history the engine keeps in memory (bounded by
-the longest window) and the config, and returns a verdict with a stable code. The engine journals
-the verdict with the request, so every local decision is explained in the journal.
+`decide` is a pure function of the request, the recent history and the config; `History` is the
+bounded memory it reads (sliding-window counters and each card's recent sales), so a journal with
+100,000 past sales costs a rule no more than an empty one. The engine journals each verdict with
+the request, so every local decision is explained in the journal.
 
-| field problem                | rule                         | verdict                    |
-|------------------------------|------------------------------|----------------------------|
-| double swipe                 | same card + amount in window | HOLD_DOUBLE_SWIPE          |
-| sale while a reversal pends  | reversal pending on the card | HOLD_PENDING_REVERSAL      |
-| card used too frequently     | count / amount per card      | DECLINE VELOCITY_CARD_*    |
-| abnormal terminal pattern    | count / amount per terminal  | DECLINE VELOCITY_TERMINAL_*|
+| field problem               | rule                                | verdict                      |
+|-----------------------------|-------------------------------------|------------------------------|
+| double swipe                | same card + amount within window    | HOLD_DOUBLE_SWIPE            |
+| sale while reversal pending | reversal pending on the same card   | HOLD_PENDING_REVERSAL        |
+| card used too frequently    | sales / amount per card per window  | DECLINE VELOCITY_CARD_*      |
+| abnormal terminal pattern   | sales / amount per terminal window  | DECLINE VELOCITY_TERMINAL_*  |
+
+Velocity counts sales released to the host (sent, whatever their outcome): issuers count
+attempts too, and a count that never decreases keeps the check O(1).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 from .model import TxnKind, TxnState
 
@@ -54,19 +59,12 @@ class PolicyConfig:
     card_limits: tuple[VelocityLimit, ...] = (VelocityLimit(600.0, max_count=5), VelocityLimit(86400.0, max_amount=500_000))
     terminal_limits: tuple[VelocityLimit, ...] = (VelocityLimit(60.0, max_count=30),)
 
-    @property
-    def horizon_s(self) -> float:
-        """How much history the rules ever look at: the engine prunes beyond it."""
-        windows = [self.double_swipe_window_s] + [v.window_s for v in self.card_limits + self.terminal_limits]
-        return max(windows, default=0.0)
-
 
 OFF = PolicyConfig(double_swipe_window_s=0.0, hold_on_pending_reversal=False, card_limits=(), terminal_limits=())
 
 
-@dataclass(frozen=True)
-class Seen:
-    """What the rules need to know about an earlier transaction."""
+class Seen(Protocol):
+    """What the rules read of an earlier transaction (the engine's Txn has these attributes)."""
 
     key: str
     created: float
@@ -75,20 +73,117 @@ class Seen:
     state: TxnState
 
 
-COUNTED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.APPROVED})
-IN_FLIGHT_OR_APPROVED = COUNTED
+IN_FLIGHT_OR_APPROVED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.APPROVED})
 
 
-def decide(
-    kind: TxnKind,
-    amount: int,
-    now: float,
-    card_recent: Sequence[Seen],
-    terminal_recent: Iterable[Seen],
-    cfg: PolicyConfig,
-    *,
-    confirmed: bool = False,
-) -> Verdict:
+class Window:
+    """Count and sum of amounts in a sliding window; amortised O(1) per add and check."""
+
+    __slots__ = ("window_s", "items", "count", "total")
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.items: deque[tuple[float, int]] = deque()
+        self.count = 0
+        self.total = 0
+
+    def expire(self, now: float) -> None:
+        cut = now - self.window_s
+        while self.items and self.items[0][0] < cut:
+            self.count -= 1
+            self.total -= self.items.popleft()[1]
+
+    def add(self, at: float, amount: int) -> None:
+        self.items.append((at, amount))
+        self.count += 1
+        self.total += amount
+
+
+class History:
+    """Bounded memory for the rules: each card's requests within the double-swipe window, the
+    card's requests still pending (held or being reversed), and a velocity window per limit per
+    card and for the terminal. ``prune`` drops what no window can see any more."""
+
+    def __init__(self, cfg: PolicyConfig) -> None:
+        self.cfg = cfg
+        self._recent: dict[str, deque[Seen]] = {}
+        self._recent_order: deque[tuple[str, Seen]] = deque()
+        self._pending: dict[str, list[Seen]] = {}
+        self._card_windows: dict[str, list[Window]] = {}
+        self._count_order: deque[tuple[float, str]] = deque()
+        self._card_horizon = max((lim.window_s for lim in cfg.card_limits), default=0.0)
+        self._terminal_windows = [Window(lim.window_s) for lim in cfg.terminal_limits]
+
+    def add(self, card_token: str, txn: Seen) -> None:
+        """A new request on this card (any verdict): the double-swipe check sees it."""
+        if self.cfg.double_swipe_window_s > 0:
+            self._recent.setdefault(card_token, deque()).append(txn)
+            self._recent_order.append((card_token, txn))
+
+    def pending(self, card_token: str, txn: Seen) -> None:
+        """This card's request is held or being reversed: new requests on the card may be held."""
+        self._pending.setdefault(card_token, []).append(txn)
+
+    def count(self, card_token: str, at: float, amount: int) -> None:
+        """A sale released to the host: it counts toward the velocity windows."""
+        if self.cfg.card_limits:
+            ws = self._card_windows.setdefault(card_token, [Window(lim.window_s) for lim in self.cfg.card_limits])
+            for w in ws:
+                w.add(at, amount)
+            self._count_order.append((at, card_token))
+        for w in self._terminal_windows:
+            w.add(at, amount)
+
+    def prune(self, now: float) -> None:
+        cut = now - self.cfg.double_swipe_window_s
+        while self._recent_order and self._recent_order[0][1].created < cut:
+            token, t = self._recent_order.popleft()
+            q = self._recent.get(token)
+            if q and q[0] is t:
+                q.popleft()
+                if not q:
+                    del self._recent[token]
+        cut = now - self._card_horizon
+        while self._count_order and self._count_order[0][0] < cut:
+            _, token = self._count_order.popleft()
+            ws = self._card_windows.get(token)
+            if ws is not None:
+                for w in ws:
+                    w.expire(now)
+                if not any(w.items for w in ws):
+                    del self._card_windows[token]
+
+    def for_card(self, card_token: str) -> list[Seen]:
+        """The card's requests within the double-swipe window (newest first) and those pending."""
+        out = list(reversed(self._recent.get(card_token, ())))
+        pend = self._pending.get(card_token)
+        if pend is not None:
+            pend[:] = [t for t in pend if t.state in (TxnState.REVERSAL_PENDING, TxnState.HELD)]
+            if not pend:
+                del self._pending[card_token]
+            out += [t for t in pend or () if all(t is not o for o in out)]
+        return out
+
+    def velocity(self, card_token: str, amount: int, now: float) -> Verdict | None:
+        checks = [(self._card_windows.get(card_token, []), self.cfg.card_limits, "CARD"),
+                  (self._terminal_windows, self.cfg.terminal_limits, "TERMINAL")]
+        for windows, limits, scope in checks:
+            for w, lim in zip(windows, limits):
+                w.expire(now)
+                if lim.max_count and w.count + 1 > lim.max_count:
+                    return Verdict(Action.DECLINE, f"VELOCITY_{scope}_COUNT", f"more than {lim.max_count} sales in {int(lim.window_s)} s")
+                if lim.max_amount and w.total + amount > lim.max_amount:
+                    return Verdict(Action.DECLINE, f"VELOCITY_{scope}_AMOUNT", f"more than {lim.max_amount} in {int(lim.window_s)} s")
+        return None
+
+    def size(self) -> int:
+        """Entries held (for memory tests): bounded by the windows, not by the journal."""
+        return (len(self._recent_order) + len(self._count_order) + sum(len(p) for p in self._pending.values())
+                + sum(len(w.items) for w in self._terminal_windows))
+
+
+def decide(kind: TxnKind, amount: int, now: float, card_recent: Sequence[Seen], history: History, card_token: str,
+           cfg: PolicyConfig, *, confirmed: bool = False) -> Verdict:
     """The verdict for a new request. ``confirmed`` is the operator's CONFIRM of a held one."""
     if kind is TxnKind.VOID:
         return ALLOW
@@ -102,47 +197,4 @@ def decide(
         for s in card_recent:
             if s.created >= since and s.amount == amount and s.kind is TxnKind.SALE and s.state in IN_FLIGHT_OR_APPROVED:
                 return Verdict(Action.HOLD, "HOLD_DOUBLE_SWIPE", f"same card and amount {int(now - s.created)} s ago")
-    v = _velocity(amount, now, card_recent, cfg.card_limits, "CARD")
-    if v is not None:
-        return v
-    v = _velocity(amount, now, list(terminal_recent), cfg.terminal_limits, "TERMINAL")
-    return v if v is not None else ALLOW
-
-
-def _velocity(amount: int, now: float, recent: Sequence[Seen], limits: Sequence[VelocityLimit], scope: str) -> Verdict | None:
-    for lim in limits:
-        since = now - lim.window_s
-        counted = [s for s in recent if s.created >= since and s.kind is TxnKind.SALE and s.state in COUNTED]
-        if lim.max_count and len(counted) + 1 > lim.max_count:
-            return Verdict(Action.DECLINE, f"VELOCITY_{scope}_COUNT", f"more than {lim.max_count} sales in {int(lim.window_s)} s")
-        if lim.max_amount and sum(s.amount for s in counted) + amount > lim.max_amount:
-            return Verdict(Action.DECLINE, f"VELOCITY_{scope}_AMOUNT", f"more than {lim.max_amount} in {int(lim.window_s)} s")
-    return None
-
-
-@dataclass
-class History:
-    """Recent transactions per card token and per terminal, pruned to the rules' horizon."""
-
-    horizon_s: float
-    by_card: dict[str, list[object]] = field(default_factory=dict)
-    terminal: list[object] = field(default_factory=list)
-
-    def add(self, card_token: str, txn: object) -> None:
-        self.by_card.setdefault(card_token, []).append(txn)
-        self.terminal.append(txn)
-
-    def prune(self, now: float) -> None:
-        cut = now - self.horizon_s
-        if self.terminal and getattr(self.terminal[0], "created") < cut:
-            self.terminal = [t for t in self.terminal if getattr(t, "created") >= cut or _pending(t)]
-            for token in list(self.by_card):
-                kept = [t for t in self.by_card[token] if getattr(t, "created") >= cut or _pending(t)]
-                if kept:
-                    self.by_card[token] = kept
-                else:
-                    del self.by_card[token]
-
-
-def _pending(t: object) -> bool:
-    return getattr(t, "state") in (TxnState.REVERSAL_PENDING, TxnState.HELD)
+    return history.velocity(card_token, amount, now) or ALLOW
