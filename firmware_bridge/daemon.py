@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Callable
 
-from guard.errors import PosguardError
+from guard.errors import JournalError, PosguardError
 from guard.model import Result, txn_key
 from guard.service import GuardService
 
@@ -104,11 +104,13 @@ class ReaderBridge:
                     raise PosguardError("no transaction with this id on this terminal", code=ERR_TXN_UNKNOWN)
                 self._send_result(r)
             elif isinstance(msg, M.Ping):
-                self._send(M.Pong())
+                self._send(M.Pong(txn_id=msg.txn_id))
             elif isinstance(msg, M.Confirm):
                 self.svc.execute(self.svc.engine.confirm(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
             else:
                 raise M.MessageError(f"{type(msg).__name__} is not a request a reader may send", code="MSG_NOT_A_REQUEST")
+        except JournalError:
+            raise  # fail-stop: the journal decides what happened, restart recovers from it
         except PosguardError as e:
             self._error(e, txn_id)
 

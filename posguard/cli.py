@@ -82,7 +82,8 @@ def run_cmd(config_path: Path, max_seconds: float | None) -> None:
     """Run the guard daemon: reader port <-> engine <-> host, reversals drained in the background.
 
     Logs JSON lines to stderr. SIGTERM/SIGINT stop it cleanly. Exit 0 on a clean stop, 2 on a bad
-    config or key files (the message names the key), 3 on a journal failure.
+    config or key files (the message names the key), 3 on a journal failure, 4 on an internal
+    error. After 3 or 4, restart: recovery reverses anything left in flight.
     """
     from .run import run
 

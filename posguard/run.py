@@ -85,7 +85,8 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
 
 def run(config_path: Path, *, max_seconds: float | None = None) -> int:
     """Run until SIGTERM/SIGINT (or ``max_seconds``). Exit codes: 0 clean stop, 2 bad config/keys,
-    3 journal failure (restart: recovery resolves anything in flight)."""
+    3 journal or other fatal guard error, 4 internal error (restart: recovery resolves anything in
+    flight from the journal)."""
     try:
         cfg = load(config_path)
     except PosguardError as e:
@@ -116,6 +117,9 @@ def run(config_path: Path, *, max_seconds: float | None = None) -> int:
     except PosguardError as e:
         log.error("fatal: %s", e)
         rc = 3
+    except Exception:  # a bug: stop rather than run on with memory that may differ from the journal
+        log.exception("fatal internal error; restart recovers from the journal")
+        rc = 4
     finally:
         try:
             bridge.link.port.close()

@@ -1,0 +1,223 @@
+"""End to end over real ptys and real TCP: reference reader -> null-modem -> guard daemon
+(config, journal on disk, reader bridge) -> host simulator on 127.0.0.1. Whatever the link does
+to the frames, the host sees exactly one authorization per reader txn id."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from firmware_bridge import messages as M
+from firmware_bridge.nullmodem import NullModem
+from firmware_bridge.readersim import LinkFaults, ReaderSim
+from firmware_bridge.serial_port import open_port
+from guard.hostsim import HostCore, HostServer
+from guard.iso import HostCodec
+from guard.keys import init_keys
+from guard.model import TxnState
+from posguard.config import parse
+from posguard.run import build
+
+TID, MID = "E2ETERM1", "E2EMERCHANT0001"
+PAN = "4761739001010119"
+
+
+def config(tmp: Path, reader_url: str, host_port: int, **host: Any) -> dict[str, Any]:
+    return {
+        "terminal": {"terminal_id": TID, "merchant_id": MID},
+        "reader": {"url": reader_url, "reader_id": "R1"},
+        "host": {"address": "127.0.0.1", "port": host_port, "timeout": 1.0, "reversal_timeout": 1.0, **host},
+        "journal": {"path": str(tmp / "journal.db"), "keys": str(tmp / "keys")},
+        "policy": {"double_swipe_window": 0, "card_max_count": 0, "card_max_amount": 0, "terminal_max_count": 0},
+    }
+
+
+class Guard:
+    """The daemon's objects (posguard.run.build) stepped in a thread, as `posguard run` does."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self._cfg = parse(cfg)
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        assert self._ready.wait(10) and self.error is None, repr(self.error)
+
+    def _loop(self) -> None:
+        try:
+            self.svc, self.bridge = build(self._cfg)  # SQLite objects belong to this thread
+            self._ready.set()
+            try:
+                while not self._stop.is_set():
+                    self.svc.step(0.01)
+            finally:
+                self.bridge.link.port.close()
+                self.svc.close()
+        except BaseException as e:  # surfaced by stop()
+            self.error = e
+            self._ready.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(timeout=5)
+        assert self.error is None, repr(self.error)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    init_keys(tmp_path / "keys")
+    core = HostCore(seed=3, dup_detection=False)  # a host that would charge a resent 0200 again
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    cable = NullModem()
+    guard = Guard(config(tmp_path, cable.a, port))
+    readers: list[ReaderSim] = []
+
+    def reader(faults: LinkFaults | None = None, boot: int = 1) -> ReaderSim:
+        r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(boot), faults=faults, boot_counter=boot)
+        readers.append(r)
+        r.sync(timeout=5)
+        return r
+
+    yield {"core": core, "guard": guard, "reader": reader, "tmp": tmp_path}
+    for r in readers:
+        r.close()
+    guard.stop()
+    cable.close()
+    server.stop()
+
+
+def assert_one_authorization_per_txn(core: HostCore, results: dict[bytes, Any]) -> None:
+    per_stan = Counter(s["stan"] for s in core.ledger()["debits"])
+    assert all(n == 1 for n in per_stan.values()), f"a STAN was debited twice: {per_stan}"
+    requests = core.stats()["requests_by_mti"].get("0200", 0)
+    assert requests == len(results), f"host saw {requests} 0200s for {len(results)} reader txn ids"
+    approved = [r for r in results.values() if isinstance(r, M.ResultMessage) and r.state is TxnState.APPROVED]
+    assert core.total_net_debits() == len(approved)
+
+
+@pytest.mark.parametrize(
+    "faults",
+    [
+        LinkFaults(seed=1, drop_ack_rate=0.5),
+        LinkFaults(seed=2, duplicate_rate=0.5),
+        LinkFaults(seed=3, truncate_rate=0.3),
+        LinkFaults(seed=4, bitflip_rate=0.3),
+        LinkFaults(seed=5, garbage_rate=0.5),
+        LinkFaults(seed=6, split_writes=True),
+        LinkFaults(seed=7, concatenate=True, duplicate_rate=0.3),
+        LinkFaults(seed=8, drop_ack_rate=0.2, duplicate_rate=0.2, truncate_rate=0.1, bitflip_rate=0.1, garbage_rate=0.2,
+                   split_writes=True),
+    ],
+    ids=["lost-acks", "duplicated", "truncated", "bit-flipped", "garbage-between", "split-bytes", "concatenated", "everything"],
+)
+def test_one_authorization_per_txn_id_whatever_the_link_does(rig: dict[str, Any], faults: LinkFaults) -> None:
+    r = rig["reader"](faults)
+    results = {}
+    for i in range(6):
+        txn = r.new_txn_id()
+        results[txn] = r.auth(txn, 1000 + 10 * i, "978", PAN, "2912", timeout=30)
+        assert isinstance(results[txn], M.ResultMessage) and results[txn].state is TxnState.APPROVED, results[txn]
+    assert_one_authorization_per_txn(rig["core"], results)
+    assert sum(faults.counts.as_dict().values()) > 0, "the faults were not applied"
+
+
+def test_reader_reboots_after_sending_and_resends_same_txn_id_in_new_epoch(rig: dict[str, Any]) -> None:
+    r = rig["reader"]()
+    txn = r.new_txn_id()
+    r.submit(M.Auth(txn, 2500, "978", PAN, "2912", "R1"))
+    time.sleep(0.3)  # the AUTH reached the guard; the reader loses power before the RESULT
+    epoch = r.epochs[-1]
+    r.reboot()
+    r.sync(timeout=5)
+    assert r.epochs[-1] != epoch
+    res = r.auth(txn, 2500, "978", PAN, "2912", timeout=10)
+    assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert_one_authorization_per_txn(rig["core"], {txn: res})
+
+
+def test_reader_asks_status_after_reboot_instead_of_resending(rig: dict[str, Any]) -> None:
+    r = rig["reader"]()
+    txn = r.new_txn_id()
+    r.submit(M.Auth(txn, 3100, "978", PAN, "2912", "R1"))
+    time.sleep(0.3)
+    r.reboot()
+    r.sync(timeout=5)
+    deadline = time.monotonic() + 10
+    res = r.status(txn)
+    while isinstance(res, M.ResultMessage) and res.in_progress and time.monotonic() < deadline:
+        time.sleep(0.1)
+        res = r.status(txn)
+    assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED and not res.in_progress
+    last = r.status(None)
+    assert isinstance(last, M.ResultMessage) and last.txn_id == txn
+    assert_one_authorization_per_txn(rig["core"], {txn: res})
+
+
+def test_same_txn_id_other_amount_is_refused_and_host_sees_nothing_new(rig: dict[str, Any]) -> None:
+    r = rig["reader"]()
+    txn = r.new_txn_id()
+    first = r.auth(txn, 4000, "978", PAN, "2912", timeout=10)
+    assert isinstance(first, M.ResultMessage) and first.state is TxnState.APPROVED
+    again = r.auth(txn, 4001, "978", PAN, "2912", timeout=10)
+    assert isinstance(again, M.ErrorMessage) and again.error_code == "IDEMPOTENCY_MISMATCH"
+    assert rig["core"].stats()["requests_by_mti"]["0200"] == 1
+
+
+def test_unknown_txn_status_and_garbage_messages_get_specific_errors(rig: dict[str, Any]) -> None:
+    r = rig["reader"]()
+    res = r.status(b"\x07" * 16)
+    assert isinstance(res, M.ErrorMessage) and res.error_code == "TXN_UNKNOWN"
+    assert isinstance(r.ping(), M.Pong)
+    assert rig["guard"].error is None
+
+
+def test_daemon_process_runs_from_config_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    init_keys(tmp_path / "keys")
+    core = HostCore(seed=4, dup_detection=True)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    cable = NullModem()
+    cfg = config(tmp_path, cable.a, port)
+    lines = []
+    for section, body in cfg.items():
+        lines.append(f"[{section}]")
+        for k, v in body.items():
+            lines.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)))
+    (tmp_path / "guard.toml").write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen([sys.executable, "-m", "posguard.cli", "run", "--config", str(tmp_path / "guard.toml")],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(1))
+        r.sync(timeout=10)
+        txn = r.new_txn_id()
+        res = r.auth(txn, 1234, "978", PAN, "2912", timeout=15)
+        assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+        r.close()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        cable.close()
+        server.stop()
+    assert proc.returncode == 0, err[-2000:]
+    assert '"msg": "stopped' in err and PAN not in err
+    assert core.total_net_debits() == 1
+
+
+def test_broken_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "guard.toml").write_text('[terminal]\nterminal_id = "SHORT"\nmerchant_id = "MERCHANT0000001"\n')
+    proc = subprocess.run([sys.executable, "-m", "posguard.cli", "run", "--config", str(tmp_path / "guard.toml")],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "terminal.terminal_id" in proc.stderr and "exactly 8" in proc.stderr
