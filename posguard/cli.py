@@ -153,7 +153,9 @@ def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor
         anc = json.loads(anchor.read_text()) if anchor else None
     except (PosguardError, ValueError) as e:
         raise click.ClickException(str(e)) from e
-    with Progress(transient=True, disable=as_json) as progress:
+    from rich.console import Console
+
+    with Progress(transient=True, disable=as_json, console=Console(stderr=True)) as progress:
         task = progress.add_task("verifying", total=None)
         rep = verify_journal(path, k0=k0, public_key=pub, anchor=anc,
                              progress=lambda done, total: progress.update(task, completed=done, total=total))

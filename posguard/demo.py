@@ -1,74 +1,153 @@
-"""`posguard demo`: the engine against a faulty host simulator, with the invariant checked.
+"""`posguard demo`: the whole path, with faults, and the invariant checked.
 
-Runs on loopback only. Each scripted sale forces one host fault (or a reader/terminal fault) and
-the table shows what the terminal showed and what the host ledger holds for it. Everything is left
-in the demo directory (journal, keys, host ledger, settlement CSV) for `posguard journal verify`.
+reference reader (firmware side) --pty null-modem--> `posguard run` (a real daemon process:
+config file, journal on disk, reader bridge, engine, uplink) --TCP 127.0.0.1--> host simulator.
+
+Each scripted sale meets one fault: on the host (dropped request, lost answer, late answer, cut
+connection, duplicate answer, answer for another merchant, garbage), on the serial line
+(duplicated, bit-flipped, truncated frames, garbage between frames), at the reader (reboot after
+sending, then re-send or STATUS; a reused txn id with another amount) or in the guard itself
+(SIGKILL right after the AUTH, then restart). The table shows what the reader was told and what
+the host's ledger holds. Exit 0 only if every APPROVED sale has exactly one net debit at the host,
+every other sale has none, and the journal verifies. Everything is left in the demo directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import sys
 import random
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
 
+from firmware_bridge import messages as M
+from firmware_bridge.nullmodem import NullModem
+from firmware_bridge.readersim import LinkFaults, ReaderSim
+from firmware_bridge.serial_port import open_port
 from guard.engine import Engine, EngineConfig
-from guard.errors import IdempotencyConflict, PosguardError
 from guard.hostsim import HostCore, HostServer
 from guard.iso import HostCodec
 from guard.journal import Journal
 from guard.keys import init_keys, load_keys
-from guard.policies import OFF
-from guard.model import CardData, Request, Result, TxnKind, TxnState
-from guard.service import GuardService, JournalCrypto, open_guard
-from guard.uplink import Uplink
+from guard.model import TxnState
+from guard.service import JournalCrypto
 from guard.verify import verify_journal
 
 TID = "DEMO0001"
 MID = "DEMOMERCHANT001"
+READER = "DEMO-READER"
+PAN = "4761739001010119"  # public EMV test card
 MARKER = ".posguard-demo"
 
-# (label, host fault forced for this sale, extra reader/terminal behaviour)
-SCRIPT: list[tuple[str, str | None, str | None]] = [
-    ("normal sale", None, None),
-    ("host drops the request", "drop_request", None),
-    ("host debits, answer lost", "debit_drop_response", None),
-    ("answer arrives too late", "delay_response", None),
-    ("connection cut mid-answer", "close_mid_frame", None),
-    ("answer duplicated", "duplicate_response", None),
-    ("answer for another merchant", "wrong_echo", None),
-    ("garbage instead of answer", "garbage", None),
-    ("insufficient funds", None, "decline"),
-    ("reader re-sends same txn id", None, "resend"),
-    ("same txn id, other amount", None, "mismatch"),
-    ("terminal crash after send", None, "crash"),
-    ("normal sale", None, None),
-    ("double fault: drop + late", "drop_request", "second_fault"),
+# (scenario, host fault for this sale's 0200, serial faults, reader/guard behaviour)
+SCRIPT: list[tuple[str, str | None, LinkFaults | None, str | None]] = [
+    ("normal sale", None, None, None),
+    ("host drops the request", "drop_request", None, None),
+    ("host debits, answer lost", "debit_drop_response", None, None),
+    ("answer arrives too late", "delay_response", None, None),
+    ("connection cut mid-answer", "close_mid_frame", None, None),
+    ("answer duplicated", "duplicate_response", None, None),
+    ("answer for another merchant", "wrong_echo", None, None),
+    ("garbage instead of answer", "garbage", None, None),
+    ("insufficient funds", None, None, "decline"),
+    ("serial: frames duplicated, bits flipped", None, LinkFaults(seed=1, duplicate_rate=0.6, bitflip_rate=0.4), None),
+    ("serial: truncated frames, line noise", None, LinkFaults(seed=2, truncate_rate=0.5, garbage_rate=0.6), None),
+    ("reader reboots, re-sends same txn id", None, None, "reboot_resend"),
+    ("reader reboots, asks STATUS", None, None, "reboot_status"),
+    ("same txn id, other amount", None, None, "mismatch"),
+    ("guard killed while waiting for host", "delay_response", None, "kill_guard"),
+    ("normal sale", None, None, None),
 ]
 
 
 @dataclass
 class Row:
     label: str
-    key: str
+    txn_id: bytes
     amount: int
-    shown: str
+    shown: str = "?"
     final: TxnState | None = None
     stan: int = 0
-    mmdd: str = ""
     host_net: int = 0
 
 
-def _txn_id(i: int, seed: int) -> bytes:
+def _write_config(path: Path, directory: Path, host_port: int, reader_url: str, host_timeout: float) -> None:
+    path.write_text(f"""# written by posguard demo; see `posguard config-example` for every key
+[terminal]
+terminal_id = "{TID}"
+merchant_id = "{MID}"
+
+[reader]
+url = "{reader_url}"
+reader_id = "{READER}"
+
+[host]
+address = "127.0.0.1"
+port = {host_port}
+timeout = {host_timeout}
+reversal_timeout = {host_timeout}
+echo_idle = 300
+
+[journal]
+path = "{directory / 'journal.db'}"
+keys = "{directory / 'keys'}"
+
+[policy]
+# one test card for every scenario: the counter rules are shown by their own tests
+double_swipe_window = 0
+card_max_count = 0
+card_max_amount = 0
+terminal_max_count = 0
+""")
+
+
+class Daemon:
+    """`posguard run` as a child process, logging to guard.log."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config, self.log = config, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen([sys.executable, "-m", "posguard.cli", "run", "--config", str(self.config)],
+                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return -9
+
+
+def _txn_id(seed: int, i: int) -> bytes:
     return hashlib.sha256(f"demo:{seed}:{i}".encode()).digest()[:16]
+
+
+def _text(m: Any) -> str:
+    if isinstance(m, M.ErrorMessage):
+        return f"ERROR {m.error_code}"
+    if isinstance(m, M.ResultMessage):
+        return m.display_text or m.state.value
+    return str(m)
 
 
 def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, console: Console | None = None) -> int:
@@ -84,116 +163,142 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
     directory.mkdir(parents=True, exist_ok=True)
     (directory / MARKER).write_text("posguard demo directory\n")
     keys = init_keys(directory / "keys")
-    handler = logging.FileHandler(directory / "guard.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    logging.getLogger("posguard").addHandler(handler)
-    logging.getLogger("posguard").setLevel(logging.INFO)
-    logging.getLogger("posguard").propagate = False
-    journal_path = directory / "journal.db"
 
     core = HostCore(seed=seed, dup_detection=True, faults={}, late_delay=host_timeout * 2.5)
-    codec = HostCodec()
-    server = HostServer(core, codec)
+    server = HostServer(core, HostCodec())
     port = server.start()
-    ecfg = EngineConfig(
-        TID, MID, host_timeout_s=host_timeout, reversal_timeout_s=host_timeout, backoff_base_s=0.2, backoff_max_s=1.0,
-        policy=OFF,  # one test card for every scenario; the counter rules are shown by their own tests
-    )
+    cable = NullModem()
+    config = directory / "guard.toml"
+    _write_config(config, directory, port, cable.a, host_timeout)
+    daemon = Daemon(config, directory / "guard.log")
+    daemon.start()
+    con.print(f"host simulator on 127.0.0.1:{port} (duplicate detection on); reader on {cable.b} <-> guard on {cable.a}")
+    con.print(f"guard: posguard run --config {config}  (logs: {directory / 'guard.log'})")
 
-    def open_service() -> GuardService:
-        return open_guard(journal_path, load_keys(directory / "keys"), ecfg, Uplink("127.0.0.1", port, codec),
-                          rng=random.Random(seed), reconnect_s=0.2)
-
-    svc = open_service()
+    reader = ReaderSim(open_port(cable.b), reader_id=READER, rng=random.Random(seed))
     rows: list[Row] = []
-    con.print(f"host simulator on 127.0.0.1:{port} (duplicate detection on); journal {journal_path}")
-    svc.run_until(lambda: svc.uplink.connected, 5.0)
+    violations: list[str] = []
     try:
-        for i, (label, fault, extra) in enumerate(SCRIPT):
-            amount = 4251 if extra == "decline" else 1000 + 137 * i
-            req = Request("DEMO-READER", _txn_id(i, seed), TxnKind.SALE, amount, "978", CardData("4761739001010119", "2912"))
-            # Settle the previous sale's reversals and reconnect first, so the fault we force
-            # hits this sale's 0200 and not a queued 0400.
-            svc.run_until(lambda: svc.uplink.connected and not svc.engine.busy(), 30.0)
+        reader.sync(timeout=15)
+
+        def settled() -> bool:
+            """Every earlier sale has a final state at the guard (reversals done)."""
+            for row in rows:
+                res = reader.status(row.txn_id, timeout=10)
+                if isinstance(res, M.ResultMessage) and (res.in_progress or res.state in (TxnState.REVERSAL_PENDING,
+                                                                                          TxnState.UNKNOWN)):
+                    return False
+            return True
+
+        def wait_for(cond: Callable[[], bool], limit: float) -> bool:
+            end = time.monotonic() + limit
+            while time.monotonic() < end:
+                if cond():
+                    return True
+                time.sleep(0.2)
+            return cond()
+
+        for i, (label, fault, link_faults, extra) in enumerate(SCRIPT):
+            wait_for(settled, 30)  # so the fault we force hits this sale's 0200, not a queued 0400
+            txn = _txn_id(seed, i)
+            amount = 4251 if extra == "decline" else 1000 + 130 * i
+            row = Row(label, txn, amount)
+            rows.append(row)
             if fault:
                 core.force(fault)
-            if extra == "second_fault":
-                core.force("delay_response")
-            shown = "?"
+            reader.faults = link_faults
             try:
-                svc.submit(req)
-                if extra == "crash":
-                    svc.uplink.close()
-                    svc.journal.close()
-                    svc = open_service()  # power back: recovery reverses the unknown sale
-                    shown = "(terminal restarted)"
-                svc.run_until(lambda: req.key in svc.replies, host_timeout * 4)
-                r = svc.replies.get(req.key)
-                shown = r.display_text if r else shown if extra == "crash" else "(no answer yet)"
-                if extra == "resend":
-                    svc.submit(req)
-                    shown += " / re-send: " + svc.replies[req.key].display_text
-                if extra == "mismatch":
-                    other = Request(req.reader_id, req.txn_id, req.kind, amount + 1, req.currency, req.card)
-                    try:
-                        svc.submit(other)
-                        shown += " / mismatch ACCEPTED (bug)"
-                    except IdempotencyConflict as e:
-                        shown += f" / re-use: {e.code}"
-            except PosguardError as e:
-                shown = f"error {e.code}"
-            rows.append(Row(label, req.key, amount, shown))
-        con.print("draining the reversal queue ...")
-        drained = svc.drain(60.0)
+                if extra == "reboot_resend" or extra == "reboot_status" or extra == "kill_guard":
+                    reader.submit(M.Auth(txn, amount, "978", PAN, "2912", READER))
+                    time.sleep(0.4)  # the AUTH is journaled and forwarded by now
+                    if extra == "kill_guard":
+                        daemon.kill()
+                        daemon.start()
+                        note = "guard SIGKILLed and restarted; reader asked STATUS: "
+                    else:
+                        note = "reader rebooted; " + ("re-sent: " if extra == "reboot_resend" else "asked STATUS: ")
+                    reader.reboot()
+                    reader.sync(timeout=15)
+                    if extra == "reboot_resend":
+                        res: Any = reader.auth(txn, amount, "978", PAN, "2912", timeout=20)
+                    else:
+                        res = reader.status(txn, timeout=10)
+                        wait_for(lambda: not (isinstance(r := reader.status(txn, timeout=10), M.ResultMessage)
+                                              and r.in_progress), 20)
+                        res = reader.status(txn, timeout=10)
+                    row.shown = note + _text(res)
+                else:
+                    res = reader.auth(txn, amount, "978", PAN, "2912", timeout=20)
+                    row.shown = _text(res)
+                    if extra == "mismatch":
+                        again = reader.auth(txn, amount + 1, "978", PAN, "2912", timeout=20)
+                        row.shown += " / re-use: " + _text(again)
+            finally:
+                reader.faults = None
+            if link_faults is not None:
+                applied = {k: v for k, v in link_faults.counts.as_dict().items() if v}
+                row.shown += " (link faults: " + ", ".join(f"{k} {v}" for k, v in applied.items()) + ")"
+        con.print("waiting for the guard to drain its reversal queue ...")
+        drained = wait_for(settled, 60)
     finally:
-        svc.close()
+        reader.close()
+        rc = daemon.stop()
+        cable.close()
         server.stop()
+    if rc != 0:
+        violations.append(f"the guard did not stop cleanly on SIGTERM (exit {rc})")
 
-    j = Journal.open(journal_path, load_keys(directory / "keys"), terminal_id=TID)
-    final = Engine.restore(ecfg, JournalCrypto(j, keys.token_key), j.entries())
+    j = Journal.open(directory / "journal.db", load_keys(directory / "keys"), terminal_id=TID)
+    final = Engine.restore(EngineConfig(TID, MID), JournalCrypto(j, keys.token_key), j.entries())
     j.close()
-    violations: list[str] = []
     for row in rows:
-        t = final.txns.get(row.key)
+        t = final.txns.get(f"{READER}:{row.txn_id.hex()}")
         if t is None:
             violations.append(f"{row.label}: not journaled")
             continue
-        row.final, row.stan, row.mmdd = t.state, t.stan, t.f7[:4]
-        row.host_net = core.net_debits(TID, MID, f"{t.stan:06d}", row.mmdd)
+        row.final, row.stan = t.state, t.stan
+        row.host_net = core.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4])
         if (t.state is TxnState.APPROVED) != (row.host_net == 1) or row.host_net not in (0, 1):
             violations.append(f"{row.label}: terminal {t.state.value}, host net debits {row.host_net}")
-        if "APPROVED" in row.shown.split(" / ")[0] and t.state is not TxnState.APPROVED:
-            violations.append(f"{row.label}: shown approved but final {t.state.value}")
+        first = row.shown.split(" / ")[0]
+        if "APPROVED" in first and t.state is not TxnState.APPROVED:
+            violations.append(f"{row.label}: reader was shown approved, final {t.state.value}")
+        if "APPROVED" not in first and t.state is TxnState.APPROVED:
+            violations.append(f"{row.label}: reader was shown a failure, final APPROVED (charged)")
+    journal_keys = {f"{READER}:{r.txn_id.hex()}" for r in rows}
+    for key, t in final.txns.items():
+        if key not in journal_keys:
+            violations.append(f"unexpected transaction {key} in the journal")
+    if sum(core.net_by_key().values()) != sum(r.host_net for r in rows):
+        violations.append("the host holds debits for sales the demo did not make")
 
-    table = Table(title="posguard demo: what the terminal showed vs. what the host holds")
-    for col in ("#", "scenario", "amount", "terminal showed", "final", "STAN", "host net debits", "ok"):
+    table = Table(title="posguard demo: what the reader was told vs. what the host holds")
+    for col in ("#", "scenario", "amount", "reader was told", "final", "STAN", "host net debits", "ok"):
         table.add_column(col)
     for i, row in enumerate(rows):
         ok = row.final is not None and (row.final is TxnState.APPROVED) == (row.host_net == 1)
-        table.add_row(
-            str(i + 1), row.label, f"{row.amount / 100:.2f}", row.shown,
-            row.final.value if row.final else "-", f"{row.stan:06d}", str(row.host_net), "yes" if ok else "NO",
-        )
+        table.add_row(str(i + 1), row.label, f"{row.amount / 100:.2f}", row.shown,
+                      row.final.value if row.final else "-", f"{row.stan:06d}", str(row.host_net), "yes" if ok else "NO")
     con.print(table)
 
     core.dump_ledger(directory / "host-ledger.json")
     core.write_settlement_csv(directory / "settlement.csv")
-    rep = verify_journal(journal_path, k0=keys.k0, public_key=keys.signing_key.public_key())
-    (directory / "summary.json").write_text(
-        json.dumps({"violations": violations, "drained": drained, "verify": rep.ok, "host": core.stats()}, indent=2, default=str)
-    )
+    rep = verify_journal(directory / "journal.db", k0=keys.k0, public_key=keys.signing_key.public_key())
+    (directory / "summary.json").write_text(json.dumps(
+        {"violations": violations, "drained": drained, "verify": rep.__dict__, "host": core.stats(),
+         "reader": reader.stats.__dict__}, indent=2, default=str))
     con.print(f"journal verify: {'OK' if rep.ok else 'FAILED'} ({rep.entries} entries, {rep.checkpoints} checkpoints)"
               + ("" if rep.ok else f" first bad seq {rep.first_bad_seq}: {rep.reason} {rep.detail}"))
     if not drained:
-        violations.append("reversal queue did not drain within 60 s")
+        violations.append("the guard did not drain its reversal queue within 60 s")
     if violations or not rep.ok:
         for v in violations:
             con.print(f"[red]VIOLATION[/red] {v}")
         con.print("[red]invariant FAILED[/red]")
         return 1
     con.print("[green]invariant holds[/green]: every APPROVED sale has exactly one net debit at the host; "
-              "every other sale has none.")
-    con.print(f"left in {directory}: journal.db, keys/, host-ledger.json, settlement.csv, summary.json, guard.log")
-    con.print(f"verify it yourself: posguard journal verify {journal_path} --k0 {directory / 'keys' / 'k0.escrow'} "
+              "every other sale has none; the journal verifies.")
+    con.print(f"left in {directory}: guard.toml, journal.db, keys/, guard.log, host-ledger.json, settlement.csv, summary.json")
+    con.print(f"verify it yourself: posguard journal verify {directory / 'journal.db'} --k0 {directory / 'keys' / 'k0.escrow'} "
               f"--pubkey {directory / 'keys' / 'verify.pub'}")
     return 0
