@@ -365,12 +365,9 @@ class LinkEndpoint:
         if self.state is LinkState.SYNCING and self.role == "reader":
             self.stats.ignored += 1
             return
-        if (
-            frame.retransmission
-            and self.state is LinkState.UP
-            and self._answered is not None
-            and self._answered == (nonce, self.epoch)
-        ):
+        if self.state is LinkState.UP and self._answered is not None and self._answered == (nonce, self.epoch):
+            # The same nonce again while up in the epoch it chose: a repeat (lost SYNC_ACK) or a
+            # copy duplicated on the line. Answer the same; a new SYNC always has a new nonce.
             self._emit(Frame(FrameType.SYNC_ACK, 0, self.epoch, nonce))
             return
         if self.state is LinkState.UP:
