@@ -82,6 +82,7 @@ class EngineConfig:
     saf_window: int = C.SAF_WINDOW
     echo_idle_s: float = C.ECHO_IDLE_S
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    keep_final: int = 5000  # final transactions kept in memory; older ones are read from the journal
 
     def __post_init__(self) -> None:
         if len(self.terminal_id) != 8:
@@ -154,8 +155,11 @@ AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
 class Engine:
     """Sans-I/O transaction engine. Not thread-safe: one driver owns it."""
 
-    def __init__(self, cfg: EngineConfig, crypto: CardCrypto, rng: random.Random | None = None) -> None:
+    def __init__(self, cfg: EngineConfig, crypto: CardCrypto, rng: random.Random | None = None,
+                 lookup: Callable[[str], Iterable[Any]] | None = None) -> None:
         self.cfg = cfg
+        self.lookup = lookup  # read-only: a transaction's journal entries, for ones evicted from memory
+        self._finals: OrderedDict[str, None] = OrderedDict()
         self.crypto = crypto
         self.rng = rng or random.Random(0)
         self.txns: dict[str, Txn] = {}
@@ -179,40 +183,29 @@ class Engine:
         crypto: CardCrypto,
         entries: Iterable[Any],
         rng: random.Random | None = None,
+        lookup: Callable[[str], Iterable[Any]] | None = None,
     ) -> Engine:
-        """Rebuild state from journal entries (objects with .kind, .txn, .payload, .ts)."""
-        eng = cls(cfg, crypto, rng)
+        """Rebuild state from journal entries (objects with .seq, .kind, .txn, .payload, .ts)."""
+        eng = cls(cfg, crypto, rng, lookup)
         for n, e in enumerate(entries):
-            eng._apply_entry(e.kind, e.txn, e.payload, e.ts)
+            eng._apply_entry(e.kind, e.txn, e.payload, e.ts, e.seq)
             if n & 4095 == 4095:
                 eng.history.prune(e.ts)
         return eng
 
-    def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float) -> None:
+    def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float, seq: int | None = None) -> None:
         if kind == "stan_use":
             self.last_stan = int(p["stan"])
             return
         if key is None:
             return
         if kind == "intent":
-            t = Txn(
-                key=key,
-                kind=TxnKind(p["kind"]),
-                fp=p["fp"],
-                amount=int(p["amount"]),
-                currency=p["currency"],
-                card_token=p["card_token"],
-                masked_pan=p["masked_pan"],
-                vault_ref=p.get("vault_ref"),
-                stan=int(p["stan"]),
-                f7=p["f7"],
-                created=ts,
-            )
-            t.original = p.get("original")
+            t = _txn_from_intent(key, p, ts)
             self.txns[key] = t
             if t.kind is TxnKind.VOID:
-                if t.original in self.txns:
-                    self.txns[t.original].voided_by = key
+                o = self._get(t.original or "", before_seq=seq)
+                if o is not None:
+                    o.voided_by = key
             else:
                 self.by_stan[t.stan] = key
                 self.last_stan = t.stan
@@ -220,37 +213,53 @@ class Engine:
                 if not p.get("verdict"):
                     self.history.count(t.card_token, ts, t.amount)
             return
-        t = self.txns.get(key)
+        t = self._get(key, before_seq=seq)
         if t is None:
             return
+        was_final = t.state.final
+        _apply_state(t, kind, p)
         if kind == "held":
-            t.state = TxnState.HELD
-            t.reason = p.get("code", "")
             self.history.pending(t.card_token, t)
         elif kind == "released":
-            t.state = TxnState.JOURNALED
-            t.reason = ""
             self.history.count(t.card_token, ts, t.amount)
-        elif kind == "outcome":
-            t.state = TxnState(p["state"])
-            t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
         elif kind == "reversal_pending":
             self.history.pending(t.card_token, t)
-            t.state = TxnState.REVERSAL_PENDING
-            t.reason = p.get("reason", "")
-            t.rc = p.get("rc", t.rc)
+            self._finals.pop(key, None)
             self._enqueue(t)
-        elif kind == "reversal_attempt":
-            t.rev_attempts = int(p["n"])
-        elif kind == "reversal_failed":
-            t.rev_failures = int(p["failures"])
-        elif kind == "reversed":
-            t.state = TxnState.REVERSED
+        elif kind in ("reversed", "needs_manual"):
             self._saf.pop(key, None)
-        elif kind == "needs_manual":
-            t.state = TxnState.NEEDS_MANUAL
-            t.reason = p.get("reason", t.reason)
-            self._saf.pop(key, None)
+        if t.state.final and not was_final:
+            self._finalized(t)
+
+    # ------------------------------------------------------------------ bounded memory
+
+    def _finalized(self, t: Txn) -> None:
+        """Final transactions stay in memory up to ``keep_final``; older ones are read back from
+        the journal when a reader asks about them (idempotency and STATUS never forget)."""
+        self._finals[t.key] = None
+        self._finals.move_to_end(t.key)
+        while len(self._finals) > self.cfg.keep_final:
+            old, _ = self._finals.popitem(last=False)
+            o = self.txns.get(old)
+            if o is None or not o.state.final:
+                continue
+            del self.txns[old]
+            if self.by_stan.get(o.stan) == old:
+                del self.by_stan[o.stan]
+            self.count("evicted")
+
+    def _get(self, key: str, before_seq: int | None = None) -> Txn | None:
+        t = self.txns.get(key)
+        if t is not None or self.lookup is None or not key:
+            return t
+        entries = [e for e in self.lookup(key) if before_seq is None or e.seq < before_seq]
+        t = _rebuild(key, entries)
+        if t is not None:
+            self.count("reloaded")
+            self.txns[key] = t
+            if t.state.final:
+                self._finalized(t)
+        return t
 
     def recover(self, now: float) -> list[Action]:
         """After restore: every intent without an outcome may have reached the host -> reverse it.
@@ -282,7 +291,7 @@ class Engine:
         token = self.crypto.token(req.card.pan)
         fp = fingerprint(req.kind, req.amount, req.currency, token, req.original_txn_id)
         key = req.key
-        known = self.txns.get(key)
+        known = self._get(key)
         if known is not None:
             if known.fp != fp:
                 self.count("idempotency_conflict")
@@ -330,6 +339,7 @@ class Engine:
         if verdict.action is PolicyAction.DECLINE:
             self.count("policy_decline")
             t.state, t.reason, t.vault_ref = TxnState.DECLINED, verdict.code, None
+            self._finalized(t)
             outcome = {"state": "DECLINED", "rc": "", "approval": "", "rrn": "", "reason": verdict.code,
                        "policy": verdict.detail}
             intent.update(vault_ref=None, verdict=verdict.code)
@@ -354,7 +364,7 @@ class Engine:
     def confirm(self, key: str, now: float) -> list[Action]:
         """The operator's CONFIRM of a held request: re-check (a pending reversal still holds
         refunds), then release it to the host. Raises NOTHING_HELD if it is not held."""
-        t = self.txns.get(key)
+        t = self._get(key)
         if t is None or t.state is not TxnState.HELD:
             raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
         self.history.prune(now)
@@ -380,12 +390,12 @@ class Engine:
         key = req.key
         orig_key = txn_key(req.reader_id, req.original_txn_id or b"")
         fp = fingerprint(req.kind, req.amount, req.currency, "", req.original_txn_id)
-        known = self.txns.get(key)
+        known = self._get(key)
         if known is not None:
             if known.fp != fp:
                 raise IdempotencyConflict(f"transaction id {req.txn_id.hex()} was already used for a different request")
             return [Reply(known.result(in_progress=not known.state.final))]
-        o = self.txns.get(orig_key)
+        o = self._get(orig_key)
         if o is None or o.kind is not TxnKind.SALE or o.state is not TxnState.APPROVED:
             why = "unknown" if o is None else o.state.value
             raise PosguardError(f"only an APPROVED sale can be voided (original is {why})", code="VOID_NOT_ALLOWED")
@@ -405,7 +415,7 @@ class Engine:
 
     def status(self, key: str) -> Result | None:
         """STATUS(id): the stored result, or None if the id is unknown."""
-        t = self.txns.get(key)
+        t = self._get(key)
         if t is None:
             return None
         return t.result(in_progress=t.state in AWAITING)
@@ -417,6 +427,7 @@ class Engine:
             return [], []
         v.state = state
         v.reason = "" if state is TxnState.APPROVED else o.reason
+        self._finalized(v)
         rec = ("outcome", v.key, {"state": state.value, "rc": "", "approval": "", "rrn": "", "reason": v.reason})
         return [rec], [Reply(v.result())]
 
@@ -430,7 +441,7 @@ class Engine:
 
     def completion_failed(self, key: str, now: float) -> list[Action]:
         """Host approved but the card or terminal could not complete (jPOS 4007): reverse."""
-        t = self.txns.get(key)
+        t = self._get(key)
         if t is None or t.state is not TxnState.APPROVED:
             return []
         self._to_reversal(t, "COMPLETION_FAILED", now)
@@ -535,6 +546,7 @@ class Engine:
             t.state = TxnState.REVERSED
             t.rev_inflight_until = None
             self.count("reversed")
+            self._finalized(t)
             vrec, vreply = self._void_follow(t, TxnState.APPROVED)
             return [Append([("reversed", t.key, {"rc": rc, "attempts": t.rev_attempts}), *vrec], vault_shred=self._shred(t)),
                     *vreply]
@@ -603,11 +615,13 @@ class Engine:
     def _finish(self, t: Txn, state: TxnState, *, approval: str = "", rrn: str = "", reason: str = "") -> list[Action]:
         t.state, t.approval, t.rrn, t.reason, t.deadline = state, approval, rrn, reason, None
         self.count(state.value.lower())
+        self._finalized(t)
         payload = {"state": state.value, "rc": t.rc, "approval": approval, "rrn": rrn, "reason": reason}
         return [Append([("outcome", t.key, payload)], vault_shred=self._shred(t)), Reply(t.result())]
 
     def _to_reversal(self, t: Txn, reason: str, now: float) -> None:
         self.history.pending(t.card_token, t)
+        self._finals.pop(t.key, None)
         t.state = TxnState.REVERSAL_PENDING
         t.reason = reason
         t.deadline = None
@@ -642,6 +656,7 @@ class Engine:
             t.state = TxnState.NEEDS_MANUAL
             t.reason = f"REVERSAL_UNCONFIRMED:{why}"
             self.count("needs_manual")
+            self._finalized(t)
             vrec, vreply = self._void_follow(t, TxnState.NEEDS_MANUAL)
             return [Append([("needs_manual", t.key, {"reason": t.reason, "attempts": t.rev_attempts}), *vrec],
                            vault_shred=self._shred(t)), *vreply]
@@ -698,6 +713,48 @@ class Engine:
             C.F_NET_MGMT_CODE: C.NET_ECHO,
         }
         return [Append([("stan_use", None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
+
+
+def _txn_from_intent(key: str, p: dict[str, Any], ts: float) -> Txn:
+    t = Txn(key=key, kind=TxnKind(p["kind"]), fp=p["fp"], amount=int(p["amount"]), currency=p["currency"],
+            card_token=p["card_token"], masked_pan=p["masked_pan"], vault_ref=p.get("vault_ref"), stan=int(p["stan"]),
+            f7=p["f7"], created=ts)
+    t.original = p.get("original")
+    return t
+
+
+def _apply_state(t: Txn, kind: str, p: dict[str, Any]) -> None:
+    """What one journal record does to a transaction's own state (no engine indexes)."""
+    if kind == "held":
+        t.state, t.reason = TxnState.HELD, p.get("code", "")
+    elif kind == "released":
+        t.state, t.reason = TxnState.JOURNALED, ""
+    elif kind == "outcome":
+        t.state = TxnState(p["state"])
+        t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
+    elif kind == "reversal_pending":
+        t.state, t.reason, t.rc = TxnState.REVERSAL_PENDING, p.get("reason", ""), p.get("rc", t.rc)
+    elif kind == "reversal_attempt":
+        t.rev_attempts = int(p["n"])
+    elif kind == "reversal_failed":
+        t.rev_failures = int(p["failures"])
+    elif kind == "reversed":
+        t.state = TxnState.REVERSED
+    elif kind == "needs_manual":
+        t.state, t.reason = TxnState.NEEDS_MANUAL, p.get("reason", t.reason)
+
+
+def _rebuild(key: str, entries: Iterable[Any]) -> Txn | None:
+    """A transaction from its own journal entries (for one evicted from memory)."""
+    t: Txn | None = None
+    for e in entries:
+        if e.kind == "intent":
+            t = _txn_from_intent(key, e.payload, e.ts)
+        elif t is not None:
+            _apply_state(t, e.kind, e.payload)
+    if t is not None:
+        t.vault_ref = None if t.state.final else t.vault_ref
+    return t
 
 
 def _card_plaintext(card: CardData) -> bytes:

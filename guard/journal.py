@@ -17,7 +17,8 @@ Entry 1 is a genesis checkpoint MACed with k0, written in the creating transacti
 reaches the journal file. Error codes (``JournalError.code``): JOURNAL_EXISTS, JOURNAL_MISSING,
 JOURNAL_CORRUPT, JOURNAL_NOT_INITIALISED, JOURNAL_SCHEMA_TOO_NEW, JOURNAL_NO_K0,
 JOURNAL_TERMINAL_MISMATCH, JOURNAL_KEY_MISMATCH, JOURNAL_RATCHET_MISMATCH, JOURNAL_BAD_RECORD, JOURNAL_CLOSED,
-JOURNAL_FAILED, VAULT_CORRUPT; ``JournalDurabilityError`` (JOURNAL_NOT_DURABLE).
+JOURNAL_FAILED, VAULT_CORRUPT, JOURNAL_BUSY (exclusive open refused), JOURNAL_IS_ARCHIVE;
+``JournalDurabilityError`` (JOURNAL_NOT_DURABLE). Segments, archives and key rotation: see below the class.
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import re
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .constants import (
@@ -49,7 +51,7 @@ from .constants import (
     JOURNAL_SCHEMA_VERSION,
 )
 from .errors import JournalDurabilityError, JournalError
-from .keys import DeviceKeys
+from .keys import DeviceKeys, public_key_hex
 
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_FIELDS = ("counter", "covers_hash", "covers_seq", "terminal", "time")
@@ -394,6 +396,8 @@ class Journal:
     def _load_state(self) -> None:
         c = self._db()
         meta = dict(c.execute("SELECT k, v FROM meta").fetchall())
+        if meta.get("segment_role") == ROLE_ARCHIVE:
+            raise JournalError(f"{self.path} is a sealed archive, not a live journal", code="JOURNAL_IS_ARCHIVE")
         if meta.get("terminal_id") != self.terminal_id:
             raise JournalError(f"journal belongs to terminal {meta.get('terminal_id')!r}, not {self.terminal_id!r}",
                                code="JOURNAL_TERMINAL_MISMATCH")
@@ -592,6 +596,13 @@ class Journal:
         for seq, ts, kind, txn, payload, h, mac in cur:
             yield Entry(seq, ts, kind, txn, json.loads(payload), h, mac)
 
+    def entries_for(self, txn: str) -> list[Entry]:
+        """One transaction's entries in order (indexed): how the engine reads back a transaction
+        it no longer keeps in memory."""
+        cur = self._db().execute(
+            "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
+        return [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+
     def vault_refs(self) -> set[str]:
         return {r for (r,) in self._db().execute("SELECT ref FROM vault")}
 
@@ -613,6 +624,252 @@ class Journal:
         rows = self._db().execute("PRAGMA integrity_check" if full else "PRAGMA quick_check").fetchall()
         problems = [r[0] for r in rows]
         return [] if problems == ["ok"] else problems
+
+    # -- operator extensions (guard.compact, guard.rotation, guard.replay): exclusive access,
+    #    signing-key rotation, archive segments. Formats: see "segments" below the class.
+
+    @classmethod
+    def open_exclusive(cls, path: Path, keys: DeviceKeys, *, terminal_id: str,
+                       checkpoint_every: int = CHECKPOINT_EVERY_ENTRIES,
+                       checkpoint_interval_s: float = CHECKPOINT_EVERY_S, busy_timeout_s: float = 1.0) -> Journal:
+        """Open like :meth:`open`, then hold SQLite's exclusive lock until :meth:`close`.
+
+        Nobody else (the guard daemon, a reader) can use the file meanwhile; JOURNAL_BUSY if
+        another connection has it open. For maintenance: replay, compaction, key rotation.
+        """
+        j = cls.open(path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
+                     checkpoint_interval_s=checkpoint_interval_s)
+        conn = j._db()
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {max(0, int(busy_timeout_s * 1000))}")
+            conn.execute("PRAGMA locking_mode = EXCLUSIVE").fetchall()
+            conn.execute("BEGIN EXCLUSIVE")
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError:
+            j._failed = True  # no WAL sealing attempt on a file someone else holds
+            j.close()
+            raise JournalError(f"journal {path} is in use by another process; stop the guard daemon first",
+                               code="JOURNAL_BUSY") from None
+        return j
+
+    def vacuum(self) -> None:
+        """Rewrite the file without free pages (after compaction): gives the space back to the disk."""
+        conn = self._db()
+        conn.execute("VACUUM")
+        self.seal_wal()
+
+    def key_history(self) -> list[dict[str, Any]]:
+        """Every signing-key rotation statement so far, oldest first: those carried in this file's
+        segment record (earlier segments) followed by this file's ``key_rotation`` entries."""
+        c = self._db()
+        first = c.execute("SELECT kind, payload FROM entries ORDER BY seq LIMIT 1").fetchone()
+        out: list[dict[str, Any]] = []
+        if first is not None and first[0] == SEGMENT_KIND:
+            out += json.loads(first[1])["keys"]
+        out += [json.loads(p) for (p,) in c.execute("SELECT payload FROM entries WHERE kind = ? ORDER BY seq",
+                                                    (ROTATION_KIND,))]
+        return out
+
+    def rotate_signing_key(self, new_key: Ed25519PrivateKey, *, now: float) -> int:
+        """Hand checkpoint signing over to ``new_key`` in ONE durable commit; returns the rotation's seq.
+
+        Appends a ``key_rotation`` entry (statement signed by the old key, with the new key's proof
+        of possession ``pop``), a checkpoint signed by the OLD key that covers it, and a checkpoint
+        signed by the NEW key. Verifiers follow the chain: each key vouches for its successor.
+        """
+        conn = self._db()
+        if self._failed:
+            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        ts = _check_now(now)
+        old = self._signing_key
+        old_pub, new_pub = public_key_hex(old.public_key()), public_key_hex(new_key.public_key())
+        if old_pub == new_pub:
+            raise JournalError("the new signing key is the current one", code="JOURNAL_BAD_RECORD")
+        seq, prev = self._last_seq + 1, self._last_hash
+        fields: dict[str, Any] = {"terminal": self.terminal_id, "old_pub": old_pub, "new_pub": new_pub,
+                                  "seq": seq, "time": ts}
+        msg = rotation_message(fields)
+        text = canonical_json({**fields, "sig": old.sign(msg).hex(), "pop": new_key.sign(msg).hex()})
+        h = entry_hash(seq, prev, entry_body(ts, ROTATION_KIND, None, text))
+        mac, key = mac_and_next(self._key, h)
+        rows: list[tuple[Any, ...]] = [(seq, ts, ROTATION_KIND, None, text, prev, h, mac)]
+        row_old, cp_old, key = self._checkpoint_row(seq + 1, h, key, ts, self._cp["counter"] + 1)
+        self._signing_key = new_key
+        try:
+            row_new, cp_new, key = self._checkpoint_row(seq + 2, row_old[6], key, ts, cp_old["counter"] + 1)
+            self._write(conn, [*rows, row_old, row_new], [], [], seq + 2, key, cp_new)
+        except BaseException:
+            self._signing_key = old
+            raise
+        self._set_state(seq + 2, row_new[6], key, seq + 2, cp_new)
+        self._after_checkpoint()
+        return seq
+
+    def write_archive(self, dest: Path, *, now: float) -> tuple[int, int]:
+        """Copy every entry VERBATIM into a new single-file archive ``dest``; returns (first, last) seq.
+
+        Same schema; meta ``segment_role`` = archive; empty vault; the ratchet row holds
+        ``archive_ratchet_commitment(k_{last+1})`` instead of the key, so a verifier with k0 can
+        tell the archive ends exactly here without the archive revealing a live MAC key. Durable
+        (fsync, atomic rename) before returning. The caller seals the journal with a checkpoint first.
+        """
+        conn = self._db()
+        ts = _check_now(now)
+        dest = Path(dest)
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        a = _connect(tmp, mode="rw")
+        try:
+            a.execute("PRAGMA journal_mode = DELETE").fetchall()
+            a.execute("PRAGMA synchronous = FULL")
+            a.execute("BEGIN IMMEDIATE")
+            _migrate_in_txn(a)
+            meta = {k: v for k, v in conn.execute("SELECT k, v FROM meta") if k != "schema_version"}
+            meta.update(segment_role=ROLE_ARCHIVE, archived_at=repr(ts))
+            a.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", sorted(meta.items()))
+            a.executemany(_INSERT_ENTRY, conn.execute(
+                "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries ORDER BY seq"))
+            a.execute("INSERT INTO ratchet (id, next_seq, key) VALUES (1, ?, ?)",
+                      (self._last_seq + 1, archive_ratchet_commitment(self._key)))
+            first = a.execute("SELECT min(seq) FROM entries").fetchone()[0]
+            a.execute("COMMIT")
+        except BaseException:
+            a.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        a.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o400)
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+        return int(first), self._last_seq
+
+    def restart_segment(self, carry_txns: Collection[str], *, records: Sequence[tuple[str, str | None, dict[str, Any]]] = (),
+                        note: dict[str, Any] | None = None, now: float) -> tuple[int, int]:
+        """Start a new segment IN PLACE, in ONE durable commit; returns (segment seq, carried entries).
+
+        Precondition: every current entry is archived verbatim (:meth:`write_archive`). Deletes all
+        entries and the vault blobs of transactions not in ``carry_txns``, then appends: a signed
+        ``segment`` record continuing the chain and the MAC ratchet (it covers the last archived
+        entry), verbatim copies (same ts, kind, txn, payload; new seq, chain link and MAC) of every
+        entry of the carried transactions in journal order, ``records``, and a checkpoint.
+        """
+        conn = self._db()
+        if self._failed:
+            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        ts = _check_now(now)
+        prepared = _prepare(records) if records else []
+        history = self.key_history()
+        prev_first = conn.execute("SELECT min(seq) FROM entries").fetchone()[0]
+        cur = conn.cursor()
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS carry_txn (txn TEXT PRIMARY KEY)")
+        cur.execute("DELETE FROM carry_txn")
+        cur.executemany("INSERT OR IGNORE INTO carry_txn (txn) VALUES (?)", [(t,) for t in carry_txns])
+        carried = cur.execute("SELECT ts, kind, txn, payload FROM entries WHERE txn IN (SELECT txn FROM carry_txn) "
+                              "AND kind NOT IN (?, ?, ?) ORDER BY seq",
+                              (CHECKPOINT_KIND, SEGMENT_KIND, ROTATION_KIND)).fetchall()
+        seq, prev, key = self._last_seq + 1, self._last_hash, self._key
+        fields: dict[str, Any] = {
+            "terminal": self.terminal_id, "covers_seq": seq - 1, "covers_hash": prev.hex(), "time": ts,
+            "counter": self._cp["counter"], "prev_first_seq": int(prev_first), "carried": len(carried),
+            "signing_pub": public_key_hex(self._signing_key.public_key()), "keys": history, "note": note or {},
+        }
+        fields["sig"] = self._signing_key.sign(segment_message(fields)).hex()
+        text = canonical_json(fields)
+        h = entry_hash(seq, prev, entry_body(ts, SEGMENT_KIND, None, text))
+        mac, key = mac_and_next(key, h)
+        rows: list[tuple[Any, ...]] = [(seq, ts, SEGMENT_KIND, None, text, prev, h, mac)]
+        prev = h
+        for ets, kind, txn, payload in [*carried, *((ts, k, x, p) for k, x, p in prepared)]:
+            seq += 1
+            h = entry_hash(seq, prev, entry_body(ets, kind, txn, payload))
+            mac, key = mac_and_next(key, h)
+            rows.append((seq, ets, kind, txn, payload, prev, h, mac))
+            prev = h
+        seq += 1
+        row, cp, key = self._checkpoint_row(seq, prev, key, ts, self._cp["counter"] + 1)
+        rows.append(row)
+        trigger = cur.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'entries_no_delete'"
+                              ).fetchone()
+        committing = False
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if trigger is not None:
+                cur.execute("DROP TRIGGER entries_no_delete")
+            cur.execute("DELETE FROM entries")
+            if trigger is not None:
+                cur.execute(trigger[0])
+            cur.execute("DELETE FROM vault WHERE txn NOT IN (SELECT txn FROM carry_txn)")
+            cur.executemany(_INSERT_ENTRY, rows)
+            cur.execute("UPDATE ratchet SET next_seq = ?, key = ? WHERE id = 1", (seq + 1, key))
+            if cur.rowcount != 1:
+                raise JournalError("ratchet row missing", code="JOURNAL_RATCHET_MISMATCH")
+            cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
+            cur.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('segment_first_seq', ?)", (str(rows[0][0]),))
+            committing = True
+            self._commit(cur)
+        except BaseException:
+            if committing:
+                self._failed = True
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                self._failed = True
+            raise
+        self.commit_count += 1
+        self._set_state(seq, row[6], key, seq, cp)
+        self._after_checkpoint()
+        return rows[0][0], len(carried)
+
+
+# --- segments: archives, carry-over and key rotation (shared with guard.verify) --------------
+#
+# The journal is ONE logical chain: seq, prev_hash and the MAC ratchet k_seq (from k0) never
+# restart. Compaction (guard.compact) cuts it into files: an archive holds a verbatim range of
+# entries (the first archive starts at the genesis checkpoint); the live file then starts with
+# a signed ``segment`` record at the next seq (covers the archive's last entry, carries the
+# checkpoint counter, the key in force and every key rotation so far), followed by verbatim
+# copies of the entries of the transactions that stay live. A ``segment`` record can only be
+# MACed by whoever held k_seq at that position, so deleting a file's prefix is still detected.
+
+SEGMENT_KIND = "segment"
+ROTATION_KIND = "key_rotation"
+SEGMENT_DOMAIN = b"posguard.segment.v1"
+ROTATION_DOMAIN = b"posguard.key-rotation.v1"
+ARCHIVE_RATCHET_DOMAIN = b"posguard.archive-ratchet.v1"
+SEGMENT_FIELDS = ("carried", "counter", "covers_hash", "covers_seq", "keys", "note", "prev_first_seq",
+                  "signing_pub", "terminal", "time")
+ROTATION_FIELDS = ("new_pub", "old_pub", "seq", "terminal", "time")
+ROLE_ARCHIVE = "archive"
+
+
+def segment_message(fields: dict[str, Any]) -> bytes:
+    """What a segment record's signature covers."""
+    return SEGMENT_DOMAIN + canonical_json({k: fields[k] for k in SEGMENT_FIELDS}).encode()
+
+
+def rotation_message(fields: dict[str, Any]) -> bytes:
+    """What a key rotation's ``sig`` (old key) and ``pop`` (new key) cover."""
+    return ROTATION_DOMAIN + canonical_json({k: fields[k] for k in ROTATION_FIELDS}).encode()
+
+
+def archive_ratchet_commitment(key: bytes) -> bytes:
+    """Stored in an archive's ratchet row instead of k_{last+1} (one-way: reveals no MAC key)."""
+    return _sha256(ARCHIVE_RATCHET_DOMAIN + key).digest()
+
+
+def ratchet_forward(key: bytes, steps: int) -> bytes:
+    """k_{i+steps} from k_i (a verifier with k0 reaching the start of a later segment)."""
+    for _ in range(steps):
+        ko = key.translate(_XOR5C) + _PAD5C
+        key = _sha256(ko + _sha256(key.translate(_XOR36) + _PAD36 + _LABEL).digest()).digest()
+    return key
 
 
 # --- validation ------------------------------------------------------------------------------

@@ -218,7 +218,8 @@ def open_guard(
     else:
         journal = Journal.create(path, keys, terminal_id=ecfg.terminal_id, now=clock())
     try:
-        engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), rng)
+        engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), rng,
+                                lookup=journal.entries_for)
         svc = GuardService(engine, journal, uplink, clock=clock, **kwargs)
         svc.execute(engine.recover(clock()))
     except BaseException:

@@ -14,6 +14,7 @@ the real recovery path. After a fault-free drain the invariants are checked:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import random
@@ -108,12 +109,14 @@ class _World:
             backoff_max_s=8.0,
             echo_idle_s=30.0,
             policy=OFF,  # readers here reuse cards and amounts; counter rules have their own tests
+            keep_final=3,  # evict early so re-sends and STATUS exercise reading back from the journal
         )
         rates = {k: cfg.fault_rate / len(HOST_FAULTS) for k in HOST_FAULTS} if cfg.fault_rate else {}
         self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay)
         self.conn = 0
         self.journal: Journal | None = Journal.create(self.path, self.keys, terminal_id=TID, now=self.now)
-        self.engine: Engine | None = Engine(self.ecfg, self._crypto(), random.Random(cfg.seed ^ 0x5EED))
+        self.engine: Engine | None = Engine(self.ecfg, self._crypto(), random.Random(cfg.seed ^ 0x5EED),
+                                            lookup=self.journal.entries_for)
         self.crashes = 0
         self.crashing_enabled = True
         self.requests: dict[str, Request] = {}
@@ -183,7 +186,8 @@ class _World:
 
     def restart(self) -> None:
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
-        self.engine = Engine.restore(self.ecfg, self._crypto(), self.journal.entries(), random.Random(self.rng.random()))
+        self.engine = Engine.restore(self.ecfg, self._crypto(), self.journal.entries(), random.Random(self.rng.random()),
+                                     lookup=self.journal.entries_for)
         self.log(f"restart: {self.engine.pending_reversals()} reversals pending before recovery")
         self.terminal(lambda e: e.recover(self.now))
         self.conn += 1
@@ -296,7 +300,7 @@ class _World:
             self.journal.close()
         # Judge by what the journal holds after a fresh restore, not by the engine's memory.
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
-        self.engine = Engine.restore(self.ecfg, self._crypto(), self.journal.entries())
+        self.engine = Engine.restore(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal.entries())
         by_stan: dict[tuple[int, str], str] = {}
         for key, t in self.engine.txns.items():
             by_stan[(t.stan, t.f7[:4])] = key

@@ -246,3 +246,27 @@ def test_unmatched_and_malformed_host_messages_are_journaled_not_raised() -> Non
         assert kinds(acts) == ["append:unmatched_response"]
     g = e.host_garbage("HOST_UNDECODABLE", "field 39 too long", 40, "ab" * 8, NOW)
     assert kinds(g) == ["append:host_garbage"]
+
+
+def test_final_transactions_are_evicted_and_read_back_for_idempotency_and_status() -> None:
+    import dataclasses
+
+    log = Log()
+    cfg = dataclasses.replace(CFG, keep_final=2)
+
+    def lookup(key: str) -> list[E]:
+        return [e for e in log.entries if e.txn == key]
+
+    e = Engine(cfg, FakeCrypto(), random.Random(1), lookup=lookup)
+    log.take(e.on_host_up(NOW))
+    for i in range(1, 6):
+        acts = log.take(e.submit(req(i, amount=1000 + i), NOW))
+        log.take(e.host_message(response(acts[1]), NOW))
+    assert len(e.txns) == 2 and e.stats["evicted"] == 3
+    old = e.submit(req(1, amount=1001), NOW)  # same id, same request: the stored result, nothing sent
+    assert kinds(old) == ["reply:APPROVED"] and old[0].result.approval_code == "A1B2C3"
+    with pytest.raises(IdempotencyConflict):
+        e.submit(req(2, amount=9999), NOW)
+    assert e.status(req(3).key).state is TxnState.APPROVED and e.stats["reloaded"] >= 3
+    r = Engine.restore(cfg, FakeCrypto(), log.entries, lookup=lookup)
+    assert len(r.txns) <= 3 and r.status(req(1).key).state is TxnState.APPROVED
