@@ -495,7 +495,8 @@ class Engine:
         self.last_host_activity = now
         mti = fields.get("t", "")
         stan_s = fields.get(C.F_STAN, "")
-        if len(mti) != 4 or not mti.isdigit() or mti[2] not in "13" or not stan_s.isdigit():
+        if (len(mti) != 4 or not (mti.isascii() and mti.isdigit()) or mti[2] not in "13"
+                or not (0 < len(stan_s) <= 6 and stan_s.isascii() and stan_s.isdigit())):
             return self._unmatched(fields, "NOT_A_RESPONSE")
         stan = int(stan_s)
         cls = mti[1]

@@ -99,6 +99,8 @@ class Config:
 def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     """Validate a parsed TOML document; raise ConfigError naming the first bad key."""
     for section, body in data.items():
+        if not section:
+            raise ConfigError("[\"\"]", "a section with an empty name; remove it")
         if section not in SECTIONS:
             raise ConfigError(section, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
         if not isinstance(body, dict):
@@ -130,6 +132,8 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     base = source.parent if source else Path.cwd()
     for key in (("journal", "path"), ("journal", "keys"), ("host", "cafile"), ("host", "certfile"), ("host", "keyfile")):
         if values[key]:
+            if "\x00" in values[key]:
+                raise ConfigError(f"{key[0]}.{key[1]}", "a path cannot contain a NUL character")
             values[key] = str((base / values[key]).resolve())
     for key in (("host", "cafile"), ("host", "certfile"), ("host", "keyfile")):
         if values[key] and not Path(values[key]).is_file():
@@ -148,6 +152,8 @@ def load(path: Path) -> Config:
         raise ConfigError("(file)", f"{path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError("(syntax)", f"{path}: {e}") from None
+    except RecursionError:
+        raise ConfigError("(syntax)", f"{path}: nested too deeply to be a posguard config") from None
     return parse(data, path)
 
 
