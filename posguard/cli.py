@@ -98,6 +98,40 @@ def config_example() -> None:
     click.echo(documented_example(), nl=False)
 
 
+@main.group("config")
+def config_group() -> None:
+    """Signed configuration (terminal/merchant ids and host cannot change silently)."""
+
+
+@config_group.command("init-signer")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def config_init_signer(directory: Path) -> None:
+    """Create a config-signing key pair; put config.pub in each terminal's key directory and keep
+    config-signer.key off the terminals."""
+    from .config_signing import init_signer
+
+    try:
+        pub = init_signer(directory)
+    except PosguardError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"created {directory / 'config-signer.key'} (keep it off the terminal) and {pub}")
+
+
+@config_group.command("sign")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="config-signer.key")
+def config_sign(config_file: Path, key_file: Path) -> None:
+    """Sign CONFIG_FILE's exact bytes into CONFIG_FILE.sig."""
+    from .config_signing import sign
+
+    try:
+        out = sign(config_file, key_file)
+    except PosguardError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {out}")
+
+
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def readersim(ctx: click.Context) -> None:

@@ -24,6 +24,7 @@ from guard.keys import load_keys
 from guard.service import GuardService, open_guard
 from guard.uplink import Uplink, make_client_context
 
+from . import config_signing
 from .config import Config, load, policy_config
 
 log = logging.getLogger("posguard.daemon")
@@ -71,7 +72,23 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
         reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
         policy=policy_config(cfg),
     )
+    signature = config_signing.check(cfg.source, Path(cfg["journal.keys"])) if cfg.source else None
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
+    if signature is not None:
+        try:
+            previous = config_signing.changed_unsigned(
+                (e for e in svc.journal.entries() if e.kind == "config_loaded"), signature)
+            if previous is not None:
+                raise config_signing.ConfigSignatureError(
+                    f"{cfg.source} changed since the last run (sha256 {previous[:12]}... -> {signature['sha256'][:12]}...) "
+                    "and is not signed: terminal and merchant ids and the host may not change silently",
+                    code="CONFIG_CHANGED_UNSIGNED")
+            svc.journal.append([("config_loaded", None, {
+                **signature, "tid": cfg["terminal.terminal_id"], "mid": cfg["terminal.merchant_id"],
+                "host": f"{cfg['host.address']}:{cfg['host.port']}", "tls": cfg["host.tls"]})], now=time.time())
+        except BaseException:
+            svc.close()
+            raise
     try:
         port = open_port(cfg["reader.url"], cfg["reader.baudrate"], cfg["reader.bytesize"], cfg["reader.parity"],
                          cfg["reader.stopbits"])
