@@ -337,15 +337,19 @@ class Journal:
             raise JournalError("creating a journal needs k0 (provisioning only)", code="JOURNAL_NO_K0")
         _check_terminal(terminal_id)
         ts = _check_now(now)
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS") from None
+        if os.path.lexists(path):
+            raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS")
+        # Built under a temporary name and linked into place only once complete and durable: a power
+        # cut during creation leaves no journal or a whole one, never an empty file open() refuses.
+        tmp = path.with_name(path.name + ".creating")
+        for suffix in ("", "-wal", "-shm", "-journal"):  # leftovers of a creation cut short
+            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         conn: sqlite3.Connection | None = None
         try:
-            conn = _connect(path, mode="rw")
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            conn = _connect(tmp, mode="rw")
             apply_pragmas(conn)
-            j = cls(conn, path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
+            j = cls(conn, tmp, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
                     checkpoint_interval_s=checkpoint_interval_s)
             row, cp, k_next = j._checkpoint_row(1, GENESIS_HASH, keys.k0, ts, 1)
             conn.execute("BEGIN IMMEDIATE")
@@ -355,15 +359,25 @@ class Journal:
             conn.execute(_INSERT_ENTRY, row)
             conn.execute("INSERT INTO ratchet (id, next_seq, key) VALUES (1, 2, ?)", (k_next,))
             conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            conn.close()  # the last connection: the WAL is folded into the file (synced) and removed
+            conn = None
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.link(tmp, path)  # atomic, and never replaces a journal that appeared meanwhile
             _fsync_dir(path.parent)
-        except BaseException:
+        except FileExistsError:
+            raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS") from None
+        finally:
             if conn is not None:
                 conn.close()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{path}{suffix}").unlink(missing_ok=True)
-            raise
-        j._set_state(1, row[6], k_next, 1, cp)
-        return j
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+        return cls.open(path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
+                        checkpoint_interval_s=checkpoint_interval_s)
 
     @classmethod
     def open(cls, path: Path, keys: DeviceKeys, *, terminal_id: str,
@@ -386,7 +400,7 @@ class Journal:
                 j._load_state()
             except sqlite3.OperationalError as e:
                 raise JournalError(f"journal {path} cannot be opened: {e}") from None
-            except sqlite3.DatabaseError as e:
+            except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a corrupt schema's message may not be UTF-8
                 raise JournalError(f"journal {path} is unreadable ({e.__class__.__name__})", code="JOURNAL_CORRUPT") from None
         except BaseException:
             conn.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import selectors
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -21,6 +21,7 @@ from .uplink import Disconnected, SendOutcome, Uplink
 from .iso import HostGarbage, HostMessage
 
 log = logging.getLogger("posguard.service")
+REPLIES_KEPT = 1024  # latest results kept for callers polling by key; older ones: engine.status(key)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class GuardService:
         self._next_connect = 0.0
         self._registered_fd: int | None = None
         self._extra: dict[int, Callable[[], None]] = {}
-        self.replies: dict[str, Result] = {}
+        self.replies: OrderedDict[str, Result] = OrderedDict()
         self.tickers: list[Callable[[], None]] = []  # run every loop round (reader link timers)
         self.wait_hints: list[Callable[[], float]] = []  # seconds until another adapter has timer work
 
@@ -78,6 +79,9 @@ class GuardService:
                 queue.extendleft(reversed(self._send(a)))
             elif isinstance(a, Reply):
                 self.replies[a.result.key] = a.result
+                self.replies.move_to_end(a.result.key)
+                while len(self.replies) > REPLIES_KEPT:
+                    self.replies.popitem(last=False)
                 self.on_reply(a.result)
 
     def _send(self, a: SendHost) -> list[Action]:

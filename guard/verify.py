@@ -18,6 +18,15 @@ FORKED           the entry at the anchor's covers_seq differs from the anchored 
 ANCHOR_INVALID   the anchor is malformed, has a bad signature or names another terminal
 RATCHET_MISMATCH the stored ratchet state is not k_{last+1} / next_seq = last+1
 UNREADABLE       SQLite cannot read the file or the journal tables
+ANCHOR_ELSEWHERE the anchor covers an entry before this file's segment start (it lies in an archive)
+
+Segments (guard.journal, guard.compact): a file whose first entry is a ``segment`` record at
+seq S > 1 is verified from there: its prev_hash must be the record's ``covers_hash``, its MAC
+uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's.
+An archive (meta ``segment_role`` = archive) stores a commitment to k_{last+1} in its ratchet row.
+Signing keys: checkpoints are checked with the key in force, which follows ``key_rotation``
+entries (and the rotations carried in a segment record); the given public keys must include
+at least one key of that chain (any one: each key vouches for its successor and predecessor).
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,16 +51,29 @@ from .journal import (
     _XOR36,
     CHECKPOINT_FIELDS,
     CHECKPOINT_KIND,
+    ROLE_ARCHIVE,
+    ROTATION_FIELDS,
+    ROTATION_KIND,
+    SEGMENT_FIELDS,
+    SEGMENT_KIND,
     _connect,
+    archive_ratchet_commitment,
     checkpoint_message,
     entry_body,
     entry_hash,
     mac_and_next,
+    ratchet_forward,
+    rotation_message,
+    segment_message,
 )
+from .keys import public_key_hex
 
 PROGRESS_EVERY = 16_384
 _SELECT = "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries"
 _CP_KEYS = frozenset((*CHECKPOINT_FIELDS, "sig"))
+_SEG_KEYS = frozenset((*SEGMENT_FIELDS, "sig"))
+_ROT_KEYS = frozenset((*ROTATION_FIELDS, "sig", "pop"))
+_SPECIAL_KINDS = frozenset({SEGMENT_KIND, ROTATION_KIND})
 _NO_LIMIT = 1 << 62
 
 Row = tuple[Any, ...]
@@ -65,6 +87,7 @@ class VerifyReport:
     first_bad_seq: int | None
     reason: str | None
     detail: str
+    first_seq: int = 1  # > 1 for a segment that continues an archive
 
 
 class _Failure(Exception):
@@ -77,8 +100,13 @@ class _Failure(Exception):
 
 def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519PublicKey | None = None,
                    anchor: dict[str, Any] | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> VerifyReport:
-    """Verify ``path`` without writing to it; the report's ``reason`` is a stable code (module docstring)."""
+                   progress: Callable[[int, int], None] | None = None,
+                   public_keys: Sequence[Ed25519PublicKey] = ()) -> VerifyReport:
+    """Verify ``path`` without writing to it; the report's ``reason`` is a stable code (module docstring).
+
+    ``public_keys`` adds trusted keys to ``public_key`` (e.g. every key in ``verify.pubs``).
+    """
+    trusted = ([public_key] if public_key is not None else []) + list(public_keys)
     path = Path(path)
     if not path.is_file():
         raise JournalError(f"journal {path} does not exist", code="JOURNAL_MISSING")
@@ -86,7 +114,7 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         raise ValueError("k0 must be 32 bytes")
     anchor_at: tuple[int, bytes, str] | None = None
     if anchor is not None:
-        problem = _anchor_problem(anchor, public_key)
+        problem = _anchor_problem(anchor, None)  # the signature is checked against the key chain below
         if problem:
             return VerifyReport(False, 0, 0, None, "ANCHOR_INVALID", problem)
         anchor_at = (anchor["covers_seq"], bytes.fromhex(anchor["covers_hash"]), anchor["terminal"])
@@ -96,9 +124,15 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("BEGIN")  # one snapshot for the ratchet row and every entry
-        return _Verifier(conn, k0, public_key, anchor_at, progress).run()
-    except sqlite3.DatabaseError as e:
-        return VerifyReport(False, 0, 0, None, "UNREADABLE", f"SQLite cannot read the journal: {e}")
+        chain = _KeyChain.load(conn, trusted)
+        if chain.problem:
+            return VerifyReport(False, 0, 0, None, "CHECKPOINT_INVALID", chain.problem)
+        if anchor is not None and trusted and not chain.signed_by_chain(anchor):
+            return VerifyReport(False, 0, 0, None, "ANCHOR_INVALID",
+                                "anchor signature does not verify with the given public key")
+        return _Verifier(conn, k0, chain, anchor_at, progress).run()
+    except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a corrupt schema's message may not be UTF-8
+        return VerifyReport(False, 0, 0, None, "UNREADABLE", f"SQLite cannot read the journal: {e!r}"[:300])
     finally:
         if conn is not None:
             conn.close()
@@ -123,13 +157,116 @@ def _anchor_problem(a: Any, pub: Ed25519PublicKey | None) -> str:
     return ""
 
 
+class _KeyChain:
+    """Which key must have signed each checkpoint: the trusted keys, extended along the rotations
+    the journal records (segment ``keys`` + ``key_rotation`` entries). ``active`` is False when no
+    key was given (signatures are then not checked, as before)."""
+
+    def __init__(self, trusted: list[Ed25519PublicKey]) -> None:
+        self.trusted = trusted
+        self.active = bool(trusted)
+        self.problem = ""
+        self.chain: list[str] = []  # hex, oldest first; [] = no rotation known (key in force: a trusted key)
+        self.index = 0  # position of the key in force in ``chain``
+        self.current: Ed25519PublicKey | None = trusted[0] if len(trusted) == 1 else None
+        self.pending: Ed25519PublicKey | None = None
+
+    @classmethod
+    def load(cls, conn: sqlite3.Connection, trusted: list[Ed25519PublicKey]) -> _KeyChain:
+        kc = cls(trusted)
+        if not kc.active:
+            return kc
+        first = conn.execute("SELECT kind, payload FROM entries ORDER BY seq LIMIT 1").fetchone()
+        carried: list[Any] = []
+        start_pub = None
+        if first is not None and first[0] == SEGMENT_KIND:
+            try:
+                seg = json.loads(first[1])
+                carried, start_pub = list(seg["keys"]), str(seg["signing_pub"])
+            except (ValueError, KeyError, TypeError):
+                return kc  # the scan reports the malformed segment record at its seq
+        in_file = []
+        for (payload,) in conn.execute("SELECT payload FROM entries WHERE kind = ? ORDER BY seq", (ROTATION_KIND,)):
+            try:
+                in_file.append(json.loads(payload))
+            except ValueError:
+                break
+        for st in carried + in_file:
+            if not _rotation_ok(st) or (kc.chain and st["old_pub"] != kc.chain[-1]):
+                break  # the scan (or the segment check) reports it
+            kc.chain = kc.chain or [st["old_pub"]]
+            kc.chain.append(st["new_pub"])
+        if not kc.chain and start_pub is not None:
+            kc.chain = [start_pub]
+        if kc.chain:
+            known = {public_key_hex(k) for k in trusted}
+            if not known & set(kc.chain):
+                kc.problem = ("none of the given public keys is in this journal's signing key chain "
+                              f"({', '.join(k[:16] + '...' for k in kc.chain)})")
+                return kc
+            kc.index = min(len(carried), len(kc.chain) - 1)
+            kc.current = _pub(kc.chain[kc.index])
+        return kc
+
+    def signed_by_chain(self, cp: dict[str, Any]) -> bool:
+        keys = [_pub(h) for h in self.chain] if self.chain else self.trusted
+        return any(_sig_ok(k, cp["sig"], checkpoint_message(cp)) for k in keys if k is not None)
+
+    def check_checkpoint(self, cp: dict[str, Any]) -> bool:
+        """Verify a checkpoint with the key in force; a pending rotation takes effect after it."""
+        msg = checkpoint_message(cp)
+        if self.current is None:  # several trusted keys, no rotation: the first checkpoint decides
+            self.current = next((k for k in self.trusted if _sig_ok(k, cp["sig"], msg)), None)
+            if self.current is None:
+                return False
+        elif not _sig_ok(self.current, cp["sig"], msg):
+            return False
+        if self.pending is not None:
+            self.current, self.pending = self.pending, None
+            self.index += 1
+        return True
+
+    def current_hex(self) -> str | None:
+        return public_key_hex(self.current) if self.current is not None else None
+
+
+def _pub(h: str) -> Ed25519PublicKey | None:
+    try:
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(h))
+    except (TypeError, ValueError):
+        return None
+
+
+def _sig_ok(key: Ed25519PublicKey, sig_hex: Any, msg: bytes) -> bool:
+    try:
+        key.verify(bytes.fromhex(sig_hex), msg)
+        return True
+    except (InvalidSignature, TypeError, ValueError):
+        return False
+
+
+def _rotation_ok(st: Any) -> bool:
+    """A rotation statement: its fields, the old key's signature and the new key's proof of possession."""
+    if not isinstance(st, dict) or set(st) != _ROT_KEYS:
+        return False
+    try:
+        msg = rotation_message(st)
+    except (TypeError, ValueError):
+        return False
+    old, new = _pub(st["old_pub"]) if isinstance(st["old_pub"], str) else None, \
+        _pub(st["new_pub"]) if isinstance(st["new_pub"], str) else None
+    return (old is not None and new is not None and st["old_pub"] != st["new_pub"]
+            and _sig_ok(old, st["sig"], msg) and _sig_ok(new, st["pop"], msg))
+
+
 class _Verifier:
-    def __init__(self, conn: sqlite3.Connection, k0: bytes | None, pub: Ed25519PublicKey | None,
+    def __init__(self, conn: sqlite3.Connection, k0: bytes | None, chain: _KeyChain,
                  anchor: tuple[int, bytes, str] | None, progress: Callable[[int, int], None] | None) -> None:
-        self.conn, self.k0, self.pub, self.anchor, self.progress = conn, k0, pub, anchor, progress
+        self.conn, self.k0, self.chain, self.anchor, self.progress = conn, k0, chain, anchor, progress
         self.checkpoints = 0
         self.cp_counter = 0
         self.terminal: str | None = None
+        self.first_seq = 1
 
     def run(self) -> VerifyReport:
         c = self.conn
@@ -140,17 +277,30 @@ class _Verifier:
             last, key = self._scan(limit, total)
         except _Failure as f:
             reason, seq, detail = self._classify(f, limit)
-            return VerifyReport(False, seq - 1 if seq else 0, self.checkpoints, seq, reason, detail)
+            done = max(0, seq - self.first_seq) if seq else 0
+            return VerifyReport(False, done, self.checkpoints, seq, reason, detail, self.first_seq)
         if self.progress:
             self.progress(last, total)
+        n = last - self.first_seq + 1 if last else 0
+        if key is not None and self._role() == ROLE_ARCHIVE:
+            key = archive_ratchet_commitment(key)  # archives keep a commitment, never a live MAC key
         fail = self._tail_problem(last, rat, key)
         if fail:
-            return VerifyReport(False, last, self.checkpoints, fail[1], fail[0], fail[2])
+            return VerifyReport(False, n, self.checkpoints, fail[1], fail[0], fail[2], self.first_seq)
         checked = ["hashes", "chain", "checkpoint links"]
         checked += ["MACs", "ratchet state"] if self.k0 is not None else []
-        checked += ["signatures"] if self.pub is not None else []
+        checked += ["signatures"] if self.chain.active else []
         checked += ["anchor"] if self.anchor is not None else []
-        return VerifyReport(True, last, self.checkpoints, None, None, f"{last} entries ok: {', '.join(checked)}")
+        span = f" (seq {self.first_seq}..{last})" if self.first_seq > 1 else ""
+        return VerifyReport(True, n, self.checkpoints, None, None, f"{n} entries{span} ok: {', '.join(checked)}",
+                            self.first_seq)
+
+    def _role(self) -> str | None:
+        try:
+            row = self.conn.execute("SELECT v FROM meta WHERE k = 'segment_role'").fetchone()
+        except sqlite3.DatabaseError:
+            return None
+        return row[0] if row else None
 
     def _scan(self, limit: int, total: int) -> tuple[int, bytes | None]:
         """The hot loop: locals only, one-shot hashlib/hmac, stored payload bytes hashed as-is."""
@@ -160,6 +310,19 @@ class _Verifier:
         a_seq, a_hash = (self.anchor[0], self.anchor[1]) if self.anchor else (-1, b"")
         progress = self.progress
         expect, prev_ok = 1, GENESIS_HASH
+        first = self.conn.execute(_SELECT + " ORDER BY seq LIMIT 1").fetchone()
+        if (first is not None and first[2] == SEGMENT_KIND and type(first[0]) is int and first[0] > 1
+                and isinstance(first[5], bytes)):
+            expect, prev_ok = first[0], first[5]  # a segment continues an archive: its record is checked below
+            self.first_seq = expect
+            if key is not None:
+                key = ratchet_forward(key, expect - 1)
+            if 0 <= a_seq < expect - 1:
+                raise _Failure("anchor_elsewhere", expect, f"the anchor covers entry {a_seq}, which lies before this "
+                               f"segment (it starts at {expect}): verify the archive that holds it",
+                               state=(prev_ok, key))
+            if a_seq == expect - 1 and a_hash != prev_ok:
+                raise _Failure("anchor", a_seq, state=(prev_ok, key))
         try:
             for seq, ts, kind, txn, payload, prev, h, mac in self.conn.execute(_SELECT + " ORDER BY seq"):
                 if seq != expect:
@@ -184,6 +347,8 @@ class _Verifier:
                     raise _Failure("beyond", seq)
                 if kind == CHECKPOINT_KIND:
                     self._checkpoint(seq, payload, prev_ok)
+                elif kind in _SPECIAL_KINDS:
+                    self._special(seq, kind, payload, prev_ok)
                 if seq == a_seq and h != a_hash:
                     raise _Failure("anchor", seq)
                 prev_ok = h
@@ -193,7 +358,7 @@ class _Verifier:
         except _Failure as f:
             f.state = (prev_ok, key)
             raise
-        if a_seq == 0 and a_hash != GENESIS_HASH:
+        if a_seq == 0 and a_hash != GENESIS_HASH and self.first_seq == 1:
             raise _Failure("anchor", 0, state=(prev_ok, key))
         return expect - 1, key
 
@@ -214,13 +379,65 @@ class _Verifier:
                 raise _Failure("anchor_terminal", seq, f"anchor is for terminal {self.anchor[2]!r}")
         elif cp["terminal"] != self.terminal:
             raise _Failure("checkpoint", seq, "terminal id changed")
-        if self.pub is not None:
+        if self.chain.active:
             try:
-                self.pub.verify(bytes.fromhex(cp["sig"]), checkpoint_message(cp))
-            except (InvalidSignature, TypeError, ValueError):
-                raise _Failure("checkpoint", seq, "signature does not verify") from None
+                ok = self.chain.check_checkpoint(cp)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise _Failure("checkpoint", seq, "signature does not verify")
         self.cp_counter += 1
         self.checkpoints += 1
+
+    def _special(self, seq: int, kind: str, payload: str, prev_ok: bytes) -> None:
+        """A ``segment`` record (only as a file's first entry) or a ``key_rotation`` statement."""
+        try:
+            rec = json.loads(payload)
+        except ValueError:
+            raise _Failure("checkpoint", seq, f"{kind} payload is not JSON") from None
+        if kind == ROTATION_KIND:
+            if not _rotation_ok(rec) or rec["seq"] != seq:
+                raise _Failure("checkpoint", seq, "key rotation is malformed or its signatures do not verify")
+            if self.terminal is not None and rec["terminal"] != self.terminal:
+                raise _Failure("checkpoint", seq, "key rotation names another terminal")
+            if self.chain.active:
+                if rec["old_pub"] != self.chain.current_hex():
+                    raise _Failure("checkpoint", seq, "key rotation does not start from the key in force")
+                self.chain.pending = _pub(rec["new_pub"])
+            return
+        if seq != self.first_seq or seq == 1:
+            raise _Failure("checkpoint", seq, "a segment record may only start a file")
+        if not isinstance(rec, dict) or set(rec) != _SEG_KEYS:
+            raise _Failure("checkpoint", seq, "segment record fields are not the segment fields")
+        if rec["covers_seq"] != seq - 1 or rec["covers_hash"] != prev_ok.hex():
+            raise _Failure("checkpoint", seq, f"segment record does not cover entry {seq - 1} with its hash")
+        if type(rec["counter"]) is not int or rec["counter"] < 1 or not isinstance(rec["keys"], list):
+            raise _Failure("checkpoint", seq, "segment record counter/keys malformed")
+        prev_new = None
+        for st in rec["keys"]:
+            if not _rotation_ok(st) or (prev_new is not None and st["old_pub"] != prev_new):
+                raise _Failure("checkpoint", seq, "segment record carries a malformed key rotation")
+            prev_new = st["new_pub"]
+        if prev_new is not None and rec["signing_pub"] != prev_new:
+            raise _Failure("checkpoint", seq, "segment record's signing key is not the last rotated-to key")
+        self.terminal = rec["terminal"]
+        if self.anchor and self.anchor[2] != self.terminal:
+            raise _Failure("anchor_terminal", seq, f"anchor is for terminal {self.anchor[2]!r}")
+        if self.chain.active:
+            pub = self.chain.current_hex()
+            if pub is not None and rec["signing_pub"] != pub:
+                raise _Failure("checkpoint", seq, "segment record names another signing key than the key chain")
+            key = _pub(rec["signing_pub"]) if isinstance(rec["signing_pub"], str) else None
+            try:
+                msg = segment_message(rec)
+            except (TypeError, ValueError):
+                msg = b""
+            if key is None or not _sig_ok(key, rec["sig"], msg) or not (
+                    self.chain.current is not None or any(public_key_hex(k) == rec["signing_pub"]
+                                                          for k in self.chain.trusted)):
+                raise _Failure("checkpoint", seq, "segment record signature does not verify")
+            self.chain.current = key
+        self.cp_counter = rec["counter"]
 
     def _tail_problem(self, last: int, rat: Row | None, key: bytes | None) -> tuple[str, int, str] | None:
         if self.anchor and self.anchor[0] > last:
@@ -245,6 +462,8 @@ class _Verifier:
             return "FORKED", s, f"entry {s} differs from the anchored hash: history was rewritten or rolled back"
         if f.kind == "anchor_terminal":
             return "ANCHOR_INVALID", s, f.detail
+        if f.kind == "anchor_elsewhere":
+            return "ANCHOR_ELSEWHERE", s, f.detail
         if s >= limit:
             return "ENTRY_INSERTED", s, f"entry {s} lies beyond the device's ratchet state (next_seq {limit})"
         if f.kind == "checkpoint":
