@@ -98,6 +98,19 @@ def config_example() -> None:
     click.echo(documented_example(), nl=False)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Run every benchmark and print one table of medians and ratios (needs a source checkout:
+    the benchmarks live in tools/). `posguard bench --quick` for a short smoke run."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
+    if not script.exists():
+        raise click.ClickException("benchmarks live in tools/ of a source checkout (install with pip install -e .)")
+    sys.exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
 @main.group("config")
 def config_group() -> None:
     """Signed configuration (terminal/merchant ids and host cannot change silently)."""
