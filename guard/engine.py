@@ -225,6 +225,8 @@ class Engine:
         elif kind == "reversal_pending":
             self.history.pending(t.card_token, t)
             self._finals.pop(key, None)
+            if p.get("reason") == "RECONCILE":  # re-queued by an operator: a fresh set of attempts
+                t.rev_failures = 0
             self._enqueue(t)
         elif kind in ("reversed", "needs_manual"):
             self._saf.pop(key, None)

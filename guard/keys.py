@@ -186,3 +186,136 @@ def _fsync_dir(dir: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- rotation and auditor export (guard.rotation drives the journal side) ---------------------
+#
+# A rotation in progress is visible on disk: ``signing.key.next`` (0600) and ``verify.pub.next``
+# hold the new key until the journal has recorded it; then ``verify.pubs`` (the public key chain,
+# oldest first) gains the new key, ``verify.pub`` and finally ``signing.key`` are replaced
+# (atomic renames). Every step is idempotent, so an interrupted rotation is finished by running
+# it again. Error codes: KEY_ROTATION_PENDING, plus those above.
+
+NEXT_SIGNING_FILE = "signing.key.next"
+NEXT_PUBLIC_FILE = "verify.pub.next"
+PUBLIC_CHAIN_FILE = "verify.pubs"
+VERIFIER_README = "README.txt"
+
+
+def load_public_keys(path: Path) -> list[Ed25519PublicKey]:
+    """One or more public keys (hex, one per line; blank lines and ``#`` comments ignored)."""
+    path = Path(path)
+    lines = [ln.strip() for ln in _read_text(path, secret=False).splitlines()]
+    keys = [Ed25519PublicKey.from_public_bytes(_parse_hex(path, ln)) for ln in lines if ln and not ln.startswith("#")]
+    if not keys:
+        raise KeyFileError(f"{path} holds no public key", code="KEY_MALFORMED")
+    return keys
+
+
+def public_key_chain(dir: Path) -> list[str]:
+    """The device's signing keys, oldest first (hex): ``verify.pubs``, else just ``verify.pub``."""
+    dir = Path(dir)
+    chain_path = dir / PUBLIC_CHAIN_FILE
+    if os.path.lexists(chain_path):
+        return [public_key_hex(k) for k in load_public_keys(chain_path)]
+    return [public_key_hex(load_public_key(dir / PUBLIC_FILE))]
+
+
+def rotation_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> tuple[DeviceKeys, Ed25519PrivateKey]:
+    """Step 1 of a rotation: (current keys, new signing key). The new key is written as
+    ``signing.key.next`` (0600) + ``verify.pub.next`` unless a pending one exists (then reused)."""
+    dir = Path(dir)
+    _check_dir(dir)
+    current = DeviceKeys(Ed25519PrivateKey.from_private_bytes(_read_secret(dir / SIGNING_FILE)),
+                         _read_secret(dir / TOKEN_FILE), _read_secret(dir / VAULT_FILE),
+                         _read_secret(dir / K0_FILE) if os.path.lexists(dir / K0_FILE) else None)
+    nxt = dir / NEXT_SIGNING_FILE
+    if os.path.lexists(nxt):
+        new = Ed25519PrivateKey.from_private_bytes(_read_secret(nxt))
+    else:
+        seed = rng(KEY_LEN)
+        if len(seed) != KEY_LEN:
+            raise KeyFileError("rng returned the wrong number of bytes", code="KEY_MALFORMED")
+        new = Ed25519PrivateKey.from_private_bytes(seed)
+        _write_new(nxt, seed.hex() + "\n", _SECRET_MODE)
+    pub_next = dir / NEXT_PUBLIC_FILE
+    if not os.path.lexists(pub_next):
+        _write_new(pub_next, public_key_hex(new.public_key()) + "\n", _PUBLIC_MODE)
+    _fsync_dir(dir)
+    return current, new
+
+
+def finish_rotation(dir: Path) -> str:
+    """Last step, after the journal recorded the new key: update the chain, then swap the files.
+    Idempotent; returns the new public key (hex). A no-op if no rotation is pending."""
+    dir = Path(dir)
+    _check_dir(dir)
+    nxt = dir / NEXT_SIGNING_FILE
+    if not os.path.lexists(nxt):
+        return public_key_hex(load_public_key(dir / PUBLIC_FILE))
+    new = Ed25519PrivateKey.from_private_bytes(_read_secret(nxt))
+    new_hex = public_key_hex(new.public_key())
+    old_hex = public_key_hex(Ed25519PrivateKey.from_private_bytes(_read_secret(dir / SIGNING_FILE)).public_key())
+    chain = public_key_chain(dir) if os.path.lexists(dir / PUBLIC_CHAIN_FILE) else [old_hex]
+    if chain[-1] != new_hex:
+        _replace(dir / PUBLIC_CHAIN_FILE, "".join(k + "\n" for k in (*chain, new_hex)), _PUBLIC_MODE)
+    pub_next = dir / NEXT_PUBLIC_FILE
+    if os.path.lexists(pub_next):
+        os.replace(pub_next, dir / PUBLIC_FILE)
+    else:
+        _replace(dir / PUBLIC_FILE, new_hex + "\n", _PUBLIC_MODE)
+    os.chmod(nxt, _SECRET_MODE)
+    os.replace(nxt, dir / SIGNING_FILE)
+    _fsync_dir(dir)
+    return new_hex
+
+
+def export_verifier(dir: Path, outdir: Path) -> list[Path]:
+    """Write what an auditor needs to OUTDIR (created 0700; nothing overwritten): ``verify.pub``
+    (current key), ``verify.pubs`` (key chain, oldest first), ``k0.escrow`` (0600, if still in
+    DIR) and a README. Returns the files written."""
+    dir, outdir = Path(dir), Path(outdir)
+    _check_dir(dir)
+    if os.path.lexists(dir / NEXT_SIGNING_FILE):
+        raise KeyFileError(f"a key rotation is pending in {dir}; finish it (posguard keys rotate) first",
+                           code="KEY_ROTATION_PENDING")
+    chain = public_key_chain(dir)
+    current = public_key_hex(load_public_key(dir / PUBLIC_FILE))
+    if chain[-1] != current:
+        raise KeyFileError(f"{dir / PUBLIC_CHAIN_FILE} does not end with {dir / PUBLIC_FILE}", code="KEY_MALFORMED")
+    k0 = load_k0(dir / K0_FILE) if os.path.lexists(dir / K0_FILE) else None
+    names = [PUBLIC_FILE, PUBLIC_CHAIN_FILE, VERIFIER_README] + ([K0_FILE] if k0 else [])
+    if outdir.exists():
+        clash = [n for n in names if os.path.lexists(outdir / n)]
+        if clash:
+            raise KeyFileError(f"{outdir / clash[0]} already exists; refusing to overwrite", code="KEY_EXISTS")
+    else:
+        outdir.mkdir(mode=_DIR_MODE, parents=True)
+        os.chmod(outdir, _DIR_MODE)
+    _write_new(outdir / PUBLIC_FILE, current + "\n", _PUBLIC_MODE)
+    _write_new(outdir / PUBLIC_CHAIN_FILE, "".join(k + "\n" for k in chain), _PUBLIC_MODE)
+    if k0 is not None:
+        _write_new(outdir / K0_FILE, k0.hex() + "\n", _SECRET_MODE)
+    _write_new(outdir / VERIFIER_README, _README.format(n=len(chain)), _PUBLIC_MODE)
+    _fsync_dir(outdir)
+    return [outdir / n for n in names]
+
+
+_README = """posguard verifier material
+verify.pub   the terminal's current checkpoint signing key (Ed25519, hex)
+verify.pubs  every signing key it has used, oldest first ({n} key(s)); the journal records each
+             rotation, so any one of them anchors the chain
+k0.escrow    the journal's initial MAC key (SECRET: keep it 0600, off the terminal)
+
+  posguard journal verify JOURNAL --k0 k0.escrow --pubkey verify.pub
+  posguard journal verify-chain ARCHIVE... JOURNAL --k0 k0.escrow --pubkey verify.pubs
+"""
+
+
+def _replace(path: Path, text: str, mode: int) -> None:
+    """Atomic write: a fresh temp file (O_EXCL, ``mode``), fsync, rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    _write_new(tmp, text, mode)
+    os.replace(tmp, path)

@@ -8,6 +8,7 @@ import hmac
 import json
 import math
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -341,8 +342,7 @@ def test_payload_with_card_number_is_refused_without_echoing_it(jpath: Path, key
         with pytest.raises(JournalError) as e:
             j.append(records, now=T0)
         assert e.value.code == "JOURNAL_BAD_RECORD"
-        assert not any(ch.isdigit() for ch in str(e.value).split(":", 1)[1].replace("record 1", "").replace(
-            "record 0", ""))
+        assert re.search(r"\d{4}", str(e.value)) is None, "the message must not carry card digits"
         assert j.last_seq == 1 and j.commit_count == 0
 
 

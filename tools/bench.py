@@ -45,10 +45,11 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         ("daemon RSS after 10,000 sales, MB", r"target RSS after \d+ sales <= 60 MB: \w+ \(([\d.]+) MB\)"),
         ("RSS growth 10,000 -> 20,000 sales, MB", r"target growth \d+ -> \d+ <= 5.0 MB: \w+ \(([\d.]+) MB\)"),
     ]),
-    ("bench_ops.py", [], ["--quick"], [
-        ("verify entries/s (ops bench)", r"verify[^\n]*?([\d,]{6,}) entries/s"),
-        ("replay items/s (5,000-item backlog)", r"replay[^\n]*?([\d,.]+) items/s"),
-        ("replay / host simulator max rate", r"ratio[^\n]*?([\d.]+)"),
+    ("bench_ops.py", ["--runs", "3"], ["--runs", "1", "--entries-sales", "10000", "--backlog", "1000", "--wide-window", "0"], [
+        ("verify chain+MAC, entries/s", r"verify chain\+MAC \(entries/s\)\s+([\d,]+)"),
+        ("replay backlog, window 32, items/s", r"replay \d+ backlog, window 32 \(items/s\)\s+([\d,]+)"),
+        ("replay / host simulator max rate", r"replay \d+ backlog, window 32 \(items/s\)\s+[\d,]+\s+([\d.]+x)"),
+        ("journal bytes per sale", r"journal bytes per sale\s+([\d,]+)"),
     ]),
 ]
 

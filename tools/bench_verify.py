@@ -118,7 +118,10 @@ def bench_append(j: Journal, n: int) -> None:
 
 def bench_append_warm(j: Journal, n: int) -> None:
     """CPU of append alone: COMMIT replaced by ROLLBACK, so no fsync evicts the caches in between."""
-    j._commit = lambda cur: cur.execute("ROLLBACK") and None  # type: ignore[method-assign]
+    def rollback(cur: sqlite3.Cursor) -> None:
+        cur.execute("ROLLBACK")
+
+    j._commit = rollback  # type: ignore[method-assign]
     j.wal_truncate_on_checkpoint = False
     blob = j.seal_vault("R1:warm", b"4111111111111111|2512")
     recs = [("intent", "R1:warm", _payload(1) | {"vault_ref": blob.ref})]

@@ -1,0 +1,318 @@
+"""Drain the persisted reversal queue against the host (``posguard replay``).
+
+What is pending: every sale whose reversal is queued (``reversal_pending`` without ``reversed``
+or ``needs_manual``): 0400 first, then 0401 repeats with the engine's backoff, up to
+``saf_window`` in flight matched by STAN; and every intent without an outcome (it was in flight
+at a crash): recovery commits its reversal before anything is sent. Deferred sales forwarded
+later as 0220 advices do not exist in posguard yet, so none is pending and none is sent.
+
+Never a new charge, by construction: the replay only restores the engine from the journal and
+lets it drain; it never submits or releases a sale. Its uplink also refuses any MTI but 0400,
+0401 and 0800 (REPLAY_FORBIDDEN_MTI) as a second line of defence. Running it twice, or killing
+it and running it again, can at most repeat a reversal, which the host answers idempotently
+(00, 25 or 94 all mean "no debit left").
+
+Throughput: every answer readable at once is handed to the engine before its records are
+committed, in one durable commit (appends are coalesced; an Append is still committed before any
+later send or reply, so write-ahead holds). The journal is opened exclusively: the daemon must
+be stopped (JOURNAL_BUSY otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost
+from .errors import PosguardError
+from .iso import HostGarbage, HostMessage
+from .journal import Journal
+from .keys import DeviceKeys
+from .model import TxnState
+from .service import GuardService, JournalCrypto
+from .uplink import Disconnected, SendOutcome, Uplink
+
+ALLOWED_MTIS = frozenset({"0400", "0401", "0800"})
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+EXIT_DRAINED, EXIT_NEEDS_MANUAL, EXIT_USAGE, EXIT_PENDING, EXIT_JOURNAL = 0, 1, 2, 3, 4
+
+
+class ReplayError(PosguardError):
+    code = "REPLAY_ERROR"
+
+
+class ReversalOnlyUplink:
+    """Wraps an ``Uplink``: refuses to send anything but reversals and echo; counts by MTI."""
+
+    def __init__(self, inner: Uplink) -> None:
+        self.inner = inner
+        self.sent: Counter[str] = Counter()
+        self._corked = False
+        self._dup: tuple[tuple[int, int], socket.socket] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.inner.connected
+
+    def connect(self) -> bool:
+        self._corked = False
+        return self.inner.connect()
+
+    def fileno(self) -> int:
+        return self.inner.fileno()
+
+    def poll(self) -> list[Any]:
+        return self.inner.poll()
+
+    def close(self) -> None:
+        self._close_dup()
+        self._corked = False
+        self.inner.close()
+
+    def cork(self, on: bool) -> None:
+        """TCP_CORK (Linux) around a burst of sends, so it leaves in as few segments as possible;
+        a no-op elsewhere or when not connected. Uses a dup of the uplink's socket descriptor."""
+        if _TCP_CORK is None or not self.inner.connected or on == self._corked:
+            return
+        conn = (self.inner.connections, self.inner.fileno())
+        if self._dup is None or self._dup[0] != conn:
+            self._close_dup()
+            try:
+                self._dup = (conn, socket.socket(fileno=os.dup(conn[1])))
+            except OSError:
+                return
+        try:
+            self._dup[1].setsockopt(socket.IPPROTO_TCP, _TCP_CORK, 1 if on else 0)
+            self._corked = on
+        except OSError:
+            self._close_dup()
+
+    def _close_dup(self) -> None:
+        if self._dup is not None:
+            self._dup[1].close()
+            self._dup = None
+
+    def send(self, fields: dict[str, str]) -> SendOutcome:
+        mti = fields.get("t", "")
+        if mti not in ALLOWED_MTIS:
+            raise ReplayError(f"replay refused to send MTI {mti!r}: only reversals and echo may leave",
+                              code="REPLAY_FORBIDDEN_MTI")
+        out = self.inner.send(fields)
+        if out is not SendOutcome.NOT_SENT:
+            self.sent[mti] += 1
+        return out
+
+
+class ReplayService(GuardService):
+    """GuardService tuned for draining: commits all the records of one burst of host answers at
+    once, forgets transactions once they are final (recording their outcome in ``finished``), and
+    skips the O(n) next-deadline scan while answers keep arriving."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.finished: dict[str, Item] = {}
+        self._had_input = False
+        self._deferred: list[Action] = []  # host answers' actions, executed with the tick's
+
+    def step(self, max_wait: float = 0.05) -> None:
+        """GuardService.step, except that right after a burst of answers it polls briefly instead
+        of computing the engine's next deadline (timers still fire: tick runs every round)."""
+        now = self.clock()
+        self._ensure_connected(now)
+        if self._had_input and self.uplink.connected:
+            wait = min(max_wait, 0.005)
+        else:
+            deadline = self.engine.next_deadline()
+            wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
+            if not self.uplink.connected:
+                wait = min(wait, max(0.0, self._next_connect - now))
+        events = self.selector.select(wait)
+        self._had_input = bool(events)
+        for key, _ in events:
+            key.data()
+        # The answers' records and the next reversal attempts go in ONE commit, before any send.
+        acts, self._deferred = self._deferred, []
+        self.execute(acts + self.engine.tick(self.clock()))
+        self.journal.maybe_checkpoint(self.clock())
+
+    def _forget(self, records: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+        """After a commit: drop transactions that just became final (not VOID-linked) from the engine."""
+        eng = self.engine
+        for kind, key, _ in records:
+            if kind not in ("reversed", "needs_manual") or key is None:
+                continue
+            t = eng.txns.get(key)
+            if t is None or not t.state.final or t.original or t.voided_by:
+                continue
+            self.finished[key] = Item(key, t.stan, t.amount, t.masked_pan, t.state.value, t.reason, t.rev_attempts)
+            del eng.txns[key]
+            if eng.by_stan.get(t.stan) == key:
+                del eng.by_stan[t.stan]
+
+    def _commit(self, buf: Append) -> None:
+        self.journal.append(buf.records, now=self.clock(), vault_put=buf.vault_put, vault_shred=buf.vault_shred)
+        self._forget(buf.records)
+
+    def execute(self, actions: Iterable[Action]) -> None:
+        queue: deque[Action] = deque(actions)
+        buf: Append | None = None
+        while queue:
+            a = queue.popleft()
+            if isinstance(a, Append):
+                if buf is None:
+                    buf = Append(list(a.records), list(a.vault_put), list(a.vault_shred))
+                else:
+                    buf.records.extend(a.records)
+                    buf.vault_put.extend(a.vault_put)
+                    buf.vault_shred.extend(a.vault_shred)
+                continue
+            if buf is not None:  # write-ahead: commit before anything that depends on it
+                self._commit(buf)
+                buf = None
+            if isinstance(a, SendHost):
+                cork = getattr(self.uplink, "cork", None)
+                if cork is not None and queue and isinstance(queue[0], SendHost):
+                    cork(True)  # a burst: let the kernel send it in as few segments as it can
+                queue.extendleft(reversed(self._send(a)))
+                if cork is not None and not (queue and isinstance(queue[0], SendHost)):
+                    cork(False)
+            elif isinstance(a, Reply):
+                self.replies[a.result.key] = a.result
+                self.on_reply(a.result)
+        if buf is not None:
+            self._commit(buf)
+
+    def _on_host_readable(self) -> None:
+        acts = self._deferred
+        for item in self.uplink.poll():
+            now = self.clock()
+            if isinstance(item, HostMessage):
+                acts += self.engine.host_message(item.fields, now)
+            elif isinstance(item, HostGarbage):
+                acts += self.engine.host_garbage(item.code, item.detail, item.raw_len, item.digest, now)
+            elif isinstance(item, Disconnected):
+                self._deferred = []
+                self.execute(acts)
+                self.execute(self._lost_connection(now))
+                return
+
+
+@dataclass
+class Item:
+    txn: str
+    stan: int
+    amount: int
+    masked_pan: str
+    state: str
+    reason: str
+    attempts: int
+
+
+@dataclass
+class ReplayReport:
+    started_pending: int
+    reversed: list[Item] = field(default_factory=list)
+    needs_manual: list[Item] = field(default_factory=list)
+    pending: list[Item] = field(default_factory=list)
+    sent: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 drained, 1 drained but some items need manual action, 3 items still pending."""
+        if self.pending:
+            return EXIT_PENDING
+        return EXIT_NEEDS_MANUAL if self.needs_manual else EXIT_DRAINED
+
+    def to_json(self) -> dict[str, Any]:
+        def items(xs: list[Item]) -> list[dict[str, Any]]:
+            return [x.__dict__ for x in xs]
+
+        return {"started_pending": self.started_pending, "reversed": len(self.reversed),
+                "needs_manual": items(self.needs_manual), "pending": items(self.pending), "sent": self.sent,
+                "seconds": round(self.seconds, 3), "items_per_s": round(self.rate, 1),
+                "interrupted": self.interrupted, "exit_code": self.exit_code}
+
+    @property
+    def rate(self) -> float:
+        done = len(self.reversed) + len(self.needs_manual)
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def open_replay(journal_path: Path, keys: DeviceKeys, ecfg: EngineConfig, uplink: Uplink, *,
+                rng: random.Random | None = None, clock: Callable[[], float] = time.time,
+                reconnect_s: float = 1.0, prune_final: bool = True) -> ReplayService:
+    """Open the journal exclusively, restore the engine, commit recovery reversals, wrap the uplink.
+
+    ``prune_final`` drops final transactions from the restored engine (the replay never submits,
+    so it needs neither their idempotency keys nor the policy history): the engine's timer scans
+    then cost O(backlog), not O(journal). ``last_stan`` is kept, so STANs never go backwards.
+    """
+    path = Path(journal_path)
+    journal = Journal.open_exclusive(path, keys, terminal_id=ecfg.terminal_id)
+    try:
+        engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), rng,
+                                lookup=journal.entries_for)
+        if prune_final:
+            prune_final_txns(engine)
+        svc = ReplayService(engine, journal, ReversalOnlyUplink(uplink), clock=clock, reconnect_s=reconnect_s)
+        svc.execute(engine.recover(clock()))
+    except BaseException:
+        journal.close()
+        raise
+    return svc
+
+
+def prune_final_txns(engine: Engine) -> int:
+    """Forget final transactions not linked (VOID <-> original) to a live one; returns how many."""
+    keep = {k for k, t in engine.txns.items() if not t.state.final}
+    for k in list(keep):
+        t = engine.txns[k]
+        keep.update(x for x in (t.original, t.voided_by) if x)
+    before = len(engine.txns)
+    engine.txns = {k: t for k, t in engine.txns.items() if k in keep}
+    engine.by_stan = {s: k for s, k in engine.by_stan.items() if k in keep}
+    return before - len(engine.txns)
+
+
+def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, int], None] | None = None,
+               stop: Callable[[], bool] = lambda: False) -> ReplayReport:
+    """Step the service until the queue is empty, ``timeout`` seconds pass or ``stop()``."""
+    eng = svc.engine
+    todo = [k for k, t in eng.txns.items() if t.state is TxnState.REVERSAL_PENDING]
+    total = len(todo)
+    t0 = time.monotonic()
+    end = t0 + timeout
+    interrupted = False
+    last_report = -1
+    while eng.pending_reversals() and time.monotonic() < end:
+        if stop():
+            interrupted = True
+            break
+        svc.step(0.05)
+        done = total - eng.pending_reversals()
+        if progress is not None and done != last_report:
+            progress(done, total)
+            last_report = done
+    rep = ReplayReport(total, seconds=time.monotonic() - t0, interrupted=interrupted)
+    for k in todo:
+        t = eng.txns.get(k)
+        item = svc.finished[k] if t is None else Item(k, t.stan, t.amount, t.masked_pan, t.state.value, t.reason,
+                                                       t.rev_attempts)
+        if item.state == TxnState.REVERSED.value:
+            rep.reversed.append(item)
+        elif item.state == TxnState.NEEDS_MANUAL.value:
+            rep.needs_manual.append(item)
+        else:
+            rep.pending.append(item)
+    up = svc.uplink
+    rep.sent = dict(up.sent) if isinstance(up, ReversalOnlyUplink) else {}
+    return rep

@@ -1,0 +1,291 @@
+"""Journals produced by the real engine, fast (test and benchmark data).
+
+``Gen`` drives ``guard.engine.Engine`` with a fake clock against an in-process ``HostCore``
+(fields handed over as dicts, no codec), and commits the engine's ``Append`` actions in batches:
+records, vault puts and shreds are the engine's own, only the number of commits differs. The
+same ``HostCore`` can then be served by ``HostServer`` so a replay talks to the host that holds
+the debits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.hostsim import HostCore
+from guard.journal import Journal
+from guard.keys import DeviceKeys, init_keys
+from guard.model import CardData, Request, TxnKind, TxnState
+from guard.policies import OFF
+from guard.service import JournalCrypto
+
+TID, MID = "OPSTEST1", "OPSMERCHANT0001"
+PANS = ("4761739001010119", "5413330089020011", "4111111111111111", "5555555555554444", "6011111111111117")
+T0 = 1_710_000_000.0  # 2024-03-09 16:00 UTC
+
+
+@dataclass
+class Gen:
+    """Engine + journal + in-process host with batched commits. Use ``close()`` when done."""
+
+    dir: Path
+    core: HostCore
+    t: float = T0
+    step: float = 3.0
+    ecfg: EngineConfig = field(default_factory=lambda: EngineConfig(TID, MID, policy=OFF, reversal_timeout_s=5.0,
+                                                                    backoff_base_s=1.0, backoff_max_s=4.0))
+    keys: DeviceKeys | None = None
+    journal_name: str = "journal.db"
+
+    def __post_init__(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.keys is None:
+            self.keys = init_keys(self.dir / "keys")
+        self.path = self.dir / self.journal_name
+        self.journal = Journal.create(self.path, self.keys, terminal_id=TID, now=self.t)
+        self.engine = Engine(self.ecfg, JournalCrypto(self.journal, self.keys.token_key), random.Random(1))
+        self._buf: Append | None = None
+        self._n = 0
+        self.rng = random.Random(7)
+        self.sends: list[SendHost] = []
+
+    # -- plumbing --
+
+    def tick_clock(self, dt: float | None = None) -> float:
+        self.t += self.step if dt is None else dt
+        return self.t
+
+    def run(self, actions: list[Any]) -> None:
+        for a in actions:
+            if isinstance(a, Append):
+                if self._buf is None:
+                    self._buf = Append(list(a.records), list(a.vault_put), list(a.vault_shred))
+                else:
+                    self._buf.records.extend(a.records)
+                    self._buf.vault_put.extend(a.vault_put)
+                    self._buf.vault_shred.extend(a.vault_shred)
+            elif isinstance(a, SendHost):
+                self.sends.append(a)  # delivered after the next flush: write-ahead per batch
+            elif isinstance(a, Reply):
+                pass
+
+    def flush(self) -> None:
+        b, self._buf = self._buf, None
+        if b is not None and b.records:
+            self.journal.append(b.records, now=self.t, vault_put=b.vault_put, vault_shred=b.vault_shred)
+
+    def deliver(self, s: SendHost, *, respond: bool = True, process: bool = True) -> None:
+        """Hand one sent message to the host; feed its answer back unless ``respond`` is False."""
+        if not process:
+            return
+        fields = dict(s.fields)
+        if s.card is not None:
+            fields["2"] = s.card.pan
+            if s.card.expiry:
+                fields["14"] = s.card.expiry
+        for r in self.core.handle(fields, self.t):
+            if respond and r.fields is not None and r.action == "send":
+                self.run(self.engine.host_message(r.fields, self.t))
+
+    def request(self, amount: int | None = None) -> Request:
+        self._n += 1
+        txn = hashlib.sha256(f"ops:{self.dir}:{self._n}".encode()).digest()[:16]
+        amt = amount if amount is not None else self.rng.randrange(100, 99_999)
+        return Request("R1", txn, TxnKind.SALE, amt, "978", CardData(PANS[self._n % len(PANS)], "2912"))
+
+    # -- scenarios --
+
+    def host_up(self) -> None:
+        self.run(self.engine.on_host_up(self.t))
+        self._drain_sends(respond=True)
+
+    def sales(self, n: int, *, batch: int = 500, respond: bool = True, process: bool = True,
+              amount: int | None = None) -> list[str]:
+        """``n`` sales sent to the host. respond=False: the host acted (debit) but the answer was
+        lost; process=False: the request never arrived. Both leave the sale SENT."""
+        keys = []
+        for b in range(0, n, batch):
+            for _ in range(min(batch, n - b)):
+                req = self.request(amount)
+                keys.append(req.key)
+                self.tick_clock()
+                self.run(self.engine.submit(req, self.t))
+            self.flush()
+            self._drain_sends(respond=respond, process=process)
+            self.flush()
+        return keys
+
+    def _drain_sends(self, *, respond: bool, process: bool = True) -> None:
+        sends, self.sends = self.sends, []
+        for s in sends:
+            self.deliver(s, respond=respond, process=process)
+        self.flush()
+
+    def host_down(self) -> None:
+        """The connection drops: every SENT sale becomes REVERSAL_PENDING (HOST_DISCONNECTED)."""
+        self.sends.clear()
+        self.run(self.engine.on_host_down(self.t))
+        self.flush()
+
+    def no_host_sales(self, n: int) -> list[str]:
+        """Sales while the host is down: DECLINED NO_HOST, nothing sent."""
+        keys = []
+        for _ in range(n):
+            req = self.request()
+            keys.append(req.key)
+            self.tick_clock()
+            self.run(self.engine.submit(req, self.t))
+        self.flush()
+        return keys
+
+    def exhaust_reversals(self, rounds: int = 200) -> None:
+        """Host up but every reversal is lost: attempts until the cap -> NEEDS_MANUAL."""
+        self.run(self.engine.on_host_up(self.t))
+        for _ in range(rounds):
+            self.sends.clear()  # dropped on the floor
+            if not self.engine.pending_reversals():
+                break
+            self.tick_clock(self.ecfg.reversal_timeout_s + self.ecfg.backoff_max_s + 1)
+            self.run(self.engine.tick(self.t))
+            self.flush()
+        self.sends.clear()
+        self.engine.host_up = False
+
+    def close(self) -> None:
+        self.flush()
+        self.journal.close()
+
+    def states(self) -> dict[str, TxnState]:
+        return {k: t.state for k, t in self.engine.txns.items()}
+
+
+def net_invariant(core: HostCore, txns: dict[str, Any]) -> list[str]:
+    """APPROVED <=> exactly one net debit at the host; anything else: none. Returns violations."""
+    bad = []
+    for key, t in txns.items():
+        if getattr(t.kind, "value", t.kind) != "SALE":
+            continue
+        state = t.state if isinstance(t.state, str) else t.state.value
+        date = t.date if hasattr(t, "date") else t.f7[:4]
+        net = core.net_debits(TID, MID, f"{t.stan:06d}", date)
+        want = 1 if state == "APPROVED" else 0
+        if net != want:
+            bad.append(f"{key} {state} stan {t.stan}: host holds {net} net debits")
+    return bad
+
+
+def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: float = 3.0,
+                 batch: int = 1000, seed: int = 3) -> list[dict[str, str]]:
+    """``n`` settled sales written straight through ``Journal.append`` (2000 records per commit),
+    in the engine's record format (intent, outcome), with a stan_use every 1000 sales. Returns
+    the matching settlement rows (hostsim columns): the journal and the host agree exactly."""
+    from guard.iso import transmission_dt
+    from guard.model import mask_pan
+
+    rng = random.Random(seed)
+    rows: list[dict[str, str]] = []
+    j = Journal.create(path, keys, terminal_id=TID, now=t0)
+    stan = 0
+    try:
+        for b in range(0, n, batch):
+            recs: list[tuple[str, str | None, dict[str, Any]]] = []
+            ts = t0 + b * step
+            for i in range(b, min(n, b + batch)):
+                stan = stan % 999_999 + 1
+                ts = t0 + i * step
+                key = f"R1:{hashlib.sha256(f'bulk:{seed}:{i}'.encode()).hexdigest()[:32]}"
+                amount = rng.randrange(100, 99_999)
+                f7 = transmission_dt(ts)
+                pan = PANS[i % len(PANS)]
+                recs.append(("intent", key, {
+                    "kind": "SALE", "fp": hashlib.sha256(key.encode()).hexdigest()[:32], "amount": amount,
+                    "currency": "978", "card_token": hashlib.sha256(pan.encode()).hexdigest()[:32],
+                    "masked_pan": mask_pan(pan), "vault_ref": hashlib.sha256(f"v{i}".encode()).hexdigest(),
+                    "stan": stan, "f7": f7, "tid": TID, "mid": MID}))
+                rrn = f"{i + 1:012d}"
+                ok = str(amount)[-2:] not in ("51", "05")
+                rc = "00" if ok else ("51" if str(amount).endswith("51") else "05")
+                recs.append(("outcome", key, {"state": "APPROVED" if ok else "DECLINED", "rc": rc,
+                                              "approval": f"{i % 999_999 + 1:06d}" if ok else "", "rrn": rrn,
+                                              "reason": "" if ok else "HOST_DECLINED"}))
+                rows.append({"date": f7[:4], "tid": TID, "mid": MID, "stan": f"{stan:06d}", "rrn": rrn,
+                             "amount": str(amount), "type": "SALE", "response": rc})
+                if i % 1000 == 999:
+                    stan = stan % 999_999 + 1
+                    recs.append(("stan_use", None, {"stan": stan, "purpose": "echo"}))
+            j.append(recs, now=ts)
+    finally:
+        j.close()
+    return rows
+
+
+def write_settlement(path: Path, rows: list[dict[str, str]]) -> None:
+    import csv
+
+    from guard.hostsim import SETTLEMENT_COLUMNS
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=SETTLEMENT_COLUMNS, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def guard_toml(path: Path, *, journal: Path, keys: Path, port: int, reversal_timeout: float = 30.0,
+               max_attempts: int = 6, host_timeout: float = 30.0) -> Path:
+    """A guard.toml for the operator commands (the reader port is never opened by them)."""
+    path.write_text(f"""[terminal]
+terminal_id = "{TID}"
+merchant_id = "{MID}"
+[reader]
+url = "loop://"
+[host]
+address = "127.0.0.1"
+port = {port}
+timeout = {host_timeout}
+reversal_timeout = {reversal_timeout}
+reversal_max_attempts = {max_attempts}
+connect_timeout = 1.0
+[journal]
+path = "{journal}"
+keys = "{keys}"
+""")
+    return path
+
+
+def cached_bulk(base: Path, n: int = 100_000) -> tuple[Path, Path, Path]:
+    """(journal, keys dir, settlement.csv) of ``bulk_journal`` generated once per test session
+    under ``base`` (pytest's basetemp). Copy the journal before changing it."""
+    d = base / f"bulk{n}"
+    done = d / "done"
+    if not done.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        keys = init_keys(d / "keys")
+        rows = bulk_journal(d / "journal.db", keys, n)
+        write_settlement(d / "settlement.csv", rows)
+        done.write_text("ok")
+    return d / "journal.db", d / "keys", d / "settlement.csv"
+
+
+def mixed_journal(dir: Path, core: HostCore, *, approved: int = 300, lost_debited: int = 40,
+                  lost_unprocessed: int = 30, needs_manual: int = 0, no_host: int = 10) -> Gen:
+    """An engine-made journal with every state: APPROVED/DECLINED sales, sales whose answer was
+    lost (host debited, or never saw them) left REVERSAL_PENDING by a disconnect, NEEDS_MANUAL
+    ones (reversals all lost) and DECLINED NO_HOST ones. Returns the closed generator."""
+    g = Gen(dir, core)
+    g.host_up()
+    g.sales(approved)
+    if needs_manual:
+        g.sales(needs_manual, respond=False)
+        g.host_down()
+        g.exhaust_reversals()
+        g.host_up()
+    g.sales(lost_debited, respond=False)
+    g.sales(lost_unprocessed, respond=False, process=False)
+    g.host_down()
+    g.no_host_sales(no_host)
+    g.close()
+    return g

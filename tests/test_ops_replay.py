@@ -1,0 +1,242 @@
+"""posguard replay: drains a reversal backlog against HostServer on 127.0.0.1, pipelined; reruns and
+SIGKILLs at random points never produce a charge; retry caps end in NEEDS_MANUAL with the reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from ops_support import TID, Gen, guard_toml, net_invariant  # noqa: E402
+
+from guard.export import load_view  # noqa: E402
+from guard.hostsim import HostCore, HostServer  # noqa: E402
+from guard.iso import HostCodec  # noqa: E402
+from guard.journal import Journal  # noqa: E402
+from guard.keys import load_keys  # noqa: E402
+from guard.replay import ReplayError, ReversalOnlyUplink  # noqa: E402
+from guard.uplink import Uplink  # noqa: E402
+from guard.verify import verify_journal  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KILLS = int(os.environ.get("POSGUARD_REPLAY_KILLS", "50"))
+
+
+def replay(cfg: Path, *args: str, kill_after: float | None = None, timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    cmd = [sys.executable, "-m", "posguard.cli", "replay", "--config", str(cfg), "--json", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode == -signal.SIGKILL:
+        return proc.returncode, {}
+    assert out.strip(), f"rc={proc.returncode} stderr={err[-2000:]}"
+    return proc.returncode, json.loads(out)
+
+
+def backlog(d: Path, core: HostCore, *, debited: int, unprocessed: int, approved: int = 100) -> Gen:
+    """Sales answered, then an outage: answers lost after the host debited, requests lost before it
+    saw them; the disconnect leaves all of them REVERSAL_PENDING (HOST_DISCONNECTED)."""
+    g = Gen(d, core)
+    g.host_up()
+    g.sales(approved)
+    g.sales(debited, respond=False)
+    g.sales(unprocessed, respond=False, process=False)
+    g.host_down()
+    g.close()
+    return g
+
+
+def sales_seen(core: HostCore) -> int:
+    by = core.stats()["requests_by_mti"]
+    return by.get("0200", 0) + by.get("0201", 0)
+
+
+def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path) -> None:
+    core = HostCore(seed=21, dup_detection=True)
+    g = backlog(tmp_path, core, debited=2500, unprocessed=2500)
+    sales_before = sales_seen(core)
+    assert core.total_net_debits() > 2500  # the outage left 2,500 debits the terminal must reverse
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+        code, rep = replay(cfg, "--window", "32")
+        assert code == 0, rep
+        assert rep["started_pending"] == 5000 and rep["reversed"] == 5000 and not rep["pending"]
+        assert rep["sent"] == {"0400": 5000}
+        assert rep["items_per_s"] > 300, rep  # tools/bench_ops.py measures the rate properly
+        code, again = replay(cfg)
+        assert code == 0 and again["started_pending"] == 0 and again["sent"] == {}
+    finally:
+        server.stop()
+    assert sales_seen(core) == sales_before  # nothing was ever sent as a sale
+    view = load_view(g.path)
+    assert not net_invariant(core, view.txns)
+    assert {t.state for t in view.txns.values()} <= {"APPROVED", "DECLINED", "REVERSED"}
+    keys = load_keys(tmp_path / "keys")
+    assert verify_journal(g.path, k0=keys.k0, public_key=keys.public_key).ok
+
+
+def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
+    """SIGKILL the real `posguard replay` process KILLS times at random moments (while host faults
+    force 0401 repeats), then let it finish: APPROVED <=> one net debit, otherwise none."""
+    core = HostCore(seed=22, dup_detection=True, faults={"drop_request": 0.05, "debit_drop_response": 0.05})
+    core.faults = {}
+    g = backlog(tmp_path, core, debited=800, unprocessed=800)
+    sales_before = sales_seen(core)
+    core.faults = {"drop_request": 0.05, "debit_drop_response": 0.05}
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    rng = random.Random(23)
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port,
+                         reversal_timeout=0.3, max_attempts=1000)
+        args = ("--window", "4", "--backoff-base", "0.05", "--backoff-max", "0.2", "--timeout", "60")
+        kills = tries = 0
+        pending = [1600]
+        while kills < KILLS and tries < 3 * KILLS:
+            tries += 1
+            code, _ = replay(cfg, *args, kill_after=rng.uniform(0.25, 0.9))
+            if code == -signal.SIGKILL:
+                kills += 1
+                pending.append(sum(t.state == "REVERSAL_PENDING" for t in load_view(g.path).txns.values()))
+            else:
+                assert code == 0
+                break
+        core.faults = {}
+        code, rep = replay(cfg, *args)
+        assert code == 0 and not rep["pending"], rep
+    finally:
+        server.stop()
+    assert kills >= min(KILLS, 50) or pending[-1] == 0, (kills, pending)
+    assert len(set(pending)) > 10, pending  # the kills landed at many different points of the drain
+    assert sales_seen(core) == sales_before
+    view = load_view(g.path)
+    assert not net_invariant(core, view.txns)
+    assert {t.state for t in view.txns.values()} <= {"APPROVED", "DECLINED", "REVERSED"}
+    keys = load_keys(tmp_path / "keys")
+    rep2 = verify_journal(g.path, k0=keys.k0, public_key=keys.public_key)
+    assert rep2.ok, rep2
+    print(f"kills={kills} pending after each kill={pending[:8]}...{pending[-3:]} host={core.stats()['requests_by_mti']}")
+
+
+def test_retry_cap_ends_in_needs_manual_with_reason(tmp_path: Path) -> None:
+    core = HostCore(seed=24, dup_detection=True)
+    g = backlog(tmp_path, core, debited=3, unprocessed=2, approved=5)
+    core.force("drop_request", 1000)  # the host never answers a reversal
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port,
+                         reversal_timeout=0.2, max_attempts=2)
+        code, rep = replay(cfg, "--backoff-base", "0.05", "--backoff-max", "0.1")
+    finally:
+        server.stop()
+    assert code == 1, rep
+    assert len(rep["needs_manual"]) == 5 and not rep["pending"]
+    assert {x["reason"] for x in rep["needs_manual"]} == {"REVERSAL_UNCONFIRMED:TIMEOUT"}
+    assert {x["attempts"] for x in rep["needs_manual"]} == {2}
+    assert rep["sent"] == {"0400": 5, "0401": 5}
+
+
+def test_text_summary_lists_needs_manual(tmp_path: Path) -> None:
+    core = HostCore(seed=25, dup_detection=True)
+    g = backlog(tmp_path, core, debited=2, unprocessed=0, approved=1)
+    core.force("drop_request", 100)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port,
+                         reversal_timeout=0.2, max_attempts=1)
+        proc = subprocess.run([sys.executable, "-m", "posguard.cli", "replay", "--config", str(cfg)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert proc.returncode == 1
+    assert "needs manual action" in proc.stdout and "REVERSAL_UNCONFIRMED:TIMEOUT" in proc.stdout
+    assert "still pending" in proc.stdout and "reversed" in proc.stdout
+
+
+def test_host_unreachable_leaves_items_pending_exit_3(tmp_path: Path) -> None:
+    core = HostCore(seed=26, dup_detection=True)
+    g = backlog(tmp_path, core, debited=4, unprocessed=0, approved=0)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+    code, rep = replay(cfg, "--timeout", "1.5")
+    assert code == 3 and len(rep["pending"]) == 4 and rep["sent"] == {}
+
+
+def test_intents_without_outcome_are_reversed(tmp_path: Path) -> None:
+    """A crash right after sending: the journal holds intents only; recovery queues their reversal."""
+    core = HostCore(seed=27, dup_detection=True)
+    g = Gen(tmp_path, core)
+    g.host_up()
+    g.sales(6, respond=False)  # the host debited, the terminal died before any answer or timeout
+    g.close()
+    assert {t.state for t in load_view(g.path).txns.values()} == {"JOURNALED"}
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+        code, rep = replay(cfg)
+    finally:
+        server.stop()
+    assert code == 0 and rep["reversed"] == 6
+    assert {t.reason for t in load_view(g.path).txns.values()} == {"RECOVERY"}
+    assert core.total_net_debits() == 0
+
+
+def test_busy_journal_exit_2(tmp_path: Path) -> None:
+    core = HostCore(seed=28, dup_detection=True)
+    g = backlog(tmp_path, core, debited=1, unprocessed=0, approved=0)
+    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=9)
+    with Journal.open(g.path, load_keys(tmp_path / "keys"), terminal_id=TID):  # the daemon is running
+        proc = subprocess.run([sys.executable, "-m", "posguard.cli", "replay", "--config", str(cfg)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "JOURNAL_BUSY" in proc.stderr
+
+
+def test_reversal_only_uplink_refuses_sales() -> None:
+    up = ReversalOnlyUplink(Uplink("127.0.0.1", 9, HostCodec()))
+    for mti in ("0200", "0201", "0220", "0100"):
+        with pytest.raises(ReplayError) as ei:
+            up.send({"t": mti})
+        assert ei.value.code == "REPLAY_FORBIDDEN_MTI"
+    assert not up.sent
+
+
+def test_window_option_reaches_the_engine(tmp_path: Path) -> None:
+    """--window N: at most N reversals in flight (the host sees them before any answer)."""
+    core = HostCore(seed=29, dup_detection=True)
+    g = backlog(tmp_path, core, debited=0, unprocessed=40, approved=0)
+    server = HostServer(core, HostCodec())
+    core.force("delay_response", 40)
+    core.late_delay = 0.3
+    port = server.start()
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+        t0 = time.monotonic()
+        code, rep = replay(cfg, "--window", "16")
+        took = time.monotonic() - t0
+    finally:
+        server.stop()
+    assert code == 0 and rep["reversed"] == 40
+    # every answer is delayed 0.3 s: 40 items in windows of 16 take 3 rounds, not 40
+    assert took < 5.0, took
