@@ -233,7 +233,7 @@ class Zygote:
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()
-        run, pid = Run(), None
+        run, pid, tried = Run(), None, False
         for line in self.lines(time.monotonic() + CUT_DEADLINE_S):
             kind, _, rest = line.partition(" ")
             if kind == "PID":
@@ -251,12 +251,16 @@ class Zygote:
             elif kind == "EXIT":
                 run.exit_code = int(rest.split(" ")[1])
                 return run
-            if (pid is not None and kill_after_acks is not None and not run.killed_by_us
+            if (pid is not None and kill_after_acks is not None and not tried
                     and len(run.acks) >= kill_after_acks):
+                tried = True
                 if delay:
                     time.sleep(delay)
-                os.kill(pid, signal.SIGKILL)  # our own grandchild, by pid
-                run.killed_by_us = True
+                try:
+                    os.kill(pid, signal.SIGKILL)  # our own grandchild, by pid
+                    run.killed_by_us = True
+                except ProcessLookupError:  # it finished its sales first: not a cut, EXIT follows
+                    pass
         raise AssertionError("unreachable")
 
     def close(self) -> None:
