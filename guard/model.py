@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,10 +95,7 @@ class Request:
 
 def fingerprint(kind: TxnKind, amount: int, currency: str, card_token: str, original: bytes | None) -> str:
     """What makes two requests "the same": a hash over the request, never over the clear PAN."""
-    canon = json.dumps(
-        [kind.value, amount, currency, card_token, original.hex() if original else None],
-        separators=(",", ":"),
-    ).encode()
+    canon = f"{kind.value}|{amount}|{currency}|{card_token}|{original.hex() if original else '-'}".encode()
     return hashlib.sha256(canon).hexdigest()[:32]
 
 

@@ -202,3 +202,16 @@ def test_wrong_key_lengths_rejected(tmp_path: Path) -> None:
     with pytest.raises(KeyFileError) as e:
         DeviceKeys(keys.signing_key, b"short", keys.vault_key, None)
     assert e.value.code == "KEY_MALFORMED"
+
+
+def test_guard_fast_card_token_equals_the_reference_hmac() -> None:
+    """JournalCrypto precomputes the HMAC pads for speed; it must give keys.card_token's value."""
+    import os
+
+    from guard.keys import card_token
+    from guard.service import JournalCrypto
+
+    for key in (os.urandom(32), os.urandom(64), os.urandom(80)):
+        jc = JournalCrypto(None, key)  # type: ignore[arg-type]
+        for pan in ("4761739001010119", "5413330089020011", "6011000990139424"):
+            assert jc.token(pan) == card_token(key, pan)
