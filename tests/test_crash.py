@@ -35,7 +35,7 @@ POINTS = [
     "mid_reversal_send",
 ]
 KILLS_PER_POINT = int(os.environ.get("POSGUARD_KILLS_PER_POINT", "36"))
-RANDOM_KILLS = int(os.environ.get("POSGUARD_RANDOM_KILLS", "50"))
+RANDOM_KILLS = int(os.environ.get("POSGUARD_RANDOM_KILLS", "64"))
 
 
 def run_child(d: Path, port: int, start: int, count: int, point: str, nth: int, kill_after: float | None = None) -> int:
