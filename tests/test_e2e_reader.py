@@ -221,3 +221,40 @@ def test_broken_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "posguard.cli", "run", "--config", str(tmp_path / "guard.toml")],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "terminal.terminal_id" in proc.stderr and "exactly 8" in proc.stderr
+
+
+def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path: Path) -> None:
+    """Field problem 1 through the reader link: the second swipe is HELD with its reason, the host
+    sees nothing for it until the operator's CONFIRM, and the journal explains the decision."""
+    init_keys(tmp_path / "keys")
+    core = HostCore(seed=5, dup_detection=True)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    cable = NullModem()
+    cfg = config(tmp_path, cable.a, port)
+    cfg["policy"] = {"double_swipe_window": 120, "card_max_count": 0, "card_max_amount": 0, "terminal_max_count": 0}
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(2))
+    try:
+        r.sync(timeout=5)
+        first, second = r.new_txn_id(), r.new_txn_id()
+        assert r.auth(first, 1500, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
+        held = r.auth(second, 1500, "978", PAN, "2912", timeout=10)
+        assert isinstance(held, M.ResultMessage) and held.state is TxnState.HELD
+        assert held.error_code == "HOLD_DOUBLE_SWIPE" and "DOUBLE SWIPE" in (held.display_text or "")
+        assert core.stats()["requests_by_mti"]["0200"] == 1, "a held sale is not sent"
+        done = r.confirm(second, timeout=10)
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED
+        assert core.total_net_debits() == 2
+    finally:
+        r.close()
+        guard.stop()
+        cable.close()
+        server.stop()
+    from guard.journal import Journal
+    from guard.keys import load_keys
+
+    j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id=TID)
+    kinds = [(e.kind, e.payload.get("code")) for e in j.entries() if e.kind in ("held", "released")]
+    j.close()
+    assert kinds == [("held", "HOLD_DOUBLE_SWIPE"), ("released", None)]
