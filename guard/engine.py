@@ -118,7 +118,6 @@ class Txn:
     rev_failures: int = 0
     rev_next_at: float = 0.0
     rev_inflight_until: float | None = None
-    rev_seq: int = 0  # order in the store-and-forward queue
     original: str | None = None  # VOID: the key of the sale it voids
     voided_by: str | None = None  # SALE: the VOID that reverses it
 
@@ -170,7 +169,6 @@ class Engine:
         self.echo_stan: int | None = None
         self.echo_deadline: float | None = None
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
-        self._saf_counter = 0
         self.stats: dict[str, int] = {}
         self.history = History(cfg.policy)
 
@@ -768,5 +766,3 @@ def card_from_plaintext(data: bytes) -> CardData:
     pan, _, expiry = data.decode().partition("|")
     return CardData(pan, expiry)
 
-
-Clock = Callable[[], float]

@@ -26,12 +26,11 @@ from typing import Any, Callable
 
 from . import constants as C
 from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost, card_from_plaintext
-from .errors import IdempotencyConflict
 from .hostsim import HostCore
 from .journal import Journal
 from .keys import DeviceKeys, init_keys
 from .policies import OFF
-from .model import CardData, Request, Result, TxnKind, TxnState, txn_key
+from .model import CardData, Request, Result, TxnKind, TxnState
 from .service import JournalCrypto
 from .verify import verify_journal
 
@@ -360,4 +359,4 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
             shutil.rmtree(wd, ignore_errors=True)
 
 
-__all__ = ["SimConfig", "SimReport", "run_seed", "IdempotencyConflict", "txn_key"]
+__all__ = ["SimConfig", "SimReport", "run_seed", "HOST_FAULTS"]

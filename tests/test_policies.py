@@ -12,12 +12,11 @@ import pytest
 from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
 from guard.errors import PosguardError
 from guard.hostsim import HostCore
-from guard.iso import HostCodec
 from guard.journal import Journal
 from guard.keys import init_keys
 from guard.model import CardData, Request, TxnKind, TxnState
 from guard.policies import OFF, PolicyConfig, VelocityLimit
-from guard.service import GuardService, JournalCrypto
+from guard.service import JournalCrypto
 
 TID, MID = "POLICY01", "POLICYMERCHANT1"
 NOW = 1_760_000_000.0
