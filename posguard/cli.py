@@ -27,10 +27,12 @@ def main() -> None:
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for the host simulator.")
 @click.option("--host-timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for the host.")
 def demo(directory: Path, seed: int, host_timeout: float) -> None:
-    """Run sales with injected faults against the host simulator and check the invariant.
+    """The whole path with faults: reference reader -> pty null-modem -> `posguard run` -> host simulator.
 
-    Exit status 0 only if every APPROVED sale has exactly one net debit at the host and every
-    other sale has none, and the journal verifies.
+    Sixteen sales, each meeting one host, serial-line, reader or guard fault; prints what the
+    reader was told and what the host's ledger holds. Exit status 0 only if every APPROVED sale has
+    exactly one net debit at the host, every other sale has none, and the journal verifies;
+    1 if not; 2 if --dir is not a demo directory. Loopback and ptys only, no hardware.
     """
     from .demo import run_demo
 
