@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 from . import constants as C
 from . import iso
 from .errors import IdempotencyConflict, PosguardError, RequestInvalid
-from .policies import Action as PolicyAction, History, PolicyConfig, decide
+from .policies import Action as PolicyAction, History, OfflineConfig, PolicyConfig, decide
 from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key
 
 
@@ -82,6 +82,7 @@ class EngineConfig:
     saf_window: int = C.SAF_WINDOW
     echo_idle_s: float = C.ECHO_IDLE_S
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
     keep_final: int = 5000  # final transactions kept in memory; older ones are read from the journal
 
     def __post_init__(self) -> None:
@@ -118,8 +119,14 @@ class Txn:
     rev_failures: int = 0
     rev_next_at: float = 0.0
     rev_inflight_until: float | None = None
-    original: str | None = None  # VOID: the key of the sale it voids
+    original: str | None = None  # VOID / REFUND: the key of the sale it refers to
     voided_by: str | None = None  # SALE: the VOID that reverses it
+    refunds: list[str] = field(default_factory=list)  # SALE: keys of the refunds against it
+    signature: str = ""  # "", REQUIRED, CAPTURED or MISSING
+    adv_sent: bool = False  # DEFERRED: an 0220 with the current STAN may have reached the host
+    adv_inflight_until: float | None = None
+    adv_next_at: float = 0.0
+    adv_failures: int = 0
 
     def result(self, *, in_progress: bool = False) -> Result:
         return Result(
@@ -132,12 +139,12 @@ class Txn:
             stan=self.stan,
             reason=self.reason,
             in_progress=in_progress,
-            extra={"amount": self.amount, "currency": self.currency},
+            extra={"amount": self.amount, "currency": self.currency, **({"signature": self.signature} if self.signature else {})},
         )
 
     def request_fields(self, cfg: EngineConfig) -> dict[str, str]:
         return {
-            "t": C.MTI_FIN_REQUEST,
+            "t": C.MTI_ADVICE if self.state is TxnState.DEFERRED else C.MTI_FIN_REQUEST,
             C.F_PROC_CODE: C.PROC_REFUND if self.kind is TxnKind.REFUND else C.PROC_PURCHASE,
             C.F_AMOUNT: f"{self.amount:012d}",
             C.F_TRANSMISSION_DT: self.f7,
@@ -169,6 +176,9 @@ class Engine:
         self.echo_stan: int | None = None
         self.echo_deadline: float | None = None
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
+        self._adv: OrderedDict[str, None] = OrderedDict()  # deferred sales owing an 0220, journal order
+        self._stored: dict[str, int] = {}  # DEFERRED (not final) sales -> amount, for the offline limits
+        self._sig_due: dict[str, float] = {}  # approved sales awaiting a signature -> when it is missing
         self.stats: dict[str, int] = {}
         self.history = History(cfg.policy)
 
@@ -208,7 +218,7 @@ class Engine:
                 self.by_stan[t.stan] = key
                 self.last_stan = t.stan
                 self.history.add(t.card_token, t)
-                if not p.get("verdict"):
+                if not p.get("verdict") and t.kind is TxnKind.SALE:
                     self.history.count(t.card_token, ts, t.amount)
             return
         t = self._get(key, before_seq=seq)
@@ -219,7 +229,25 @@ class Engine:
         if kind == "held":
             self.history.pending(t.card_token, t)
         elif kind == "released":
-            self.history.count(t.card_token, ts, t.amount)
+            if t.kind is TxnKind.SALE:
+                self.history.count(t.card_token, ts, t.amount)
+        elif kind == "deferred":
+            self._stored[key] = t.amount
+            self._adv[key] = None
+            self._sig_watch(t)
+        elif kind == "advice_attempt":
+            self.by_stan[t.stan] = key
+            self.last_stan = t.stan
+            self._adv.pop(key, None)
+        elif kind == "advice_reversal_pending":
+            self._enqueue(t)
+        elif kind == "advice_reversed":
+            self._saf.pop(key, None)
+            self._adv[key] = None
+        elif kind == "outcome" and t.state is TxnState.APPROVED:
+            self._sig_watch(t)
+        elif kind in ("signature", "signature_missing"):
+            self._sig_due.pop(key, None)
         elif kind == "reversal_pending":
             self.history.pending(t.card_token, t)
             self._finals.pop(key, None)
@@ -236,6 +264,8 @@ class Engine:
     def _finalized(self, t: Txn) -> None:
         """Final transactions stay in memory up to ``keep_final``; older ones are read back from
         the journal when a reader asks about them (idempotency and STATUS never forget)."""
+        self._adv.pop(t.key, None)
+        self._stored.pop(t.key, None)
         self._finals[t.key] = None
         self._finals.move_to_end(t.key)
         while len(self._finals) > self.cfg.keep_final:
@@ -266,12 +296,15 @@ class Engine:
 
         Reversals that were in flight at the crash are retried (as 0401) right away."""
         pending = [t for t in self.txns.values() if t.state in AWAITING and t.kind is not TxnKind.VOID]
+        advices = [t for t in self.txns.values() if t.state is TxnState.DEFERRED and t.adv_sent and t.key not in self._saf]
         acts: list[Action] = []
-        if pending:
+        if pending or advices:
             recs = []
             for t in pending:
                 self._to_reversal(t, "RECOVERY", now)
                 recs.append(("reversal_pending", t.key, {"reason": "RECOVERY", "stan": t.stan}))
+            for t in advices:
+                recs.append(self._advice_to_reversal(t, "RECOVERY", now))
             acts.append(Append(recs))
         for key in self._saf:
             self.txns[key].rev_next_at = now
@@ -281,13 +314,12 @@ class Engine:
     # ------------------------------------------------------------------ reader events
 
     def submit(self, req: Request, now: float) -> list[Action]:
-        """A reader request. Raises IdempotencyConflict for a reused id with a different request."""
+        """A reader request. Raises IdempotencyConflict for a reused id with a different request,
+        PosguardError (REFUND_*) for a refund its original does not allow."""
         if req.kind is TxnKind.VOID:
             return self._void(req, now)
-        if req.kind is not TxnKind.SALE:
-            raise RequestInvalid(f"{req.kind.value} is not supported by this terminal yet", code="REQUEST_UNSUPPORTED")
         if req.card is None:
-            raise RequestInvalid("a sale needs card data", code="REQUEST_BAD_PAN")
+            raise RequestInvalid(f"a {req.kind.value.lower()} needs card data", code="REQUEST_BAD_PAN")
         token = self.crypto.token(req.card.pan)
         fp = fingerprint(req.kind, req.amount, req.currency, token, req.original_txn_id)
         key = req.key
@@ -301,6 +333,7 @@ class Engine:
                 )
             self.count("idempotent_replay")
             return [Reply(known.result(in_progress=known.state in AWAITING))]
+        original = self._refund_original(req, token) if req.kind is TxnKind.REFUND else None
 
         self.history.prune(now)
         verdict = decide(req.kind, req.amount, now, self.history.for_card(token), self.history, token, self.cfg.policy)
@@ -318,6 +351,7 @@ class Engine:
             stan=stan,
             f7=iso.transmission_dt(now),
             created=now,
+            original=original.key if original else None,
         )
         self.txns[key] = t
         self.by_stan[stan] = key
@@ -335,6 +369,11 @@ class Engine:
             "tid": self.cfg.terminal_id,
             "mid": self.cfg.merchant_id,
         }
+        recs: list[tuple[str, str | None, dict[str, Any]]] = [("intent", key, intent)]
+        if original is not None:
+            intent["original"] = original.key
+            original.refunds.append(key)
+            recs.append(("refund_of", original.key, {"refund": key, "amount": t.amount}))
         self.count("intents")
         if verdict.action is PolicyAction.DECLINE:
             self.count("policy_decline")
@@ -343,23 +382,53 @@ class Engine:
             outcome = {"state": "DECLINED", "rc": "", "approval": "", "rrn": "", "reason": verdict.code,
                        "policy": verdict.detail}
             intent.update(vault_ref=None, verdict=verdict.code)
-            return [Append([("intent", key, intent), ("outcome", key, outcome)]), Reply(t.result())]
+            return [Append([*recs, ("outcome", key, outcome)]), Reply(t.result())]
         if verdict.action is PolicyAction.HOLD:
             self.count("policy_hold")
             t.state, t.reason = TxnState.HELD, verdict.code
             self.history.pending(token, t)
             intent["verdict"] = verdict.code
-            return [Append([("intent", key, intent), ("held", key, {"code": verdict.code, "detail": verdict.detail})],
+            return [Append([*recs, ("held", key, {"code": verdict.code, "detail": verdict.detail})],
                            vault_put=[blob]), Reply(t.result())]
-        self.history.count(token, now, req.amount)
-        acts: list[Action] = [Append([("intent", key, intent)], vault_put=[blob])]
+        if t.kind is TxnKind.SALE:
+            self.history.count(token, now, req.amount)
+        if not self.host_up and self._may_defer(t):
+            return self._defer(t, recs, now, vault_put=[blob])
+        return [Append(recs, vault_put=[blob]), *self._send_request(t, now, card=req.card)]
+
+    def _send_request(self, t: Txn, now: float, card: CardData | None = None) -> list[Action]:
+        """Send the journaled request (0200), or fail it cleanly when there is no host."""
         if not self.host_up:
-            acts += self._finish(t, TxnState.DECLINED, reason="NO_HOST")
-            return acts
+            reason = self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values())) \
+                if t.kind is TxnKind.SALE else "NO_HOST"
+            return self._finish(t, TxnState.DECLINED, reason=reason or "NO_HOST")
         t.state = TxnState.SENT
         t.deadline = now + self.cfg.host_timeout_s
-        acts.append(SendHost(key, t.request_fields(self.cfg), card=req.card))
-        return acts
+        return [SendHost(t.key, t.request_fields(self.cfg), card=card, card_ref=None if card else t.vault_ref)]
+
+    def _refund_original(self, req: Request, token: str) -> Txn:
+        """The APPROVED sale a refund goes against; refuses what the counter must not do."""
+        if req.original_txn_id is None:
+            raise PosguardError("a refund must name the original sale (ORIGINAL_TXN_ID)", code="REFUND_NEEDS_ORIGINAL")
+        o = self._get(txn_key(req.reader_id, req.original_txn_id))
+        if o is None or o.kind is not TxnKind.SALE:
+            raise PosguardError("the original sale is not known on this terminal", code="REFUND_ORIGINAL_UNKNOWN")
+        if o.state is TxnState.REVERSAL_PENDING:
+            raise PosguardError("the original sale is being reversed: the customer gets the money back without a "
+                                "refund; wait for the reversal", code="REFUND_ORIGINAL_PENDING_REVERSAL")
+        if o.state is not TxnState.APPROVED or o.voided_by:
+            raise PosguardError(f"only an APPROVED sale can be refunded (original is {o.state.value})",
+                                code="REFUND_NOT_ALLOWED")
+        if o.card_token != token:
+            raise PosguardError("a refund goes back to the card of the original sale", code="REFUND_CARD_MISMATCH")
+        if req.currency != o.currency:
+            raise PosguardError("refund currency must equal the original sale's", code="REFUND_NOT_ALLOWED")
+        refunded = sum(r.amount for r in (self._get(k) for k in o.refunds)
+                       if r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED))
+        if req.amount > o.amount - refunded:
+            raise PosguardError(f"refund exceeds what is left of the original sale ({o.amount - refunded})",
+                                code="REFUND_EXCEEDS_ORIGINAL")
+        return o
 
     def confirm(self, key: str, now: float) -> list[Action]:
         """The operator's CONFIRM of a held request: re-check (a pending reversal still holds
@@ -374,15 +443,126 @@ class Engine:
             return [Reply(t.result())]
         if verdict.action is PolicyAction.DECLINE:
             return self._finish(t, TxnState.DECLINED, reason=verdict.code)
-        self.history.count(t.card_token, now, t.amount)
+        if t.kind is TxnKind.SALE:
+            self.history.count(t.card_token, now, t.amount)
         t.state, t.reason = TxnState.JOURNALED, ""
-        acts: list[Action] = [Append([("released", key, {"by": "operator"})])]
+        recs: list[tuple[str, str | None, dict[str, Any]]] = [("released", key, {"by": "operator"})]
         self.count("released")
-        if not self.host_up:
-            return acts + self._finish(t, TxnState.DECLINED, reason="NO_HOST")
-        t.state = TxnState.SENT
-        t.deadline = now + self.cfg.host_timeout_s
-        return acts + [SendHost(key, t.request_fields(self.cfg), card_ref=t.vault_ref)]
+        if not self.host_up and self._may_defer(t):
+            return self._defer(t, recs, now)
+        return [Append(recs), *self._send_request(t, now)]
+
+    def cancel(self, key: str, now: float) -> list[Action]:
+        """The operator's CANCEL of a held request (wrong amount, wrong card): DECLINED, never sent."""
+        t = self._get(key)
+        if t is None or t.state is not TxnState.HELD:
+            raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
+        self.count("cancelled")
+        return self._finish(t, TxnState.DECLINED, reason="OPERATOR_CANCELLED")
+
+    def signed(self, key: str, now: float) -> list[Action]:
+        """The operator confirms the customer signed the receipt of an approved sale."""
+        t = self._get(key)
+        if t is None or t.signature not in ("REQUIRED", "MISSING"):
+            raise PosguardError("no signature is awaited for this transaction id", code="SIGNATURE_NOT_REQUIRED")
+        late = t.signature == "MISSING"
+        t.signature = "CAPTURED"
+        self._sig_due.pop(key, None)
+        return [Append([("signature", key, {"late": late})]), Reply(t.result())]
+
+    # ------------------------------------------------------------------ offline (deferred) sales
+
+    def _may_defer(self, t: Txn) -> bool:
+        return t.kind is TxnKind.SALE and not self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values()))
+
+    def _defer(self, t: Txn, recs: list[tuple[str, str | None, dict[str, Any]]], now: float,
+               vault_put: list[Any] | None = None) -> list[Action]:
+        """Approve offline: the card data stays sealed in the vault until the 0220 is answered."""
+        t.state, t.reason = TxnState.DEFERRED, ""
+        t.adv_next_at = now
+        self._stored[t.key] = t.amount
+        self._adv[t.key] = None
+        self._sig_watch(t, required=True)
+        self.count("deferred")
+        rec = ("deferred", t.key, {"stored": len(self._stored), "stored_amount": sum(self._stored.values()),
+                                   **({"signature": t.signature} if t.signature else {})})
+        return [Append([*recs, rec], vault_put=vault_put or []), Reply(t.result())]
+
+    def _advice_to_reversal(self, t: Txn, reason: str, now: float) -> tuple[str, str, dict[str, Any]]:
+        """An 0220 whose fate is unknown is reversed before a fresh one (new STAN) is sent, so a host
+        without duplicate detection never books an offline sale twice."""
+        t.adv_inflight_until = None
+        t.reason = reason
+        t.rev_next_at = now
+        self._enqueue(t)
+        self.count("advice_reversal_pending")
+        return ("advice_reversal_pending", t.key, {"reason": reason, "stan": t.stan})
+
+    def _dispatch_advices(self, now: float) -> list[Action]:
+        if not self.host_up or not self._adv:
+            return []
+        inflight = sum(1 for k in self._stored if self.txns[k].adv_inflight_until is not None)
+        due = []
+        for key in self._adv:
+            if inflight + len(due) >= self.cfg.saf_window:
+                break
+            t = self.txns[key]
+            if t.adv_next_at <= now:
+                due.append(t)
+        if not due:
+            return []
+        recs = []
+        sends: list[Action] = []
+        for t in due:
+            del self._adv[t.key]
+            t.stan, t.f7, t.adv_sent = self._next_stan(), iso.transmission_dt(now), True
+            t.rev_attempts = t.rev_failures = 0
+            t.adv_inflight_until = now + self.cfg.host_timeout_s
+            self.by_stan[t.stan] = t.key
+            recs.append(("advice_attempt", t.key, {"n": t.adv_failures + 1, "stan": t.stan, "f7": t.f7}))
+            sends.append(SendHost(t.key, t.request_fields(self.cfg), card_ref=t.vault_ref))
+        self.count("advice_sent", len(due))
+        return [Append(recs), *sends]
+
+    def _on_advice_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
+        rc = f.get(C.F_RESPONSE_CODE, "")
+        if t.adv_inflight_until is None or f.get("t") != C.MTI_ADVICE_RESPONSE:
+            self.count("late_response")
+            return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": "advice_not_in_flight",
+                                                      "state": t.state.value})])]
+        bad = iso.echo_mismatches(t.request_fields(self.cfg), f)
+        if bad or len(rc) != 2 or rc == C.RC_DUPLICATE:
+            why = "ECHO_MISMATCH" if bad else "BAD_RESPONSE"
+            return [Append([self._advice_to_reversal(t, why, now)]), *self._dispatch_reversals(now)]
+        t.adv_inflight_until = None
+        t.rc = rc
+        if rc == C.RC_APPROVED:
+            return self._finish(t, TxnState.APPROVED, approval=f.get(C.F_APPROVAL_CODE, ""), rrn=f.get(C.F_RRN, ""))
+        return self._finish(t, TxnState.DECLINED, rrn=f.get(C.F_RRN, ""), reason="ADVICE_DECLINED")
+
+    # ------------------------------------------------------------------ signatures
+
+    def _sig_watch(self, t: Txn, required: bool = False) -> None:
+        """Start the missing-signature clock for a sale shown as approved above the limit."""
+        lim = self.cfg.policy.signature_above
+        if required and t.kind is TxnKind.SALE and lim and t.amount > lim and not t.signature:
+            t.signature = "REQUIRED"
+        if t.signature == "REQUIRED":
+            self._sig_due[t.key] = t.created + self.cfg.policy.signature_timeout_s
+
+    def _signatures_due(self, now: float) -> list[Action]:
+        late = [k for k, due in self._sig_due.items() if now >= due]
+        if not late:
+            return []
+        recs = []
+        for k in late:
+            del self._sig_due[k]
+            t = self.txns.get(k)
+            if t is not None:
+                t.signature = "MISSING"
+            recs.append(("signature_missing", k, {"after_s": self.cfg.policy.signature_timeout_s}))
+        self.count("signature_missing", len(late))
+        return [Append(recs)]
 
     def _void(self, req: Request, now: float) -> list[Action]:
         """VOID of an APPROVED sale: reverse the original (0400 with its field 90); the VOID's
@@ -401,6 +581,8 @@ class Engine:
             raise PosguardError(f"only an APPROVED sale can be voided (original is {why})", code="VOID_NOT_ALLOWED")
         if req.amount != o.amount or req.currency != o.currency:
             raise PosguardError("void amount and currency must equal the original sale's", code="VOID_NOT_ALLOWED")
+        if any(r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED) for r in map(self._get, o.refunds)):
+            raise PosguardError("this sale has a refund against it; it can no longer be voided", code="VOID_NOT_ALLOWED")
         v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.amount, currency=o.currency, card_token=o.card_token,
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
         self.txns[key] = v
@@ -462,6 +644,9 @@ class Engine:
         sent = [t for t in self.txns.values() if t.state is TxnState.SENT]
         if sent:
             acts += self._reverse_many(sent, "HOST_DISCONNECTED", now)
+        advices = [self.txns[k] for k in self._stored if self.txns[k].adv_inflight_until is not None]
+        if advices:
+            acts.append(Append([self._advice_to_reversal(t, "HOST_DISCONNECTED", now) for t in advices]))
         for key in self._saf:
             t = self.txns[key]
             if t.rev_inflight_until is not None:
@@ -480,6 +665,11 @@ class Engine:
             return []
         if t.state is TxnState.SENT:
             return self._finish(t, TxnState.DECLINED, reason="NO_HOST")
+        if t.state is TxnState.DEFERRED and t.adv_inflight_until is not None:  # no byte left: send it again later
+            t.adv_inflight_until, t.adv_sent = None, False
+            t.adv_next_at = now + self._backoff(t.adv_failures + 1)
+            self._adv[key] = None
+            return []
         if key in self._saf and t.rev_inflight_until is not None:
             t.rev_inflight_until = None
             t.rev_next_at = now + self._backoff(t.rev_failures)
@@ -508,7 +698,13 @@ class Engine:
         t = self.txns.get(key) if key else None
         if t is None:
             return self._unmatched(fields, "UNKNOWN_STAN")
+        if stan != t.stan:  # an answer to an earlier 0220 of a deferred sale, since reversed
+            self.count("late_response")
+            return [Append([("late_response", t.key, {"mti": mti, "rc": fields.get(C.F_RESPONSE_CODE, ""),
+                                                      "note": "superseded_stan", "stan": stan})])]
         if cls == "2":
+            if t.state is TxnState.DEFERRED:
+                return self._on_advice_response(t, fields, now)
             return self._on_fin_response(t, fields, now)
         if cls == "4":
             return self._on_reversal_response(t, fields, now)
@@ -542,6 +738,15 @@ class Engine:
             return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": "reversal_not_pending", "state": t.state.value})])]
         sent = self._reversal_fields(t, C.MTI_REVERSAL)
         bad = [k for k in (C.F_STAN, C.F_TERMINAL_ID, C.F_MERCHANT_ID) if f.get(k) != sent.get(k)]
+        if not bad and rc in C.REVERSAL_DONE_CODES and t.state is TxnState.DEFERRED:
+            self._saf.pop(t.key, None)
+            t.rev_inflight_until = None
+            t.adv_sent = False
+            t.adv_failures += 1
+            t.adv_next_at = now + self._backoff(t.adv_failures)
+            self._adv[t.key] = None
+            self.count("advice_reversed")
+            return [Append([("advice_reversed", t.key, {"rc": rc, "failures": t.adv_failures})])]
         if not bad and rc in C.REVERSAL_DONE_CODES:
             self._saf.pop(t.key, None)
             t.state = TxnState.REVERSED
@@ -569,6 +774,15 @@ class Engine:
             ds.append(self.echo_deadline)
         if self.cfg.policy.hold_expiry_s > 0:
             ds += [t.created + self.cfg.policy.hold_expiry_s for t in self.txns.values() if t.state is TxnState.HELD]
+        for key in self._stored:
+            t = self.txns[key]
+            if t.adv_inflight_until is not None:
+                ds.append(t.adv_inflight_until)
+            elif key in self._adv:
+                ds.append(t.created + self.cfg.offline.max_age_s)
+                if self.host_up:
+                    ds.append(t.adv_next_at)
+        ds += self._sig_due.values()
         if self.host_up:
             ds.append(self.last_host_activity + self.cfg.echo_idle_s)
         return min(ds) if ds else None
@@ -585,7 +799,12 @@ class Engine:
         if self.cfg.policy.hold_expiry_s > 0:
             for t in [t for t in self.txns.values() if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
                 acts += self._finish(t, TxnState.DECLINED, reason="HOLD_EXPIRED")
+        if self._stored:
+            acts += self._advices_tick(now)
+        if self._sig_due:
+            acts += self._signatures_due(now)
         acts += self._dispatch_reversals(now)
+        acts += self._dispatch_advices(now)
         if self.host_up and self.echo_stan is None and now >= self.last_host_activity + self.cfg.echo_idle_s:
             acts += self._echo(now)
         elif self.echo_deadline is not None and now >= self.echo_deadline:
@@ -593,12 +812,26 @@ class Engine:
             self.last_host_activity = now
         return acts
 
+    def _advices_tick(self, now: float) -> list[Action]:
+        """Unanswered 0220s are reversed; offline sales never forwarded within max_age give up."""
+        acts: list[Action] = []
+        timed_out = [self.txns[k] for k in self._stored
+                     if self.txns[k].adv_inflight_until is not None and now >= self.txns[k].adv_inflight_until]  # type: ignore[operator]
+        if timed_out:
+            acts.append(Append([self._advice_to_reversal(t, "HOST_TIMEOUT", now) for t in timed_out]))
+        expired = [self.txns[k] for k in self._adv if now >= self.txns[k].created + self.cfg.offline.max_age_s]
+        for t in expired:
+            self.count("offline_expired")
+            acts += self._finish(t, TxnState.NEEDS_MANUAL, reason="OFFLINE_EXPIRED")
+        return acts
+
     def pending_reversals(self) -> int:
         return len(self._saf)
 
     def busy(self) -> bool:
         """True while anything awaits the host: used by drivers to know when a drain is done."""
-        return bool(self._saf) or any(t.state in AWAITING and t.kind is not TxnKind.VOID for t in self.txns.values())
+        return bool(self._saf) or bool(self._stored) or any(t.state in AWAITING and t.kind is not TxnKind.VOID
+                                                           for t in self.txns.values())
 
     # ------------------------------------------------------------------ internals
 
@@ -617,7 +850,11 @@ class Engine:
         t.state, t.approval, t.rrn, t.reason, t.deadline = state, approval, rrn, reason, None
         self.count(state.value.lower())
         self._finalized(t)
+        if state is TxnState.APPROVED:
+            self._sig_watch(t, required=True)
         payload = {"state": state.value, "rc": t.rc, "approval": approval, "rrn": rrn, "reason": reason}
+        if t.signature:
+            payload["signature"] = t.signature
         return [Append([("outcome", t.key, payload)], vault_shred=self._shred(t)), Reply(t.result())]
 
     def _to_reversal(self, t: Txn, reason: str, now: float) -> None:
@@ -665,16 +902,17 @@ class Engine:
         return [Append([("reversal_failed", t.key, {"why": why, "failures": t.rev_failures})])]
 
     def _reversal_fields(self, t: Txn, mti: str) -> dict[str, str]:
+        original_mti = C.MTI_ADVICE if t.state is TxnState.DEFERRED else C.MTI_FIN_REQUEST
         return {
             "t": mti,
-            C.F_PROC_CODE: C.PROC_PURCHASE,
+            C.F_PROC_CODE: C.PROC_REFUND if t.kind is TxnKind.REFUND else C.PROC_PURCHASE,
             C.F_AMOUNT: f"{t.amount:012d}",
             C.F_TRANSMISSION_DT: t.f7,
             C.F_STAN: f"{t.stan:06d}",
             C.F_TERMINAL_ID: self.cfg.terminal_id,
             C.F_MERCHANT_ID: self.cfg.merchant_id,
             C.F_CURRENCY: t.currency,
-            C.F_ORIGINAL_DATA: iso.field90(C.MTI_FIN_REQUEST, t.stan, t.f7),
+            C.F_ORIGINAL_DATA: iso.field90(original_mti, t.stan, t.f7),
         }
 
     def _dispatch_reversals(self, now: float) -> list[Action]:
@@ -733,6 +971,22 @@ def _apply_state(t: Txn, kind: str, p: dict[str, Any]) -> None:
     elif kind == "outcome":
         t.state = TxnState(p["state"])
         t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
+        t.signature = p.get("signature", t.signature)
+    elif kind == "deferred":
+        t.state, t.signature = TxnState.DEFERRED, p.get("signature", "")
+    elif kind == "advice_attempt":
+        t.stan, t.f7, t.adv_sent = int(p["stan"]), p["f7"], True
+        t.rev_attempts = t.rev_failures = 0
+    elif kind == "advice_reversal_pending":
+        t.reason = p.get("reason", "")
+    elif kind == "advice_reversed":
+        t.adv_sent, t.adv_failures = False, int(p.get("failures", t.adv_failures + 1))
+    elif kind == "refund_of":
+        t.refunds.append(p["refund"])
+    elif kind == "signature":
+        t.signature = "CAPTURED"
+    elif kind == "signature_missing":
+        t.signature = "MISSING" if t.signature != "CAPTURED" else t.signature
     elif kind == "reversal_pending":
         t.state, t.reason, t.rc = TxnState.REVERSAL_PENDING, p.get("reason", ""), p.get("rc", t.rc)
     elif kind == "reversal_attempt":

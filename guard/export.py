@@ -6,7 +6,8 @@ SQLite connection and rebuilds every transaction's state with the engine's own r
 recover. Entries hold masked PANs and keyed card tokens only, never a clear PAN.
 
 Per transaction: txn, kind, state, stan, date (MMDD of field 7, the host's ledger date), amount,
-currency, masked_pan, rc, approval, rrn, reason, created, updated, entries, history (a list of
+currency, masked_pan, rc, approval, rrn, reason, signature (REQUIRED / CAPTURED / MISSING for a sale
+above the signature limit), created, updated, entries, history (a list of
 ``[seq, kind, ts]``). Per entry: seq, time, ts, kind, txn, state (of its transaction), payload.
 Times are UTC ISO 8601 (``time``/``created``/``updated``) or seconds since the epoch (``ts``).
 
@@ -33,7 +34,7 @@ from .model import TxnKind, TxnState
 from .policies import OFF
 
 TXN_COLUMNS = ["txn", "kind", "state", "stan", "date", "amount", "currency", "masked_pan", "rc", "approval", "rrn",
-               "reason", "created", "updated", "entries", "history"]
+               "reason", "signature", "created", "updated", "entries", "history"]
 ENTRY_COLUMNS = ["seq", "time", "ts", "kind", "txn", "state", "payload"]
 STATES = tuple(s.value for s in TxnState)
 
@@ -86,6 +87,7 @@ class TxnView:
     original: str | None
     created: float
     updated: float
+    signature: str = ""  # "", REQUIRED, CAPTURED or MISSING (a sale above the signature limit)
     history: list[tuple[int, str, float]] = field(default_factory=list)
 
     @property
@@ -95,7 +97,8 @@ class TxnView:
     def row(self) -> dict[str, Any]:
         return {"txn": self.key, "kind": self.kind, "state": self.state, "stan": self.stan, "date": self.date,
                 "amount": self.amount, "currency": self.currency, "masked_pan": self.masked_pan, "rc": self.rc,
-                "approval": self.approval, "rrn": self.rrn, "reason": self.reason, "created": iso(self.created),
+                "approval": self.approval, "rrn": self.rrn, "reason": self.reason, "signature": self.signature,
+                "created": iso(self.created),
                 "updated": iso(self.updated), "entries": len(self.history),
                 "history": [[s, k, t] for s, k, t in self.history]}
 
@@ -221,7 +224,7 @@ def build_view(meta: dict[str, str], entries: Iterable[Any], progress: Callable[
         txns[key] = TxnView(
             key=key, kind=t.kind.value, state=t.state.value, stan=t.stan, date=t.f7[:4], amount=t.amount,
             currency=t.currency, masked_pan=t.masked_pan, rc=t.rc, approval=t.approval, rrn=t.rrn,
-            reason=t.reason, tid=tid, mid=mid, original=t.original, created=t.created,
+            reason=t.reason, tid=tid, mid=mid, original=t.original, created=t.created, signature=t.signature,
             updated=h[-1][2] if h else t.created, history=h)
     if progress is not None:
         progress(count, count)

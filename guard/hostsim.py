@@ -11,11 +11,12 @@ Three layers:
 
 Ledger rules (the "no double debit, no silent debit" oracle):
 
-- Key = (41, 42, 11, MMDD of field 7). An approved 0200 creates one debit record holding a keyed
+- Key = (41, 42, 11, MMDD of field 7). An approved 0200 (or 0220 advice) creates one record, a debit
+  or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
   card token (HMAC-SHA256 of the PAN, 16 hex), the masked PAN, amount, a unique 12-digit RRN and
   a 6-digit approval code. The clear PAN is never stored.
 - Duplicate detection ON: a 0200 whose key was already seen is answered 94 without a debit; a
-  0201 repeat gets the original answer again. OFF: every 0200/0201 is processed, so a resent sale
+  0201/0221 repeat gets the original answer again. OFF: every request is processed, so a resent sale
   debits twice (what a real host without duplicate detection does).
 - Reversal (0400/0401, also 0420/0421): the original key comes from field 90 (STAN + MMDD of the
   original field 7) and 41/42. The first reversal for a key reverses the earliest active debit
@@ -105,7 +106,7 @@ from .iso import (
 from .model import mask_pan
 
 # Response codes used only by the simulator (not in guard.constants).
-RC_INVALID_TRANSACTION = "12"  # MTI we do not process (e.g. 0220 advice)
+RC_INVALID_TRANSACTION = "12"  # MTI we do not process
 RC_FORMAT_ERROR = "30"  # a required field is missing or malformed
 RC_TOMBSTONED = RC_TOO_LATE  # original arrived after its own reversal
 
@@ -133,7 +134,7 @@ ACTION_GARBAGE = "garbage"
 
 DEFAULT_LATE_DELAY_S = HOST_TIMEOUT_S + 15.0
 DEFAULT_FAULT_CLASSES = ("02", "04")  # keepalives (08) are left alone so forced faults hit sales
-_SALE_MTIS = frozenset({"0200", "0201"})
+_SALE_MTIS = frozenset({"0200", "0201", "0220", "0221"})  # financial requests and advices book alike
 _REVERSAL_MTIS = frozenset({"0400", "0401", "0420", "0421"})
 _NET_CODES = frozenset({NET_SIGN_ON, "002", NET_ECHO})
 _ECHOED = ("3", F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID, "49")
@@ -186,6 +187,7 @@ class Debit:
     at: float
     reversed: bool = False
     reversal_id: int | None = None
+    type: str = "SALE"  # SALE (a debit, from 0200 or an 0220 advice) or REFUND (a credit, processing code 20)
 
 
 @dataclass
@@ -218,6 +220,7 @@ class SaleRecord:
     response: str
     debit_id: int | None
     at: float
+    type: str = "SALE"
 
 
 @dataclass
@@ -420,15 +423,16 @@ class HostCore:
         if bad is not None:
             self._counters["terminal_rejects"] += 1
             return self._respond(fields, now, bad)
+        kind = "REFUND" if fields.get("3", "").startswith("20") else "SALE"
         if self.dup_detection and key in self._seen:
-            if mti == "0201":
+            if mti[3] == "1":
                 self._counters["repeats_answered"] += 1
                 again = dict(self._seen[key])
                 self._by_rc[again["39"]] += 1
                 return again
             self._counters["duplicates_declined"] += 1
             resp = self._respond(fields, now, RC_DUPLICATE)
-            self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, "", RC_DUPLICATE, None, now))
+            self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, "", RC_DUPLICATE, None, now, kind))
             return resp
         rrn = self._next_rrn()
         debit_id: int | None = None
@@ -446,7 +450,7 @@ class HostCore:
             d = Debit(
                 id=len(self._debits) + 1, tid=tid, mid=mid, stan=stan, date=key[3], mti=mti,
                 card=self._card_token(pan), masked_pan=mask_pan(pan), amount=amount,
-                currency=fields.get("49", ""), rrn=rrn, approval_code=approval, at=now,
+                currency=fields.get("49", ""), rrn=rrn, approval_code=approval, at=now, type=kind,
             )
             self._debits.append(d)
             self._by_key.setdefault(key, []).append(d)
@@ -455,7 +459,7 @@ class HostCore:
             extra["38"] = approval
         resp = self._respond(fields, now, rc, **extra)
         self._seen[key] = resp
-        self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, rrn, rc, debit_id, now))
+        self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, rrn, rc, debit_id, now, kind))
         return resp
 
     def _reversal(self, fields: Mapping[str, str], now: float) -> dict[str, str]:
@@ -550,7 +554,7 @@ class HostCore:
                     c["reversed"] += 1
                 else:
                     c["net"] += 1
-                    c["net_amount"] += d.amount
+                    c["net_amount"] += -d.amount if d.type == "REFUND" else d.amount
             return {
                 "seed": self.seed,
                 "dup_detection": self.dup_detection,
@@ -565,7 +569,8 @@ class HostCore:
                     "debits": len(self._debits),
                     "reversed": sum(1 for d in self._debits if d.reversed),
                     "net_debits": sum(1 for d in self._debits if not d.reversed),
-                    "net_amount": sum(d.amount for d in self._debits if not d.reversed),
+                    "net_amount": sum(-d.amount if d.type == "REFUND" else d.amount for d in self._debits if not d.reversed),
+                    "refunds": sum(1 for d in self._debits if d.type == "REFUND" and not d.reversed),
                 },
                 "faults": [asdict(f) for f in self.fault_log],
             }
@@ -596,7 +601,7 @@ class HostCore:
             for i, s in enumerate(self._sales):
                 events.append((s.at, 2 * i, {
                     "date": s.date, "tid": s.tid, "mid": s.mid, "stan": s.stan, "rrn": s.rrn,
-                    "amount": str(s.amount), "type": "SALE", "response": s.response}))
+                    "amount": str(s.amount), "type": s.type, "response": s.response}))
             for i, r in enumerate(self._reversals):
                 events.append((r.at, 2 * i + 1, {
                     "date": r.orig_date, "tid": r.tid, "mid": r.mid, "stan": r.orig_stan,

@@ -28,6 +28,7 @@ class TxnState(str, enum.Enum):
     REVERSED = "REVERSED"
     NEEDS_MANUAL = "NEEDS_MANUAL"
     HELD = "HELD"  # journaled, not sent: a counter rule wants the operator's CONFIRM first
+    DEFERRED = "DEFERRED"  # approved offline within the configured limits; 0220 advice still owed
 
     @property
     def final(self) -> bool:
@@ -36,6 +37,18 @@ class TxnState(str, enum.Enum):
     @property
     def shown_as_success(self) -> bool:
         return self is TxnState.APPROVED
+
+
+# ISO 4217 minor-unit exponents that are not 2 (the codes a terminal is likely to meet).
+CURRENCY_EXPONENT = {"392": 0, "410": 0, "704": 0, "048": 3, "368": 3, "400": 3, "414": 3, "512": 3, "788": 3}
+
+
+def format_amount(minor: int, currency: str) -> str:
+    """12345 in 978 -> '123.45'; in 392 (JPY) -> '12345'."""
+    exp = CURRENCY_EXPONENT.get(currency, 2)
+    if exp == 0:
+        return str(minor)
+    return f"{minor // 10**exp}.{minor % 10**exp:0{exp}d}"
 
 
 FINAL_STATES = frozenset({TxnState.APPROVED, TxnState.DECLINED, TxnState.REVERSED, TxnState.NEEDS_MANUAL})
@@ -132,11 +145,16 @@ def display_text(r: Result) -> str:
         return "PROCESSING - PLEASE WAIT"
     s = r.state
     if s is TxnState.APPROVED:
-        return f"APPROVED {r.approval_code}".strip()
+        sig = " - SIGNATURE REQUIRED" if r.extra.get("signature") == "REQUIRED" else ""
+        return f"APPROVED {r.approval_code}".strip() + sig
     if s is TxnState.HELD:
         if r.reason == "HOLD_DOUBLE_SWIPE":
             return "POSSIBLE DOUBLE SWIPE - CONFIRM TO CHARGE AGAIN"
+        if r.reason == "HOLD_CONFIRM_AMOUNT":
+            return f"CONFIRM AMOUNT {format_amount(r.extra.get('amount', 0), r.extra.get('currency', ''))}"
         return "REVERSAL PENDING ON CARD - WAIT OR CONFIRM"
+    if s is TxnState.DEFERRED:
+        return "APPROVED OFFLINE" + (" - SIGNATURE REQUIRED" if r.extra.get("signature") == "REQUIRED" else "")
     if s is TxnState.DECLINED:
         if r.reason.startswith("VELOCITY_"):
             return "CARD USED TOO FREQUENTLY"
@@ -144,6 +162,12 @@ def display_text(r: Result) -> str:
             return "NOT CONFIRMED - NOT CHARGED"
         if r.reason == "NO_HOST":
             return "HOST UNAVAILABLE - NOT CHARGED"
+        if r.reason.startswith("OFFLINE_"):
+            return "HOST UNAVAILABLE - OFFLINE LIMIT - NOT CHARGED"
+        if r.reason == "OPERATOR_CANCELLED":
+            return "CANCELLED - NOT CHARGED"
+        if r.reason == "ADVICE_DECLINED":
+            return "OFFLINE SALE DECLINED BY HOST - COLLECT PAYMENT"
         if r.response_code in ("03", "58"):
             return "TERMINAL CONFIG ERROR - CALL SUPPORT (NOT A CARD PROBLEM)"
         if r.response_code == "65":

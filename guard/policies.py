@@ -11,6 +11,7 @@ the request, so every local decision is explained in the journal.
 | sale while reversal pending | reversal pending on the same card   | HOLD_PENDING_REVERSAL        |
 | card used too frequently    | sales / amount per card per window  | DECLINE VELOCITY_CARD_*      |
 | abnormal terminal pattern   | sales / amount per terminal window  | DECLINE VELOCITY_TERMINAL_*  |
+| wrong amount keyed          | every sale/refund shown for CONFIRM | HOLD_CONFIRM_AMOUNT          |
 
 Velocity counts sales released to the host (sent, whatever their outcome): issuers count
 attempts too, and a count that never decreases keeps the check O(1).
@@ -58,6 +59,37 @@ class PolicyConfig:
     hold_expiry_s: float = 300.0  # an unconfirmed hold becomes DECLINED HOLD_EXPIRED
     card_limits: tuple[VelocityLimit, ...] = (VelocityLimit(600.0, max_count=5), VelocityLimit(86400.0, max_amount=500_000))
     terminal_limits: tuple[VelocityLimit, ...] = (VelocityLimit(60.0, max_count=30),)
+    confirm_amount: bool = False  # every sale and refund is HELD until the operator confirms its amount
+    signature_above: int = 0  # approved sales above this amount (minor units) need a signature (0: never)
+    signature_timeout_s: float = 300.0  # no SIGNED within this time after the sale -> flagged missing
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    """Deferred (offline) authorization while the host is unreachable; off unless enabled.
+
+    Schemes and acquirers cap what a terminal may store (Moneris: 250/500 records; Square: 24 h;
+    Clover: 7 days): per-sale amount, total stored amount, stored count, and the age after which
+    an offline sale that could not be forwarded is given up (NEEDS_MANUAL, never silently dropped).
+    """
+
+    enabled: bool = False
+    max_sale_amount: int = 5_000
+    max_total_amount: int = 50_000
+    max_count: int = 250
+    max_age_s: float = 86_400.0
+
+    def refuse(self, amount: int, stored_count: int, stored_total: int) -> str:
+        """The reason this sale may not be stored offline, or "" if it may."""
+        if not self.enabled:
+            return "NO_HOST"
+        if amount > self.max_sale_amount:
+            return "OFFLINE_LIMIT_SALE_AMOUNT"
+        if stored_count + 1 > self.max_count:
+            return "OFFLINE_LIMIT_COUNT"
+        if stored_total + amount > self.max_total_amount:
+            return "OFFLINE_LIMIT_TOTAL_AMOUNT"
+        return ""
 
 
 OFF = PolicyConfig(double_swipe_window_s=0.0, hold_on_pending_reversal=False, card_limits=(), terminal_limits=())
@@ -73,7 +105,7 @@ class Seen(Protocol):
     state: TxnState
 
 
-IN_FLIGHT_OR_APPROVED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.APPROVED})
+IN_FLIGHT_OR_APPROVED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.APPROVED, TxnState.DEFERRED})
 
 
 class Window:
@@ -190,11 +222,15 @@ def decide(kind: TxnKind, amount: int, now: float, card_recent: Sequence[Seen], 
     if cfg.hold_on_pending_reversal and any(s.state is TxnState.REVERSAL_PENDING for s in card_recent):
         if not confirmed or kind is TxnKind.REFUND:
             return Verdict(Action.HOLD, "HOLD_PENDING_REVERSAL", "a reversal for this card is still pending")
+    confirm = Verdict(Action.HOLD, "HOLD_CONFIRM_AMOUNT", "operator to confirm the amount")
     if kind is not TxnKind.SALE:
-        return ALLOW
+        return confirm if cfg.confirm_amount and not confirmed else ALLOW
     if cfg.double_swipe_window_s > 0 and not confirmed:
         since = now - cfg.double_swipe_window_s
         for s in card_recent:
             if s.created >= since and s.amount == amount and s.kind is TxnKind.SALE and s.state in IN_FLIGHT_OR_APPROVED:
                 return Verdict(Action.HOLD, "HOLD_DOUBLE_SWIPE", f"same card and amount {int(now - s.created)} s ago")
-    return history.velocity(card_token, amount, now) or ALLOW
+    velocity = history.velocity(card_token, amount, now)
+    if velocity is not None:
+        return velocity
+    return confirm if cfg.confirm_amount and not confirmed else ALLOW

@@ -9,7 +9,9 @@ row per host event in arrival order:
   stan      6 digits: the ORIGINAL sale's STAN (REVERSAL rows too)
   rrn       field 37 (up to 12 alphanumerics); empty when the host had none (e.g. a 94 duplicate)
   amount    minor units, digits only
-  type      SALE (every 0200/0201 the host processed, whatever the answer) or REVERSAL
+  type      SALE (every 0200/0201/0220/0221 the host processed, whatever the answer), REFUND (the
+            same for processing code 20: a credit) or REVERSAL. A REFUND row books like a SALE row:
+            each transaction has its own key, so "net" counts the refund's one credit
   response  field 39 the host answered (2 characters)
 
 The host's view of one sale (key = tid, mid, stan, date): every SALE row answered ``00`` is a
@@ -192,8 +194,8 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
             raise SettlementError(path, line, "rrn", f"{v['rrn']!r} is not empty or up to 12 letters/digits")
         if not (v["amount"].isascii() and v["amount"].isdigit() and len(v["amount"]) <= 12):
             raise SettlementError(path, line, "amount", f"{v['amount']!r} is not a whole number of minor units")
-        if v["type"] not in ("SALE", "REVERSAL"):
-            raise SettlementError(path, line, "type", f"{v['type']!r} is not SALE or REVERSAL")
+        if v["type"] not in ("SALE", "REFUND", "REVERSAL"):
+            raise SettlementError(path, line, "type", f"{v['type']!r} is not SALE, REFUND or REVERSAL")
         r = v["response"]
         if not (len(r) == 2 and r.isascii() and r.isalnum()):
             raise SettlementError(path, line, "response", f"{r!r} is not a 2-character response code")
@@ -234,7 +236,7 @@ def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterab
         used += 1
         seen_dates.add(r.date)
         h = host.setdefault(r.key, _Host())
-        if r.type == "SALE":
+        if r.type in ("SALE", "REFUND"):
             if r.response == "00":
                 h.debits.append(r)
         elif h.first_reversal is None:

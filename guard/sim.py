@@ -8,12 +8,13 @@ the real recovery path. After a fault-free drain the invariants are checked:
 - every sale: final APPROVED iff the host holds exactly one net debit for it, otherwise none;
 - every debit the host holds belongs to a sale the terminal journaled as APPROVED;
 - what the reader was shown never contradicts the final outcome (shown APPROVED -> APPROVED;
-  shown failed -> not charged);
+  shown failed -> not charged; shown APPROVED OFFLINE -> charged at most once);
 - the journal verifies (chain, MACs from k0, checkpoint signatures).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import heapq
@@ -29,7 +30,7 @@ from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost, card_
 from .hostsim import HostCore
 from .journal import Journal
 from .keys import DeviceKeys, init_keys
-from .policies import OFF
+from .policies import OFF, OfflineConfig
 from .model import CardData, Request, Result, TxnKind, TxnState
 from .service import JournalCrypto
 from .verify import verify_journal
@@ -66,6 +67,8 @@ class SimConfig:
     late_delay: float = 5.0
     reversal_max_attempts: int = 20
     drain_limit_s: float = 3600.0
+    offline: bool = False  # deferred authorization on: sales during outages are stored, then sent as 0220
+    outage_s: float = 0.5  # how long the terminal stays disconnected after the host closes the link
 
 
 @dataclass
@@ -79,6 +82,8 @@ class SimReport:
     declined: int
     crashes: int
     host_faults: dict[str, int]
+    deferred: int = 0  # sales approved offline (journal "deferred" records)
+    advice_reversals: int = 0  # unanswered 0220s reversed before a fresh one
     trace: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -109,6 +114,7 @@ class _World:
             echo_idle_s=30.0,
             policy=OFF,  # readers here reuse cards and amounts; counter rules have their own tests
             keep_final=3,  # evict early so re-sends and STATUS exercise reading back from the journal
+            offline=OfflineConfig(enabled=cfg.offline, max_sale_amount=20_000, max_total_amount=60_000, max_count=8),
         )
         rates = {k: cfg.fault_rate / len(HOST_FAULTS) for k in HOST_FAULTS} if cfg.fault_rate else {}
         self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay)
@@ -120,6 +126,7 @@ class _World:
         self.crashing_enabled = True
         self.requests: dict[str, Request] = {}
         self.shown: dict[str, list[Result]] = {}
+        self.kinds: collections.Counter[str] = collections.Counter()
 
     def _det_bytes(self, n: int) -> bytes:
         return bytes(self.rng.getrandbits(8) for _ in range(n))
@@ -284,7 +291,8 @@ class _World:
                     self.log("connection closed by host")
                     self.conn += 1
                     self.terminal(lambda e: e.on_host_down(self.now))
-                    self.at(0.5, "reconnect", self.conn)
+                    self.at(self.rng.uniform(0.5, self.cfg.outage_s) if self.cfg.outage_s > 0.5 else 0.5,
+                            "reconnect", self.conn)
             elif kind == "reconnect":
                 if data == self.conn and self.engine is not None:
                     self.terminal(lambda e: e.on_host_up(self.now))
@@ -299,6 +307,7 @@ class _World:
             self.journal.close()
         # Judge by what the journal holds after a fresh restore, not by the engine's memory.
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
+        self.kinds = collections.Counter(e.kind for e in self.journal.entries())
         self.engine = Engine.restore(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal.entries())
         by_stan: dict[tuple[int, str], str] = {}
         for key, t in self.engine.txns.items():
@@ -317,7 +326,7 @@ class _World:
                     continue
                 if r.state is TxnState.APPROVED and t.state is not TxnState.APPROVED:
                     bad.append(f"{key}: reader was shown APPROVED, final is {t.state.value}")
-                if r.state is not TxnState.APPROVED and t.state is TxnState.APPROVED:
+                if r.state not in (TxnState.APPROVED, TxnState.DEFERRED) and t.state is TxnState.APPROVED:
                     bad.append(f"{key}: reader was shown {r.state.value}, final is APPROVED (charged)")
         for (tid, mid, stan, mmdd), net in self.host.net_by_key().items():
             if net and (tid, mid) == (TID, MID) and (int(stan), mmdd) not in by_stan:
@@ -352,6 +361,8 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
             declined=sum(s is TxnState.DECLINED for s in states),
             crashes=w.crashes,
             host_faults=dict(w.host.stats().get("faults", {})),
+            deferred=w.kinds["deferred"],
+            advice_reversals=w.kinds["advice_reversal_pending"],
             trace=w.trace if (keep_trace or violations) else [],
         )
     finally:

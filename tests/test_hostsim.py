@@ -210,7 +210,8 @@ def test_network_echo_and_ignored_messages() -> None:
     assert one(core, {"t": "0800", "11": "000043", "41": TID, "70": "999"})["39"] == "30"
     assert core.handle({"t": "0210", "11": "000001"}, NOW) == []
     core2 = HostCore(seed=1, dup_detection=True)
-    assert one(core2, dict(sale(), t="0220"))["39"] == "12"
+    adv = one(core2, dict(sale(stan=7), t="0220"))  # an offline sale's advice books like a sale
+    assert adv["t"] == "0230" and adv["39"] == "00" and core2.net_debits(TID, MID, 7, "1122") == 1
     assert core.stats()["requests_by_mti"] == {"0800": 2, "0210": 1}
 
 

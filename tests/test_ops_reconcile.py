@@ -123,7 +123,7 @@ BAD = [
     ("missing column", lambda h, r: (h[:4] + h[5:], [x[:4] + x[5:] for x in r]), 1, "rrn"),
     ("bad amount", lambda h, r: (h, r[:3] + [r[3][:5] + ["12.50"] + r[3][6:]] + r[4:]), 5, "amount"),
     ("bad stan", lambda h, r: (h, r[:1] + [r[1][:3] + ["12a456"] + r[1][4:]] + r[2:]), 3, "stan"),
-    ("bad type", lambda h, r: (h, r[:2] + [r[2][:6] + ["REFUND"] + r[2][7:]] + r[3:]), 4, "type"),
+    ("bad type", lambda h, r: (h, r[:2] + [r[2][:6] + ["CHARGEBACK"] + r[2][7:]] + r[3:]), 4, "type"),
     ("bad date", lambda h, r: (h, r[:6] + [["1399"] + r[6][1:]] + r[7:]), 8, "date"),
     ("short row", lambda h, r: (h, r[:1] + [r[1][:5]] + r[2:]), 3, ""),
 ]

@@ -65,3 +65,41 @@ def test_engine_that_answers_before_the_outcome_commit_is_caught(monkeypatch: py
     monkeypatch.setattr(E.Engine, "_finish", early)
     found = first_failing_seed(True)
     assert found is not None and "shown" in found[1]
+
+
+OFFLINE = dict(offline=True, outage_s=15.0, fault_rate=0.4)
+
+
+@pytest.mark.slow
+def test_offline_seed_set_passes(tmp_path: Path) -> None:
+    """Deferred authorization under outages, faults and crashes: seeds 2001..2150, both host modes.
+    Every offline sale ends APPROVED with one debit, or not approved with none."""
+    failed, deferred, advice_reversals = [], 0, 0
+    for seed in range(2001, 2151):
+        rep = run_seed(SimConfig(seed=seed, dup_detection=seed % 2 == 0, **OFFLINE), workdir=tmp_path / str(seed),
+                       keep_trace=False)
+        deferred += rep.deferred
+        advice_reversals += rep.advice_reversals
+        if not rep.ok:
+            failed.append(f"seed {seed}: {rep.violations[:2]}")
+    assert not failed, "\n".join(failed[:10])
+    assert deferred > 100 and advice_reversals > 40, (deferred, advice_reversals)
+
+
+def test_engine_that_resends_an_unanswered_advice_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    def resend(self: E.Engine, now: float) -> list[Any]:
+        for key in list(self._stored):
+            t = self.txns[key]
+            if t.adv_inflight_until is not None and now >= t.adv_inflight_until:
+                t.adv_inflight_until = None
+                self._adv[key] = None
+        return []
+
+    monkeypatch.setattr(E.Engine, "_advices_tick", resend)
+    found = None
+    for seed in range(1, 101):
+        rep = run_seed(SimConfig(seed=seed, dup_detection=False, **OFFLINE), keep_trace=False)  # type: ignore[arg-type]
+        if not rep.ok:
+            found = seed
+            break
+    assert found is not None
