@@ -68,7 +68,7 @@ NUMERIC_FIELDS: frozenset[str] = frozenset(
 _SECRET_FIELDS: frozenset[str] = frozenset({"35", "36", "45", "52", "55"})
 
 _SAFE_MSG = re.compile(r"^[A-Za-z0-9 ,.\-]*$")
-_BITMAP_KEYS = ("p", "1")
+_DROP_KEYS = ("p", "1", "h")
 
 
 class CodecError(HostProtocolError):
@@ -244,6 +244,17 @@ def _binary_fields(spec: Mapping[str, Any]) -> frozenset[str]:
 
 def _format_problem(fields: Mapping[str, str], binary: frozenset[str]) -> str | None:
     """First field that a well-behaved host could not have sent, as "field N: reason"."""
+    text = "".join([v for k, v in fields.items() if k not in binary and k != "t"])
+    nums = [v for k, v in fields.items() if k in NUMERIC_FIELDS and k not in binary]
+    if not (text.isascii() and text.isprintable()) or (nums and not (all(nums) and "".join(nums).isdigit())):
+        problem = _field_problem(fields, binary)
+        if problem is not None:
+            return problem
+    return _date_problem(fields)
+
+
+def _field_problem(fields: Mapping[str, str], binary: frozenset[str]) -> str | None:
+    """The first non-printable or non-numeric field, in message order."""
     for k, v in fields.items():
         if k == "t" or k in binary:
             continue
@@ -251,6 +262,11 @@ def _format_problem(fields: Mapping[str, str], binary: frozenset[str]) -> str | 
             return f"field {k}: non-printable characters"
         if k in NUMERIC_FIELDS and not v.isdigit():
             return f"field {k}: not numeric"
+    return None
+
+
+def _date_problem(fields: Mapping[str, str]) -> str | None:
+    """Fields 7, 12 and 13 that are not valid dates or times."""
     f7 = fields.get("7")
     if f7 is not None and not (len(f7) == 10 and _valid_mmdd(f7[:4]) and _valid_hhmmss(f7[4:])):
         return "field 7: not a valid MMDDhhmmss"
@@ -292,7 +308,7 @@ class HostCodec:
     def header_len(self) -> int:
         return 2 if self.header == HOST_HEADER_BINARY2 else 4
 
-    def frame(self, payload: bytes, *, tpdu: bytes | None = None) -> bytes:
+    def frame(self, payload: bytes | bytearray, *, tpdu: bytes | None = None) -> bytes:
         """Length header + TPDU (``tpdu`` or the codec's) + ``payload``; no ISO validation."""
         t = tpdu if tpdu is not None else self.tpdu
         if self.tpdu is None and tpdu is not None:
@@ -301,7 +317,7 @@ class HostCodec:
         if not 0 < body_len <= HOST_MAX_MESSAGE:
             raise CodecError(f"message length {body_len} outside 1..{HOST_MAX_MESSAGE}")
         head = struct.pack(">H", body_len) if self.header == HOST_HEADER_BINARY2 else b"%04d" % body_len
-        return head + (t or b"") + payload
+        return b"".join((head, t or b"", payload))
 
     def encode(self, fields: Mapping[str, str], *, tpdu: bytes | None = None) -> bytes:
         """Framed wire bytes for ``fields`` (``t`` = MTI plus data fields as strings).
@@ -311,14 +327,14 @@ class HostCodec:
         mti = fields.get("t", "")
         if not is_known_mti(mti):
             raise CodecError("field t: not a known 4-digit MTI")
-        doc = {k: v for k, v in fields.items() if k not in _BITMAP_KEYS}
+        doc = dict(fields)  # the library pops "1"/"65" and rewrites "p" in the dict it is given
         try:
             raw, _ = iso8583.encode(doc, self.spec)
         except iso8583.EncodeError as e:
             raise CodecError(f"field {e.field}: {_safe_msg(e.msg)}") from None
         except (TypeError, ValueError, AttributeError, KeyError, LookupError):
             raise CodecError("fields cannot be encoded with this spec") from None
-        return self.frame(bytes(raw), tpdu=tpdu)
+        return self.frame(raw, tpdu=tpdu)
 
     def decoder(self, side: str = "terminal") -> FrameDecoder:
         """A fresh stream decoder. ``side="terminal"`` decodes host responses, ``"host"`` requests."""
@@ -367,10 +383,14 @@ class FrameDecoder:
         if self.broken:
             return []
         buf = self._buf
+        hlen = self._hlen
+        if not buf and type(data) is bytes and len(data) > hlen:
+            length = self._parse_length(data[:hlen])
+            if length is not None and hlen + length == len(data):
+                return [self._decode_frame(memoryview(data)[hlen:], len(data))]
         buf += data
         out: list[HostMessage | HostGarbage] = []
         pos = 0
-        hlen = self._hlen
         while len(buf) - pos >= hlen:
             head = bytes(buf[pos : pos + hlen])
             length = self._parse_length(head)
@@ -452,7 +472,9 @@ class FrameDecoder:
         mti = doc.get("t", "")
         if not is_known_mti(mti):
             return HostGarbage(HOST_BAD_MTI, "MTI is not 4 digits of a known class", raw_len, digest(raw))
-        fields = {k: v for k, v in doc.items() if k not in _BITMAP_KEYS and k != "h"}
+        for k in _DROP_KEYS:
+            doc.pop(k, None)
+        fields = doc
         problem = _format_problem(fields, self._binary)
         if problem is not None:
             return HostGarbage(HOST_UNDECODABLE, f"{problem} ({mti})", raw_len, digest(raw))

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import selectors
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from .engine import Action, Append, Engine, Reply, SendHost, card_from_plaintext
@@ -35,12 +35,15 @@ class JournalCrypto:
         # keys.card_token, at a fraction of hmac.digest's per-call cost under OpenSSL 3.
         key = token_key if len(token_key) <= 64 else hashlib.sha256(token_key).digest()
         key = key.ljust(64, b"\0")
-        self._ki = bytes(b ^ 0x36 for b in key)
-        self._ko = bytes(b ^ 0x5C for b in key)
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))  # states after the padded key block
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
 
     def token(self, pan: str) -> str:
-        inner = hashlib.sha256(self._ki + pan.encode()).digest()
-        return hashlib.sha256(self._ko + inner).hexdigest()[:CARD_TOKEN_HEX_LEN]
+        inner = self._inner.copy()
+        inner.update(pan.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()[:CARD_TOKEN_HEX_LEN]
 
     def seal(self, txn: str, plaintext: bytes) -> Any:
         return self.journal.seal_vault(txn, plaintext)
@@ -76,19 +79,22 @@ class GuardService:
     # ------------------------------------------------------------------ actions
 
     def execute(self, actions: Iterable[Action]) -> None:
-        queue: deque[Action] = deque(actions)
-        while queue:
-            a = queue.popleft()
+        """Run ``actions`` in order; what a send returns runs before the rest. A failed commit raises."""
+        for a in actions if type(actions) is list else list(actions):
             if isinstance(a, Append):
                 self.journal.append(a.records, now=self.clock(), vault_put=a.vault_put, vault_shred=a.vault_shred)
             elif isinstance(a, SendHost):
-                queue.extendleft(reversed(self._send(a)))
+                follow = self._send(a)
+                if follow:
+                    self.execute(follow)
             elif isinstance(a, Reply):
-                self.replies[a.result.key] = a.result
-                self.replies.move_to_end(a.result.key)
-                while len(self.replies) > REPLIES_KEPT:
-                    self.replies.popitem(last=False)
-                self.on_reply(a.result)
+                r = a.result
+                replies = self.replies
+                replies[r.key] = r
+                replies.move_to_end(r.key)
+                while len(replies) > REPLIES_KEPT:
+                    replies.popitem(last=False)
+                self.on_reply(r)
 
     def _send(self, a: SendHost) -> list[Action]:
         now = self.clock()
