@@ -46,6 +46,10 @@ PROC_REFUND: Final = "200000"
 PROC_VOID: Final = "020000"
 NET_SIGN_ON: Final = "001"
 NET_ECHO: Final = "301"
+# posguard-defined (field 70 codes 8xx are left to private agreements): deposit a signed journal
+# checkpoint with the host, carried in field 48 as canonical JSON, so an anchor is held elsewhere.
+NET_CHECKPOINT: Final = "880"
+F_PRIVATE_DATA: Final = "48"  # ans..999
 
 STAN_MIN: Final = 1
 STAN_MAX: Final = 999_999

@@ -175,6 +175,8 @@ class Engine:
         self.last_host_activity = 0.0
         self.echo_stan: int | None = None
         self.echo_deadline: float | None = None
+        self.deposit_stan: int | None = None
+        self.deposit_result: str | None = None  # the host's field 39 for the last checkpoint deposit
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
         self._adv: OrderedDict[str, None] = OrderedDict()  # deferred sales owing an 0220, journal order
         self._stored: dict[str, int] = {}  # DEFERRED (not final) sales -> amount, for the offline limits
@@ -693,6 +695,9 @@ class Engine:
         if cls == "8":
             if self.echo_stan == stan:
                 self.echo_stan = self.echo_deadline = None
+            if self.deposit_stan == stan:
+                self.deposit_stan, self.deposit_result = None, fields.get(C.F_RESPONSE_CODE, "")
+                return [Append([("checkpoint_deposited", None, {"stan": stan, "rc": self.deposit_result})])]
             return []
         key = self.by_stan.get(stan)
         t = self.txns.get(key) if key else None
@@ -939,6 +944,26 @@ class Engine:
             sends.append(SendHost(t.key, self._reversal_fields(t, mti), card_ref=t.vault_ref))
         self.count("reversal_sent", len(due))
         return [Append(recs), *sends]
+
+    def deposit_checkpoint(self, checkpoint_json: str, now: float) -> list[Action]:
+        """Send a signed checkpoint to the host (0800, field 70 = 880, field 48 = the checkpoint):
+        an anchor held outside the terminal, against truncation or rollback of the journal."""
+        if not self.host_up:
+            return []
+        stan = self._next_stan()
+        self.deposit_stan, self.deposit_result = stan, None
+        fields = {
+            "t": C.MTI_NET_REQUEST,
+            C.F_TRANSMISSION_DT: iso.transmission_dt(now),
+            C.F_STAN: f"{stan:06d}",
+            C.F_PRIVATE_DATA: checkpoint_json,
+            C.F_NET_MGMT_CODE: C.NET_CHECKPOINT,
+        }
+        return [Append([("stan_use", None, {"stan": stan, "purpose": "checkpoint"})]), SendHost(None, fields)]
+
+    def pending_work(self) -> int:
+        """Transactions the host still owes an answer for: queued reversals and unsent advices."""
+        return len(self._saf.keys() | self._stored.keys())
 
     def _echo(self, now: float) -> list[Action]:
         stan = self._next_stan()

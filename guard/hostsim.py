@@ -73,11 +73,13 @@ from .constants import (
     F_NET_MGMT_CODE,
     F_ORIGINAL_DATA,
     F_PAN,
+    F_PRIVATE_DATA,
     F_STAN,
     F_TERMINAL_ID,
     F_TRANSMISSION_DT,
     HOST_HEADERS,
     HOST_TIMEOUT_S,
+    NET_CHECKPOINT,
     NET_ECHO,
     NET_SIGN_ON,
     RC_APPROVED,
@@ -136,7 +138,7 @@ DEFAULT_LATE_DELAY_S = HOST_TIMEOUT_S + 15.0
 DEFAULT_FAULT_CLASSES = ("02", "04")  # keepalives (08) are left alone so forced faults hit sales
 _SALE_MTIS = frozenset({"0200", "0201", "0220", "0221"})  # financial requests and advices book alike
 _REVERSAL_MTIS = frozenset({"0400", "0401", "0420", "0421"})
-_NET_CODES = frozenset({NET_SIGN_ON, "002", NET_ECHO})
+_NET_CODES = frozenset({NET_SIGN_ON, "002", NET_ECHO, NET_CHECKPOINT})
 _ECHOED = ("3", F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID, "49")
 
 ApproveRule = Callable[[Mapping[str, str]], str]
@@ -282,6 +284,7 @@ class HostCore:
         self._reversal_answer: dict[LedgerKey, ReversalRecord] = {}
         self._tombstones: dict[LedgerKey, float] = {}
         self._sales: list[SaleRecord] = []
+        self._checkpoints: list[dict[str, Any]] = []
         self.fault_log: list[FaultRecord] = []
         self._counters: collections.Counter[str] = collections.Counter()
         self._by_mti: collections.Counter[str] = collections.Counter()
@@ -512,10 +515,29 @@ class HostCore:
     def _network(self, fields: Mapping[str, str], now: float) -> dict[str, str]:
         code = fields.get(F_NET_MGMT_CODE, "")
         rc = RC_APPROVED if code in _NET_CODES else RC_FORMAT_ERROR
+        if code == NET_CHECKPOINT:
+            rc = RC_APPROVED if self._keep_checkpoint(fields.get(F_PRIVATE_DATA, ""), now) else RC_FORMAT_ERROR
         resp = self._respond(fields, now, rc)
         if code:
             resp[F_NET_MGMT_CODE] = code
         return resp
+
+    def _keep_checkpoint(self, text: str, now: float) -> bool:
+        """Store a deposited journal checkpoint as received (an auditor's anchor); shape only."""
+        try:
+            cp = json.loads(text)
+        except ValueError:
+            return False
+        if not (isinstance(cp, dict) and isinstance(cp.get("covers_seq"), int) and isinstance(cp.get("sig"), str)):
+            return False
+        self._checkpoints.append({"received_at": now, "checkpoint": cp})
+        self._counters["checkpoints_kept"] += 1
+        return True
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Checkpoints terminals deposited (0800 / 880), oldest first."""
+        with self._lock:
+            return [dict(c["checkpoint"]) for c in self._checkpoints]
 
     def _card_token(self, pan: str) -> str:
         return hmac.new(self._card_key, pan.encode(), hashlib.sha256).hexdigest()[:16]
@@ -573,6 +595,7 @@ class HostCore:
                     "refunds": sum(1 for d in self._debits if d.type == "REFUND" and not d.reversed),
                 },
                 "faults": [asdict(f) for f in self.fault_log],
+                "checkpoints": [dict(c) for c in self._checkpoints],
             }
 
     def stats(self) -> dict[str, Any]:

@@ -1,16 +1,21 @@
-"""Drain the persisted reversal queue against the host (``posguard replay``).
+"""Drain what the journal still owes the host (``posguard replay``).
 
 What is pending: every sale whose reversal is queued (``reversal_pending`` without ``reversed``
 or ``needs_manual``): 0400 first, then 0401 repeats with the engine's backoff, up to
-``saf_window`` in flight matched by STAN; and every intent without an outcome (it was in flight
-at a crash): recovery commits its reversal before anything is sent. Deferred sales forwarded
-later as 0220 advices do not exist in posguard yet, so none is pending and none is sent.
+``saf_window`` in flight matched by STAN; every intent without an outcome (it was in flight at a
+crash): recovery commits its reversal before anything is sent; and every offline sale
+(``deferred``) not yet acknowledged: sent as an 0220 advice, and an advice left unanswered is
+reversed before a fresh one with a new STAN goes (never a plain repeat a host without duplicate
+detection could book twice). When the queue is empty, a fresh signed checkpoint is deposited
+with the host (0800, field 70 = 880, field 48 = the checkpoint): the anchor an auditor compares
+the journal with (``posguard journal verify --anchor``).
 
-Never a new charge, by construction: the replay only restores the engine from the journal and
-lets it drain; it never submits or releases a sale. Its uplink also refuses any MTI but 0400,
-0401 and 0800 (REPLAY_FORBIDDEN_MTI) as a second line of defence. Running it twice, or killing
-it and running it again, can at most repeat a reversal, which the host answers idempotently
-(00, 25 or 94 all mean "no debit left").
+Never a new charge decision, by construction: the replay only restores the engine from the
+journal and lets it drain; it never submits or releases a sale. An 0220 only forwards a sale the
+terminal already approved offline and journaled. Its uplink refuses any MTI but 0220, 0400, 0401
+and 0800 (REPLAY_FORBIDDEN_MTI) as a second line of defence. Running it twice, or killing it and
+running it again, can at most repeat a reversal, which the host answers idempotently (00, 25 or
+94 all mean "no debit left").
 
 Throughput: every answer readable at once is handed to the engine before its records are
 committed, in one durable commit (appends are coalesced; an Append is still committed before any
@@ -33,13 +38,13 @@ from typing import Any
 from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost
 from .errors import PosguardError
 from .iso import HostGarbage, HostMessage
-from .journal import Journal
+from .journal import Journal, canonical_json
 from .keys import DeviceKeys
 from .model import TxnState
 from .service import GuardService, JournalCrypto
 from .uplink import Disconnected, SendOutcome, Uplink
 
-ALLOWED_MTIS = frozenset({"0400", "0401", "0800"})
+ALLOWED_MTIS = frozenset({"0220", "0400", "0401", "0800"})
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 EXIT_DRAINED, EXIT_NEEDS_MANUAL, EXIT_USAGE, EXIT_PENDING, EXIT_JOURNAL = 0, 1, 2, 3, 4
 
@@ -49,7 +54,7 @@ class ReplayError(PosguardError):
 
 
 class ReversalOnlyUplink:
-    """Wraps an ``Uplink``: refuses to send anything but reversals and echo; counts by MTI."""
+    """Wraps an ``Uplink``: refuses to send anything but advices, reversals and network messages."""
 
     def __init__(self, inner: Uplink) -> None:
         self.inner = inner
@@ -102,7 +107,7 @@ class ReversalOnlyUplink:
     def send(self, fields: dict[str, str]) -> SendOutcome:
         mti = fields.get("t", "")
         if mti not in ALLOWED_MTIS:
-            raise ReplayError(f"replay refused to send MTI {mti!r}: only reversals and echo may leave",
+            raise ReplayError(f"replay refused to send MTI {mti!r}: only advices, reversals and echo may leave",
                               code="REPLAY_FORBIDDEN_MTI")
         out = self.inner.send(fields)
         if out is not SendOutcome.NOT_SENT:
@@ -146,7 +151,7 @@ class ReplayService(GuardService):
         """After a commit: drop transactions that just became final (not VOID-linked) from the engine."""
         eng = self.engine
         for kind, key, _ in records:
-            if kind not in ("reversed", "needs_manual") or key is None:
+            if kind not in ("reversed", "needs_manual", "outcome") or key is None:
                 continue
             t = eng.txns.get(key)
             if t is None or not t.state.final or t.original or t.voided_by:
@@ -219,31 +224,37 @@ class Item:
 class ReplayReport:
     started_pending: int
     reversed: list[Item] = field(default_factory=list)
+    forwarded: list[Item] = field(default_factory=list)  # offline sales the host accepted (0230 00)
+    advice_declined: list[Item] = field(default_factory=list)  # offline sales the host refused: collect
     needs_manual: list[Item] = field(default_factory=list)
     pending: list[Item] = field(default_factory=list)
     sent: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     interrupted: bool = False
+    checkpoint: dict[str, Any] | None = None  # the checkpoint deposited with the host, if any
+    checkpoint_rc: str = ""  # the host's answer to the deposit ("" = not deposited)
 
     @property
     def exit_code(self) -> int:
         """0 drained, 1 drained but some items need manual action, 3 items still pending."""
         if self.pending:
             return EXIT_PENDING
-        return EXIT_NEEDS_MANUAL if self.needs_manual else EXIT_DRAINED
+        return EXIT_NEEDS_MANUAL if (self.needs_manual or self.advice_declined) else EXIT_DRAINED
 
     def to_json(self) -> dict[str, Any]:
         def items(xs: list[Item]) -> list[dict[str, Any]]:
             return [x.__dict__ for x in xs]
 
         return {"started_pending": self.started_pending, "reversed": len(self.reversed),
+                "forwarded": len(self.forwarded), "advice_declined": items(self.advice_declined),
                 "needs_manual": items(self.needs_manual), "pending": items(self.pending), "sent": self.sent,
+                "checkpoint_deposited": (self.checkpoint or {}).get("covers_seq") if self.checkpoint_rc == "00" else None,
                 "seconds": round(self.seconds, 3), "items_per_s": round(self.rate, 1),
                 "interrupted": self.interrupted, "exit_code": self.exit_code}
 
     @property
     def rate(self) -> float:
-        done = len(self.reversed) + len(self.needs_manual)
+        done = len(self.reversed) + len(self.forwarded) + len(self.advice_declined) + len(self.needs_manual)
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -284,21 +295,22 @@ def prune_final_txns(engine: Engine) -> int:
 
 
 def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, int], None] | None = None,
-               stop: Callable[[], bool] = lambda: False) -> ReplayReport:
-    """Step the service until the queue is empty, ``timeout`` seconds pass or ``stop()``."""
+               stop: Callable[[], bool] = lambda: False, deposit: bool = True) -> ReplayReport:
+    """Step the service until the queue is empty, ``timeout`` seconds pass or ``stop()``; then
+    (``deposit``) hand the host a fresh signed checkpoint."""
     eng = svc.engine
-    todo = [k for k, t in eng.txns.items() if t.state is TxnState.REVERSAL_PENDING]
+    todo = [k for k, t in eng.txns.items() if t.state in (TxnState.REVERSAL_PENDING, TxnState.DEFERRED)]
     total = len(todo)
     t0 = time.monotonic()
     end = t0 + timeout
     interrupted = False
     last_report = -1
-    while eng.pending_reversals() and time.monotonic() < end:
+    while eng.pending_work() and time.monotonic() < end:
         if stop():
             interrupted = True
             break
         svc.step(0.05)
-        done = total - eng.pending_reversals()
+        done = total - eng.pending_work()
         if progress is not None and done != last_report:
             progress(done, total)
             last_report = done
@@ -309,10 +321,33 @@ def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, i
                                                        t.rev_attempts)
         if item.state == TxnState.REVERSED.value:
             rep.reversed.append(item)
+        elif item.state == TxnState.APPROVED.value:
+            rep.forwarded.append(item)
+        elif item.state == TxnState.DECLINED.value:
+            rep.advice_declined.append(item)
         elif item.state == TxnState.NEEDS_MANUAL.value:
             rep.needs_manual.append(item)
         else:
             rep.pending.append(item)
+    if deposit and not rep.pending and not interrupted:
+        rep.checkpoint, rep.checkpoint_rc = deposit_checkpoint(svc, min(10.0, max(1.0, end - time.monotonic())))
     up = svc.uplink
     rep.sent = dict(up.sent) if isinstance(up, ReversalOnlyUplink) else {}
     return rep
+
+
+def deposit_checkpoint(svc: GuardService, timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Commit a checkpoint covering the whole journal and send it to the host; wait (bounded) for
+    the 0810. Returns the checkpoint and the host's field 39 ("" when not answered in time)."""
+    eng = svc.engine
+    end = time.monotonic() + timeout
+    while not (svc.uplink.connected and eng.host_up) and time.monotonic() < end:
+        svc.step(0.05)
+    if not (svc.uplink.connected and eng.host_up):
+        return None, ""
+    svc.journal.checkpoint(svc.clock())
+    cp = svc.journal.latest_checkpoint()
+    svc.execute(eng.deposit_checkpoint(canonical_json(cp), svc.clock()))
+    while eng.deposit_stan is not None and svc.uplink.connected and time.monotonic() < end:
+        svc.step(0.05)
+    return cp, eng.deposit_result or ""

@@ -80,6 +80,14 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("policy", "card_amount_window"): ((int, float), 86400.0, _range(1, 2592000), "seconds"),
     ("policy", "terminal_max_count"): (int, 30, _range(0, 100000), "sales per terminal per terminal_count_window (0: off)"),
     ("policy", "terminal_count_window"): ((int, float), 60.0, _range(1, 2592000), "seconds"),
+    ("policy", "confirm_amount"): (bool, False, None, "HOLD every sale/refund until the operator confirms its amount"),
+    ("policy", "signature_above"): (int, 0, _range(0, 10**12), "approved sales above this (minor units) need SIGNED (0: never)"),
+    ("policy", "signature_timeout"): ((int, float), 300.0, _range(1, 86400), "seconds before a missing signature is flagged"),
+    ("offline", "enabled"): (bool, False, None, "approve offline (DEFERRED, sent later as 0220) while the host is down"),
+    ("offline", "max_sale_amount"): (int, 5_000, _range(1, 10**12), "minor units: larger sales need the host"),
+    ("offline", "max_total_amount"): (int, 50_000, _range(1, 10**12), "minor units stored offline at once"),
+    ("offline", "max_count"): (int, 250, _range(1, 100_000), "offline sales stored at once (Moneris: 250/500)"),
+    ("offline", "max_age"): ((int, float), 86_400.0, _range(60, 30 * 86400), "seconds; older unsent ones go NEEDS_MANUAL (Square: 24 h, Clover: 7 d)"),
     ("log", "level"): (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
 }
 
@@ -191,4 +199,16 @@ def policy_config(cfg: Config) -> "Any":
         hold_expiry_s=float(cfg["policy.hold_expiry"]),
         card_limits=tuple(card),
         terminal_limits=tuple(term),
+        confirm_amount=cfg["policy.confirm_amount"],
+        signature_above=cfg["policy.signature_above"],
+        signature_timeout_s=float(cfg["policy.signature_timeout"]),
     )
+
+
+def offline_config(cfg: Config) -> "Any":
+    """Deferred authorization limits (guard.policies.OfflineConfig) from the [offline] section."""
+    from guard.policies import OfflineConfig
+
+    return OfflineConfig(enabled=cfg["offline.enabled"], max_sale_amount=cfg["offline.max_sale_amount"],
+                         max_total_amount=cfg["offline.max_total_amount"], max_count=cfg["offline.max_count"],
+                         max_age_s=float(cfg["offline.max_age"]))

@@ -438,6 +438,8 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
     from guard.replay import open_replay
     from guard.uplink import Uplink, make_client_context
 
+    from .config import offline_config, policy_config
+
     keys = load_keys(Path(cfg["journal.keys"]))
     tpdu = bytes.fromhex(cfg["host.tpdu"]) if cfg["host.tpdu"] else None
     ctx = None
@@ -451,6 +453,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
         host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
         reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
         backoff_base_s=backoff_base, backoff_max_s=backoff_max, saf_window=window,
+        policy=policy_config(cfg), offline=offline_config(cfg),
     )
     return open_replay(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
 
@@ -471,18 +474,22 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     """Drain everything pending in the journal against the host, in journal order.
 
     \b
-    Pending: queued reversals (0400, then 0401 repeats with backoff, up to --window in flight)
-    and intents without an outcome (recovery queues their reversal first). Deferred sales as
-    0220 advices do not exist in posguard yet: there are none to send, none are sent.
-    Only reversals and echo messages ever leave (any other MTI is refused): running it twice,
-    or killing it and running it again, never sends anything as a new charge; a repeated
+    Pending: queued reversals (0400, then 0401 repeats with backoff, up to --window in flight),
+    intents without an outcome (recovery queues their reversal first), and offline (DEFERRED)
+    sales, forwarded as 0220 advices; an unanswered advice is reversed before a fresh one with
+    a new STAN is sent. When all is drained, a fresh signed checkpoint is deposited with the
+    host (0800, field 70 = 880, field 48) as an anchor held off the terminal.
+    Only advices, reversals and network messages ever leave (0200 is refused): running it
+    twice, or killing it and running it again, never sends anything as a new charge; a repeated
     reversal is answered idempotently by the host. Items that reach host.reversal_max_attempts
-    become NEEDS_MANUAL and are listed with the reason. Uses guard.toml like `posguard run`,
+    become NEEDS_MANUAL and are listed with the reason; offline sales the host declines are
+    listed as "advice declined" (the merchant must collect). Uses guard.toml like `posguard run`,
     without the reader port; opens the journal exclusively (stop the daemon first).
 
-    Exit status: 0 queue drained; 1 drained, but items need manual action; 2 bad config, keys
-    or journal (or it is in use); 3 items still pending at --timeout (host unreachable?) or
-    interrupted; 4 journal failure while running (run again: nothing is lost).
+    Exit status: 0 queue drained; 1 drained, but items need manual action (or an advice was
+    declined); 2 bad config, keys or journal (or it is in use); 3 items still pending at
+    --timeout (host unreachable?) or interrupted; 4 journal failure while running (run again:
+    nothing is lost).
     """
     from guard.replay import EXIT_JOURNAL, EXIT_USAGE
 
@@ -524,10 +531,13 @@ def _print_replay(rep: Any) -> None:
     t.add_column("outcome")
     t.add_column("items", justify="right")
     t.add_row("reversed", str(len(rep.reversed)))
+    t.add_row("offline sales forwarded (0220)", str(len(rep.forwarded)))
+    t.add_row("offline sales declined by the host", str(len(rep.advice_declined)))
     t.add_row("needs manual", str(len(rep.needs_manual)))
     t.add_row("still pending", str(len(rep.pending)))
     console.print(t)
-    for title, items in (("needs manual action", rep.needs_manual), ("still pending", rep.pending)):
+    for title, items in (("needs manual action", rep.needs_manual), ("offline sales declined: collect payment",
+                                                                      rep.advice_declined), ("still pending", rep.pending)):
         if not items:
             continue
         d = Table(title=title + (f" (first 50 of {len(items)})" if len(items) > 50 else ""))
@@ -538,6 +548,10 @@ def _print_replay(rep: Any) -> None:
         console.print(d)
     if rep.sent:
         console.print("sent: " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.sent.items())))
+    if rep.checkpoint_rc == "00" and rep.checkpoint:
+        console.print(f"checkpoint covering entry {rep.checkpoint['covers_seq']} deposited with the host")
+    elif rep.checkpoint is not None:
+        console.print(f"the host did not keep the checkpoint (answer {rep.checkpoint_rc or 'none'})")
 
 
 # --- reconcile -------------------------------------------------------------------------------

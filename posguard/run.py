@@ -25,7 +25,7 @@ from guard.service import GuardService, open_guard
 from guard.uplink import Uplink, make_client_context
 
 from . import config_signing
-from .config import Config, load, policy_config
+from .config import Config, load, offline_config, policy_config
 
 log = logging.getLogger("posguard.daemon")
 
@@ -70,7 +70,7 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
         cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
         host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
         reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
-        policy=policy_config(cfg),
+        policy=policy_config(cfg), offline=offline_config(cfg),
     )
     signature = config_signing.check(cfg.source, Path(cfg["journal.keys"])) if cfg.source else None
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +72,10 @@ def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path
     g = backlog(tmp_path, core, debited=2500, unprocessed=2500)
     sales_before = sales_seen(core)
     assert core.total_net_debits() > 2500  # the outage left 2,500 debits the terminal must reverse
+    before = tmp_path / "before-replay.db"
+    for suffix in ("", "-wal"):  # the journal as it was: a rollback to this must be detectable
+        if Path(f"{g.path}{suffix}").exists():
+            shutil.copyfile(f"{g.path}{suffix}", f"{before}{suffix}")
     server = HostServer(core, HostCodec())
     port = server.start()
     try:
@@ -78,10 +83,12 @@ def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path
         code, rep = replay(cfg, "--window", "32")
         assert code == 0, rep
         assert rep["started_pending"] == 5000 and rep["reversed"] == 5000 and not rep["pending"]
-        assert rep["sent"] == {"0400": 5000}
+        assert rep["sent"] == {"0400": 5000, "0800": 1}, "the reversals, then one checkpoint deposit"
         assert rep["items_per_s"] > 300, rep  # tools/bench_ops.py measures the rate properly
+        anchor = core.checkpoints()[-1]
+        assert anchor["covers_seq"] == rep["checkpoint_deposited"] > 5000
         code, again = replay(cfg)
-        assert code == 0 and again["started_pending"] == 0 and again["sent"] == {}
+        assert code == 0 and again["started_pending"] == 0 and again["sent"] == {"0800": 1}
     finally:
         server.stop()
     assert sales_seen(core) == sales_before  # nothing was ever sent as a sale
@@ -89,7 +96,9 @@ def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path
     assert not net_invariant(core, view.txns)
     assert {t.state for t in view.txns.values()} <= {"APPROVED", "DECLINED", "REVERSED"}
     keys = load_keys(tmp_path / "keys")
-    assert verify_journal(g.path, k0=keys.k0, public_key=keys.public_key).ok
+    assert verify_journal(g.path, k0=keys.k0, public_key=keys.public_key, anchor=anchor).ok
+    rolled_back = verify_journal(before, k0=keys.k0, public_key=keys.public_key, anchor=anchor)
+    assert not rolled_back.ok and rolled_back.reason == "TRUNCATED", "the host's anchor exposes a rolled-back journal"
 
 
 def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
@@ -151,7 +160,7 @@ def test_retry_cap_ends_in_needs_manual_with_reason(tmp_path: Path) -> None:
     assert len(rep["needs_manual"]) == 5 and not rep["pending"]
     assert {x["reason"] for x in rep["needs_manual"]} == {"REVERSAL_UNCONFIRMED:TIMEOUT"}
     assert {x["attempts"] for x in rep["needs_manual"]} == {2}
-    assert rep["sent"] == {"0400": 5, "0401": 5}
+    assert rep["sent"] == {"0400": 5, "0401": 5, "0800": 1}
 
 
 def test_text_summary_lists_needs_manual(tmp_path: Path) -> None:
@@ -215,7 +224,7 @@ def test_busy_journal_exit_2(tmp_path: Path) -> None:
 
 def test_reversal_only_uplink_refuses_sales() -> None:
     up = ReversalOnlyUplink(Uplink("127.0.0.1", 9, HostCodec()))
-    for mti in ("0200", "0201", "0220", "0100"):
+    for mti in ("0200", "0201", "0221", "0100"):
         with pytest.raises(ReplayError) as ei:
             up.send({"t": mti})
         assert ei.value.code == "REPLAY_FORBIDDEN_MTI"
@@ -240,3 +249,57 @@ def test_window_option_reaches_the_engine(tmp_path: Path) -> None:
     assert code == 0 and rep["reversed"] == 40
     # every answer is delayed 0.3 s: 40 items in windows of 16 take 3 rounds, not 40
     assert took < 5.0, took
+
+
+def offline_backlog(d: Path, core: HostCore, n: int) -> Gen:
+    """``n`` sales approved offline (DEFERRED) while the host was unreachable."""
+    from guard.engine import EngineConfig
+    from guard.policies import OFF, OfflineConfig
+
+    ecfg = EngineConfig(TID, "OPSMERCHANT0001", policy=OFF, reversal_timeout_s=5.0, backoff_base_s=1.0, backoff_max_s=4.0,
+                        offline=OfflineConfig(enabled=True, max_sale_amount=10**6, max_total_amount=10**9, max_count=10**5))
+    g = Gen(d, core, ecfg=ecfg, t=time.time() - 3600, step=1.0)  # an outage of the last hour
+    keys = g.no_host_sales(n)
+    assert all(g.engine.txns[k].state.value == "DEFERRED" for k in keys)
+    g.close()
+    return g
+
+
+@pytest.mark.parametrize("dup_detection", [True, False])
+def test_offline_sales_are_forwarded_as_advices_killed_and_rerun(tmp_path: Path, dup_detection: bool) -> None:
+    """400 offline sales; the replay is SIGKILLed 10 times while the host drops requests and
+    answers: every offline sale ends with exactly one debit (or none if declined), with and
+    without duplicate detection at the host, and no 0200 is ever sent."""
+    core = HostCore(seed=31, dup_detection=dup_detection)
+    g = offline_backlog(tmp_path, core, 400)
+    core.faults = {"drop_request": 0.05, "debit_drop_response": 0.05}
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    rng = random.Random(32)
+    try:
+        cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port,
+                         reversal_timeout=0.3, max_attempts=1000, host_timeout=0.3)
+        args = ("--window", "8", "--backoff-base", "0.05", "--backoff-max", "0.2", "--timeout", "60")
+        kills = 0
+        for _ in range(30):
+            code, _ = replay(cfg, *args, kill_after=rng.uniform(0.2, 0.8))
+            if code != -signal.SIGKILL:
+                break
+            kills += 1
+            if kills == 10:
+                break
+        core.faults = {}
+        code, rep = replay(cfg, *args)
+    finally:
+        server.stop()
+    assert code in (0, 1) and not rep["pending"], rep
+    by = core.stats()["requests_by_mti"]
+    assert by.get("0200", 0) == 0 and by.get("0220", 0) >= 400
+    view = load_view(g.path)
+    assert not net_invariant(core, view.txns)
+    states = {t.state for t in view.txns.values()}
+    assert states <= {"APPROVED", "DECLINED"}, states
+    declined = [t for t in view.txns.values() if t.state == "DECLINED"]
+    assert all(t.reason == "ADVICE_DECLINED" for t in declined)
+    assert core.total_net_debits() == sum(t.state == "APPROVED" for t in view.txns.values())
+    print(f"dup={dup_detection} kills={kills} host={by} declined={len(declined)}")
