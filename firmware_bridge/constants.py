@@ -92,6 +92,8 @@ class MsgType(enum.IntEnum):
     CONFIRM = 0x04
     STATUS = 0x05
     PING = 0x06
+    CANCEL = 0x07
+    SIGNED = 0x08
     RESULT = 0x81
     PROGRESS = 0x82
     PONG = 0x83
@@ -132,6 +134,7 @@ STATE_CODES: Final[dict[TxnState, int]] = {
     TxnState.REVERSED: 0x07,
     TxnState.NEEDS_MANUAL: 0x08,
     TxnState.HELD: 0x09,
+    TxnState.DEFERRED: 0x0A,
 }
 STATE_BY_CODE: Final[dict[int, TxnState]] = {v: k for k, v in STATE_CODES.items()}
 

@@ -107,6 +107,10 @@ class ReaderBridge:
                 self._send(M.Pong(txn_id=msg.txn_id))
             elif isinstance(msg, M.Confirm):
                 self.svc.execute(self.svc.engine.confirm(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
+            elif isinstance(msg, M.Cancel):
+                self.svc.execute(self.svc.engine.cancel(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
+            elif isinstance(msg, M.Signed):
+                self.svc.execute(self.svc.engine.signed(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
             else:
                 raise M.MessageError(f"{type(msg).__name__} is not a request a reader may send", code="MSG_NOT_A_REQUEST")
         except JournalError:

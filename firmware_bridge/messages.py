@@ -372,6 +372,32 @@ class Confirm(_Message):
 
 
 @dataclass(frozen=True, repr=False)
+class Cancel(_Message):
+    """Reader -> guard: the operator drops a held request (wrong amount, wrong card): DECLINED."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.CANCEL
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        (Tag.TXN_ID, "txn_id", True),
+        (Tag.READER_ID, "reader_id", False),
+    )
+    txn_id: bytes
+    reader_id: str | None = None
+
+
+@dataclass(frozen=True, repr=False)
+class Signed(_Message):
+    """Reader -> guard: the customer signed the receipt of ``txn_id`` (RESULT said SIGNATURE REQUIRED)."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.SIGNED
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        (Tag.TXN_ID, "txn_id", True),
+        (Tag.READER_ID, "reader_id", False),
+    )
+    txn_id: bytes
+    reader_id: str | None = None
+
+
+@dataclass(frozen=True, repr=False)
 class Status(_Message):
     """Reader -> guard: the outcome of ``txn_id``, or (``last``) of this reader's newest one.
     Exactly one of TXN_ID and LAST is present."""
@@ -479,11 +505,11 @@ class ErrorMessage(_Message):
     display_text: str | None = None
 
 
-Message = Auth | Void | Refund | Confirm | Status | Ping | ResultMessage | Progress | Pong | ErrorMessage
+Message = Auth | Void | Refund | Confirm | Cancel | Signed | Status | Ping | ResultMessage | Progress | Pong | ErrorMessage
 
 MESSAGE_CLASSES: dict[MsgType, type[_Message]] = {
     cls.MSG_TYPE: cls
-    for cls in (Auth, Void, Refund, Confirm, Status, Ping, ResultMessage, Progress, Pong, ErrorMessage)
+    for cls in (Auth, Void, Refund, Confirm, Cancel, Signed, Status, Ping, ResultMessage, Progress, Pong, ErrorMessage)
 }
 
 

@@ -50,7 +50,9 @@ from .link import Acked, Delivered, LinkDown, LinkEndpoint, LinkEvent, LinkState
 from .messages import (
     TAG_CODECS,
     Auth,
+    Cancel,
     Confirm,
+    Signed,
     ErrorMessage,
     Message,
     MessageError,
@@ -426,11 +428,20 @@ class ReaderSim:
         self.stats.confirms += 1
         return self.transact(Confirm(txn_id, self.reader_id), timeout)
 
-    def transact(self, msg: Auth | Refund | Void | Confirm, timeout: float = 60.0) -> ResultMessage | ErrorMessage:
+    def cancel(self, txn_id: bytes, timeout: float = 60.0) -> ResultMessage | ErrorMessage:
+        """Drop a held request: its RESULT (DECLINED, OPERATOR_CANCELLED) or the ERROR refusing it."""
+        return self.transact(Cancel(txn_id, self.reader_id), timeout)
+
+    def signed(self, txn_id: bytes, timeout: float = 60.0) -> ResultMessage | ErrorMessage:
+        """Report the customer's signature for an approved sale; its RESULT or an ERROR."""
+        return self.transact(Signed(txn_id, self.reader_id), timeout)
+
+    def transact(self, msg: Auth | Refund | Void | Confirm | Cancel | Signed,
+                 timeout: float = 60.0) -> ResultMessage | ErrorMessage:
         """Send a transaction request and wait for its final RESULT (or an ERROR)."""
         deadline = self.clock() + timeout
         payload = self.submit(msg)
-        if isinstance(msg, Confirm):
+        if isinstance(msg, (Confirm, Cancel, Signed)):
             return self._await_final(msg.txn_id, None, deadline, held_ends=False)
         return self._await_final(msg.txn_id, payload, deadline)
 

@@ -258,3 +258,106 @@ def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path
     kinds = [(e.kind, e.payload.get("code")) for e in j.entries() if e.kind in ("held", "released")]
     j.close()
     assert kinds == [("held", "HOLD_DOUBLE_SWIPE"), ("released", None)]
+
+
+def _journal_kinds(tmp_path: Path, *kinds: str) -> list[tuple[str, dict[str, Any]]]:
+    from guard.journal import Journal
+    from guard.keys import load_keys
+
+    j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id=TID)
+    try:
+        return [(e.kind, e.payload) for e in j.entries() if e.kind in kinds]
+    finally:
+        j.close()
+
+
+def test_operator_error_remedies_end_to_end_over_the_link(tmp_path: Path) -> None:
+    """Field problem 4 through the reader link: the amount is confirmed before anything is sent
+    (CANCEL drops a wrong one), a large sale asks for a signature (SIGNED records it), a refund goes
+    back to the original card and cannot exceed the sale."""
+    init_keys(tmp_path / "keys")
+    core = HostCore(seed=6, dup_detection=True)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    cable = NullModem()
+    cfg = config(tmp_path, cable.a, port)
+    cfg["policy"].update(confirm_amount=True, signature_above=10_000)
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(3))
+    try:
+        r.sync(timeout=5)
+        wrong, sale, refund, too_much = (r.new_txn_id() for _ in range(4))
+        held = r.auth(wrong, 1234, "978", PAN, "2912", timeout=10)
+        assert isinstance(held, M.ResultMessage) and held.state is TxnState.HELD
+        assert held.error_code == "HOLD_CONFIRM_AMOUNT" and held.display_text == "CONFIRM AMOUNT 12.34"
+        cancelled = r.cancel(wrong, timeout=10)
+        assert isinstance(cancelled, M.ResultMessage) and cancelled.state is TxnState.DECLINED
+        assert cancelled.error_code == "OPERATOR_CANCELLED"
+        assert "0200" not in core.stats()["requests_by_mti"], "nothing reached the host before CONFIRM"
+        assert r.auth(sale, 12_340, "978", PAN, "2912", timeout=10).state is TxnState.HELD
+        done = r.confirm(sale, timeout=10)
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED
+        assert (done.display_text or "").endswith("SIGNATURE REQUIRED")
+        signed = r.signed(sale, timeout=10)
+        assert isinstance(signed, M.ResultMessage) and signed.state is TxnState.APPROVED
+        assert r.refund(340, "978", PAN, "2912", sale, txn_id=refund, timeout=10).state is TxnState.HELD
+        back = r.confirm(refund, timeout=10)
+        assert isinstance(back, M.ResultMessage) and back.state is TxnState.APPROVED
+        err = r.refund(12_001, "978", PAN, "2912", sale, txn_id=too_much, timeout=10)
+        assert isinstance(err, M.ErrorMessage) and err.error_code == "REFUND_EXCEEDS_ORIGINAL"
+        led = core.ledger()
+        assert [(d["type"], d["amount"]) for d in led["debits"]] == [("SALE", 12_340), ("REFUND", 340)]
+        assert led["totals"]["net_amount"] == 12_000
+    finally:
+        r.close()
+        guard.stop()
+        cable.close()
+        server.stop()
+    kinds = _journal_kinds(tmp_path, "held", "outcome", "signature", "refund_of")
+    assert [k for k, _ in kinds] == ["held", "outcome", "held", "outcome", "signature", "refund_of", "held", "outcome"]
+    assert kinds[1][1]["reason"] == "OPERATOR_CANCELLED" and kinds[3][1]["signature"] == "REQUIRED"
+
+
+def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path) -> None:
+    """Field problem 5 with deferred authorization on: the host is down, the reader gets APPROVED
+    OFFLINE within the limits and a clean decline above them; when the host is back the guard
+    forwards the stored sale as an 0220 and the host holds exactly one debit for it."""
+    init_keys(tmp_path / "keys")
+    core = HostCore(seed=7, dup_detection=False)
+    probe = HostServer(core, HostCodec())
+    port = probe.start()
+    probe.stop()  # the port the guard dials is closed: host unreachable
+    cable = NullModem()
+    cfg = config(tmp_path, cable.a, port, connect_timeout=0.2)
+    cfg["offline"] = {"enabled": True, "max_sale_amount": 5000, "max_total_amount": 6000, "max_count": 5}
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(4))
+    server: HostServer | None = None
+    try:
+        r.sync(timeout=5)
+        a, b = r.new_txn_id(), r.new_txn_id()
+        d = r.auth(a, 4000, "978", PAN, "2912", timeout=10)
+        assert isinstance(d, M.ResultMessage) and d.state is TxnState.DEFERRED and d.display_text == "APPROVED OFFLINE"
+        over = r.auth(b, 4000, "978", PAN, "2912", timeout=10)
+        assert isinstance(over, M.ResultMessage) and over.state is TxnState.DECLINED
+        assert over.error_code == "OFFLINE_LIMIT_TOTAL_AMOUNT"
+        server = HostServer(core, HostCodec(), port=port)
+        server.start()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and core.total_net_debits() == 0:
+            time.sleep(0.1)
+        final = r.status(a, timeout=10)
+        while isinstance(final, M.ResultMessage) and final.state is TxnState.DEFERRED and time.monotonic() < deadline:
+            time.sleep(0.1)
+            final = r.status(a, timeout=10)
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.APPROVED
+        assert core.stats()["requests_by_mti"].get("0220") == 1 and "0200" not in core.stats()["requests_by_mti"]
+        assert core.total_net_debits() == 1
+    finally:
+        r.close()
+        guard.stop()
+        cable.close()
+        if server is not None:
+            server.stop()
+    kinds = [k for k, _ in _journal_kinds(tmp_path, "deferred", "advice_attempt", "outcome")]
+    assert kinds == ["deferred", "outcome", "advice_attempt", "outcome"]

@@ -13,7 +13,9 @@ from firmware_bridge.frame import Frame, FrameParser, encode_frame
 from firmware_bridge.messages import (
     MESSAGE_CLASSES,
     Auth,
+    Cancel,
     Confirm,
+    Signed,
     ErrorMessage,
     Message,
     MessageError,
@@ -69,6 +71,8 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
     Void: st.builds(Void, txn_ids, amounts, currencies, txn_ids, opt(reader_ids)),
     Refund: st.builds(Refund, txn_ids, amounts, currencies, pans, opt(expiries), opt(txn_ids), opt(reader_ids)),
     Confirm: st.builds(Confirm, txn_ids, opt(reader_ids)),
+    Cancel: st.builds(Cancel, txn_ids, opt(reader_ids)),
+    Signed: st.builds(Signed, txn_ids, opt(reader_ids)),
     Status: st.one_of(
         st.builds(Status, txn_id=txn_ids, reader_id=opt(reader_ids)),
         st.builds(Status, reader_id=opt(reader_ids), last=st.just(True)),
