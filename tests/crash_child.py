@@ -107,9 +107,15 @@ def main() -> int:
     svc = open_guard(d / "journal.db", keys, ecfg, uplink, rng=random.Random(start), reconnect_s=0.05)
     svc.run_until(lambda: svc.uplink.connected, 5.0)
     svc.drain(10.0)
-    progress = d / "progress"
+    progress, tmp = d / "progress", d / "progress.tmp"
+
+    def set_progress(n: int) -> None:
+        """Atomic (write + rename): a SIGKILL mid-write must not leave an empty file for the test."""
+        tmp.write_text(str(n))
+        os.replace(tmp, progress)
+
     for i in range(start, start + count):
-        progress.write_text(str(i))
+        set_progress(i)
         req = request(i)
         try:
             svc.submit(req)
@@ -117,7 +123,7 @@ def main() -> int:
             print(f"sale {i}: {e.code}", file=sys.stderr)
             continue
         svc.run_until(lambda: req.key in svc.replies and not svc.replies[req.key].in_progress, 3.0)
-    progress.write_text(str(start + count))
+    set_progress(start + count)
     ok = svc.drain(20.0)
     svc.close()
     return 0 if ok else 3
