@@ -68,6 +68,7 @@ NUMERIC_FIELDS: frozenset[str] = frozenset(
 _SECRET_FIELDS: frozenset[str] = frozenset({"35", "36", "45", "52", "55"})
 
 _SAFE_MSG = re.compile(r"^[A-Za-z0-9 ,.\-]*$")
+_F7_OK = re.compile(r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9]")
 _DROP_KEYS = ("p", "1", "h")
 
 
@@ -207,9 +208,17 @@ def echo_mismatches(sent: Mapping[str, str], got: Mapping[str, str]) -> list[str
     return [f for f in ECHO_FIELDS if sent.get(f) != got.get(f)]
 
 
+_f7_last: list[Any] = [None, ""]  # (whole second, field 7): every message within a second shares it
+
+
 def transmission_dt(now: float) -> str:
     """Field 7: MMDDhhmmss in UTC."""
-    return time.strftime("%m%d%H%M%S", time.gmtime(now))
+    sec = now // 1
+    if sec == _f7_last[0]:
+        return _f7_last[1]
+    f7 = time.strftime("%m%d%H%M%S", time.gmtime(now))
+    _f7_last[0], _f7_last[1] = sec, f7
+    return f7
 
 
 def local_time_date(now: float, tz: _dt.tzinfo | None = None) -> tuple[str, str]:
@@ -266,9 +275,9 @@ def _field_problem(fields: Mapping[str, str], binary: frozenset[str]) -> str | N
 
 
 def _date_problem(fields: Mapping[str, str]) -> str | None:
-    """Fields 7, 12 and 13 that are not valid dates or times."""
+    """Fields 7, 12 and 13 (digits by then) that are not valid dates or times."""
     f7 = fields.get("7")
-    if f7 is not None and not (len(f7) == 10 and _valid_mmdd(f7[:4]) and _valid_hhmmss(f7[4:])):
+    if f7 is not None and not _F7_OK.fullmatch(f7):
         return "field 7: not a valid MMDDhhmmss"
     f12 = fields.get("12")
     if f12 is not None and not (len(f12) == 6 and _valid_hhmmss(f12)):

@@ -485,7 +485,7 @@ class Journal:
         conn = self._db()
         if self._failed:
             raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
-        ts = _check_now(now)
+        ts = now if type(now) is float and math.isfinite(now) else _check_now(now)
         prepared = _prepare(records)
         blobs = [(b.ref, b.txn, b.nonce, b.ct) if b is self._sealed else _check_blob(b) for b in vault_put]
         shred = [(r,) for r in vault_shred]
@@ -497,7 +497,7 @@ class Journal:
             mac, next_key = mac_and_next(key, h)
             rows.append((seq, ts, kind, txn, text, prev, h, mac))
             key, prev = next_key, h
-        seqs = tuple(r[0] for r in rows)
+        seqs = tuple(range(self._last_seq + 1, seq + 1))
         cp_seq, cp = None, None
         if seq - self._cp_seq >= self._every or ts - self._cp["time"] >= self._interval:
             seq += 1
