@@ -182,7 +182,7 @@ def test_apply_queues_reversals_that_replay_sends(tmp_path: Path) -> None:
         assert code == 1 and json.loads(out)["applied"] == 0  # already queued: action NONE now
         assert {d["action"] for d in json.loads(out)["discrepancies"]} == {"NONE"}
         code, out, _ = cli("replay", "--config", cfg, "--json", "--timeout", "30")
-        assert code == 0 and json.loads(out)["sent"] == {"0401": 3}, out
+        assert code == 0 and json.loads(out)["sent"] == {"0401": 3, "0800": 1}, out
     finally:
         server.stop()
     core.write_settlement_csv(tmp_path / "s2.csv")
