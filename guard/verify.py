@@ -34,6 +34,8 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +77,10 @@ _SEG_KEYS = frozenset((*SEGMENT_FIELDS, "sig"))
 _ROT_KEYS = frozenset((*ROTATION_FIELDS, "sig", "pop"))
 _SPECIAL_KINDS = frozenset({SEGMENT_KIND, ROTATION_KIND})
 _NO_LIMIT = 1 << 62
+_RECORD_KINDS = frozenset({CHECKPOINT_KIND, SEGMENT_KIND, ROTATION_KIND})  # kinds whose payload is checked
+_MAX_HEADS = 256  # distinct kinds the hot loop caches (an attacker's thousand kinds just take the slow path)
+MAC_WORKER_MIN_ENTRIES = 20_000  # from this many entries (with k0) the MACs are checked in a second process
+_SHIP_EVERY = 4096  # entries per (entry_hash, mac) batch sent to the MAC worker
 
 Row = tuple[Any, ...]
 
@@ -101,10 +107,12 @@ class _Failure(Exception):
 def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519PublicKey | None = None,
                    anchor: dict[str, Any] | None = None,
                    progress: Callable[[int, int], None] | None = None,
-                   public_keys: Sequence[Ed25519PublicKey] = ()) -> VerifyReport:
+                   public_keys: Sequence[Ed25519PublicKey] = (), mac_worker: bool | None = None) -> VerifyReport:
     """Verify ``path`` without writing to it; the report's ``reason`` is a stable code (module docstring).
 
     ``public_keys`` adds trusted keys to ``public_key`` (e.g. every key in ``verify.pubs``).
+    ``mac_worker``: check the MACs in a second process (``_MacWorker``) while this one reads and
+    hashes; None = from ``MAC_WORKER_MIN_ENTRIES`` entries on. Same checks and reports either way.
     """
     trusted = ([public_key] if public_key is not None else []) + list(public_keys)
     path = Path(path)
@@ -130,7 +138,7 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         if anchor is not None and trusted and not chain.signed_by_chain(anchor):
             return VerifyReport(False, 0, 0, None, "ANCHOR_INVALID",
                                 "anchor signature does not verify with the given public key")
-        return _Verifier(conn, k0, chain, anchor_at, progress).run()
+        return _Verifier(conn, k0, chain, anchor_at, progress, mac_worker).run()
     except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a corrupt schema's message may not be UTF-8
         return VerifyReport(False, 0, 0, None, "UNREADABLE", f"SQLite cannot read the journal: {e!r}"[:300])
     finally:
@@ -261,9 +269,12 @@ def _rotation_ok(st: Any) -> bool:
 
 class _Verifier:
     def __init__(self, conn: sqlite3.Connection, k0: bytes | None, chain: _KeyChain,
-                 anchor: tuple[int, bytes, str] | None, progress: Callable[[int, int], None] | None) -> None:
+                 anchor: tuple[int, bytes, str] | None, progress: Callable[[int, int], None] | None,
+                 mac_worker: bool | None = None) -> None:
         self.conn, self.k0, self.chain, self.anchor, self.progress = conn, k0, chain, anchor, progress
+        self.mac_worker = mac_worker
         self.checkpoints = 0
+        self.cp_seqs: list[int] = []  # seqs of the checkpoints verified, to recount at a worker's MAC failure
         self.cp_counter = 0
         self.terminal: str | None = None
         self.first_seq = 1
@@ -303,12 +314,31 @@ class _Verifier:
         return row[0] if row else None
 
     def _scan(self, limit: int, total: int) -> tuple[int, bytes | None]:
-        """The hot loop: locals only, one-shot hashlib/hmac, stored payload bytes hashed as-is."""
+        """Check every entry in seq order; returns (last seq, k_{last+1}) or raises the first ``_Failure``.
+
+        If the MAC worker dies, the scan is redone in this process from the saved state.
+        """
+        saved = (dict(vars(self)), dict(vars(self.chain)))
+        try:
+            return self._scan_once(limit, total, self.mac_worker)
+        except _WorkerLost:
+            vars(self).update(saved[0])
+            vars(self.chain).update(saved[1])
+            self.cp_seqs = []
+            return self._scan_once(limit, total, False)
+
+    def _scan_once(self, limit: int, total: int, use_worker: bool | None) -> tuple[int, bytes | None]:
+        """The hot loop accepts an entry only when everything ``_entry`` checks would pass (same bytes
+        hashed, same MAC); any other row (a mismatch, a checkpoint or rotation, a progress, anchor or
+        batch boundary, a kind not seen yet) goes through ``_entry``, which raises the exact failure.
+        With a MAC worker, (entry_hash, mac) pairs are shipped where the MAC would be checked, and a
+        bad MAC it reports is the first failure (every shipped entry precedes any failure found here,
+        or is the failing entry and reached its MAC check).
+        """
         sha, enc = hashlib.sha256, json.encoder.encode_basestring_ascii
         dom, label, x36, x5c, p36, p5c = JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL, _XOR36, _XOR5C, _PAD36, _PAD5C
         key = self.k0
         a_seq, a_hash = (self.anchor[0], self.anchor[1]) if self.anchor else (-1, b"")
-        progress = self.progress
         expect, prev_ok = 1, GENESIS_HASH
         first = self.conn.execute(_SELECT + " ORDER BY seq LIMIT 1").fetchone()
         if (first is not None and first[2] == SEGMENT_KIND and type(first[0]) is int and first[0] > 1
@@ -323,44 +353,134 @@ class _Verifier:
                                state=(prev_ok, key))
             if a_seq == expect - 1 and a_hash != prev_ok:
                 raise _Failure("anchor", a_seq, state=(prev_ok, key))
+        start = expect
+        if key is not None and (use_worker if use_worker is not None else
+                                total - start + 1 >= MAC_WORKER_MIN_ENTRIES):
+            worker = _MacWorker.start(key)
+        else:
+            worker = None
+        ship = worker.batch.append if worker is not None else None
+        if worker is not None:
+            key = None  # the worker holds the ratchet; ``limit`` still does not apply (k0 was given)
+        limit = limit if self.k0 is None else _NO_LIMIT
+        # kind -> the body's constant head '{"kind":<json>,"payload":' for kinds with no record checks
+        heads: dict[Any, str] = {}
+        mark = self._next_mark(expect - 1, a_seq, limit, worker is not None)
         try:
-            for seq, ts, kind, txn, payload, prev, h, mac in self.conn.execute(_SELECT + " ORDER BY seq"):
-                if seq != expect:
-                    raise _Failure("gap", expect, str(seq))
-                try:
-                    calc = sha(dom + seq.to_bytes(8, "big") + prev + (
-                        f'{{"kind":{enc(kind)},"payload":{payload},"ts":{ts!r},'
-                        f'"txn":{"null" if txn is None else enc(txn)}}}').encode()).digest()
-                except (TypeError, ValueError, OverflowError):
-                    calc = None
-                if calc != h:
-                    raise _Failure("hash", seq)
-                if prev != prev_ok:
-                    raise _Failure("link", seq)
-                if key is not None:  # mac_and_next() inlined
-                    ki = key.translate(x36) + p36
-                    ko = key.translate(x5c) + p5c
-                    if sha(ko + sha(ki + h).digest()).digest() != mac:
-                        raise _Failure("mac", seq)
-                    key = sha(ko + sha(ki + label).digest()).digest()
-                elif seq >= limit:
-                    raise _Failure("beyond", seq)
-                if kind == CHECKPOINT_KIND:
-                    self._checkpoint(seq, payload, prev_ok)
-                elif kind in _SPECIAL_KINDS:
-                    self._special(seq, kind, payload, prev_ok)
-                if seq == a_seq and h != a_hash:
-                    raise _Failure("anchor", seq)
-                prev_ok = h
-                expect += 1
-                if progress is not None and not expect % PROGRESS_EVERY:
-                    progress(seq, total)
-        except _Failure as f:
-            f.state = (prev_ok, key)
+            for row in self.conn.execute(_SELECT + " ORDER BY seq"):
+                seq, ts, kind, txn, payload, prev, h, mac = row
+                head = heads.get(kind)
+                if head is not None and seq == expect and seq < mark and prev == prev_ok:
+                    try:
+                        ok = sha(dom + seq.to_bytes(8, "big") + prev + (
+                            f'{head}{payload},"ts":{ts!r},"txn":{"null" if txn is None else enc(txn)}}}').encode()
+                                 ).digest() == h
+                    except (TypeError, ValueError, OverflowError):
+                        ok = False
+                    if ok:
+                        if key is not None:  # mac_and_next() inlined
+                            ki = key.translate(x36) + p36
+                            ko = key.translate(x5c) + p5c
+                            if sha(ko + sha(ki + h).digest()).digest() == mac:
+                                key = sha(ko + sha(ki + label).digest()).digest()
+                            else:
+                                ok = False
+                        elif ship is not None:
+                            if type(mac) is bytes and len(mac) == 32:
+                                ship(h)
+                                ship(mac)
+                            else:
+                                ok = False
+                    if ok:
+                        prev_ok, expect = h, seq + 1
+                        continue
+                key = self._entry(row, expect, prev_ok, key, limit, a_seq, a_hash, ship)
+                prev_ok, expect = h, seq + 1
+                if head is None and type(kind) is str and kind not in _RECORD_KINDS and len(heads) < _MAX_HEADS:
+                    heads[kind] = f'{{"kind":{enc(kind)},"payload":'
+                if seq >= mark:
+                    if self.progress is not None and not expect % PROGRESS_EVERY:
+                        self.progress(seq, total)
+                    if worker is not None:
+                        worker.flush()
+                    mark = self._next_mark(seq, a_seq, limit, worker is not None)
+            if worker is not None:
+                bad, key = worker.finish()
+                if bad is not None:
+                    raise self._worker_failure(start + bad, key)
+        except (_Failure, sqlite3.DatabaseError, UnicodeDecodeError) as e:
+            if worker is not None and worker.running:
+                bad, wkey = worker.finish()
+                if bad is not None:
+                    raise self._worker_failure(start + bad, wkey) from None
+                if isinstance(e, _Failure) and e.kind == "mac":
+                    e.state = (e.state[0], wkey)  # k_seq: the worker ratcheted through every entry before it
             raise
+        finally:
+            if worker is not None:
+                worker.close()
         if a_seq == 0 and a_hash != GENESIS_HASH and self.first_seq == 1:
             raise _Failure("anchor", 0, state=(prev_ok, key))
         return expect - 1, key
+
+    def _worker_failure(self, seq: int, key: bytes) -> _Failure:
+        """The worker's bad MAC at ``seq``, with the state the in-process scan would have stopped in."""
+        row = self._row(seq)
+        self.checkpoints = sum(1 for c in self.cp_seqs if c < seq)
+        return _Failure("mac", seq, state=(row[5] if row is not None else b"", key))
+
+    def _next_mark(self, seq: int, a_seq: int, limit: int, shipping: bool) -> int:
+        """The next seq after ``seq`` the hot loop leaves to ``_entry``: progress, anchor, ratchet limit, batch."""
+        mark = limit
+        if self.progress is not None:
+            mark = min(mark, (seq + 1) // PROGRESS_EVERY * PROGRESS_EVERY + PROGRESS_EVERY - 1)
+        if a_seq > seq:
+            mark = min(mark, a_seq)
+        if shipping:
+            mark = min(mark, seq + _SHIP_EVERY)
+        return max(mark, seq + 1)
+
+    def _entry(self, row: Row, expect: int, prev_ok: bytes, key: bytes | None, limit: int,
+               a_seq: int, a_hash: bytes, ship: Callable[[bytes], None] | None) -> bytes | None:
+        """Every check of one entry, in the order that decides its failure; returns k_{seq+1} (or None).
+
+        With ``ship`` (a MAC worker), the entry's hash and MAC are shipped where the MAC is checked.
+        """
+        seq, ts, kind, txn, payload, prev, h, mac = row
+        try:
+            if seq != expect:
+                raise _Failure("gap", expect, str(seq))
+            try:
+                calc = entry_hash(seq, prev, entry_body(ts, kind, txn, payload))
+            except (TypeError, ValueError, OverflowError):
+                calc = None
+            if calc != h:
+                raise _Failure("hash", seq)
+            if prev != prev_ok:
+                raise _Failure("link", seq)
+            if ship is not None:
+                if type(mac) is not bytes or len(mac) != 32:  # never equal to an HMAC: the key comes from the worker
+                    raise _Failure("mac", seq)
+                ship(h)
+                ship(mac)
+            elif key is not None:
+                m, nxt = mac_and_next(key, h)
+                if m != mac:
+                    raise _Failure("mac", seq)
+                key = nxt
+            elif seq >= limit:
+                raise _Failure("beyond", seq)
+            if kind == CHECKPOINT_KIND:
+                self._checkpoint(seq, payload, prev_ok)
+                self.cp_seqs.append(seq)
+            elif kind in _SPECIAL_KINDS:
+                self._special(seq, kind, payload, prev_ok)
+            if seq == a_seq and h != a_hash:
+                raise _Failure("anchor", seq)
+        except _Failure as f:
+            f.state = (prev_ok, key)
+            raise
+        return key
 
     def _checkpoint(self, seq: int, payload: str, prev_ok: bytes) -> None:
         try:
@@ -520,3 +640,118 @@ class _Verifier:
     def _row(self, seq: int) -> Row | None:
         row: Row | None = self.conn.execute(_SELECT + " WHERE seq = ?", (seq,)).fetchone()
         return row
+
+
+# --- the MAC worker: a second process checks the MACs while this one reads and hashes -------------
+
+_WORKER_SRC = r"""
+import hashlib, sys
+def main():
+    rd, wr = sys.stdin.buffer, sys.stdout.buffer
+    def exact(n):
+        b = rd.read(n)
+        if len(b) != n:
+            raise SystemExit(3)
+        return b
+    key = exact(32)
+    label = exact(exact(1)[0])
+    x36, x5c = bytes(b ^ 0x36 for b in range(256)), bytes(b ^ 0x5C for b in range(256))
+    p36, p5c = b"\x36" * 32, b"\x5c" * 32
+    sha = hashlib.sha256
+    done, bad = 0, -1
+    while True:
+        n = int.from_bytes(exact(4), "big")
+        if not n:
+            break
+        buf = exact(64 * n)
+        if bad >= 0:
+            continue
+        for off in range(0, 64 * n, 64):
+            ki = key.translate(x36) + p36
+            ko = key.translate(x5c) + p5c
+            if sha(ko + sha(ki + buf[off:off + 32]).digest()).digest() != buf[off + 32:off + 64]:
+                bad = done + off // 64
+                break
+            key = sha(ko + sha(ki + label).digest()).digest()
+        done += n
+    wr.write((bad + 1).to_bytes(8, "big") + key)
+    wr.flush()
+main()
+"""
+
+
+class _WorkerLost(Exception):
+    """The MAC worker died or answered short: the scan is redone in this process."""
+
+
+class _MacWorker:
+    """A child process checking mac == HMAC-SHA256(k_seq, entry_hash) along the ratchet (RFC 2104 with
+    SHA-256 one-shots, as ``mac_and_next``). It gets exactly the bytes this process read (one SQLite
+    snapshot), in seq order, and answers once: the index of the first bad MAC and the key there, or
+    none and the key after the last entry. The key goes through a pipe, never argv or a file.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc, self.stdin, self.stdout = proc, proc.stdin, proc.stdout
+        self.batch: list[bytes] = []  # entry_hash, mac, entry_hash, mac, ...
+        self.running = True
+
+    @classmethod
+    def start(cls, key: bytes) -> _MacWorker | None:
+        """The worker, or None where no child interpreter can be started (the caller checks in-process)."""
+        if not sys.executable or getattr(sys, "frozen", False):  # no interpreter to run ``-c`` with
+            return None
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WORKER_SRC], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except (OSError, ValueError):
+            return None
+        w = cls(proc)
+        try:
+            import fcntl  # a 1 MiB pipe: this process keeps going while the worker starts up
+            fcntl.fcntl(w.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        except (ImportError, AttributeError, OSError):
+            pass
+        try:
+            w.stdin.write(key + bytes([len(JOURNAL_RATCHET_LABEL)]) + JOURNAL_RATCHET_LABEL)
+        except OSError:
+            w.close()
+            return None
+        return w
+
+    def flush(self) -> None:
+        """Send the batch shipped so far."""
+        if self.batch:
+            try:
+                self.stdin.write((len(self.batch) // 2).to_bytes(4, "big") + b"".join(self.batch))
+            except (OSError, ValueError) as e:
+                raise _WorkerLost("MAC worker gone") from e
+            self.batch.clear()
+
+    def finish(self) -> tuple[int | None, bytes]:
+        """(index of the first bad MAC among the shipped entries or None, k at it or after the last)."""
+        self.flush()
+        self.running = False
+        try:
+            self.stdin.write(bytes(4))
+            self.stdin.close()
+            out = self.stdout.read(40)
+        except (OSError, ValueError) as e:
+            raise _WorkerLost("MAC worker gone") from e
+        if len(out) != 40 or self.proc.wait() != 0:
+            raise _WorkerLost(f"MAC worker answered {len(out)} bytes, exit {self.proc.returncode}")
+        n = int.from_bytes(out[:8], "big")
+        return (n - 1 if n else None), out[8:]
+
+    def close(self) -> None:
+        """Stop the worker if it is still running and reap it."""
+        self.running = False
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for f in (self.stdin, self.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
