@@ -65,6 +65,8 @@ SCRIPT: list[tuple[str, str | None, LinkFaults | None, str | None]] = [
     ("reader reboots, asks STATUS", None, None, "reboot_status"),
     ("same txn id, other amount", None, None, "mismatch"),
     ("guard killed while waiting for host", "delay_response", None, "kill_guard"),
+    ("customer returns half: refund of sale 1", None, None, "refund"),
+    ("host unreachable: approved offline, forwarded later", None, None, "offline"),
     ("normal sale", None, None, None),
 ]
 
@@ -78,6 +80,7 @@ class Row:
     final: TxnState | None = None
     stan: int = 0
     host_net: int = 0
+    refund: bool = False
 
 
 def _write_config(path: Path, directory: Path, host_port: int, reader_url: str, host_timeout: float) -> None:
@@ -107,6 +110,13 @@ double_swipe_window = 0
 card_max_count = 0
 card_max_amount = 0
 terminal_max_count = 0
+
+[offline]
+# while the host is unreachable, small sales are approved offline and forwarded as 0220 later
+enabled = true
+max_sale_amount = 5000
+max_total_amount = 20000
+max_count = 10
 """)
 
 
@@ -185,8 +195,8 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
             """Every earlier sale has a final state at the guard (reversals done)."""
             for row in rows:
                 res = reader.status(row.txn_id, timeout=10)
-                if isinstance(res, M.ResultMessage) and (res.in_progress or res.state in (TxnState.REVERSAL_PENDING,
-                                                                                          TxnState.UNKNOWN)):
+                if isinstance(res, M.ResultMessage) and (res.in_progress or res.state in (
+                        TxnState.REVERSAL_PENDING, TxnState.UNKNOWN, TxnState.DEFERRED)):
                     return False
             return True
 
@@ -208,7 +218,20 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
                 core.force(fault)
             reader.faults = link_faults
             try:
-                if extra == "reboot_resend" or extra == "reboot_status" or extra == "kill_guard":
+                if extra == "refund":
+                    row.refund, row.amount = True, rows[0].amount // 2
+                    res = reader.refund(row.amount, "978", PAN, "2912", rows[0].txn_id, txn_id=txn, timeout=20)
+                    row.shown = _text(res)
+                elif extra == "offline":
+                    server.stop()  # the acquirer goes away; the guard keeps retrying the connection
+                    time.sleep(1.0)
+                    res = reader.auth(txn, amount, "978", PAN, "2912", timeout=20)
+                    server = HostServer(core, HostCodec(), port=port)
+                    server.start()
+                    wait_for(lambda: not (isinstance(r := reader.status(txn, timeout=10), M.ResultMessage)
+                                          and r.state is TxnState.DEFERRED), 30)
+                    row.shown = _text(res) + "; host back: " + _text(reader.status(txn, timeout=10))
+                elif extra == "reboot_resend" or extra == "reboot_status" or extra == "kill_guard":
                     reader.submit(M.Auth(txn, amount, "978", PAN, "2912", READER))
                     time.sleep(0.4)  # the AUTH is journaled and forwarded by now
                     if extra == "kill_guard":
@@ -257,7 +280,7 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
             violations.append(f"{row.label}: not journaled")
             continue
         row.final, row.stan = t.state, t.stan
-        row.host_net = core.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4])
+        row.host_net = core.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4])  # a refund's one credit counts 1
         if (t.state is TxnState.APPROVED) != (row.host_net == 1) or row.host_net not in (0, 1):
             violations.append(f"{row.label}: terminal {t.state.value}, host net debits {row.host_net}")
         first = row.shown.split(" / ")[0]
@@ -278,7 +301,8 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
     for i, row in enumerate(rows):
         ok = row.final is not None and (row.final is TxnState.APPROVED) == (row.host_net == 1)
         table.add_row(str(i + 1), row.label, f"{row.amount / 100:.2f}", row.shown,
-                      row.final.value if row.final else "-", f"{row.stan:06d}", str(row.host_net), "yes" if ok else "NO")
+                      row.final.value if row.final else "-", f"{row.stan:06d}",
+                      f"{row.host_net} (credit)" if row.refund and row.host_net else str(row.host_net), "yes" if ok else "NO")
     con.print(table)
 
     core.dump_ledger(directory / "host-ledger.json")
