@@ -96,7 +96,7 @@ class EngineConfig:
 # State
 
 
-@dataclass
+@dataclass(slots=True)
 class Txn:
     key: str
     kind: TxnKind
@@ -532,7 +532,7 @@ class Engine:
             self.count("late_response")
             return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": "advice_not_in_flight",
                                                       "state": t.state.value})])]
-        bad = iso.echo_mismatches(t.request_fields(self.cfg), f)
+        bad = self._echo_mismatches(t, f)
         if bad or len(rc) != 2 or rc == C.RC_DUPLICATE:
             why = "ECHO_MISMATCH" if bad else "BAD_RESPONSE"
             return [Append([self._advice_to_reversal(t, why, now)]), *self._dispatch_reversals(now)]
@@ -721,7 +721,7 @@ class Engine:
             self.count("late_response")
             note = "after_reversal" if t.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED, TxnState.NEEDS_MANUAL) else "duplicate"
             return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": note, "state": t.state.value})])]
-        bad = iso.echo_mismatches(t.request_fields(self.cfg), f)
+        bad = self._echo_mismatches(t, f)
         if bad:
             self.count("echo_mismatch")
             return self._reverse_many([t], "ECHO_MISMATCH", now, extra={"fields": bad, "rc": rc})
@@ -762,6 +762,14 @@ class Engine:
             return [Append([("reversed", t.key, {"rc": rc, "attempts": t.rev_attempts}), *vrec], vault_shred=self._shred(t)),
                     *vreply]
         return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}" if bad else f"RC_{rc or 'NONE'}")
+
+    def _echo_mismatches(self, t: Txn, f: dict[str, str]) -> list[str]:
+        """Echo fields (4, 11, 41, 42: C.ECHO_FIELDS) of the response that differ from the request."""
+        get = f.get
+        if (get(C.F_AMOUNT) == f"{t.amount:012d}" and get(C.F_STAN) == f"{t.stan:06d}"
+                and get(C.F_TERMINAL_ID) == self.cfg.terminal_id and get(C.F_MERCHANT_ID) == self.cfg.merchant_id):
+            return []
+        return iso.echo_mismatches(t.request_fields(self.cfg), f)
 
     def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
         self.count("unmatched")
