@@ -157,9 +157,7 @@ class ReplayService(GuardService):
             if t is None or not t.state.final or t.original or t.voided_by:
                 continue
             self.finished[key] = Item(key, t.stan, t.amount, t.masked_pan, t.state.value, t.reason, t.rev_attempts)
-            del eng.txns[key]
-            if eng.by_stan.get(t.stan) == key:
-                del eng.by_stan[t.stan]
+            eng.forget(key)
 
     def _commit(self, buf: Append) -> None:
         self.journal.append(buf.records, now=self.clock(), vault_put=buf.vault_put, vault_shred=buf.vault_shred)
@@ -288,10 +286,10 @@ def prune_final_txns(engine: Engine) -> int:
     for k in list(keep):
         t = engine.txns[k]
         keep.update(x for x in (t.original, t.voided_by) if x)
-    before = len(engine.txns)
-    engine.txns = {k: t for k, t in engine.txns.items() if k in keep}
-    engine.by_stan = {s: k for s, k in engine.by_stan.items() if k in keep}
-    return before - len(engine.txns)
+    gone = [k for k in engine.txns if k not in keep]
+    for k in gone:
+        engine.forget(k)
+    return len(gone)
 
 
 def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, int], None] | None = None,

@@ -270,3 +270,15 @@ def test_final_transactions_are_evicted_and_read_back_for_idempotency_and_status
     assert e.status(req(3).key).state is TxnState.APPROVED and e.stats["reloaded"] >= 3
     r = Engine.restore(cfg, FakeCrypto(), log.entries, lookup=lookup)
     assert len(r.txns) <= 3 and r.status(req(1).key).state is TxnState.APPROVED
+
+
+def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
+    from guard.engine import KeyFilter
+
+    f = KeyFilter()
+    keys = [f"R1:{i:032x}" for i in range(100_000)]
+    for k in keys:
+        f.add(k)
+    assert all(k in f for k in keys), "an evicted id must always be looked up in the journal"
+    fp = sum(f"R2:{i:032x}" in f for i in range(20_000))
+    assert fp < 20_000 * 0.05, f"{fp} false positives in 20,000 new ids"

@@ -112,7 +112,8 @@ def run(sales: int, workdir: Path, policy: PolicyConfig | None = None, history: 
     if history:
         fill_history(journal, keys.token_key, history, start)
     ecfg = EngineConfig(TID, MID, policy=policy if policy is not None else OFF)
-    engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), random.Random(1))
+    engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), random.Random(1),
+                            lookup=journal.entries_for)  # as the daemon: a new id is looked up in the journal
     core = HostCore(seed=1, dup_detection=True, faults={})
     up = InProcessUplink(core, HostCodec())
     svc = GuardService(engine, journal, up)  # type: ignore[arg-type]
