@@ -25,7 +25,10 @@ re-MACing anything, because MACs of the past can only come from keys that no lon
    copies (same ts, kind, txn, payload; new seq, link and MAC) of every entry of the carried
    transactions in journal order, a ``stan_use`` record with the last STAN (STANs never go back),
    and a checkpoint. The engine restores carried transactions exactly as before (same records,
-   same timestamps); the MAC ratchet simply continues.
+   same timestamps); the MAC ratchet simply continues. The same commit records every archived
+   transaction's key and archive path in an ``archived_txns`` index (beside the chain, not part
+   of it): their ids stay taken, a re-sent id gets its archived result, and an archive that went
+   missing refuses the request (ARCHIVE_UNAVAILABLE) instead of taking it as a new sale.
 6. VACUUM (optional, default on): the file shrinks to the carried data.
 
 Verifying the live file alone: the verifier starts at the ``segment`` record, ratchets k0 forward
@@ -145,7 +148,8 @@ def compact(journal_path: Path, keys: DeviceKeys, archive_dir: Path, *, older_th
         recs = [("stan_use", None, {"stan": plan.last_stan, "purpose": "carry_over"})] if plan.last_stan else []
         note = {"older_than_days": older_than_days, "cutoff": plan.cutoff, "archive": name,
                 "archived_txns": len(plan.archive)}
-        seg, carried = j.restart_segment(plan.keep, records=recs, note=note, now=now)
+        seg, carried = j.restart_segment(plan.keep, records=recs, note=note, now=now,
+                                         archive=str((archive_dir / name).resolve()))
         if vacuum:
             if progress:
                 progress("vacuum", 0, 1)

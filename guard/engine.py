@@ -22,7 +22,7 @@ from . import constants as C
 from . import iso
 from .errors import IdempotencyConflict, PosguardError, RequestInvalid
 from .policies import Action as PolicyAction, History, OfflineConfig, PolicyConfig, decide
-from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key
+from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key, txn_key_hash
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,19 +173,23 @@ class KeyFilter:
         self.bits = bytearray(1 << (self.LOG2_BITS - 3))
 
     @staticmethod
-    def _probes(key: str) -> tuple[int, int, int]:
-        h = hash(key) & 0xFFFF_FFFF_FFFF_FFFF
+    def _probes(h: int) -> tuple[int, int, int]:
+        h &= 0xFFFF_FFFF_FFFF_FFFF
         m = (1 << KeyFilter.LOG2_BITS) - 1
         return h & m, (h >> 21) & m, (h >> 42) & m
 
     def add(self, key: str) -> None:
+        self.add_hash(txn_key_hash(key))
+
+    def add_hash(self, h: int) -> None:
+        """Add a key known only by ``model.txn_key_hash`` (the archived-id index stores that)."""
         bits = self.bits
-        for p in self._probes(key):
+        for p in self._probes(h):
             bits[p >> 3] |= 1 << (p & 7)
 
     def __contains__(self, key: str) -> bool:
         bits = self.bits
-        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._probes(key))
+        return all(bits[p >> 3] & (1 << (p & 7)) for p in self._probes(txn_key_hash(key)))
 
 
 class Engine:
@@ -308,6 +312,13 @@ class Engine:
                 continue
             self.forget(old)
             self.count("evicted")
+
+    def note_archived(self, key_hashes: Iterable[int]) -> int:
+        """Ids (``txn_key_hash``) of transactions compaction archived: looked up if a reader re-uses one."""
+        n = 0
+        for n, h in enumerate(key_hashes, 1):
+            self._evicted.add_hash(h)
+        return n
 
     def forget(self, key: str) -> None:
         """Drop a transaction from memory; it stays findable through ``lookup``."""

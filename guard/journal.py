@@ -50,8 +50,9 @@ from .constants import (
     JOURNAL_RATCHET_LABEL,
     JOURNAL_SCHEMA_VERSION,
 )
-from .errors import JournalDurabilityError, JournalError
+from .errors import JournalDurabilityError, JournalError, PosguardError
 from .keys import DeviceKeys, public_key_hex
+from .model import txn_key_hash
 
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_FIELDS = ("counter", "covers_hash", "covers_seq", "terminal", "time")
@@ -331,6 +332,8 @@ class Journal:
         self._cp_seq = 0
         self._cp: dict[str, Any] = {}
         self._sealed: VaultBlob | None = None  # the last blob seal_vault made: its ref needs no re-check
+        self._archives: dict[str, sqlite3.Connection] = {}  # read-only archive files opened by entries_for
+        self._has_archived: bool | None = None  # whether an archived_txns index exists (checked once)
 
     # -- lifecycle --
 
@@ -456,6 +459,9 @@ class Journal:
                 pass
             self._conn.close()
             self._conn = None
+        for c in self._archives.values():
+            c.close()
+        self._archives.clear()
         self._key = b""
 
     def __enter__(self) -> Self:
@@ -627,7 +633,40 @@ class Journal:
         it no longer keeps in memory."""
         cur = self._db().execute(
             "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
-        return [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+        rows = [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+        if rows or not self._archived_index():
+            return rows
+        hit = self._db().execute("SELECT f.path FROM archived_txns a JOIN archive_files f ON f.id = a.archive "
+                                 "WHERE a.h = ?", (txn_key_hash(txn),)).fetchone()
+        return self._archive_entries(hit[0], txn) if hit else []
+
+    def _archived_index(self) -> bool:
+        if self._has_archived is None:
+            self._has_archived = self._db().execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'archived_txns'").fetchone() is not None
+        return self._has_archived
+
+    def archived_key_hashes(self) -> Iterator[int]:
+        """``txn_key_hash`` of every transaction compaction moved to an archive (their ids stay taken)."""
+        if self._archived_index():
+            for (h,) in self._db().execute("SELECT h FROM archived_txns"):
+                yield h
+
+    def _archive_entries(self, archive: str, txn: str) -> list[Entry]:
+        """A transaction's entries from the archive file that holds it. An archive that cannot be
+        read refuses the request (the id is taken; treating it as new could charge twice)."""
+        try:
+            conn = self._archives.get(archive)
+            if conn is None:
+                if not Path(archive).is_file():
+                    raise sqlite3.OperationalError("file not found")
+                conn = self._archives[archive] = _connect(Path(archive), mode="ro")
+            cur = conn.execute("SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? "
+                               "ORDER BY seq", (txn,))
+            return [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+        except sqlite3.Error as e:
+            raise PosguardError(f"transaction {txn} was archived to {archive}, which cannot be read ({e}); put the "
+                                "archive back (posguard journal compact moved it there)", code="ARCHIVE_UNAVAILABLE") from None
 
     def vault_refs(self) -> set[str]:
         return {r for (r,) in self._db().execute("SELECT ref FROM vault")}
@@ -776,7 +815,7 @@ class Journal:
         return int(first), self._last_seq
 
     def restart_segment(self, carry_txns: Collection[str], *, records: Sequence[tuple[str, str | None, dict[str, Any]]] = (),
-                        note: dict[str, Any] | None = None, now: float) -> tuple[int, int]:
+                        note: dict[str, Any] | None = None, now: float, archive: str | None = None) -> tuple[int, int]:
         """Start a new segment IN PLACE, in ONE durable commit; returns (segment seq, carried entries).
 
         Precondition: every current entry is archived verbatim (:meth:`write_archive`). Deletes all
@@ -784,6 +823,8 @@ class Journal:
         ``segment`` record continuing the chain and the MAC ratchet (it covers the last archived
         entry), verbatim copies (same ts, kind, txn, payload; new seq, chain link and MAC) of every
         entry of the carried transactions in journal order, ``records``, and a checkpoint.
+        ``archive`` (the archive file's path) is recorded for every transaction not carried in the
+        ``archived_txns`` index, so their ids stay taken: ``entries_for`` reads them from there.
         """
         conn = self._db()
         if self._failed:
@@ -827,6 +868,16 @@ class Journal:
         try:
             if trigger is not None:
                 cur.execute("DROP TRIGGER entries_no_delete")
+            if archive is not None:
+                cur.execute("CREATE TABLE IF NOT EXISTS archive_files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL)")
+                cur.execute("CREATE TABLE IF NOT EXISTS archived_txns (h INTEGER PRIMARY KEY, archive INTEGER NOT NULL) "
+                            "WITHOUT ROWID")
+                cur.execute("INSERT OR IGNORE INTO archive_files (path) VALUES (?)", (archive,))
+                (file_id,) = cur.execute("SELECT id FROM archive_files WHERE path = ?", (archive,)).fetchone()
+                gone = cur.execute("SELECT DISTINCT txn FROM entries WHERE txn IS NOT NULL "
+                                   "AND txn NOT IN (SELECT txn FROM carry_txn)").fetchall()
+                cur.executemany("INSERT OR REPLACE INTO archived_txns (h, archive) VALUES (?, ?)",
+                                [(txn_key_hash(t), file_id) for (t,) in gone])
             cur.execute("DELETE FROM entries")
             if trigger is not None:
                 cur.execute(trigger[0])
@@ -849,6 +900,7 @@ class Journal:
                 self._failed = True
             raise
         self.commit_count += 1
+        self._has_archived = None
         self._set_state(seq, row[6], key, seq, cp)
         self._after_checkpoint()
         return rows[0][0], len(carried)

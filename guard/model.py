@@ -106,6 +106,11 @@ class Request:
         return f"Request({self.key}, {self.kind.value}, {self.amount} {self.currency}, {self.card!r})"
 
 
+def txn_key_hash(key: str) -> int:
+    """A stable signed 64-bit hash of a transaction key (archived-id index, evicted-key filter)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+
+
 def fingerprint(kind: TxnKind, amount: int, currency: str, card_token: str, original: bytes | None) -> str:
     """What makes two requests "the same": a hash over the request, never over the clear PAN."""
     canon = f"{kind.value}|{amount}|{currency}|{card_token}|{original.hex() if original else '-'}".encode()

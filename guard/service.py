@@ -236,6 +236,7 @@ def open_guard(
     try:
         engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), rng,
                                 lookup=journal.entries_for)
+        engine.note_archived(journal.archived_key_hashes())
         svc = GuardService(engine, journal, uplink, clock=clock, **kwargs)
         svc.execute(engine.recover(clock()))
     except BaseException:

@@ -368,6 +368,58 @@ def test_compact_100k_sales(tmp_path_factory: pytest.TempPathFactory, tmp_path: 
     res = compact(path, keys, tmp_path / "arch", older_than_days=1, now=NOW)
     took = time.perf_counter() - t0
     assert res.archive is not None and res.archived_txns == 100_000 and res.kept_txns == 0
-    assert res.bytes_after < 100_000 < res.bytes_before
+    # what stays: a fixed part plus the archived-id index (~15 bytes per archived transaction)
+    assert res.bytes_after < 100_000 + 16 * res.archived_txns < res.bytes_before / 30
     assert verify_chain([res.archive, path], k0=keys.k0, public_keys=[keys.public_key]).ok
     assert took < 40, took
+
+
+def test_archived_ids_stay_taken_after_compaction(tmp_path: Path) -> None:
+    """A reader re-sending the id of a sale compaction archived gets the stored result (no new
+    0200); the same id with another amount is IDEMPOTENCY_MISMATCH; STATUS still answers; with the
+    archive file gone the request is refused (ARCHIVE_UNAVAILABLE), never taken as a new sale."""
+    from guard.errors import IdempotencyConflict, PosguardError
+    from guard.model import Request
+    from guard.service import open_guard
+
+    core = HostCore(seed=41, dup_detection=False)
+    g = Gen(tmp_path / "g", core, t=time.time() - 3 * 86400)
+    g.host_up()
+    reqs = [g.request(amount=1000 + i) for i in range(3)]
+    for r in reqs:
+        g.tick_clock()
+        g.run(g.engine.submit(r, g.t))
+    g.flush()
+    g._drain_sends(respond=True)
+    g.close()
+    res = compact(g.path, g.keys, tmp_path / "arch", older_than_days=1, now=time.time())
+    assert res.archived_txns == 3 and res.archive is not None
+    sales_before = core.stats()["requests_by_mti"]["0200"]
+
+    def guard() -> Any:
+        return open_guard(g.path, g.keys, g.ecfg, Uplink("127.0.0.1", 9, HostCodec(), connect_timeout=0.2))
+
+    svc = guard()
+    try:
+        assert not svc.engine.txns, "archived transactions are not in memory"
+        svc.submit(reqs[0])
+        again = svc.replies[reqs[0].key]
+        assert again.state.value == "APPROVED" and again.stan == 1, "the archived result, not a new sale"
+        with pytest.raises(IdempotencyConflict):
+            svc.submit(Request(reqs[1].reader_id, reqs[1].txn_id, reqs[1].kind, 9999, "978", reqs[1].card))
+        st = svc.engine.status(reqs[2].key)
+        assert st is not None and st.state.value == "APPROVED"
+    finally:
+        svc.close()
+    assert core.stats()["requests_by_mti"]["0200"] == sales_before
+    shutil.move(str(res.archive), str(tmp_path / "elsewhere.db"))
+    svc = guard()
+    try:
+        with pytest.raises(PosguardError) as ei:
+            svc.submit(reqs[2])
+        assert ei.value.code == "ARCHIVE_UNAVAILABLE"
+        assert reqs[2].key not in svc.engine.txns
+    finally:
+        svc.close()
+    keys = load_keys(g.dir / "keys")
+    assert verify_journal(g.path, k0=keys.k0, public_key=keys.public_key).ok, "the index is beside the chain, not in it"
