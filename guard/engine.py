@@ -123,6 +123,7 @@ class Txn:
     voided_by: str | None = None  # SALE: the VOID that reverses it
     refunds: list[str] = field(default_factory=list)  # SALE: keys of the refunds against it
     signature: str = ""  # "", REQUIRED, CAPTURED or MISSING
+    deferred: bool = False  # approved offline once: the host knows it from an 0220, not an 0200
     adv_sent: bool = False  # DEFERRED: an 0220 with the current STAN may have reached the host
     adv_inflight_until: float | None = None
     adv_next_at: float = 0.0
@@ -527,7 +528,7 @@ class Engine:
     def _defer(self, t: Txn, recs: list[tuple[str, str | None, dict[str, Any]]], now: float,
                vault_put: list[Any] | None = None) -> list[Action]:
         """Approve offline: the card data stays sealed in the vault until the 0220 is answered."""
-        t.state, t.reason = TxnState.DEFERRED, ""
+        t.state, t.reason, t.deferred = TxnState.DEFERRED, "", True
         t.adv_next_at = now
         self._stored[t.key] = t.amount
         self._adv[t.key] = None
@@ -962,7 +963,7 @@ class Engine:
         return [Append([("reversal_failed", t.key, {"why": why, "failures": t.rev_failures})])]
 
     def _reversal_fields(self, t: Txn, mti: str) -> dict[str, str]:
-        original_mti = C.MTI_ADVICE if t.state is TxnState.DEFERRED else C.MTI_FIN_REQUEST
+        original_mti = C.MTI_ADVICE if t.deferred else C.MTI_FIN_REQUEST
         return {
             "t": mti,
             C.F_PROC_CODE: C.PROC_REFUND if t.kind is TxnKind.REFUND else C.PROC_PURCHASE,
@@ -1053,7 +1054,7 @@ def _apply_state(t: Txn, kind: str, p: dict[str, Any]) -> None:
         t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
         t.signature = p.get("signature", t.signature)
     elif kind == "deferred":
-        t.state, t.signature = TxnState.DEFERRED, p.get("signature", "")
+        t.state, t.signature, t.deferred = TxnState.DEFERRED, p.get("signature", ""), True
     elif kind == "advice_attempt":
         t.stan, t.f7, t.adv_sent = int(p["stan"]), p["f7"], True
         t.rev_attempts = t.rev_failures = 0

@@ -26,6 +26,7 @@ Discrepancies (category -> action):
   FAILED_BUT_DEBITED     the host holds a debit the terminal shows as not charged:
                            DECLINED / NEEDS_MANUAL -> QUEUE_REVERSAL (safe: undoes exactly that debit)
                            REVERSAL_PENDING / JOURNALED (in flight at a crash) -> NONE (replay reverses it)
+                           DEFERRED (an offline sale whose 0220 may be booked) -> NONE (replay settles it)
                            HELD, or no such sale in the journal -> FLAG_REFUND
   REVERSED_BUT_SETTLED   terminal REVERSED, debit still settled -> FLAG_REFUND (the host already
                          answered the reversal; sending it again changes nothing)
@@ -292,6 +293,9 @@ def _judge(t: TxnView, key: Key, h: _Host) -> Discrepancy | None:
     if state in QUEUEABLE:
         return d(FAILED_BUT_DEBITED, QUEUE_REVERSAL, f"{state.lower()} at the terminal, debited at the host: "
                  "a reversal of this sale undoes exactly that debit")
+    if state == TxnState.DEFERRED.value:
+        return d(FAILED_BUT_DEBITED, NONE, "an offline sale still being forwarded (its 0220 may have been booked): "
+                 "run posguard replay, which reverses an unanswered advice before sending a fresh one")
     if state in (TxnState.REVERSAL_PENDING.value, TxnState.JOURNALED.value, TxnState.SENT.value):
         return d(FAILED_BUT_DEBITED, NONE, "a reversal is already queued (or recovery queues one at the next "
                  "start): run posguard replay")

@@ -319,3 +319,28 @@ def test_offline_off_fails_cleanly_with_no_host(tmp_path: Path) -> None:
     assert r.state is TxnState.DECLINED and r.reason == "NO_HOST" and r.display_text == "HOST UNAVAILABLE - NOT CHARGED"
     w.back_up()
     assert w.host.total_net_debits() == 0 and not w.engine.busy()
+
+
+def test_void_of_a_forwarded_offline_sale_reverses_the_advice(tmp_path: Path) -> None:
+    w = World(tmp_path, offline=LIMITS, dup_detection=False)
+    w.down()
+    w.sale(1, amount=3000)
+    w.back_up()
+    assert w.engine.status(w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
+    void = Request("R1", (2).to_bytes(16, "big"), TxnKind.VOID, 3000, "978", None, (1).to_bytes(16, "big"))  # type: ignore[arg-type]
+    w.submit(void)
+    rev = [f for f in w.sent if f["t"] == "0400"][-1]
+    assert parse_field90(rev["90"])[0] == "0220", "the host knows this sale from its advice"
+    assert w.host.total_net_debits() == 0 and w.shown[void.key].state is TxnState.APPROVED
+
+
+def test_reconcile_leaves_an_offline_sale_in_flight_to_replay(tmp_path: Path) -> None:
+    from guard.export import TxnView
+    from guard.reconcile import NONE, _Host, _judge
+
+    t = TxnView(key="R1:x", kind="SALE", state="DEFERRED", stan=7, date="1122", amount=3000, currency="978",
+                masked_pan="476173******0119", rc="", approval="", rrn="", reason="", tid=TID, mid=MID, original=None,
+                created=NOW, updated=NOW)
+    row: Any = type("Row", (), {"amount": 3000, "rrn": "000000000001", "response": "00"})()
+    d = _judge(t, (TID, MID, "000007", "1122"), _Host(debits=[row]))
+    assert d is not None and d.action == NONE and "replay" in d.note
