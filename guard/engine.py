@@ -29,11 +29,14 @@ from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, ma
 # Actions
 
 
+Record = tuple[str, str | None, dict[str, Any]]  # (kind, txn key, payload)
+
+
 @dataclass(frozen=True)
 class Append:
     """One durable journal commit: records are (kind, txn key, payload)."""
 
-    records: list[tuple[str, str | None, dict[str, Any]]]
+    records: list[Record]
     vault_put: list[Any] = field(default_factory=list)  # sealed blobs (guard.journal.VaultBlob)
     vault_shred: list[str] = field(default_factory=list)
 
@@ -259,9 +262,10 @@ class Engine:
                 if not p.get("verdict") and t.kind is TxnKind.SALE:
                     self.history.count(t.card_token, ts, t.amount)
             return
-        t = self._get(key, before_seq=seq)
-        if t is None:
+        found = self._get(key, before_seq=seq)
+        if found is None:
             return
+        t = found
         was_final = t.state.final
         _apply_state(t, kind, p)
         if kind == "held":
@@ -349,7 +353,7 @@ class Engine:
         advices = [t for t in self.txns.values() if t.state is TxnState.DEFERRED and t.adv_sent and t.key not in self._saf]
         acts: list[Action] = []
         if pending or advices:
-            recs = []
+            recs: list[Record] = []
             for t in pending:
                 self._to_reversal(t, "RECOVERY", now)
                 recs.append(("reversal_pending", t.key, {"reason": "RECOVERY", "stan": t.stan}))
@@ -525,7 +529,7 @@ class Engine:
     def _may_defer(self, t: Txn) -> bool:
         return t.kind is TxnKind.SALE and not self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values()))
 
-    def _defer(self, t: Txn, recs: list[tuple[str, str | None, dict[str, Any]]], now: float,
+    def _defer(self, t: Txn, recs: list[Record], now: float,
                vault_put: list[Any] | None = None) -> list[Action]:
         """Approve offline: the card data stays sealed in the vault until the 0220 is answered."""
         t.state, t.reason, t.deferred = TxnState.DEFERRED, "", True
@@ -538,7 +542,7 @@ class Engine:
                                    **({"signature": t.signature} if t.signature else {})})
         return [Append([*recs, rec], vault_put=vault_put or []), Reply(t.result())]
 
-    def _advice_to_reversal(self, t: Txn, reason: str, now: float) -> tuple[str, str, dict[str, Any]]:
+    def _advice_to_reversal(self, t: Txn, reason: str, now: float) -> Record:
         """An 0220 whose fate is unknown is reversed before a fresh one (new STAN) is sent, so a host
         without duplicate detection never books an offline sale twice."""
         t.adv_inflight_until = None
@@ -552,7 +556,7 @@ class Engine:
         if not self.host_up or not self._adv:
             return []
         inflight = sum(1 for k in self._stored if self.txns[k].adv_inflight_until is not None)
-        due = []
+        due: list[Txn] = []
         for key in self._adv:
             if inflight + len(due) >= self.cfg.saf_window:
                 break
@@ -561,7 +565,7 @@ class Engine:
                 due.append(t)
         if not due:
             return []
-        recs = []
+        recs: list[Record] = []
         sends: list[Action] = []
         for t in due:
             del self._adv[t.key]
@@ -604,7 +608,7 @@ class Engine:
         late = [k for k, due in self._sig_due.items() if now >= due]
         if not late:
             return []
-        recs = []
+        recs: list[Record] = []
         for k in late:
             del self._sig_due[k]
             t = self.txns.get(k)
@@ -932,7 +936,7 @@ class Engine:
 
     def _reverse_many(self, ts: Sequence[Txn], reason: str, now: float, extra: dict[str, Any] | None = None) -> list[Action]:
         """UNKNOWN outcome: commit REVERSAL_PENDING before telling the reader anything."""
-        recs = []
+        recs: list[Record] = []
         for t in ts:
             self._to_reversal(t, reason, now)
             recs.append(("reversal_pending", t.key, {"reason": reason, "stan": t.stan, **(extra or {})}))
@@ -990,7 +994,7 @@ class Engine:
                 due.append(t)
         if not due:
             return []
-        recs = []
+        recs: list[Record] = []
         sends: list[Action] = []
         for t in due:
             mti = C.MTI_REVERSAL if t.rev_attempts == 0 else C.MTI_REVERSAL_REPEAT

@@ -1077,7 +1077,7 @@ def main(argv: list[str] | None = None) -> int:
     def _on_signal(signum: int, _frame: object) -> None:
         stop.set()
 
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, _on_signal)
@@ -1088,8 +1088,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
     finally:
         server.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig_, handler in previous.items():
+            signal.signal(sig_, handler)
         if args.ledger:
             core.dump_ledger(args.ledger)
         if args.settlement:

@@ -96,8 +96,9 @@ _INSERT_ENTRY = (
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 # The C encoder ``_CANONICAL.encode`` builds on every call, built once. No circular-reference
 # markers: a cyclic payload raises RecursionError instead of ValueError (both are refused).
-_c_canonical = (json.encoder.c_make_encoder(None, _CANONICAL.default, _enc, None, ":", ",", True, False, False)
-                if json.encoder.c_make_encoder is not None else None)
+_c_canonical = (json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, _CANONICAL.default, _enc, None, ":", ",", True, False, False)
+    if json.encoder.c_make_encoder is not None else None)  # type: ignore[attr-defined]
 
 
 def canonical_json(obj: Any) -> str:

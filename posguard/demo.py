@@ -243,7 +243,7 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
                     reader.reboot()
                     reader.sync(timeout=15)
                     if extra == "reboot_resend":
-                        res: Any = reader.auth(txn, amount, "978", PAN, "2912", timeout=20)
+                        res = reader.auth(txn, amount, "978", PAN, "2912", timeout=20)
                     else:
                         res = reader.status(txn, timeout=10)
                         wait_for(lambda: not (isinstance(r := reader.status(txn, timeout=10), M.ResultMessage)
