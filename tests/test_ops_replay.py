@@ -34,13 +34,24 @@ ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("POSGUARD_REPLAY_KILLS", "50"))
 
 
-def replay(cfg: Path, *args: str, kill_after: float | None = None, timeout: float = 120) -> tuple[int, dict[str, Any]]:
+def host_requests(core: HostCore) -> int:
+    return sum(core.stats()["requests_by_mti"].values())
+
+
+def replay(cfg: Path, *args: str, kill_after: float | None = None, kill_after_requests: tuple[HostCore, int] | None = None,
+           timeout: float = 120) -> tuple[int, dict[str, Any]]:
+    """Run `posguard replay`; SIGKILL it after ``kill_after`` seconds or once the host named in
+    ``kill_after_requests`` has received that many more messages, whichever comes first."""
     cmd = [sys.executable, "-m", "posguard.cli", "replay", "--config", str(cfg), "--json", *args]
+    start_n = host_requests(kill_after_requests[0]) if kill_after_requests else 0
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
+        end = time.monotonic() + kill_after
+        while proc.poll() is None and time.monotonic() < end:  # bounded by kill_after
+            if kill_after_requests and host_requests(kill_after_requests[0]) - start_n >= kill_after_requests[1]:
+                break
+            time.sleep(0.005)
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=timeout)
     if proc.returncode == -signal.SIGKILL:
@@ -120,7 +131,10 @@ def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
         pending = [1600]
         while kills < KILLS and tries < 3 * KILLS:
             tries += 1
-            code, _ = replay(cfg, *args, kill_after=rng.uniform(0.25, 0.9))
+            # A random moment (start-up, recovery, mid-window), or a random number of host messages
+            # into the drain: the second keeps the kill count independent of the machine's speed.
+            code, _ = replay(cfg, *args, kill_after=rng.uniform(0.05, 3.0),
+                             kill_after_requests=(core, rng.randint(1, 40)))
             if code == -signal.SIGKILL:
                 kills += 1
                 pending.append(sum(t.state == "REVERSAL_PENDING" for t in load_view(g.path).txns.values()))
