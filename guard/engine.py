@@ -160,6 +160,7 @@ class Txn:
 
 
 AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
+WATCHED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.HELD})  # states with a timer or a drain to wait for
 
 
 class KeyFilter:
@@ -220,6 +221,9 @@ class Engine:
         self._adv: OrderedDict[str, None] = OrderedDict()  # deferred sales owing an 0220, journal order
         self._stored: dict[str, int] = {}  # DEFERRED (not final) sales -> amount, for the offline limits
         self._sig_due: dict[str, float] = {}  # approved sales awaiting a signature -> when it is missing
+        # Keys that may be in a WATCHED state (a superset, pruned lazily): timers and drains look at
+        # these instead of every transaction in memory (up to keep_final), once per loop round.
+        self._watch: dict[str, None] = {}
         self.stats: dict[str, int] = {}
         self.history = History(cfg.policy)
 
@@ -251,6 +255,7 @@ class Engine:
         if kind == "intent":
             t = _txn_from_intent(key, p, ts)
             self.txns[key] = t
+            self._watch[key] = None
             if t.kind is TxnKind.VOID:
                 o = self._get(t.original or "", before_seq=seq)
                 if o is not None:
@@ -306,6 +311,7 @@ class Engine:
     def _finalized(self, t: Txn) -> None:
         """Final transactions stay in memory up to ``keep_final``; older ones are read back from
         the journal when a reader asks about them (idempotency and STATUS never forget)."""
+        self._watch.pop(t.key, None)
         self._adv.pop(t.key, None)
         self._stored.pop(t.key, None)
         self._finals[t.key] = None
@@ -341,6 +347,7 @@ class Engine:
         if t is not None:
             self.count("reloaded")
             self.txns[key] = t
+            self._watch[key] = None
             if t.state.final:
                 self._finalized(t)
         return t
@@ -408,6 +415,7 @@ class Engine:
             original=original.key if original else None,
         )
         self.txns[key] = t
+        self._watch[key] = None
         self.by_stan[stan] = key
         self.history.add(token, t)
         intent = {
@@ -458,6 +466,7 @@ class Engine:
             return self._finish(t, TxnState.DECLINED, reason=reason or "NO_HOST")
         t.state = TxnState.SENT
         t.deadline = now + self.cfg.host_timeout_s
+        self._watch[t.key] = None
         return [SendHost(t.key, t.request_fields(self.cfg), card=card, card_ref=None if card else t.vault_ref)]
 
     def _refund_original(self, req: Request, token: str) -> Txn:
@@ -500,7 +509,8 @@ class Engine:
         if t.kind is TxnKind.SALE:
             self.history.count(t.card_token, now, t.amount)
         t.state, t.reason = TxnState.JOURNALED, ""
-        recs: list[tuple[str, str | None, dict[str, Any]]] = [("released", key, {"by": "operator"})]
+        self._watch[key] = None
+        recs: list[Record] = [("released", key, {"by": "operator"})]
         self.count("released")
         if not self.host_up and self._may_defer(t):
             return self._defer(t, recs, now)
@@ -640,6 +650,7 @@ class Engine:
         v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.amount, currency=o.currency, card_token=o.card_token,
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
         self.txns[key] = v
+        self._watch[key] = None
         o.voided_by = key
         self._to_reversal(o, "VOID", now)
         self.count("voids")
@@ -695,7 +706,7 @@ class Engine:
         self.host_up = False
         self.echo_stan = self.echo_deadline = None
         acts: list[Action] = []
-        sent = [t for t in self.txns.values() if t.state is TxnState.SENT]
+        sent = [t for t in self._watched() if t.state is TxnState.SENT]
         if sent:
             acts += self._reverse_many(sent, "HOST_DISCONNECTED", now)
         advices = [self.txns[k] for k in self._stored if self.txns[k].adv_inflight_until is not None]
@@ -831,14 +842,15 @@ class Engine:
     # ------------------------------------------------------------------ timers
 
     def next_deadline(self) -> float | None:
-        ds = [t.deadline for t in self.txns.values() if t.state is TxnState.SENT and t.deadline is not None]
+        watched = self._watched()
+        ds = [t.deadline for t in watched if t.state is TxnState.SENT and t.deadline is not None]
         for key in self._saf:
             t = self.txns[key]
             ds.append(t.rev_inflight_until if t.rev_inflight_until is not None else t.rev_next_at)
         if self.echo_deadline is not None:
             ds.append(self.echo_deadline)
         if self.cfg.policy.hold_expiry_s > 0:
-            ds += [t.created + self.cfg.policy.hold_expiry_s for t in self.txns.values() if t.state is TxnState.HELD]
+            ds += [t.created + self.cfg.policy.hold_expiry_s for t in watched if t.state is TxnState.HELD]
         for key in self._stored:
             t = self.txns[key]
             if t.adv_inflight_until is not None:
@@ -854,7 +866,8 @@ class Engine:
 
     def tick(self, now: float) -> list[Action]:
         acts: list[Action] = []
-        expired = [t for t in self.txns.values() if t.state is TxnState.SENT and t.deadline is not None and now >= t.deadline]
+        watched = self._watched()
+        expired = [t for t in watched if t.state is TxnState.SENT and t.deadline is not None and now >= t.deadline]
         if expired:
             acts += self._reverse_many(expired, "HOST_TIMEOUT", now)
         for key in list(self._saf):
@@ -862,7 +875,7 @@ class Engine:
             if t.rev_inflight_until is not None and now >= t.rev_inflight_until:
                 acts += self._reversal_failed(t, now, "TIMEOUT")
         if self.cfg.policy.hold_expiry_s > 0:
-            for t in [t for t in self.txns.values() if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
+            for t in [t for t in watched if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
                 acts += self._finish(t, TxnState.DECLINED, reason="HOLD_EXPIRED")
         if self._stored:
             acts += self._advices_tick(now)
@@ -896,7 +909,22 @@ class Engine:
     def busy(self) -> bool:
         """True while anything awaits the host: used by drivers to know when a drain is done."""
         return bool(self._saf) or bool(self._stored) or any(t.state in AWAITING and t.kind is not TxnKind.VOID
-                                                           for t in self.txns.values())
+                                                           for t in self._watched())
+
+    def _watched(self) -> list[Txn]:
+        """Transactions in a WATCHED state, in the order they were first watched; prunes the rest."""
+        out: list[Txn] = []
+        gone: list[str] = []
+        txns = self.txns
+        for key in self._watch:
+            t = txns.get(key)
+            if t is not None and t.state in WATCHED:
+                out.append(t)
+            else:
+                gone.append(key)
+        for key in gone:
+            del self._watch[key]
+        return out
 
     # ------------------------------------------------------------------ internals
 

@@ -282,3 +282,27 @@ def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
     assert all(k in f for k in keys), "an evicted id must always be looked up in the journal"
     fp = sum(f"R2:{i:032x}" in f for i in range(20_000))
     assert fp < 20_000 * 0.05, f"{fp} false positives in 20,000 new ids"
+
+
+def test_timers_find_the_one_sale_in_flight_among_thousands_of_final_ones() -> None:
+    """Loop rounds look only at watched transactions; a sale in flight (live or restored from the
+    journal) must still time out and be reversed when thousands of final ones sit in memory."""
+    log = Log()
+    e = engine(log)
+    for i in range(1, 3001):
+        send = next(a for a in log.take(e.submit(req(i), NOW)) if isinstance(a, SendHost))
+        log.take(e.host_message(response(send), NOW))
+    assert not e.busy() and e.next_deadline() == NOW + 1e9  # only the idle echo is due
+    send = next(a for a in log.take(e.submit(req(5000), NOW + 1)) if isinstance(a, SendHost))
+    assert e.busy() and e.next_deadline() == NOW + 1 + CFG.host_timeout_s
+    assert len(e._watch) <= 1, "final transactions are not watched"
+    acts = log.take(e.tick(NOW + 1 + CFG.host_timeout_s))
+    assert any(isinstance(a, SendHost) and a.fields["t"] == C.MTI_REVERSAL for a in acts)
+    assert e.status(send.key).state is TxnState.REVERSAL_PENDING  # type: ignore[union-attr]
+
+    crashed = Log()
+    crashed.entries = [x for x in log.entries if not (x.txn == send.key and x.kind != "intent")]
+    r = Engine.restore(CFG, FakeCrypto(), crashed.entries, random.Random(1))
+    assert r.busy(), "a restored intent without an outcome is watched"
+    recovered = r.recover(NOW + 10)
+    assert any(isinstance(a, Append) and a.records[0][0] == "reversal_pending" for a in recovered)
