@@ -361,3 +361,74 @@ def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(t
             server.stop()
     kinds = [k for k, _ in _journal_kinds(tmp_path, "deferred", "advice_attempt", "outcome")]
     assert kinds == ["deferred", "outcome", "advice_attempt", "outcome"]
+
+
+def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Path) -> None:
+    """Field problems 2, 3 and 4 (void) through the reader link: a third sale on a card within the
+    window is a local decline that never reaches the host; host 65 reads the same; an answer for
+    another merchant is reversed and the reader told "not charged"; host 03 reads as a terminal
+    configuration problem; a VOID reverses an approved sale. Reader message, journal entry and
+    host ledger are checked for each."""
+    init_keys(tmp_path / "keys")
+    core = HostCore(seed=8, dup_detection=False)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    cable = NullModem()
+    cfg = config(tmp_path, cable.a, port)
+    cfg["policy"].update(card_max_count=2, card_count_window=600)
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(5))
+    other = "4000056655665556"
+    try:
+        r.sync(timeout=5)
+        one, two, three = r.new_txn_id(), r.new_txn_id(), r.new_txn_id()
+        assert r.auth(one, 1000, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
+        assert r.auth(two, 2000, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
+        v = r.auth(three, 3000, "978", PAN, "2912", timeout=10)
+        assert isinstance(v, M.ResultMessage) and v.state is TxnState.DECLINED
+        assert v.error_code == "VELOCITY_CARD_COUNT" and v.display_text == "CARD USED TOO FREQUENTLY"
+        assert not v.response_code, "a local decline carries no host response code"
+        assert core.stats()["requests_by_mti"]["0200"] == 2, "the velocity decline never reached the host"
+
+        core.approve_rule = lambda f: "65"
+        h65 = r.auth(r.new_txn_id(), 1100, "978", other, "2912", timeout=10)
+        assert isinstance(h65, M.ResultMessage) and h65.state is TxnState.DECLINED
+        assert h65.response_code == "65" and h65.display_text == v.display_text
+
+        core.approve_rule = lambda f: "03"
+        h03 = r.auth(r.new_txn_id(), 1200, "978", other, "2912", timeout=10)
+        assert isinstance(h03, M.ResultMessage) and h03.state is TxnState.DECLINED
+        assert "CONFIG" in (h03.display_text or "") and "NOT A CARD PROBLEM" in (h03.display_text or "")
+
+        core.approve_rule = lambda f: "00"
+        core.force("wrong_echo")  # the host debits, then answers as if for another terminal/merchant
+        mism = r.new_txn_id()
+        m = r.auth(mism, 1300, "978", "5555555555554444", "2912", timeout=10)  # a card under its limit
+        assert isinstance(m, M.ResultMessage) and m.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED)
+        assert (m.display_text or "").startswith("FAILED - NOT CHARGED")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and core.stats()["requests_by_mti"].get("0400", 0) < 1:
+            time.sleep(0.05)
+        final = r.status(mism, timeout=10)
+        while isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSAL_PENDING and time.monotonic() < deadline:
+            time.sleep(0.1)
+            final = r.status(mism, timeout=10)
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED
+
+        void = r.void(one, 1000, "978", timeout=15)
+        assert isinstance(void, M.ResultMessage) and void.state is TxnState.APPROVED
+        led = core.ledger()
+        assert led["totals"]["net_amount"] == 2000, "only sale two stays charged"
+        assert core.total_net_debits() == 1
+    finally:
+        r.close()
+        guard.stop()
+        cable.close()
+        server.stop()
+    entries = _journal_kinds(tmp_path, "outcome", "reversal_pending", "reversed")
+    reasons = [(k, p.get("reason")) for k, p in entries]
+    assert ("outcome", "VELOCITY_CARD_COUNT") in reasons
+    assert ("reversal_pending", "ECHO_MISMATCH") in reasons and ("reversal_pending", "VOID") in reasons
+    mismatch = next(p for k, p in entries if k == "reversal_pending" and p.get("reason") == "ECHO_MISMATCH")
+    assert set(mismatch["fields"]) & {"41", "42", "4", "11"}, mismatch
+    assert sum(k == "reversed" for k, _ in entries) == 2
