@@ -29,10 +29,11 @@ def main() -> None:
 def demo(directory: Path, seed: int, host_timeout: float) -> None:
     """The whole path with faults: reference reader -> pty null-modem -> `posguard run` -> host simulator.
 
-    Sixteen sales, each meeting one host, serial-line, reader or guard fault; prints what the
-    reader was told and what the host's ledger holds. Exit status 0 only if every APPROVED sale has
-    exactly one net debit at the host, every other sale has none, and the journal verifies;
-    1 if not; 2 if --dir is not a demo directory. Loopback and ptys only, no hardware.
+    Eighteen transactions (sales, a refund, an offline sale), each meeting one host, serial-line,
+    reader or guard fault; prints what the reader was told and what the host's ledger holds.
+    Exit status 0 only if every APPROVED sale has exactly one net debit at the host, every other
+    sale has none, and the journal verifies; 1 if not; 2 if --dir is not a demo directory.
+    Loopback and ptys only, no hardware.
     """
     from .demo import run_demo
 

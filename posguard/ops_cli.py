@@ -221,7 +221,8 @@ def journal_export(journal_path: Path, per: str, since: str | None, states: tupl
     Per entry: seq, time, ts, kind, txn, state (of its transaction), payload.
     Read-only: needs no keys, never opens the vault; only masked PANs and keyed card tokens appear.
 
-    Exit status: 0 exported; 2 bad filter, unreadable journal or unwritable --out.
+    Exit status: 0 exported; 2 bad filter, unreadable journal or unwritable --out; 141 when the
+    reading end of a pipe closed early (`| head`).
     """
     from guard.export import ENTRY_COLUMNS, TXN_COLUMNS, write_csv, write_jsonl
 
@@ -229,6 +230,9 @@ def journal_export(journal_path: Path, per: str, since: str | None, states: tupl
     try:
         with _atomic_text_out(out) as f:
             n = write_jsonl(rows, f) if fmt == "jsonl" else write_csv(rows, TXN_COLUMNS if per == "txn" else ENTRY_COLUMNS, f)
+    except BrokenPipeError:  # `... | head`: the reader left; end quietly, as `cat` would (128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     except OSError as e:
         _die(2, f"cannot write {out}: {e.strerror}")
     except PosguardError as e:
