@@ -359,42 +359,36 @@ class Refund(_Message):
 
 
 @dataclass(frozen=True, repr=False)
-class Confirm(_Message):
+class _OperatorAction(_Message):
+    """An operator's decision about the request ``txn_id``: TXN_ID and READER_ID only."""
+
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        (Tag.TXN_ID, "txn_id", True),
+        (Tag.READER_ID, "reader_id", False),
+    )
+    txn_id: bytes
+    reader_id: str | None = None
+
+
+@dataclass(frozen=True, repr=False)
+class Confirm(_OperatorAction):
     """Reader -> guard: the operator overrides a hold on the request ``txn_id``."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.CONFIRM
-    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
-        (Tag.TXN_ID, "txn_id", True),
-        (Tag.READER_ID, "reader_id", False),
-    )
-    txn_id: bytes
-    reader_id: str | None = None
 
 
 @dataclass(frozen=True, repr=False)
-class Cancel(_Message):
+class Cancel(_OperatorAction):
     """Reader -> guard: the operator drops a held request (wrong amount, wrong card): DECLINED."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.CANCEL
-    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
-        (Tag.TXN_ID, "txn_id", True),
-        (Tag.READER_ID, "reader_id", False),
-    )
-    txn_id: bytes
-    reader_id: str | None = None
 
 
 @dataclass(frozen=True, repr=False)
-class Signed(_Message):
+class Signed(_OperatorAction):
     """Reader -> guard: the customer signed the receipt of ``txn_id`` (RESULT said SIGNATURE REQUIRED)."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.SIGNED
-    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
-        (Tag.TXN_ID, "txn_id", True),
-        (Tag.READER_ID, "reader_id", False),
-    )
-    txn_id: bytes
-    reader_id: str | None = None
 
 
 @dataclass(frozen=True, repr=False)
