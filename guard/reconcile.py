@@ -54,6 +54,9 @@ from typing import Any
 from .errors import PosguardError
 from .export import JournalView, TxnView, build_view, is_void
 from .hostsim import SETTLEMENT_COLUMNS
+
+# Header names a host report may use instead: the ISO 8583 field numbers (41, 42, 11, 37, 39, 4).
+COLUMN_ALIASES = {"41": "tid", "42": "mid", "11": "stan", "37": "rrn", "39": "response", "4": "amount"}
 from .journal import Journal
 from .model import TxnState
 
@@ -163,7 +166,7 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
     header = next(reader, None)
     if header is None:
         raise SettlementError(path, 1, "", f"empty file; expected the header {','.join(SETTLEMENT_COLUMNS)}")
-    names = [h.strip() for h in header]
+    names = [COLUMN_ALIASES.get(h.strip().lower(), h.strip().lower()) for h in header]
     dup = sorted({n for n in names if names.count(n) > 1 and n in SETTLEMENT_COLUMNS})
     if dup:
         raise SettlementError(path, 1, dup[0], "column appears more than once in the header")

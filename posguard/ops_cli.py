@@ -574,8 +574,9 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     """Compare JOURNAL with the host's settlement report.
 
     \b
-    SETTLEMENT.csv columns (exactly what the host simulator writes; header required, any order,
-    extra columns ignored):
+    SETTLEMENT.csv columns (what the host simulator writes; header required, any order, any
+    case, extra columns ignored; 41, 42, 11, 37, 39, 4 are accepted for tid, mid, stan, rrn,
+    response, amount):
       date      MMDD of the original sale's field 7      tid, mid   fields 41 / 42
       stan      the original sale's STAN (6 digits)      rrn        field 37 or empty
       amount    minor units                              type       SALE or REVERSAL

@@ -149,6 +149,24 @@ def test_bad_csv_exit_2_names_line_and_column(settled: tuple[Path, Path, HostCor
     assert j.read_bytes() == before  # nothing applied
 
 
+def test_header_may_name_columns_by_iso_field_number(settled: tuple[Path, Path, HostCore], tmp_path: Path) -> None:
+    """A host report headed date,41,42,11,37,AMOUNT,type,39 (issue wording) reads the same."""
+    path, src, _ = settled
+    with open(src, newline="") as f:
+        data = list(csv.reader(f))
+    iso = {"tid": "41", "mid": "42", "stan": "11", "rrn": "37", "response": "39", "amount": "AMOUNT"}
+    renamed = tmp_path / "iso.csv"
+    with open(renamed, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([[iso.get(h, h) for h in data[0]], *data[1:]])
+    code, out, _ = cli("reconcile", path, renamed, "--json")
+    assert code == 0 and json.loads(out)["sales_compared"] == 480, out
+    both = tmp_path / "both.csv"
+    with open(both, "w", newline="") as f:
+        csv.writer(f, lineterminator="\n").writerows([[*data[0], "41"], *[[*r, "X"] for r in data[1:]]])
+    code, _, err = cli("reconcile", path, both, "--json")
+    assert code == 2 and "column 'tid'" in err and "more than once" in err
+
+
 def test_settlement_columns_are_the_host_simulators() -> None:
     from guard import reconcile as R
 
