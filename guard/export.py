@@ -187,6 +187,18 @@ def load_view(path: Path, progress: Callable[[int, int], None] | None = None) ->
         conn.close()
 
 
+def recorded_archives(path: Path) -> list[str]:
+    """Paths of the archive files `journal compact` recorded in the live journal ``path``."""
+    conn = open_readonly(path)
+    try:
+        has = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'archive_files'").fetchone()
+        return [r[0] for r in conn.execute("SELECT path FROM archive_files ORDER BY id")] if has else []
+    except sqlite3.DatabaseError as e:
+        raise JournalError(f"{path} cannot be read: {e}", code="JOURNAL_CORRUPT") from None
+    finally:
+        conn.close()
+
+
 def build_view(meta: dict[str, str], entries: Iterable[Any], progress: Callable[[int, int], None] | None = None,
                total: int = 0) -> JournalView:
     """The engine's restore for states plus (seq, kind, ts) per transaction, in one pass over

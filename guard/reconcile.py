@@ -131,6 +131,8 @@ class ReconcileReport:
     sales_compared: int
     discrepancies: list[Discrepancy] = field(default_factory=list)
     applied: int = 0
+    archives: list[str] = field(default_factory=list)  # archive files whose sales were compared too
+    missing_archives: list[str] = field(default_factory=list)  # compaction wrote them; not readable here
 
     def counts(self) -> dict[str, int]:
         out = {c: 0 for c in CATEGORIES}
@@ -141,7 +143,8 @@ class ReconcileReport:
     def to_json(self) -> dict[str, Any]:
         return {"terminal": self.terminal, "dates": self.dates, "rows_used": self.rows_used,
                 "rows_other_terminals": self.rows_other_terminals, "sales_compared": self.sales_compared,
-                "counts": self.counts(), "applied": self.applied,
+                "counts": self.counts(), "applied": self.applied, "archives": self.archives,
+                "missing_archives": self.missing_archives,
                 "discrepancies": [asdict(d) for d in self.discrepancies]}
 
 
@@ -227,8 +230,15 @@ class _Host:
         return self.debits[1:] if self.reversed_one else list(self.debits)
 
 
-def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterable[str] = ()) -> ReconcileReport:
-    """Compare; pure (nothing is written). ``dates`` (MMDD) overrides the dates the file covers."""
+def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterable[str] = (),
+              archives: Iterable[tuple[str, JournalView]] = (), missing_archives: Iterable[str] = ()) -> ReconcileReport:
+    """Compare; pure (nothing is written). ``dates`` (MMDD) overrides the dates the file covers.
+
+    ``archives`` are (path, view) of files `journal compact` moved older transactions to: their
+    sales are compared as well (the live journal's copy wins for carried transactions). An
+    archived sale is too old to reverse, so a debit it should not have is flagged for a refund.
+    ``missing_archives`` (recorded by compaction, not readable here) make a host debit unknown to
+    the journal a question, not a refund: the sale may be in one of them."""
     terminal = view.meta.get("terminal_id", "")
     host: dict[Key, _Host] = {}
     used = other = 0
@@ -246,23 +256,42 @@ def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterab
         elif h.first_reversal is None:
             h.first_reversal = r
     covered = set(dates) or seen_dates
-    rep = ReconcileReport(terminal, sorted(covered), used, other, 0)
+    missing = sorted(missing_archives)
+    rep = ReconcileReport(terminal, sorted(covered), used, other, 0, missing_archives=missing)
     by_key: dict[Key, TxnView] = {}
+    archived: set[Key] = set()
+    for path, av in archives:
+        rep.archives.append(path)
+        for t in av.txns.values():
+            if not is_void(t) and t.date in covered:
+                k = (t.tid or terminal, t.mid, f"{t.stan:06d}", t.date)
+                by_key[k] = t
+                archived.add(k)
     for t in view.txns.values():
         if is_void(t) or t.date not in covered:
             continue
-        by_key[(t.tid or terminal, t.mid, f"{t.stan:06d}", t.date)] = t
+        k = (t.tid or terminal, t.mid, f"{t.stan:06d}", t.date)
+        by_key[k] = t
+        archived.discard(k)
     rep.sales_compared = len(by_key)
     for key, t in by_key.items():
         d = _judge(t, key, host.get(key, _Host()))
         if d is not None:
+            if key in archived and d.action == QUEUE_REVERSAL:
+                d.action = FLAG_REFUND
+                d.note += " (archived: too old to reverse, refund instead)"
             rep.discrepancies.append(d)
     for key, h in host.items():
         if key not in by_key and h.net > 0:
             last = h.remaining()[-1]
+            if missing:
+                action, note = NONE, (f"not in the journal{' or the archives given' if rep.archives else ''}; "
+                                      f"it may be in an archive that is not here ({', '.join(missing)}): run again "
+                                      "with --archive FILE before refunding")
+            else:
+                action, note = FLAG_REFUND, "the journal holds no such sale (another device?): refund if not legitimate"
             rep.discrepancies.append(Discrepancy(
-                FAILED_BUT_DEBITED, FLAG_REFUND, None, *key, "", None, last.amount, h.net, last.rrn, "",
-                "the journal holds no such sale (archived, or another device): refund if not legitimate"))
+                FAILED_BUT_DEBITED, action, None, *key, "", None, last.amount, h.net, last.rrn, "", note))
     rep.discrepancies.sort(key=lambda d: (d.date, d.stan, d.category))
     return rep
 

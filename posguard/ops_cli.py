@@ -568,9 +568,12 @@ def _print_replay(rep: Any) -> None:
               help="Compare sales of these dates (default: the dates in the file for this terminal).")
 @click.option("--apply", "do_apply", is_flag=True, help="Queue the safe actions (reversals) in the journal.")
 @click.option("--config", "config_path", type=PATH_FILE, default=None, help="guard.toml (keys), needed by --apply.")
+@click.option("--archive", "archive_paths", multiple=True, type=PATH_FILE,
+              help="An archive written by `journal compact` (repeatable); those still where compaction put them "
+                   "are read without it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_apply: bool, config_path: Path | None,
-              as_json: bool) -> None:
+              archive_paths: tuple[Path, ...], as_json: bool) -> None:
     """Compare JOURNAL with the host's settlement report.
 
     \b
@@ -583,7 +586,10 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
       response  field 39 the host answered
     SALE rows include declines and 94 duplicates: only 00 is a debit. The first REVERSAL row of
     a sale decides (00: its earliest debit was reversed; later reversal rows change nothing).
-    Only this terminal's rows, and journal sales of the dates they cover, are compared.
+    Only this terminal's rows, and journal sales of the dates they cover, are compared; sales
+    `journal compact` archived are compared too (an archived sale debited in error is flagged
+    for a refund: too old to reverse). If an archive the journal names cannot be read, a debit
+    unknown to the journal gets action NONE ("pass --archive"), never a refund.
     \b
     Reported (category: action):
       FAILED_BUT_DEBITED  host debited, terminal shows DECLINED/NEEDS_MANUAL: QUEUE_REVERSAL;
@@ -602,7 +608,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     not write (journal in use or failed); nothing applied.
     """
     from guard.errors import JournalError
-    from guard.export import load_view
+    from guard.export import load_view, recorded_archives
     from guard.reconcile import apply, read_settlement
     from guard.reconcile import reconcile as compare
 
@@ -615,9 +621,16 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
         rows = read_settlement(settlement)
         with _progress("reading journal", as_json) as update:
             view = load_view(journal_path, progress=update)
+            given = {str(p.resolve()) for p in archive_paths}
+            recorded = set(recorded_archives(journal_path))
+            readable = sorted(given | {p for p in recorded if Path(p).is_file()})
+            archives = []
+            for a in readable:
+                archives.append((a, load_view(Path(a), progress=lambda d, t, a=a: update(d, t, f"reading {Path(a).name}"))))
     except PosguardError as e:
         _die(2, e)
-    rep = compare(view, rows, dates=dates)
+    missing = sorted(p for p in recorded if p not in readable and Path(p).name not in {Path(g).name for g in given})
+    rep = compare(view, rows, dates=dates, archives=archives, missing_archives=missing)
     if do_apply and rep.discrepancies:
         from guard.journal import Journal
         from guard.keys import load_keys
@@ -648,6 +661,11 @@ def _print_reconcile(rep: Any, applied: bool) -> None:
     console = _wide_console()
     console.print(f"terminal {rep.terminal}, dates {', '.join(rep.dates) or '-'}: {rep.sales_compared} sales compared "
                   f"with {rep.rows_used} settlement rows ({rep.rows_other_terminals} rows of other terminals ignored)")
+    if rep.archives:
+        console.print(f"archives read: {', '.join(rep.archives)}")
+    if rep.missing_archives:
+        console.print(f"[bold]archives named by the journal but not readable here[/]: {', '.join(rep.missing_archives)} "
+                      "(pass --archive FILE)")
     if not rep.discrepancies:
         console.print("no discrepancies")
         return

@@ -260,3 +260,41 @@ def test_reconcile_100k_sales(tmp_path_factory: pytest.TempPathFactory, tmp_path
                    ("AMOUNT_MISMATCH", raw[approved[50_000]]["stan"]),
                    ("FAILED_BUT_DEBITED", raw[declined[7]]["stan"])}
     assert time.perf_counter() - t0 < 60
+
+
+def test_reconcile_after_compaction_reads_the_archives_and_never_flags_archived_sales(
+        settled: tuple[Path, Path, HostCore], tmp_path: Path) -> None:
+    """Compaction moved every sale to an archive: reconcile still finds them there (no false
+    alarm); with the archive gone it asks for it instead of recommending refunds; a planted
+    debit of an archived declined sale is a refund, not a reversal (too old to reverse)."""
+    path, src, _ = settled
+    j = tmp_path / "journal.db"
+    shutil.copy(path, j)
+    code, out, err = cli("journal", "compact", j, "--older-than", "0", "--archive", tmp_path / "arch",
+                         "--keys", path.parent / "keys", "--json")
+    assert code == 0, err
+    archive = next((tmp_path / "arch").glob("*.archive.db"))
+    assert load_view(j).txns == {} or all(t.state == "REVERSAL_PENDING" for t in load_view(j).txns.values())
+    code, out, _ = cli("reconcile", j, src, "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["discrepancies"] == [] and rep["sales_compared"] == 480, out
+    assert rep["archives"] == [str(archive.resolve())] and rep["missing_archives"] == []
+
+    moved = tmp_path / "offsite" / archive.name
+    moved.parent.mkdir()
+    archive.rename(moved)
+    code, out, _ = cli("reconcile", j, src, "--json")
+    rep = json.loads(out)
+    assert code == 1 and rep["missing_archives"] == [str(archive.resolve())]
+    assert rep["discrepancies"] and {d["action"] for d in rep["discrepancies"]} == {"NONE"}, "no refund on a guess"
+    code, out, _ = cli("reconcile", j, src, "--archive", moved, "--json")
+    assert code == 0 and json.loads(out)["discrepancies"] == []
+
+    rows = rows_of(src)
+    declined = next(t for t in load_view(moved).txns.values() if t.state == "DECLINED" and t.rc == "05")
+    sale = next(r for r in rows if r["type"] == "SALE" and r["stan"] == f"{declined.stan:06d}")
+    sale["response"] = "00"
+    write_settlement(tmp_path / "planted.csv", rows)
+    code, out, _ = cli("reconcile", j, tmp_path / "planted.csv", "--archive", moved, "--json")
+    [d] = json.loads(out)["discrepancies"]
+    assert code == 1 and d["category"] == "FAILED_BUT_DEBITED" and d["action"] == "FLAG_REFUND" and "archived" in d["note"]
