@@ -804,8 +804,8 @@ class Engine:
         if t.key not in self._saf:
             self.count("late_reversal_response")
             return [Append([("late_response", t.key, {"mti": f.get("t"), "rc": rc, "note": "reversal_not_pending", "state": t.state.value})])]
-        sent = self._reversal_fields(t, C.MTI_REVERSAL)
-        bad = [k for k in (C.F_STAN, C.F_TERMINAL_ID, C.F_MERCHANT_ID) if f.get(k) != sent.get(k)]
+        sent = {C.F_STAN: f"{t.stan:06d}", C.F_TERMINAL_ID: self.cfg.terminal_id, C.F_MERCHANT_ID: self.cfg.merchant_id}
+        bad = [k for k in (C.F_STAN, C.F_TERMINAL_ID, C.F_MERCHANT_ID) if f.get(k) != sent[k]]
         if not bad and rc in C.REVERSAL_DONE_CODES and t.state is TxnState.DEFERRED:
             self._saf.pop(t.key, None)
             t.rev_inflight_until = None
@@ -994,13 +994,16 @@ class Engine:
         t.rev_next_at = now + self._backoff(t.rev_failures)
         return [Append([("reversal_failed", t.key, {"why": why, "failures": t.rev_failures})])]
 
-    def _reversal_fields(self, t: Txn, mti: str) -> dict[str, str]:
+    def _reversal_fields(self, t: Txn, mti: str, f7: str) -> dict[str, str]:
+        """A reversal (or repeat) of ``t``: its own transmission time ``f7`` in field 7; the
+        original's MTI, STAN and field 7 in field 90, which is how the host finds the original
+        (a host may refuse a field 7 far from its clock, e.g. after a day-long outage)."""
         original_mti = C.MTI_ADVICE if t.deferred else C.MTI_FIN_REQUEST
         return {
             "t": mti,
             C.F_PROC_CODE: C.PROC_REFUND if t.kind is TxnKind.REFUND else C.PROC_PURCHASE,
             C.F_AMOUNT: f"{t.amount:012d}",
-            C.F_TRANSMISSION_DT: t.f7,
+            C.F_TRANSMISSION_DT: f7,
             C.F_STAN: f"{t.stan:06d}",
             C.F_TERMINAL_ID: self.cfg.terminal_id,
             C.F_MERCHANT_ID: self.cfg.merchant_id,
@@ -1028,8 +1031,9 @@ class Engine:
             mti = C.MTI_REVERSAL if t.rev_attempts == 0 else C.MTI_REVERSAL_REPEAT
             t.rev_attempts += 1
             t.rev_inflight_until = now + self.cfg.reversal_timeout_s
-            recs.append(("reversal_attempt", t.key, {"n": t.rev_attempts, "mti": mti}))
-            sends.append(SendHost(t.key, self._reversal_fields(t, mti), card_ref=t.vault_ref))
+            f7 = iso.transmission_dt(now)
+            recs.append(("reversal_attempt", t.key, {"n": t.rev_attempts, "mti": mti, "f7": f7}))
+            sends.append(SendHost(t.key, self._reversal_fields(t, mti, f7), card_ref=t.vault_ref))
         self.count("reversal_sent", len(due))
         return [Append(recs), *sends]
 

@@ -99,6 +99,7 @@ from .iso import (
     HostGarbage,
     HostMessage,
     is_request_mti,
+    load_spec,
     mti_class,
     parse_field90,
     response_mti,
@@ -1042,6 +1043,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--settlement", metavar="PATH", help="settlement CSV, written at exit")
     p.add_argument("--header", choices=HOST_HEADERS, default=HOST_HEADERS[0])
     p.add_argument("--tpdu", type=_tpdu_arg, metavar="HEX")
+    p.add_argument("--spec", default="default", metavar="NAME|FILE",
+                   help="ISO 8583 spec: default, default_ascii or a pyiso8583 spec JSON file (as host.spec)")
     p.add_argument("--terminal-id", help="accept only this field 41 (others get 58)")
     p.add_argument("--merchant-id", help="accept only this field 42 (others get 03)")
     p.add_argument("--tls-cert", metavar="PEM")
@@ -1059,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, dup_detection=args.dup_detection, faults=dict(args.fault),
             terminal_id=args.terminal_id, merchant_id=args.merchant_id, late_delay=args.late_delay,
         )
-        codec = HostCodec(header=args.header, tpdu=args.tpdu)
+        codec = HostCodec(load_spec(args.spec), header=args.header, tpdu=args.tpdu)
         ctx = make_server_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     except (ConfigError, KeyFileError) as e:
         print(f"hostsim: {e}", file=sys.stderr)

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import re
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import iso8583
@@ -289,6 +291,51 @@ def _date_problem(fields: Mapping[str, str]) -> str | None:
 
 
 # --- Codec and decoder ------------------------------------------------------------------------
+
+
+BUILTIN_SPECS: dict[str, Mapping[str, Any]] = {"default": iso8583.specs.default,
+                                               "default_ascii": iso8583.specs.default_ascii}
+# What posguard sends and reads: a spec must carry every one of these (checked by a trial round trip).
+_SPEC_SAMPLES: tuple[dict[str, str], ...] = (
+    {"t": "0200", "2": "4000000000000002", "3": "000000", "4": "000000001000", "7": "1130120000", "11": "000001",
+     "14": "2912", "41": "TERM0001", "42": "MERCHANT0000001", "49": "978"},
+    {"t": "0210", "3": "000000", "4": "000000001000", "7": "1130120000", "11": "000001", "37": "000000000001",
+     "38": "123456", "39": "00", "41": "TERM0001", "42": "MERCHANT0000001", "49": "978"},
+    {"t": "0401", "3": "200000", "4": "000000001000", "7": "1130120000", "11": "000001", "41": "TERM0001",
+     "42": "MERCHANT0000001", "49": "978", "90": field90("0200", 1, "1130120000")},
+    {"t": "0800", "7": "1130120000", "11": "000002", "48": '{"k":"v"}', "70": "880"},
+)
+
+
+def load_spec(value: str, base: Path | None = None) -> Mapping[str, Any]:
+    """The pyiso8583 spec named by config key ``host.spec``: ``default`` (binary bitmap),
+    ``default_ascii`` (hex bitmap), or a JSON file holding a pyiso8583 spec dict. A spec that
+    cannot carry what posguard sends and reads is refused here, at start, naming the field."""
+    if value in BUILTIN_SPECS:
+        return BUILTIN_SPECS[value]
+    path = Path(value) if base is None else base / value
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError("host.spec", f"not a built-in spec ({', '.join(BUILTIN_SPECS)}) and cannot read "
+                          f"{path}: {e.strerror}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ConfigError("host.spec", f"{path} is not a JSON pyiso8583 spec") from None
+    if not isinstance(spec, dict) or not all(isinstance(v, dict) for v in spec.values()):
+        raise ConfigError("host.spec", f"{path}: must be a JSON object of field specs, as iso8583.specs.default")
+    for sample in _SPEC_SAMPLES:
+        try:
+            raw, _ = iso8583.encode(dict(sample), spec)
+            back, _ = iso8583.decode(raw, spec)
+        except (iso8583.EncodeError, iso8583.DecodeError) as e:
+            raise ConfigError("host.spec", f"{path}: cannot carry field {e.field} of an {sample['t']}: "
+                              f"{_safe_msg(e.msg)}") from None
+        except (TypeError, ValueError, AttributeError, KeyError, LookupError) as e:
+            raise ConfigError("host.spec", f"{path}: malformed spec ({type(e).__name__})") from None
+        lost = [k for k, v in sample.items() if back.get(k) != v]
+        if lost:
+            raise ConfigError("host.spec", f"{path}: field {lost[0]} of an {sample['t']} does not survive a round trip")
+    return spec
 
 
 class HostCodec:

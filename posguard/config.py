@@ -57,6 +57,8 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("host", "port"): (int, ..., _range(1, 65535), "TCP port"),
     ("host", "header"): (str, C.HOST_HEADER_BINARY2, _one_of(*C.HOST_HEADERS), "length header: binary2 or ascii4"),
     ("host", "tpdu"): (str, "", _hex(C.TPDU_LEN), "optional 5-byte TPDU as hex, e.g. 6000010000"),
+    ("host", "spec"): (str, "default", None, "ISO 8583 spec: default (binary bitmap), default_ascii (hex bitmap), "
+                       "or a pyiso8583 spec JSON file"),
     ("host", "tls"): (bool, False, None, "use TLS (1.2+)"),
     ("host", "cafile"): (str, "", None, "CA bundle to verify the host"),
     ("host", "certfile"): (str, "", None, "client certificate (mTLS)"),
@@ -146,7 +148,28 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     for key in (("host", "cafile"), ("host", "certfile"), ("host", "keyfile")):
         if values[key] and not Path(values[key]).is_file():
             raise ConfigError(f"{key[0]}.{key[1]}", f"file not found: {values[key]}")
+    from guard.iso import BUILTIN_SPECS, load_spec
+
+    if values[("host", "spec")] not in BUILTIN_SPECS:
+        if "\x00" in values[("host", "spec")]:
+            raise ConfigError("host.spec", "a path cannot contain a NUL character")
+        values[("host", "spec")] = str((base / values[("host", "spec")]).resolve())
+    load_spec(values[("host", "spec")])  # refuse a spec that cannot carry our messages now, not mid-sale
     return Config(values, source)
+
+
+def make_uplink(cfg: Config) -> Any:
+    """The host link the config describes: spec, framing, TLS (guard.uplink.Uplink, not connected)."""
+    from guard.iso import HostCodec, load_spec
+    from guard.uplink import Uplink, make_client_context
+
+    tpdu = bytes.fromhex(cfg["host.tpdu"]) if cfg["host.tpdu"] else None
+    codec = HostCodec(load_spec(cfg["host.spec"]), header=cfg["host.header"], tpdu=tpdu)
+    ctx = None
+    if cfg["host.tls"]:
+        ctx = make_client_context(cfg["host.cafile"] or None, cfg["host.certfile"] or None, cfg["host.keyfile"] or None)
+    return Uplink(cfg["host.address"], cfg["host.port"], codec, ssl_context=ctx,
+                  server_hostname=cfg["host.server_hostname"] or None, connect_timeout=cfg["host.connect_timeout"])
 
 
 def load(path: Path) -> Config:

@@ -437,21 +437,13 @@ def keys_export_verifier(directory: Path, outdir: Path) -> None:
 def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float) -> Any:
     """Like posguard.run.build, minus the reader port: keys, uplink, EngineConfig(saf_window=window)."""
     from guard.engine import EngineConfig
-    from guard.iso import HostCodec
     from guard.keys import load_keys
     from guard.replay import open_replay
-    from guard.uplink import Uplink, make_client_context
 
-    from .config import offline_config, policy_config
+    from .config import make_uplink, offline_config, policy_config
 
     keys = load_keys(Path(cfg["journal.keys"]))
-    tpdu = bytes.fromhex(cfg["host.tpdu"]) if cfg["host.tpdu"] else None
-    ctx = None
-    if cfg["host.tls"]:
-        ctx = make_client_context(cfg["host.cafile"] or None, cfg["host.certfile"] or None, cfg["host.keyfile"] or None)
-    uplink = Uplink(cfg["host.address"], cfg["host.port"], HostCodec(header=cfg["host.header"], tpdu=tpdu),
-                    ssl_context=ctx, server_hostname=cfg["host.server_hostname"] or None,
-                    connect_timeout=cfg["host.connect_timeout"])
+    uplink = make_uplink(cfg)
     ecfg = EngineConfig(
         cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
         host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
@@ -626,7 +618,8 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
             readable = sorted(given | {p for p in recorded if Path(p).is_file()})
             archives = []
             for a in readable:
-                archives.append((a, load_view(Path(a), progress=lambda d, t, a=a: update(d, t, f"reading {Path(a).name}"))))
+                update(0, 0, f"reading {Path(a).name}")
+                archives.append((a, load_view(Path(a), progress=update)))
     except PosguardError as e:
         _die(2, e)
     missing = sorted(p for p in recorded if p not in readable and Path(p).name not in {Path(g).name for g in given})

@@ -19,13 +19,11 @@ from typing import Any
 
 from guard.engine import EngineConfig
 from guard.errors import PosguardError
-from guard.iso import HostCodec
 from guard.keys import load_keys
 from guard.service import GuardService, open_guard
-from guard.uplink import Uplink, make_client_context
 
 from . import config_signing
-from .config import Config, load, offline_config, policy_config
+from .config import Config, load, make_uplink, offline_config, policy_config
 
 log = logging.getLogger("posguard.daemon")
 
@@ -59,13 +57,7 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
     from firmware_bridge.serial_port import SerialLink, open_port
 
     keys = load_keys(Path(cfg["journal.keys"]))
-    tpdu = bytes.fromhex(cfg["host.tpdu"]) if cfg["host.tpdu"] else None
-    codec = HostCodec(header=cfg["host.header"], tpdu=tpdu)
-    ctx = None
-    if cfg["host.tls"]:
-        ctx = make_client_context(cfg["host.cafile"] or None, cfg["host.certfile"] or None, cfg["host.keyfile"] or None)
-    uplink = Uplink(cfg["host.address"], cfg["host.port"], codec, ssl_context=ctx,
-                    server_hostname=cfg["host.server_hostname"] or None, connect_timeout=cfg["host.connect_timeout"])
+    uplink = make_uplink(cfg)
     ecfg = EngineConfig(
         cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
         host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),

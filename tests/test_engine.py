@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from guard import constants as C
+from guard import iso
 from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
 from guard.errors import IdempotencyConflict
 from guard.policies import OFF
@@ -132,6 +133,9 @@ def test_timeout_commits_reversal_before_reply_then_0400_then_0401_repeats() -> 
     assert kinds(t) == ["append:reversal_pending", "reply:REVERSAL_PENDING", "append:reversal_attempt", "send:0400"]
     rev = t[3]
     assert rev.fields["90"][:10] == "0200000001" and rev.fields["11"] == acts[1].fields["11"]
+    assert rev.fields["90"][10:20] == acts[1].fields["7"], "field 90 carries the original's field 7"
+    assert rev.fields["7"] == iso.transmission_dt(NOW + 5) != acts[1].fields["7"], "field 7 is the reversal's own time"
+    assert t[2].records[0][2]["f7"] == rev.fields["7"], "journaled with the attempt"
     assert rev.card_ref == acts[0].vault_put[0].ref, "the reversal gets field 2 from the vault"
     t2 = e.tick(NOW + 10)  # reversal timed out
     assert kinds(t2) == ["append:reversal_failed"]
