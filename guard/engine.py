@@ -1048,6 +1048,8 @@ class Engine:
             "t": C.MTI_NET_REQUEST,
             C.F_TRANSMISSION_DT: iso.transmission_dt(now),
             C.F_STAN: f"{stan:06d}",
+            C.F_TERMINAL_ID: self.cfg.terminal_id,
+            C.F_MERCHANT_ID: self.cfg.merchant_id,
             C.F_PRIVATE_DATA: checkpoint_json,
             C.F_NET_MGMT_CODE: C.NET_CHECKPOINT,
         }
@@ -1066,6 +1068,8 @@ class Engine:
             "t": C.MTI_NET_REQUEST,
             C.F_TRANSMISSION_DT: iso.transmission_dt(now),
             C.F_STAN: f"{stan:06d}",
+            C.F_TERMINAL_ID: self.cfg.terminal_id,
+            C.F_MERCHANT_ID: self.cfg.merchant_id,
             C.F_NET_MGMT_CODE: C.NET_ECHO,
         }
         return [Append([("stan_use", None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
