@@ -1032,12 +1032,28 @@ def _tpdu_arg(s: str) -> bytes:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posguard hostsim", description="Stateful ISO 8583 acquirer simulator.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8583)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--dup-detection", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--fault", action="append", type=_fault_arg, default=[], metavar="KIND=RATE")
+    p = argparse.ArgumentParser(
+        prog="posguard hostsim", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stateful ISO 8583 acquirer simulator: answers 0200/0220/0400/0401/0800, keeps a ledger of "
+                    "net debits per (41, 42, 11, date of field 7), and injects seeded faults.",
+        epilog="fault kinds (--fault KIND=RATE, rate 0..1, repeatable; at most one fault per request):\n"
+               "  drop_request         not processed, no reply\n"
+               "  debit_drop_response  processed (a sale debits), reply dropped\n"
+               "  delay_response       processed, reply sent --late-delay seconds later\n"
+               "  close_mid_frame      processed, half the reply sent, then the connection closes\n"
+               "  duplicate_response   processed, the reply sent twice\n"
+               "  wrong_echo           processed, the reply's 41, 42 or 4 altered\n"
+               "  garbage              processed or not, an undecodable frame instead of the reply\n"
+               "amounts ending in 51 are declined 51, in 05 declined 05; everything else is approved.\n"
+               "exit status: 0 stopped cleanly (SIGINT/SIGTERM or --duration); 2 bad arguments, TLS files, or "
+               "the port cannot be listened on.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8583, help="TCP port; 0 picks a free one and prints it (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=1, help="seed for faults, approval codes and RRNs (default: %(default)s)")
+    p.add_argument("--dup-detection", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer a repeated 0200 with 94 instead of debiting it again (default: on)")
+    p.add_argument("--fault", action="append", type=_fault_arg, default=[], metavar="KIND=RATE",
+                   help="inject a fault kind at this rate (see below)")
     p.add_argument("--late-delay", type=float, default=DEFAULT_LATE_DELAY_S, help="seconds for delay_response")
     p.add_argument("--ledger", metavar="PATH", help="ledger JSON, written on SIGINT/SIGTERM and at exit")
     p.add_argument("--settlement", metavar="PATH", help="settlement CSV, written at exit")
@@ -1047,8 +1063,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="ISO 8583 spec: default, default_ascii or a pyiso8583 spec JSON file (as host.spec)")
     p.add_argument("--terminal-id", help="accept only this field 41 (others get 58)")
     p.add_argument("--merchant-id", help="accept only this field 42 (others get 03)")
-    p.add_argument("--tls-cert", metavar="PEM")
-    p.add_argument("--tls-key", metavar="PEM")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA")
     p.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0: until signalled)")
     return p
