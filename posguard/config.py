@@ -82,6 +82,8 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("policy", "card_amount_window"): ((int, float), 86400.0, _range(1, 2592000), "seconds"),
     ("policy", "terminal_max_count"): (int, 30, _range(0, 100000), "sales per terminal per terminal_count_window (0: off)"),
     ("policy", "terminal_count_window"): ((int, float), 60.0, _range(1, 2592000), "seconds"),
+    ("policy", "terminal_max_amount"): (int, 0, _range(0, 10**12), "minor units per terminal per terminal_amount_window (0: off)"),
+    ("policy", "terminal_amount_window"): ((int, float), 3600.0, _range(1, 2592000), "seconds"),
     ("policy", "confirm_amount"): (bool, False, None, "HOLD every sale/refund until the operator confirms its amount"),
     ("policy", "signature_above"): (int, 0, _range(0, 10**12), "approved sales above this (minor units) need SIGNED (0: never)"),
     ("policy", "signature_timeout"): ((int, float), 300.0, _range(1, 86400), "seconds before a missing signature is flagged"),
@@ -216,6 +218,8 @@ def policy_config(cfg: Config) -> "Any":
     term = []
     if cfg["policy.terminal_max_count"]:
         term.append(VelocityLimit(float(cfg["policy.terminal_count_window"]), max_count=cfg["policy.terminal_max_count"]))
+    if cfg["policy.terminal_max_amount"]:
+        term.append(VelocityLimit(float(cfg["policy.terminal_amount_window"]), max_amount=cfg["policy.terminal_max_amount"]))
     return PolicyConfig(
         double_swipe_window_s=float(cfg["policy.double_swipe_window"]),
         hold_on_pending_reversal=cfg["policy.hold_on_pending_reversal"],

@@ -121,6 +121,23 @@ def test_velocity_is_a_local_decline_with_its_own_code(tmp_path: Path) -> None:
     assert w.sale(5, amount=300, dt=700).state is TxnState.APPROVED, "the window slides"
 
 
+def test_terminal_amount_limit_from_config_declines_across_cards(tmp_path: Path) -> None:
+    """[policy] terminal_max_amount: the terminal's total in the window, whatever the card."""
+    from posguard.config import parse, policy_config
+
+    cfg = parse({"terminal": {"terminal_id": "TERM0001", "merchant_id": "MERCHANT0000001"}, "reader": {"url": "loop://"},
+                 "host": {"address": "127.0.0.1", "port": 9}, "journal": {"path": "j.db", "keys": "k"},
+                 "policy": {"double_swipe_window": 0, "card_max_count": 0, "card_max_amount": 0, "terminal_max_count": 0,
+                            "terminal_max_amount": 1000, "terminal_amount_window": 60}}, tmp_path / "g.toml")
+    w = World(tmp_path, policy_config(cfg))
+    assert w.sale(1, amount=600).state is TxnState.APPROVED
+    r = w.sale(2, amount=500, pan=PAN_B)
+    assert r.state is TxnState.DECLINED and r.reason == "VELOCITY_TERMINAL_AMOUNT"
+    assert w.host.total_net_debits() == 1
+    assert w.sale(3, amount=400, pan=PAN_B).state is TxnState.APPROVED, "up to the limit is allowed"
+    assert w.sale(4, amount=600, pan=PAN_B, dt=61).state is TxnState.APPROVED, "the window slides"
+
+
 def test_host_65_shows_the_same_text_as_local_velocity(tmp_path: Path) -> None:
     w = World(tmp_path, OFF)
     w.host.approve_rule = lambda f: "65"
