@@ -89,10 +89,12 @@ class EngineConfig:
     keep_final: int = 5000  # final transactions kept in memory; older ones are read from the journal
 
     def __post_init__(self) -> None:
-        if len(self.terminal_id) != 8:
-            raise RequestInvalid("terminal id (field 41) must be exactly 8 characters", code="CONFIG_TERMINAL_ID")
-        if len(self.merchant_id) != 15:
-            raise RequestInvalid("merchant id (field 42) must be exactly 15 characters", code="CONFIG_MERCHANT_ID")
+        if len(self.terminal_id) != 8 or not (self.terminal_id.isascii() and self.terminal_id.isprintable()):
+            raise RequestInvalid("terminal id (field 41) must be exactly 8 printable ASCII characters",
+                                 code="CONFIG_TERMINAL_ID")
+        if len(self.merchant_id) != 15 or not (self.merchant_id.isascii() and self.merchant_id.isprintable()):
+            raise RequestInvalid("merchant id (field 42) must be exactly 15 printable ASCII characters",
+                                 code="CONFIG_MERCHANT_ID")
 
 
 # ----------------------------------------------------------------------------------------------

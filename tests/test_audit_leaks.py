@@ -45,3 +45,18 @@ def test_codec_error_carries_no_card_data_even_in_its_context(fields: dict[str, 
         assert PAN not in repr(e) and PAN not in repr(vars(e)), type(e)
     assert len(_chain(ei.value)) == 1
     assert PAN not in "".join(traceback.format_exception(ei.value))
+
+
+# --- terminal and merchant ids --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tid,mid", [("TERM\u00c9001", "MERCHANT0000001"), ("TERM0001", "MERCHANT\u00e9000001"),
+                                     ("TERM\x00001", "MERCHANT0000001")])
+def test_engine_refuses_ids_the_host_codec_cannot_carry(tid: str, mid: str) -> None:
+    from guard.engine import EngineConfig
+    from guard.errors import PosguardError
+
+    assert len(tid) == 8 and len(mid) == 15
+    with pytest.raises(PosguardError) as ei:
+        EngineConfig(tid, mid)
+    assert ei.value.code in ("CONFIG_TERMINAL_ID", "CONFIG_MERCHANT_ID")
