@@ -382,6 +382,10 @@ class Journal:
             _fsync_dir(path.parent)
         except FileExistsError:
             raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS") from None
+        except OSError as e:  # no such directory, read-only, disk full, no hard links on this file system
+            raise JournalError(f"cannot create journal {path}: {e.strerror or e}", code="JOURNAL_CREATE_FAILED") from None
+        except sqlite3.Error as e:
+            raise JournalError(f"cannot create journal {path}: {e}", code="JOURNAL_CREATE_FAILED") from None
         finally:
             if conn is not None:
                 conn.close()
@@ -397,8 +401,13 @@ class Journal:
         """Open an existing journal: durability pragmas, pending migrations, state from the tail."""
         path = Path(path)
         if not path.is_file():
+            if path.exists():
+                raise JournalError(f"journal {path} is not a regular file", code="JOURNAL_NOT_A_FILE")
             raise JournalError(f"journal {path} does not exist", code="JOURNAL_MISSING")
-        conn = _connect(path, mode="rw")
+        try:
+            conn = _connect(path, mode="rw")
+        except sqlite3.Error as e:  # e.g. no read permission
+            raise JournalError(f"journal {path} cannot be opened: {e}") from None
         try:
             try:
                 apply_pragmas(conn)
@@ -549,6 +558,19 @@ class Journal:
 
     def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], blobs: list[tuple[str, str, bytes, bytes]],
                shred: list[tuple[str]], last_seq: int, key: bytes, cp: dict[str, Any] | None) -> None:
+        try:
+            self._write_txn(conn, rows, blobs, shred, last_seq, key, cp)
+        except sqlite3.IntegrityError:
+            raise  # the caller's records broke a constraint (e.g. a vault blob twice): a bug, not the medium
+        except sqlite3.DatabaseError as e:
+            # Disk full, read-only file or directory, I/O error, corruption, locked by another process:
+            # a journal failure with a stable code (the daemon exits 3 and restarts), not an internal error.
+            raise JournalError(f"journal {self.path}: commit failed ({e}); nothing that depends on it was sent "
+                               "or shown", code="JOURNAL_WRITE_FAILED") from None
+
+    def _write_txn(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
+                   blobs: list[tuple[str, str, bytes, bytes]], shred: list[tuple[str]], last_seq: int, key: bytes,
+                   cp: dict[str, Any] | None) -> None:
         cur = conn.cursor()
         committing = False
         t0, c0 = time.perf_counter(), time.process_time()

@@ -393,7 +393,7 @@ def keys_rotate(directory: Path, journal_path: Path, as_json: bool) -> None:
     try:
         res = rotate_keys(directory, journal_path, now=time.time())
     except JournalError as e:
-        _die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR") else 2, e)
+        _die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED") else 2, e)
     except PosguardError as e:
         _die(2, e)
     if as_json:

@@ -60,3 +60,104 @@ def test_engine_refuses_ids_the_host_codec_cannot_carry(tid: str, mid: str) -> N
     with pytest.raises(PosguardError) as ei:
         EngineConfig(tid, mid)
     assert ei.value.code in ("CONFIG_TERMINAL_ID", "CONFIG_MERCHANT_ID")
+
+
+# --- journal on a full disk, in a missing directory, unreadable ---------------------------------------
+
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def keys(tmp_path):  # type: ignore[no-untyped-def]
+    from guard.keys import init_keys
+
+    return init_keys(tmp_path / "keys")
+
+
+def test_full_journal_is_a_journal_error_not_an_internal_one(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    """SQLITE_FULL used to escape as sqlite3.OperationalError: `posguard run` logged a traceback and
+    exited 4 ("internal error") instead of 3 ("journal failure")."""
+    from guard.errors import JournalError
+    from guard.journal import Journal
+
+    j = Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0)
+    try:
+        pages = j._db().execute("PRAGMA page_count").fetchone()[0]
+        j._db().execute(f"PRAGMA max_page_count = {pages}").fetchall()  # the disk is full now
+        with pytest.raises(JournalError) as ei:
+            for i in range(200):
+                j.append([("stan_use", None, {"stan": i, "pad": "x" * 3000})], now=T0 + i)
+        assert ei.value.code == "JOURNAL_WRITE_FAILED" and "full" in str(ei.value)
+        assert ei.value.__context__ is None or not isinstance(ei.value.__context__, JournalError)
+    finally:
+        j.close()
+
+
+def test_locked_journal_is_a_journal_error(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    from guard.errors import JournalError
+    from guard.journal import Journal
+
+    Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0).close()
+    j = Journal.open(tmp_path / "j.db", keys, terminal_id="TERM0001")
+    other = sqlite3.connect(tmp_path / "j.db", isolation_level=None)
+    try:
+        j._db().execute("PRAGMA busy_timeout = 0")
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(JournalError) as ei:
+            j.append([("stan_use", None, {"stan": 1})], now=T0)
+        assert ei.value.code == "JOURNAL_WRITE_FAILED" and "locked" in str(ei.value)
+        other.execute("ROLLBACK")
+        j.append([("stan_use", None, {"stan": 1})], now=T0)  # nothing was half-written: usable again
+    finally:
+        other.close()
+        j.close()
+
+
+def test_journal_create_and_open_failures_have_codes(tmp_path, keys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import sqlite3
+
+    import guard.journal as journal_mod
+    from guard.errors import JournalError
+    from guard.journal import Journal
+
+    with pytest.raises(JournalError) as ei:
+        Journal.create(tmp_path / "no-such-dir" / "j.db", keys, terminal_id="TERM0001", now=T0)
+    assert ei.value.code == "JOURNAL_CREATE_FAILED" and "no-such-dir" in str(ei.value)
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(JournalError) as ei:
+        Journal.open(tmp_path / "adir", keys, terminal_id="TERM0001")
+    assert ei.value.code == "JOURNAL_NOT_A_FILE"
+
+    Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0).close()
+
+    def unreadable(path, *, mode):  # type: ignore[no-untyped-def]
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(journal_mod, "_connect", unreadable)
+    with pytest.raises(JournalError) as ei:
+        Journal.open(tmp_path / "j.db", keys, terminal_id="TERM0001")
+    assert "cannot be opened" in str(ei.value)
+
+
+def test_posguard_run_with_journal_in_missing_directory_exits_2(tmp_path, keys, capsys) -> None:  # type: ignore[no-untyped-def]
+    from posguard.run import run
+
+    cfg = tmp_path / "guard.toml"
+    cfg.write_text(f"""[terminal]
+terminal_id = "TERM0001"
+merchant_id = "MERCHANT0000001"
+[reader]
+url = "loop://"
+[host]
+address = "127.0.0.1"
+port = 1
+[journal]
+path = "{tmp_path / 'missing' / 'j.db'}"
+keys = "{tmp_path / 'keys'}"
+""")
+    assert run(cfg, max_seconds=0.1) == 2
+    err = capsys.readouterr().err
+    assert "JOURNAL_CREATE_FAILED" in err and "Traceback" not in err
