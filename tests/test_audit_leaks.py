@@ -161,3 +161,42 @@ keys = "{tmp_path / 'keys'}"
     assert run(cfg, max_seconds=0.1) == 2
     err = capsys.readouterr().err
     assert "JOURNAL_CREATE_FAILED" in err and "Traceback" not in err
+
+
+# --- settlement CSV errors never echo a card number -----------------------------------------------
+
+
+_ROW = {"date": "1130", "tid": "TERM0001", "mid": "MERCHANT0000001", "stan": "000001", "rrn": "000000000001",
+        "amount": "1250", "type": "SALE", "response": "00"}
+
+
+@pytest.mark.parametrize("column,value", [
+    ("amount", PAN), ("rrn", PAN), ("stan", PAN), ("date", PAN), ("type", PAN), ("response", PAN),
+    ("amount", f"{PAN[:4]} {PAN[4:8]} {PAN[8:12]} {PAN[12:]}"), ("rrn", "PAN" + PAN), ("tid", PAN), ("mid", PAN),
+])
+def test_settlement_errors_never_echo_a_card_number(tmp_path, column: str, value: str) -> None:  # type: ignore[no-untyped-def]
+    """An acquirer report with a card-number column where amount/rrn/... is expected (a shifted or
+    foreign export) printed the full PAN in the SETTLEMENT_INVALID message on stderr; a PAN as
+    tid/mid passed and came back in every reconcile report row."""
+    from guard.reconcile import SettlementError, read_settlement
+
+    row = dict(_ROW, **{column: value})
+    p = tmp_path / "s.csv"
+    p.write_text(",".join(_ROW) + "\n" + ",".join(row[c] for c in _ROW) + "\n")
+    with pytest.raises(SettlementError) as ei:
+        read_settlement(p)
+    msg = str(ei.value)
+    assert ei.value.line == 2 and ei.value.column == column, msg
+    digits = "".join(ch for ch in msg if ch.isdigit())
+    assert PAN not in msg and PAN[6:12] not in digits, msg
+    if column in ("amount", "rrn", "type"):
+        assert "476173******0119" in msg, msg  # still recognisable for whoever fixes the file
+
+
+def test_settlement_keeps_echoing_short_bad_values(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from guard.reconcile import SettlementError, read_settlement
+
+    p = tmp_path / "s.csv"
+    p.write_text(",".join(_ROW) + "\n" + ",".join(dict(_ROW, amount="12.50")[c] for c in _ROW) + "\n")
+    with pytest.raises(SettlementError, match="'12.50'"):
+        read_settlement(p)
