@@ -200,3 +200,72 @@ def test_settlement_keeps_echoing_short_bad_values(tmp_path) -> None:  # type: i
     p.write_text(",".join(_ROW) + "\n" + ",".join(dict(_ROW, amount="12.50")[c] for c in _ROW) + "\n")
     with pytest.raises(SettlementError, match="'12.50'"):
         read_settlement(p)
+
+
+# --- CLI: bad input is exit 2 with a message, never exit 1 ("found a problem") or a traceback ---------
+
+
+def _cli(*args: object) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from posguard.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    return r.exit_code, r.output
+
+
+@pytest.fixture
+def journal(tmp_path, keys):  # type: ignore[no-untyped-def]
+    from guard.journal import Journal
+
+    Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0).close()
+    return tmp_path / "j.db"
+
+
+@pytest.mark.parametrize("anchor", [b"garbage", b"\xff\xfe\x00", b""])
+def test_verify_with_an_unreadable_anchor_is_bad_input(tmp_path, journal, anchor: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Exit 1 means "the journal failed verification": a script (or an auditor) must not read a
+    garbage anchor file as evidence of tampering. It was exit 1 with 'Expecting value: line 1
+    column 1 (char 0)', naming neither the file nor the option."""
+    a = tmp_path / "anchor.json"
+    a.write_bytes(anchor)
+    code, out = _cli("journal", "verify", journal, "--anchor", a)
+    assert code == 2 and "anchor.json" in out and "ANCHOR" in out, out
+
+
+def test_verify_with_a_bad_key_file_is_bad_input(tmp_path, journal) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "k0.escrow"
+    bad.write_text("not a key\n")
+    bad.chmod(0o600)
+    code, out = _cli("journal", "verify", journal, "--k0", bad)
+    assert code == 2 and "KEY_MALFORMED" in out and "k0.escrow" in out, out
+    code, out = _cli("journal", "verify", journal, "--pubkey", bad)
+    assert code == 2 and "KEY_MALFORMED" in out, out
+
+
+def test_key_and_signer_commands_bad_input_exit_2(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    code, out = _cli("keys", "init", tmp_path / "keys")
+    assert code == 2 and "KEY_EXISTS" in out, out
+    code, out = _cli("keys", "init", blocker / "keys")  # parent is a file: was a NotADirectoryError traceback
+    assert code == 2 and "KEY_WRITE_FAILED" in out, out
+    code, out = _cli("config", "init-signer", blocker / "signer")
+    assert code == 2 and "signer" in out, out
+    cfg = tmp_path / "guard.toml"
+    cfg.write_text("x = 1\n")
+    code, out = _cli("config", "sign", cfg, "--key", blocker)
+    assert code == 2 and "KEY_MALFORMED" in out, out
+
+
+def test_config_signature_files_that_are_directories_are_config_errors(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    from guard.errors import PosguardError
+    from posguard.config_signing import check
+
+    cfg = tmp_path / "guard.toml"
+    cfg.write_text("x = 1\n")
+    (tmp_path / "keys" / "config.pub").mkdir()  # was an IsADirectoryError traceback from `posguard run`
+    with pytest.raises(PosguardError) as ei:
+        check(cfg, tmp_path / "keys")
+    assert "config.pub" in str(ei.value)
