@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import hashlib
 import heapq
@@ -65,6 +66,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .constants import (
@@ -647,11 +649,16 @@ SETTLEMENT_COLUMNS = ["date", "tid", "mid", "stan", "rrn", "amount", "type", "re
 
 def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # --- TCP / TLS adapter ----------------------------------------------------------------------------
@@ -1020,6 +1027,31 @@ def _fault_arg(s: str) -> tuple[str, float]:
     return kind, r
 
 
+def _port_arg(s: str) -> int:
+    try:
+        port = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("PORT must be a number 0-65535 (0: any free port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("PORT must be 0-65535 (0: any free port)")
+    return port
+
+
+def _out_path_problem(path: str | None) -> str | None:
+    """Why the ledger or settlement file could not be written at exit, checked before serving."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return f"{path} is a directory"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"directory {parent} is not writable"
+    return None
+
+
 def _tpdu_arg(s: str) -> bytes:
     try:
         b = bytes.fromhex(s)
@@ -1031,9 +1063,11 @@ def _tpdu_arg(s: str) -> bytes:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="posguard hostsim", description="Stateful ISO 8583 acquirer simulator.")
+    p = argparse.ArgumentParser(prog="posguard hostsim", description="Stateful ISO 8583 acquirer simulator.",
+                                epilog="Exit status: 0 stopped; 2 bad arguments (or the port is unavailable); "
+                                "3 the ledger or settlement file could not be written at exit.")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8583)
+    p.add_argument("--port", type=_port_arg, default=8583)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--dup-detection", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--fault", action="append", type=_fault_arg, default=[], metavar="KIND=RATE")
@@ -1053,7 +1087,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``posguard hostsim``: serve until SIGINT/SIGTERM (or --duration), then dump the ledger."""
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    for opt, path in (("--ledger", args.ledger), ("--settlement", args.settlement)):
+        if (why := _out_path_problem(path)) is not None:
+            parser.error(f"{opt}: {why}")
     try:
         core = HostCore(
             seed=args.seed, dup_detection=args.dup_detection, faults=dict(args.fault),
@@ -1090,17 +1128,21 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         for sig_, handler in previous.items():
             signal.signal(sig_, handler)
-        if args.ledger:
-            core.dump_ledger(args.ledger)
-        if args.settlement:
-            core.write_settlement_csv(args.settlement)
+        rc = 0
+        for path, write in ((args.ledger, core.dump_ledger), (args.settlement, core.write_settlement_csv)):
+            if path:
+                try:
+                    write(path)
+                except OSError as e:
+                    print(f"hostsim: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+                    rc = 3
         totals = core.ledger()["totals"]
         print(
             f"hostsim stopped: {core.stats().get('requests', 0)} requests, "
             f"{totals['debits']} debits, {totals['reversed']} reversed, {totals['net_debits']} net",
             flush=True,
         )
-    return 0
+    return rc
 
 
 __all__ = [

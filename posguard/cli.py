@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -33,7 +34,8 @@ def main() -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("posguard-demo"),
               show_default=True, help="Where the journal, keys and host ledger are left for inspection.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for the host simulator.")
-@click.option("--host-timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for the host.")
+@click.option("--host-timeout", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="Seconds to wait for the host (0.1-60).")
 def demo(directory: Path, seed: int, host_timeout: float) -> None:
     """The whole path with faults: reference reader -> pty null-modem -> `posguard run` -> host simulator.
 
@@ -45,6 +47,8 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
     """
     from .demo import run_demo
 
+    if math.isnan(host_timeout):  # NaN passes FloatRange
+        raise click.BadParameter("must be a number of seconds", param_hint="--host-timeout")
     sys.exit(run_demo(directory, seed=seed, host_timeout=host_timeout))
 
 

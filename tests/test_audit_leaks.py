@@ -269,3 +269,65 @@ def test_config_signature_files_that_are_directories_are_config_errors(tmp_path,
     with pytest.raises(PosguardError) as ei:
         check(cfg, tmp_path / "keys")
     assert "config.pub" in str(ei.value)
+
+
+# --- simulators and demo: bad arguments are usage errors, not tracebacks -----------------------------
+
+
+@pytest.mark.parametrize("argv", [["--port", "99999"], ["--port", "-1"], ["--port", "x"],
+                                  ["--port", "0", "--ledger", "/nonexistent-dir/ledger.json"],
+                                  ["--port", "0", "--settlement", "/"]])
+def test_hostsim_bad_arguments_exit_2_before_serving(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
+    from guard.hostsim import main
+
+    with pytest.raises(SystemExit) as ei:
+        main([*argv, "--duration", "0.1"])
+    assert ei.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_hostsim_ledger_write_failure_at_exit_is_reported(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """The ledger is written when the simulator stops; a full disk then was a traceback (and a
+    stray temp file), after the whole run."""
+    import errno
+
+    import guard.hostsim as hs
+
+    def full(self, path):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(hs.HostCore, "dump_ledger", full)
+    rc = hs.main(["--port", "0", "--duration", "0.1", "--ledger", str(tmp_path / "ledger.json"),
+                  "--settlement", str(tmp_path / "s.csv")])
+    err = capsys.readouterr().err
+    assert rc == 3 and "No space left" in err and "Traceback" not in err
+    assert (tmp_path / "s.csv").exists()  # the other file is still written
+
+    target = tmp_path / "adir"
+    target.mkdir()
+    with pytest.raises(OSError):
+        hs._atomic_write(target, b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "s.csv"]  # no *.tmp.<pid> left
+
+
+def test_readersim_boot_counter_out_of_range_is_a_usage_error() -> None:
+    from firmware_bridge.readersim import main
+
+    for bad in ("-1", str(2**64)):
+        with pytest.raises(SystemExit) as ei:
+            main(["--port", "loop://", "--boot-counter", bad, "--timeout", "0.1"])
+        assert ei.value.code == 2
+
+
+@pytest.mark.parametrize("args", [["--host-timeout", "-1"], ["--host-timeout", "nan"], ["--host-timeout", "0"]])
+def test_demo_bad_host_timeout_is_a_usage_error(tmp_path, args: list[str]) -> None:  # type: ignore[no-untyped-def]
+    code, out = _cli("demo", "--dir", tmp_path / "d", *args)
+    assert code == 2 and "host-timeout" in out, out
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_unusable_dir_exits_2(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    code, out = _cli("demo", "--dir", f / "demo")
+    assert code == 2 and "choose another --dir" in out, out
