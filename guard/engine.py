@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 from . import constants as C
 from . import iso
-from .errors import IdempotencyConflict, PosguardError, RequestInvalid
+from .errors import IdempotencyConflict, JournalError, PosguardError, RequestInvalid
 from .policies import Action as PolicyAction, History, OfflineConfig, PolicyConfig, decide
 from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key, txn_key_hash
 
@@ -242,10 +242,16 @@ class Engine:
     ) -> Engine:
         """Rebuild state from journal entries (objects with .seq, .kind, .txn, .payload, .ts)."""
         eng = cls(cfg, crypto, rng, lookup)
-        for n, e in enumerate(entries):
-            eng._apply_entry(e.kind, e.txn, e.payload, e.ts, e.seq)
-            if n & 4095 == 4095:
-                eng.history.prune(e.ts)
+        seq, last = None, 0
+        try:
+            for n, e in enumerate(entries):
+                seq = e.seq
+                eng._apply_entry(e.kind, e.txn, e.payload, e.ts, e.seq)
+                seq, last = None, e.seq
+                if n & 4095 == 4095:
+                    eng.history.prune(e.ts)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            raise _corrupt(seq if seq is not None else f"after {last}", exc) from None
         return eng
 
     def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float, seq: int | None = None) -> None:
@@ -344,8 +350,11 @@ class Engine:
         t = self.txns.get(key)
         if t is not None or self.lookup is None or not key or key not in self._evicted:
             return t
-        entries = [e for e in self.lookup(key) if before_seq is None or e.seq < before_seq]
-        t = _rebuild(key, entries)
+        try:
+            entries = [e for e in self.lookup(key) if before_seq is None or e.seq < before_seq]
+            t = _rebuild(key, entries)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise _corrupt(f"of {key}", exc) from None
         if t is not None:
             self.count("reloaded")
             self.txns[key] = t
@@ -1067,6 +1076,13 @@ class Engine:
             C.F_NET_MGMT_CODE: C.NET_ECHO,
         }
         return [Append([("stan_use", None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
+
+
+def _corrupt(where: Any, exc: BaseException) -> JournalError:
+    """A journal entry the engine cannot replay (bit rot, or edited without the keys): a journal
+    failure naming where, never a traceback. The exception text is left out: it quotes payload."""
+    return JournalError(f"journal entry {where} cannot be replayed ({type(exc).__name__}); `posguard journal verify` "
+                        "names the first entry that changed", code="JOURNAL_CORRUPT")
 
 
 def _txn_from_intent(key: str, p: dict[str, Any], ts: float) -> Txn:

@@ -649,14 +649,14 @@ class Journal:
         cur = self._db().execute(
             "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
         for seq, ts, kind, txn, payload, h, mac in cur:
-            yield Entry(seq, ts, kind, txn, json.loads(payload), h, mac)
+            yield Entry(seq, ts, kind, txn, _payload(seq, payload), h, mac)
 
     def entries_for(self, txn: str) -> list[Entry]:
         """One transaction's entries in order (indexed): how the engine reads back a transaction
         it no longer keeps in memory."""
         cur = self._db().execute(
             "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
-        rows = [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+        rows = [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
         if rows or not self._archived_index():
             return rows
         hit = self._db().execute("SELECT f.path FROM archived_txns a JOIN archive_files f ON f.id = a.archive "
@@ -974,6 +974,16 @@ def ratchet_forward(key: bytes, steps: int) -> bytes:
 
 
 # --- validation ------------------------------------------------------------------------------
+
+
+def _payload(seq: int, text: Any) -> Any:
+    """A stored payload parsed; JOURNAL_CORRUPT naming the entry when it is not JSON (bit rot, or
+    edited without the keys) instead of a JSONDecodeError out of the daemon's start."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        raise JournalError(f"journal entry {seq}: payload is not JSON; `posguard journal verify` names the first "
+                           "entry that changed", code="JOURNAL_CORRUPT") from None
 
 
 def _check_now(now: float) -> float:

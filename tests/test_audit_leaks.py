@@ -3,11 +3,15 @@ error (stable code, exit 2/3) instead of a traceback for bad input. Fast, loopba
 
 from __future__ import annotations
 
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 
 from guard.iso import CodecError, HostCodec
+
+sys.path.insert(0, str(Path(__file__).parent))  # ops_support
 
 PAN = "4761739001010119"
 
@@ -331,3 +335,47 @@ def test_demo_unusable_dir_exits_2(tmp_path) -> None:  # type: ignore[no-untyped
     f.write_text("x")
     code, out = _cli("demo", "--dir", f / "demo")
     assert code == 2 and "choose another --dir" in out, out
+
+
+# --- a journal whose SQLite file is sound but one payload is not (bit rot, edited without keys) ------
+
+
+def _edited_journal(tmp_path, keys, old: bytes, new: bytes):  # type: ignore[no-untyped-def]
+    from ops_support import bulk_journal
+
+    path = tmp_path / "j.db"
+    bulk_journal(path, keys, 3)
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) >= 1
+    path.write_bytes(data.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize("old,new", [(b'"kind":"SALE"', b'"kind":"SALX"'),  # not a TxnKind
+                                     (b'"state":"APPROVED"', b'"state":"APPROVEX"'),  # not a TxnState
+                                     (b'{"amount":', b'{"amount" ')])  # not JSON
+def test_daemon_start_on_an_edited_payload_is_journal_corrupt(tmp_path, keys, old: bytes, new: bytes) -> None:  # type: ignore[no-untyped-def]
+    """open_guard (posguard run, replay) died with a ValueError/JSONDecodeError traceback; journal
+    export --per entry and show --per entry did too on a payload that is not JSON."""
+    from guard.engine import EngineConfig
+    from guard.errors import JournalError
+    from guard.export import entry_rows, load_view
+    from guard.iso import HostCodec
+    from guard.service import open_guard
+    from guard.uplink import Uplink
+    from ops_support import MID, TID
+
+    path = _edited_journal(tmp_path, keys, old, new)
+    with pytest.raises(JournalError) as ei:
+        open_guard(path, keys, EngineConfig(TID, MID), Uplink("127.0.0.1", 9, HostCodec()))
+    assert ei.value.code == "JOURNAL_CORRUPT" and "entry " in str(ei.value)
+    with pytest.raises(JournalError) as ei:
+        load_view(path)
+    assert ei.value.code == "JOURNAL_CORRUPT"
+    if b'"amount" ' in new:
+        with pytest.raises(JournalError):
+            list(entry_rows(path))
+        code, out = _cli("journal", "show", path, "--per", "entry")
+        assert code == 2 and "JOURNAL_CORRUPT" in out, out
+        code, out = _cli("journal", "export", path, "--per", "entry", "--format", "jsonl")
+        assert code == 2 and "JOURNAL_CORRUPT" in out, out
