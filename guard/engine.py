@@ -847,7 +847,13 @@ class Engine:
 
     def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
         self.count("unmatched")
-        safe = {k: f.get(k, "") for k in ("t", C.F_STAN, C.F_RESPONSE_CODE, C.F_TERMINAL_ID, C.F_MERCHANT_ID)}
+        safe = {k: f.get(k, "") for k in ("t", C.F_STAN, C.F_RESPONSE_CODE)}
+        # 41/42 are exempt from the journal's card-number guard (our own ids may be Luhn-valid
+        # numbers); what a host sends there is not ours to trust: a long digit run that is not our
+        # id is kept masked like a PAN (BIN + last 4 still tell which id it was).
+        for k, ours in ((C.F_TERMINAL_ID, self.cfg.terminal_id), (C.F_MERCHANT_ID, self.cfg.merchant_id)):
+            v = f.get(k, "")
+            safe[k] = mask_pan(v) if v != ours and len(v) >= 13 and v.isdigit() else v
         return [Append([("unmatched_response", None, {"why": why, **safe})])]
 
     # ------------------------------------------------------------------ timers

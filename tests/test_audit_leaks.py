@@ -357,13 +357,14 @@ def _edited_journal(tmp_path, keys, old: bytes, new: bytes):  # type: ignore[no-
 def test_daemon_start_on_an_edited_payload_is_journal_corrupt(tmp_path, keys, old: bytes, new: bytes) -> None:  # type: ignore[no-untyped-def]
     """open_guard (posguard run, replay) died with a ValueError/JSONDecodeError traceback; journal
     export --per entry and show --per entry did too on a payload that is not JSON."""
+    from ops_support import MID, TID
+
     from guard.engine import EngineConfig
     from guard.errors import JournalError
     from guard.export import entry_rows, load_view
     from guard.iso import HostCodec
     from guard.service import open_guard
     from guard.uplink import Uplink
-    from ops_support import MID, TID
 
     path = _edited_journal(tmp_path, keys, old, new)
     with pytest.raises(JournalError) as ei:
@@ -379,3 +380,35 @@ def test_daemon_start_on_an_edited_payload_is_journal_corrupt(tmp_path, keys, ol
         assert code == 2 and "JOURNAL_CORRUPT" in out, out
         code, out = _cli("journal", "export", path, "--per", "entry", "--format", "jsonl")
         assert code == 2 and "JOURNAL_CORRUPT" in out, out
+
+
+# --- host-supplied ids in unmatched_response --------------------------------------------------------
+
+
+def test_unmatched_response_does_not_journal_a_card_number_sent_as_merchant_id(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
+    """Fields 41/42 are exempt from the journal's card-number guard (numeric merchant ids are often
+    Luhn-valid). unmatched_response copied them from whatever the host sent, so a host (or anyone
+    on a plain-TCP link) could get a 15-digit card number written in clear into the journal."""
+    import random
+
+    from guard.engine import Append, Engine, EngineConfig
+    from guard.iso import HostCodec
+    from guard.journal import Journal
+    from guard.service import JournalCrypto
+
+    amex = "378282246310005"
+    j = Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0)
+    try:
+        e = Engine(EngineConfig("TERM0001", "MERCHANT0000001"), JournalCrypto(j, keys.token_key), random.Random(1))
+        wire = HostCodec().encode({"t": "0210", "11": "000777", "39": "00", "41": "TERM0001", "42": amex})
+        msg = HostCodec().decoder("terminal").feed(wire)[0]
+        acts = e.host_message(msg.fields, T0)
+        assert [a.records[0][0] for a in acts if isinstance(a, Append)] == ["unmatched_response"]
+        j.append(acts[0].records, now=T0)
+        ours = e.host_message({"t": "0210", "11": "000778", "39": "00", "41": "TERM0001", "42": "MERCHANT0000001"}, T0)
+        assert ours[0].records[0][2]["42"] == "MERCHANT0000001"  # a mismatch stays diagnosable
+    finally:
+        j.close()
+    data = b"".join(p.read_bytes() for p in tmp_path.glob("j.db*"))
+    assert amex.encode() not in data
+    assert b"378282*****0005" in data
