@@ -13,8 +13,9 @@ Ledger rules (the "no double debit, no silent debit" oracle):
 
 - Key = (41, 42, 11, MMDD of field 7). An approved 0200 (or 0220 advice) creates one record, a debit
   or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
-  card token (HMAC-SHA256 of the PAN, 16 hex), the masked PAN, amount, a unique 12-digit RRN and
-  a 6-digit approval code. The clear PAN is never stored.
+  card token (HMAC-SHA256 of the PAN under a key drawn at random for each run, 16 hex), the
+  masked PAN, amount, a unique 12-digit RRN and a 6-digit approval code. The clear PAN is never
+  stored.
 - Duplicate detection ON: a 0200 whose key was already seen is answered 94 without a debit; a
   0201/0221 repeat gets the original answer again. OFF: every request is processed, so a resent sale
   debits twice (what a real host without duplicate detection does).
@@ -275,7 +276,9 @@ class HostCore:
         self.fault_classes = frozenset(fault_classes)
         self._fault_rng = random.Random(seed)
         self._data_rng = random.Random(f"posguard.hostsim.data.{seed}")
-        self._card_key = hashlib.sha256(f"posguard.hostsim.card-key.{seed}".encode()).digest()
+        # Random per run, never from the seed: the ledger shows each token next to the masked PAN and
+        # the seed, and a key anyone can derive would let BIN + last 4 be completed by brute force.
+        self._card_key = os.urandom(32)
         self._lock = threading.RLock()
         self._forced: collections.deque[str] = collections.deque()
         self._rrn_seq = itertools.count(1)

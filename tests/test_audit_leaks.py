@@ -412,3 +412,23 @@ def test_unmatched_response_does_not_journal_a_card_number_sent_as_merchant_id(t
     data = b"".join(p.read_bytes() for p in tmp_path.glob("j.db*"))
     assert amex.encode() not in data
     assert b"378282*****0005" in data
+
+
+# --- the host simulator's ledger (a demo file) -------------------------------------------------------
+
+
+def test_hostsim_card_token_key_is_not_derivable_from_the_seed() -> None:
+    """The ledger (host-ledger.json in every demo directory, `posguard hostsim --ledger`) stores
+    each debit's card token next to its masked PAN and the seed. The token key was
+    sha256("posguard.hostsim.card-key.<seed>"): with BIN + last 4 known, the 10^6 middle digits
+    are searched in seconds, so the ledger held the full PAN in a reversible form."""
+    import hashlib
+    import hmac
+
+    from guard.hostsim import HostCore
+
+    a, b = HostCore(seed=7, dup_detection=True), HostCore(seed=7, dup_detection=True)
+    assert a._card_token(PAN) == a._card_token(PAN)  # stable within a run: counts per card still work
+    assert a._card_token(PAN) != b._card_token(PAN)
+    seeded = hashlib.sha256(b"posguard.hostsim.card-key.7").digest()
+    assert a._card_token(PAN) != hmac.new(seeded, PAN.encode(), hashlib.sha256).hexdigest()[:16]
