@@ -802,6 +802,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.sales < 0 or args.timeout <= 0 or args.t2 <= 0:
         p.error("--sales must be >= 0, --timeout and --t2 > 0")
+    if args.boot_counter is not None and not 0 <= args.boot_counter < 2**64:
+        p.error("--boot-counter must be 0 .. 2^64-1 (the first 8 bytes of every TXN_ID)")
     try:
         faults = _faults_from(args)
         Auth(bytes(16), args.amount, args.currency, args.pan, args.expiry, args.reader_id)

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
 from . import constants as C
 from . import iso
-from .errors import IdempotencyConflict, PosguardError, RequestInvalid
+from .errors import IdempotencyConflict, JournalError, PosguardError, RequestInvalid
 from .policies import Action as PolicyAction, History, OfflineConfig, PolicyConfig, decide
 from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key, txn_key_hash
 
@@ -89,10 +89,12 @@ class EngineConfig:
     keep_final: int = 5000  # final transactions kept in memory; older ones are read from the journal
 
     def __post_init__(self) -> None:
-        if len(self.terminal_id) != 8:
-            raise RequestInvalid("terminal id (field 41) must be exactly 8 characters", code="CONFIG_TERMINAL_ID")
-        if len(self.merchant_id) != 15:
-            raise RequestInvalid("merchant id (field 42) must be exactly 15 characters", code="CONFIG_MERCHANT_ID")
+        if len(self.terminal_id) != 8 or not (self.terminal_id.isascii() and self.terminal_id.isprintable()):
+            raise RequestInvalid("terminal id (field 41) must be exactly 8 printable ASCII characters",
+                                 code="CONFIG_TERMINAL_ID")
+        if len(self.merchant_id) != 15 or not (self.merchant_id.isascii() and self.merchant_id.isprintable()):
+            raise RequestInvalid("merchant id (field 42) must be exactly 15 printable ASCII characters",
+                                 code="CONFIG_MERCHANT_ID")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,10 +242,16 @@ class Engine:
     ) -> Engine:
         """Rebuild state from journal entries (objects with .seq, .kind, .txn, .payload, .ts)."""
         eng = cls(cfg, crypto, rng, lookup)
-        for n, e in enumerate(entries):
-            eng._apply_entry(e.kind, e.txn, e.payload, e.ts, e.seq)
-            if n & 4095 == 4095:
-                eng.history.prune(e.ts)
+        seq, last = None, 0
+        try:
+            for n, e in enumerate(entries):
+                seq = e.seq
+                eng._apply_entry(e.kind, e.txn, e.payload, e.ts, e.seq)
+                seq, last = None, e.seq
+                if n & 4095 == 4095:
+                    eng.history.prune(e.ts)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError is a ValueError
+            raise _corrupt(seq if seq is not None else f"after {last}", exc) from None
         return eng
 
     def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float, seq: int | None = None) -> None:
@@ -342,8 +350,11 @@ class Engine:
         t = self.txns.get(key)
         if t is not None or self.lookup is None or not key or key not in self._evicted:
             return t
-        entries = [e for e in self.lookup(key) if before_seq is None or e.seq < before_seq]
-        t = _rebuild(key, entries)
+        try:
+            entries = [e for e in self.lookup(key) if before_seq is None or e.seq < before_seq]
+            t = _rebuild(key, entries)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise _corrupt(f"of {key}", exc) from None
         if t is not None:
             self.count("reloaded")
             self.txns[key] = t
@@ -836,7 +847,13 @@ class Engine:
 
     def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
         self.count("unmatched")
-        safe = {k: f.get(k, "") for k in ("t", C.F_STAN, C.F_RESPONSE_CODE, C.F_TERMINAL_ID, C.F_MERCHANT_ID)}
+        safe = {k: f.get(k, "") for k in ("t", C.F_STAN, C.F_RESPONSE_CODE)}
+        # 41/42 are exempt from the journal's card-number guard (our own ids may be Luhn-valid
+        # numbers); what a host sends there is not ours to trust: a long digit run that is not our
+        # id is kept masked like a PAN (BIN + last 4 still tell which id it was).
+        for k, ours in ((C.F_TERMINAL_ID, self.cfg.terminal_id), (C.F_MERCHANT_ID, self.cfg.merchant_id)):
+            v = f.get(k, "")
+            safe[k] = mask_pan(v) if v != ours and len(v) >= 13 and v.isdigit() else v
         return [Append([("unmatched_response", None, {"why": why, **safe})])]
 
     # ------------------------------------------------------------------ timers
@@ -1073,6 +1090,13 @@ class Engine:
             C.F_NET_MGMT_CODE: C.NET_ECHO,
         }
         return [Append([("stan_use", None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
+
+
+def _corrupt(where: Any, exc: BaseException) -> JournalError:
+    """A journal entry the engine cannot replay (bit rot, or edited without the keys): a journal
+    failure naming where, never a traceback. The exception text is left out: it quotes payload."""
+    return JournalError(f"journal entry {where} cannot be replayed ({type(exc).__name__}); `posguard journal verify` "
+                        "names the first entry that changed", code="JOURNAL_CORRUPT")
 
 
 def _txn_from_intent(key: str, p: dict[str, Any], ts: float) -> Txn:

@@ -154,7 +154,12 @@ def iter_entries(conn: sqlite3.Connection, since_seq: int = 0) -> Iterator[Rec]:
     loads = json.loads
     for seq, ts, kind, txn, payload in conn.execute(
             "SELECT seq, ts, kind, txn, payload FROM entries WHERE seq >= ? ORDER BY seq", (since_seq,)):
-        yield Rec(seq, ts, kind, txn, loads(payload))
+        try:
+            p = loads(payload)
+        except (ValueError, TypeError):
+            raise JournalError(f"journal entry {seq}: payload is not JSON; `posguard journal verify` names the first "
+                               "entry that changed", code="JOURNAL_CORRUPT") from None
+        yield Rec(seq, ts, kind, txn, p)
 
 
 def latest_checkpoint(path: Path) -> dict[str, Any]:
@@ -324,6 +329,8 @@ def entry_rows(path: Path, view: JournalView | None = None, since: Since = Since
                 continue
             yield {"seq": r.seq, "time": iso(r.ts), "ts": r.ts, "kind": r.kind, "txn": r.txn, "state": state,
                    "payload": r.payload}
+    except sqlite3.DatabaseError as e:
+        raise JournalError(f"{path} cannot be read: {e}", code="JOURNAL_CORRUPT") from None
     finally:
         conn.close()
 

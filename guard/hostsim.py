@@ -13,8 +13,9 @@ Ledger rules (the "no double debit, no silent debit" oracle):
 
 - Key = (41, 42, 11, MMDD of field 7). An approved 0200 (or 0220 advice) creates one record, a debit
   or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
-  card token (HMAC-SHA256 of the PAN, 16 hex), the masked PAN, amount, a unique 12-digit RRN and
-  a 6-digit approval code. The clear PAN is never stored.
+  card token (HMAC-SHA256 of the PAN under a key drawn at random for each run, 16 hex), the
+  masked PAN, amount, a unique 12-digit RRN and a 6-digit approval code. The clear PAN is never
+  stored.
 - Duplicate detection ON: a 0200 whose key was already seen is answered 94 without a debit; a
   0201/0221 repeat gets the original answer again. OFF: every request is processed, so a resent sale
   debits twice (what a real host without duplicate detection does).
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import hashlib
 import heapq
@@ -65,6 +67,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .constants import (
@@ -274,7 +277,9 @@ class HostCore:
         self.fault_classes = frozenset(fault_classes)
         self._fault_rng = random.Random(seed)
         self._data_rng = random.Random(f"posguard.hostsim.data.{seed}")
-        self._card_key = hashlib.sha256(f"posguard.hostsim.card-key.{seed}".encode()).digest()
+        # Random per run, never from the seed: the ledger shows each token next to the masked PAN and
+        # the seed, and a key anyone can derive would let BIN + last 4 be completed by brute force.
+        self._card_key = os.urandom(32)
         self._lock = threading.RLock()
         self._forced: collections.deque[str] = collections.deque()
         self._rrn_seq = itertools.count(1)
@@ -648,11 +653,16 @@ SETTLEMENT_COLUMNS = ["date", "tid", "mid", "stan", "rrn", "amount", "type", "re
 
 def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # --- TCP / TLS adapter ----------------------------------------------------------------------------
@@ -1021,6 +1031,31 @@ def _fault_arg(s: str) -> tuple[str, float]:
     return kind, r
 
 
+def _port_arg(s: str) -> int:
+    try:
+        port = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("PORT must be a number 0-65535 (0: any free port)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError("PORT must be 0-65535 (0: any free port)")
+    return port
+
+
+def _out_path_problem(path: str | None) -> str | None:
+    """Why the ledger or settlement file could not be written at exit, checked before serving."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        return f"{path} is a directory"
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        return f"directory {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"directory {parent} is not writable"
+    return None
+
+
 def _tpdu_arg(s: str) -> bytes:
     try:
         b = bytes.fromhex(s)
@@ -1046,9 +1081,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                "  garbage              processed or not, an undecodable frame instead of the reply\n"
                "amounts ending in 51 are declined 51, in 05 declined 05; everything else is approved.\n"
                "exit status: 0 stopped cleanly (SIGINT/SIGTERM or --duration); 2 bad arguments, TLS files, or "
-               "the port cannot be listened on.")
+               "the port cannot be listened on; 3 the ledger or settlement file could not be written at exit.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8583, help="TCP port; 0 picks a free one and prints it (default: %(default)s)")
+    p.add_argument("--port", type=_port_arg, default=8583, help="TCP port; 0 picks a free one and prints it (default: %(default)s)")
     p.add_argument("--seed", type=int, default=1, help="seed for faults, approval codes and RRNs (default: %(default)s)")
     p.add_argument("--dup-detection", action=argparse.BooleanOptionalAction, default=True,
                    help="answer a repeated 0200 with 94 instead of debiting it again (default: on)")
@@ -1072,7 +1107,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``posguard hostsim``: serve until SIGINT/SIGTERM (or --duration), then dump the ledger."""
-    args = build_arg_parser().parse_args(argv)
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    for opt, path in (("--ledger", args.ledger), ("--settlement", args.settlement)):
+        if (why := _out_path_problem(path)) is not None:
+            parser.error(f"{opt}: {why}")
     try:
         core = HostCore(
             seed=args.seed, dup_detection=args.dup_detection, faults=dict(args.fault),
@@ -1109,17 +1148,21 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         for sig_, handler in previous.items():
             signal.signal(sig_, handler)
-        if args.ledger:
-            core.dump_ledger(args.ledger)
-        if args.settlement:
-            core.write_settlement_csv(args.settlement)
+        rc = 0
+        for path, write in ((args.ledger, core.dump_ledger), (args.settlement, core.write_settlement_csv)):
+            if path:
+                try:
+                    write(path)
+                except OSError as e:
+                    print(f"hostsim: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+                    rc = 3
         totals = core.ledger()["totals"]
         print(
             f"hostsim stopped: {core.stats().get('requests', 0)} requests, "
             f"{totals['debits']} debits, {totals['reversed']} reversed, {totals['net_debits']} net",
             flush=True,
         )
-    return 0
+    return rc
 
 
 __all__ = [

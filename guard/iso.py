@@ -385,13 +385,18 @@ class HostCodec:
         if not is_known_mti(mti):
             raise CodecError("field t: not a known 4-digit MTI")
         doc = dict(fields)  # the library pops "1"/"65" and rewrites "p" in the dict it is given
+        problem = "fields cannot be encoded with this spec"
         try:
             raw, _ = iso8583.encode(doc, self.spec)
         except iso8583.EncodeError as e:
-            raise CodecError(f"field {e.field}: {_safe_msg(e.msg)}") from None
+            problem = f"field {e.field}: {_safe_msg(e.msg)}"
         except (TypeError, ValueError, AttributeError, KeyError, LookupError):
-            raise CodecError("fields cannot be encoded with this spec") from None
-        return self.frame(raw, tpdu=tpdu)
+            pass
+        else:
+            return self.frame(raw, tpdu=tpdu)
+        # Raised outside the except block: the library's error keeps the whole message (field 2
+        # included) in doc_dec, and `from None` would still leave it reachable as __context__.
+        raise CodecError(problem)
 
     def decoder(self, side: str = "terminal") -> FrameDecoder:
         """A fresh stream decoder. ``side="terminal"`` decodes host responses, ``"host"`` requests."""

@@ -382,6 +382,10 @@ class Journal:
             _fsync_dir(path.parent)
         except FileExistsError:
             raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS") from None
+        except OSError as e:  # no such directory, read-only, disk full, no hard links on this file system
+            raise JournalError(f"cannot create journal {path}: {e.strerror or e}", code="JOURNAL_CREATE_FAILED") from None
+        except sqlite3.Error as e:
+            raise JournalError(f"cannot create journal {path}: {e}", code="JOURNAL_CREATE_FAILED") from None
         finally:
             if conn is not None:
                 conn.close()
@@ -397,8 +401,13 @@ class Journal:
         """Open an existing journal: durability pragmas, pending migrations, state from the tail."""
         path = Path(path)
         if not path.is_file():
+            if path.exists():
+                raise JournalError(f"journal {path} is not a regular file", code="JOURNAL_NOT_A_FILE")
             raise JournalError(f"journal {path} does not exist", code="JOURNAL_MISSING")
-        conn = _connect(path, mode="rw")
+        try:
+            conn = _connect(path, mode="rw")
+        except sqlite3.Error as e:  # e.g. no read permission
+            raise JournalError(f"journal {path} cannot be opened: {e}") from None
         try:
             try:
                 apply_pragmas(conn)
@@ -549,6 +558,19 @@ class Journal:
 
     def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], blobs: list[tuple[str, str, bytes, bytes]],
                shred: list[tuple[str]], last_seq: int, key: bytes, cp: dict[str, Any] | None) -> None:
+        try:
+            self._write_txn(conn, rows, blobs, shred, last_seq, key, cp)
+        except sqlite3.IntegrityError:
+            raise  # the caller's records broke a constraint (e.g. a vault blob twice): a bug, not the medium
+        except sqlite3.DatabaseError as e:
+            # Disk full, read-only file or directory, I/O error, corruption, locked by another process:
+            # a journal failure with a stable code (the daemon exits 3 and restarts), not an internal error.
+            raise JournalError(f"journal {self.path}: commit failed ({e}); nothing that depends on it was sent "
+                               "or shown", code="JOURNAL_WRITE_FAILED") from None
+
+    def _write_txn(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
+                   blobs: list[tuple[str, str, bytes, bytes]], shred: list[tuple[str]], last_seq: int, key: bytes,
+                   cp: dict[str, Any] | None) -> None:
         cur = conn.cursor()
         committing = False
         t0, c0 = time.perf_counter(), time.process_time()
@@ -627,14 +649,14 @@ class Journal:
         cur = self._db().execute(
             "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
         for seq, ts, kind, txn, payload, h, mac in cur:
-            yield Entry(seq, ts, kind, txn, json.loads(payload), h, mac)
+            yield Entry(seq, ts, kind, txn, _payload(seq, payload), h, mac)
 
     def entries_for(self, txn: str) -> list[Entry]:
         """One transaction's entries in order (indexed): how the engine reads back a transaction
         it no longer keeps in memory."""
         cur = self._db().execute(
             "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
-        rows = [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+        rows = [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
         if rows or not self._archived_index():
             return rows
         hit = self._db().execute("SELECT f.path FROM archived_txns a JOIN archive_files f ON f.id = a.archive "
@@ -952,6 +974,16 @@ def ratchet_forward(key: bytes, steps: int) -> bytes:
 
 
 # --- validation ------------------------------------------------------------------------------
+
+
+def _payload(seq: int, text: Any) -> Any:
+    """A stored payload parsed; JOURNAL_CORRUPT naming the entry when it is not JSON (bit rot, or
+    edited without the keys) instead of a JSONDecodeError out of the daemon's start."""
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError):
+        raise JournalError(f"journal entry {seq}: payload is not JSON; `posguard journal verify` names the first "
+                           "entry that changed", code="JOURNAL_CORRUPT") from None
 
 
 def _check_now(now: float) -> float:

@@ -5,7 +5,8 @@ directory separate from the journal. k0 (the journal's initial MAC ratchet key) 
 ``k0.escrow`` for the auditor; in production it leaves the device after provisioning, so
 ``DeviceKeys.k0`` is None on a running terminal and the journal never stores it.
 
-Error codes (``KeyFileError.code``): KEY_EXISTS, KEY_MISSING, KEY_MALFORMED, KEY_PERMISSIONS.
+Error codes (``KeyFileError.code``): KEY_EXISTS, KEY_MISSING, KEY_MALFORMED, KEY_PERMISSIONS,
+KEY_WRITE_FAILED.
 """
 
 from __future__ import annotations
@@ -80,17 +81,28 @@ def init_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> DeviceK
     if existing:
         raise KeyFileError(f"{dir / existing[0]} already exists; refusing to overwrite keys", code="KEY_EXISTS")
     if not dir.exists():
-        dir.mkdir(mode=_DIR_MODE, parents=True)
-        os.chmod(dir, _DIR_MODE)
+        try:
+            dir.mkdir(mode=_DIR_MODE, parents=True)
+            os.chmod(dir, _DIR_MODE)
+        except OSError as e:
+            raise KeyFileError(f"cannot create key directory {dir}: {e.strerror or e}", code="KEY_WRITE_FAILED") from None
     _check_dir(dir)
     seeds = {name: rng(KEY_LEN) for name in SECRET_FILES}
     if any(len(s) != KEY_LEN for s in seeds.values()):
         raise KeyFileError("rng returned the wrong number of bytes", code="KEY_MALFORMED")
     signing = Ed25519PrivateKey.from_private_bytes(seeds[SIGNING_FILE])
-    for name, secret in seeds.items():
-        _write_new(dir / name, secret.hex() + "\n", _SECRET_MODE)
-    _write_new(dir / PUBLIC_FILE, public_key_hex(signing.public_key()) + "\n", _PUBLIC_MODE)
-    _fsync_dir(dir)
+    files = [(dir / name, secret.hex() + "\n", _SECRET_MODE) for name, secret in seeds.items()]
+    files.append((dir / PUBLIC_FILE, public_key_hex(signing.public_key()) + "\n", _PUBLIC_MODE))
+    written: list[Path] = []
+    try:
+        for path, text, mode in files:
+            _write_new(path, text, mode)
+            written.append(path)
+        _fsync_dir(dir)
+    except OSError as e:  # read-only or full file system: leave no half-provisioned set behind
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise KeyFileError(f"cannot write keys into {dir}: {e.strerror or e}", code="KEY_WRITE_FAILED") from None
     return DeviceKeys(signing, seeds[TOKEN_FILE], seeds[VAULT_FILE], seeds[K0_FILE])
 
 

@@ -46,6 +46,7 @@ Error codes: SETTLEMENT_INVALID (``SettlementError``, with ``line`` and ``column
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ from .hostsim import SETTLEMENT_COLUMNS
 # Header names a host report may use instead: the ISO 8583 field numbers (41, 42, 11, 37, 39, 4).
 COLUMN_ALIASES = {"41": "tid", "42": "mid", "11": "stan", "37": "rrn", "39": "response", "4": "amount"}
 from .journal import Journal
-from .model import TxnState
+from .model import TxnState, mask_pan
 
 QUEUE_REVERSAL = "QUEUE_REVERSAL"
 FLAG_REFUND = "FLAG_REFUND"
@@ -72,6 +73,8 @@ CATEGORIES = (FAILED_BUT_DEBITED, REVERSED_BUT_SETTLED, APPROVED_MISSING, AMOUNT
 RECONCILE_REASON = "RECONCILE"
 QUEUEABLE = frozenset({TxnState.DECLINED.value, TxnState.NEEDS_MANUAL.value})
 MAX_FIELD = 64
+FIELD_41_LEN, FIELD_42_LEN = 8, 15
+_CARD_LIKE = re.compile(r"\d(?:[ -]?\d){11,}")  # 12+ digits, maybe grouped: could be a card number
 
 Key = tuple[str, str, str, str]  # tid, mid, stan (6 digits), date (MMDD)
 
@@ -191,23 +194,29 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
                 raise SettlementError(path, line, c, f"value longer than {MAX_FIELD} characters")
         d = v["date"]
         if not (len(d) == 4 and d.isdigit() and 1 <= int(d[:2]) <= 12 and 1 <= int(d[2:]) <= 31):
-            raise SettlementError(path, line, "date", f"{d!r} is not a MMDD date")
-        for c in ("tid", "mid"):
-            if not v[c] or not v[c].isprintable():
-                raise SettlementError(path, line, c, "must be a non-empty printable value")
+            raise SettlementError(path, line, "date", f"{_shown(d)} is not a MMDD date")
+        for c, most, field_no in (("tid", FIELD_41_LEN, 41), ("mid", FIELD_42_LEN, 42)):
+            if not v[c] or not v[c].isprintable() or len(v[c]) > most:
+                raise SettlementError(path, line, c, f"must be 1-{most} printable characters (ISO 8583 field {field_no})")
         if not (len(v["stan"]) == 6 and v["stan"].isdigit()):
-            raise SettlementError(path, line, "stan", f"{v['stan']!r} is not 6 digits")
+            raise SettlementError(path, line, "stan", f"{_shown(v['stan'])} is not 6 digits")
         if len(v["rrn"]) > 12 or not (v["rrn"].isascii() and (v["rrn"].isalnum() or v["rrn"] == "")):
-            raise SettlementError(path, line, "rrn", f"{v['rrn']!r} is not empty or up to 12 letters/digits")
+            raise SettlementError(path, line, "rrn", f"{_shown(v['rrn'])} is not empty or up to 12 letters/digits")
         if not (v["amount"].isascii() and v["amount"].isdigit() and len(v["amount"]) <= 12):
-            raise SettlementError(path, line, "amount", f"{v['amount']!r} is not a whole number of minor units")
+            raise SettlementError(path, line, "amount", f"{_shown(v['amount'])} is not a whole number of minor units")
         if v["type"] not in ("SALE", "REFUND", "REVERSAL"):
-            raise SettlementError(path, line, "type", f"{v['type']!r} is not SALE, REFUND or REVERSAL")
+            raise SettlementError(path, line, "type", f"{_shown(v['type'])} is not SALE, REFUND or REVERSAL")
         r = v["response"]
         if not (len(r) == 2 and r.isascii() and r.isalnum()):
-            raise SettlementError(path, line, "response", f"{r!r} is not a 2-character response code")
+            raise SettlementError(path, line, "response", f"{_shown(r)} is not a 2-character response code")
         rows.append(SettlementRow(line, d, v["tid"], v["mid"], v["stan"], v["rrn"], int(v["amount"]), v["type"], r))
     return rows
+
+
+def _shown(value: str) -> str:
+    """A bad value for an error message, with any card-number-like digit run masked (BIN + last 4):
+    a settlement export may carry card numbers, and a shifted column puts them where we look."""
+    return repr(_CARD_LIKE.sub(lambda m: mask_pan(re.sub(r"[ -]", "", m.group())), value))
 
 
 # --- comparing -------------------------------------------------------------------------------

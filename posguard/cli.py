@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from guard.errors import PosguardError
+
+
+def _bad_input(e: PosguardError) -> NoReturn:
+    """Exit 2 (bad input) with the error's code and message; click.ClickException would exit 1,
+    which these commands reserve for "found a problem"."""
+    click.echo(f"posguard: {e}", err=True)
+    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,7 +34,8 @@ def main() -> None:
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("posguard-demo"),
               show_default=True, help="Where the journal, keys and host ledger are left for inspection.")
 @click.option("--seed", type=int, default=7, show_default=True, help="Seed for the host simulator.")
-@click.option("--host-timeout", type=float, default=1.0, show_default=True, help="Seconds to wait for the host.")
+@click.option("--host-timeout", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
+              help="Seconds to wait for the host (0.1-60).")
 def demo(directory: Path, seed: int, host_timeout: float) -> None:
     """The whole path with faults: reference reader -> pty null-modem -> `posguard run` -> host simulator.
 
@@ -37,6 +47,8 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
     """
     from .demo import run_demo
 
+    if math.isnan(host_timeout):  # NaN passes FloatRange
+        raise click.BadParameter("must be a number of seconds", param_hint="--host-timeout")
     sys.exit(run_demo(directory, seed=seed, host_timeout=host_timeout))
 
 
@@ -129,7 +141,7 @@ def config_init_signer(directory: Path) -> None:
     try:
         pub = init_signer(directory)
     except PosguardError as e:
-        raise click.ClickException(str(e)) from e
+        _bad_input(e)
     click.echo(f"created {directory / 'config-signer.key'} (keep it off the terminal) and {pub}")
 
 
@@ -144,7 +156,7 @@ def config_sign(config_file: Path, key_file: Path) -> None:
     try:
         out = sign(config_file, key_file)
     except PosguardError as e:
-        raise click.ClickException(str(e)) from e
+        _bad_input(e)
     click.echo(f"wrote {out}")
 
 
@@ -171,7 +183,7 @@ def keys_init(directory: Path) -> None:
     try:
         init_keys(directory)
     except PosguardError as e:
-        raise click.ClickException(str(e)) from e
+        _bad_input(e)
     click.echo(f"keys created in {directory}; give k0.escrow and verify.pub to your auditor, then remove k0.escrow "
                "from the terminal once the journal exists (it is only needed to create it).")
 
@@ -191,7 +203,11 @@ def journal() -> None:
               help="A checkpoint JSON held elsewhere (detects truncation and rollback).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor: Path | None, as_json: bool) -> None:
-    """Verify the chain, MACs, checkpoints and an anchor. Exit 0 only if all holds."""
+    """Verify the chain, MACs, checkpoints and an anchor.
+
+    Exit status: 0 all holds; 1 verification failed (the first bad entry and why are printed);
+    2 bad input: a key file or the anchor file cannot be read.
+    """
     from rich.progress import Progress
 
     from guard.keys import load_k0, load_public_key
@@ -200,9 +216,13 @@ def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor
     try:
         k0 = load_k0(k0_file) if k0_file else None
         pub = load_public_key(pubkey) if pubkey else None
-        anc = json.loads(anchor.read_text()) if anchor else None
-    except (PosguardError, ValueError) as e:
-        raise click.ClickException(str(e)) from e
+    except PosguardError as e:
+        _bad_input(e)
+    try:
+        anc = json.loads(anchor.read_text(encoding="utf-8")) if anchor else None
+    except (OSError, ValueError):  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        _bad_input(PosguardError(f"--anchor {anchor} is not a JSON checkpoint (`posguard journal anchor` writes "
+                                 "one)", code="ANCHOR_UNREADABLE"))
     from rich.console import Console
 
     with Progress(transient=True, disable=as_json, console=Console(stderr=True)) as progress:

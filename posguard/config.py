@@ -20,6 +20,18 @@ def _len(n: int) -> Callable[[Any], str | None]:
     return lambda v: None if len(v) == n else f"must be exactly {n} characters (got {len(v)})"
 
 
+def _ans(n: int) -> Callable[[Any], str | None]:
+    """An ISO 8583 "ans" field of exactly ``n`` characters: printable ASCII only (the host codec
+    cannot carry anything else, so a sale would be journaled and then fail to encode)."""
+
+    def check(v: str) -> str | None:
+        if not (v.isascii() and v.isprintable()):
+            return "must be printable ASCII (ISO 8583 ans)"
+        return _len(n)(v)
+
+    return check
+
+
 def _range(lo: float, hi: float) -> Callable[[Any], str | None]:
     return lambda v: None if lo <= v <= hi else f"must be between {lo} and {hi}"
 
@@ -45,8 +57,8 @@ def _hex(n: int) -> Callable[[Any], str | None]:
 
 # (section, key): (type, default, check, doc). A default of ... means required.
 SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any], str | None] | None, str]] = {
-    ("terminal", "terminal_id"): (str, ..., _len(8), "ISO 8583 field 41 (8 characters)"),
-    ("terminal", "merchant_id"): (str, ..., _len(15), "ISO 8583 field 42 (15 characters)"),
+    ("terminal", "terminal_id"): (str, ..., _ans(8), "ISO 8583 field 41 (8 characters)"),
+    ("terminal", "merchant_id"): (str, ..., _ans(15), "ISO 8583 field 42 (15 characters)"),
     ("reader", "url"): (str, ..., None, "pyserial URL: /dev/ttyS1, socket://host:port, rfc2217://, loop://, spy://"),
     ("reader", "baudrate"): (int, 115200, _one_of(9600, 19200, 38400, 57600, 115200, 230400), "line speed"),
     ("reader", "bytesize"): (int, 8, _one_of(7, 8), "data bits"),

@@ -37,15 +37,19 @@ class ConfigSignatureError(PosguardError):
 def init_signer(directory: Path) -> Path:
     """Create a config-signing key pair: ``config-signer.key`` (keep off the terminal, 0600)
     and ``config.pub`` (copy into each terminal's key directory)."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key_path, pub_path = directory / SIGNER_KEY, directory / CONFIG_PUB
     if key_path.exists() or pub_path.exists():
         raise PosguardError(f"{directory} already holds a config signer", code="KEY_EXISTS")
     key = Ed25519PrivateKey.generate()
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key.private_bytes_raw().hex() + "\n")
-    pub_path.write_text(key.public_key().public_bytes_raw().hex() + "\n")
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.private_bytes_raw().hex() + "\n")
+        pub_path.write_text(key.public_key().public_bytes_raw().hex() + "\n")
+    except OSError as e:
+        raise PosguardError(f"cannot write the config signer into {directory}: {e.strerror or e}",
+                            code="KEY_WRITE_FAILED") from None
     return pub_path
 
 
@@ -55,9 +59,12 @@ def sign(config_path: Path, signer_key: Path) -> Path:
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(signer_key.read_text().strip()))
     except (OSError, ValueError) as e:
         raise PosguardError(f"cannot read the config signer key {signer_key}: {e}", code="KEY_MALFORMED") from None
-    sig = key.sign(config_path.read_bytes())
     out = config_path.with_name(config_path.name + ".sig")
-    out.write_text(sig.hex() + "\n")
+    try:
+        sig = key.sign(config_path.read_bytes())
+        out.write_text(sig.hex() + "\n")
+    except OSError as e:
+        raise PosguardError(f"cannot sign {config_path} into {out}: {e.strerror or e}", code="CONFIG_SIGN_FAILED") from None
     return out
 
 
@@ -73,13 +80,13 @@ def check(config_path: Path, keys_dir: Path) -> dict[str, Any]:
             raise ConfigSignatureError(f"{sig_path.name} exists but {pub_path} does not: provision the config public key")
         try:
             pub = Ed25519PublicKey.from_public_bytes(bytes.fromhex(pub_path.read_text().strip()))
-        except ValueError:
-            raise ConfigError("(signature)", f"{pub_path} is not an Ed25519 public key in hex") from None
+        except (OSError, ValueError):
+            raise ConfigError("(signature)", f"{pub_path} is not a readable Ed25519 public key in hex") from None
         if not sig_path.exists():
             raise ConfigSignatureError(f"this terminal requires a signed config: {sig_path} is missing")
         try:
             pub.verify(bytes.fromhex(sig_path.read_text().strip()), data)
-        except (InvalidSignature, ValueError):
+        except (InvalidSignature, ValueError, OSError):
             raise ConfigSignatureError(
                 f"the signature in {sig_path.name} does not match {config_path.name}: the config was changed after "
                 "signing, or signed by another key. Restore the signed file or have it re-signed.") from None

@@ -34,6 +34,7 @@ from firmware_bridge.nullmodem import NullModem
 from firmware_bridge.readersim import LinkFaults, ReaderSim
 from firmware_bridge.serial_port import open_port
 from guard.engine import Engine, EngineConfig
+from guard.errors import PosguardError
 from guard.hostsim import HostCore, HostServer
 from guard.iso import HostCodec
 from guard.journal import Journal
@@ -170,9 +171,13 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
             return 2
         shutil.rmtree(directory)
         con.print(f"previous demo run in {directory} removed")
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MARKER).write_text("posguard demo directory\n")
-    keys = init_keys(directory / "keys")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).write_text("posguard demo directory\n")
+        keys = init_keys(directory / "keys")
+    except (OSError, PosguardError) as e:
+        con.print(f"[red]cannot use {directory} for the demo: {getattr(e, 'strerror', None) or e}; choose another --dir[/red]")
+        return 2
 
     core = HostCore(seed=seed, dup_detection=True, faults={}, late_delay=host_timeout * 2.5)
     server = HostServer(core, HostCodec())

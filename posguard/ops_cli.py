@@ -177,9 +177,12 @@ def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[
     rows = _rows(journal_path, per, since, states, quiet=False)
     total = 0
     tail: deque[dict[str, Any]] = deque(maxlen=limit or None)
-    for r in rows:
-        total += 1
-        tail.append(r)
+    try:
+        for r in rows:
+            total += 1
+            tail.append(r)
+    except PosguardError as e:
+        _die(2, e)
     if per == "txn":
         table = Table(title=f"{journal_path.name}: {len(tail)} of {total} transactions")
         for col in ("created", "txn", "state", "stan", "amount", "masked_pan", "rc", "approval", "rrn", "reason",
@@ -393,7 +396,7 @@ def keys_rotate(directory: Path, journal_path: Path, as_json: bool) -> None:
     try:
         res = rotate_keys(directory, journal_path, now=time.time())
     except JournalError as e:
-        _die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR") else 2, e)
+        _die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED") else 2, e)
     except PosguardError as e:
         _die(2, e)
     if as_json:

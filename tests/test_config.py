@@ -34,6 +34,11 @@ def test_good_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None:
     "data,key,why",
     [
         (with_("terminal", "terminal_id", "T1"), "terminal.terminal_id", "exactly 8"),
+        # 8 characters but not ISO 8583 "ans": accepted, every sale was journaled and then could
+        # not be encoded; the reversal's encode error stopped the daemon at every restart
+        (with_("terminal", "terminal_id", "TERM\u00c9001"), "terminal.terminal_id", "printable ASCII"),
+        (with_("terminal", "terminal_id", "TERM\t001"), "terminal.terminal_id", "printable ASCII"),
+        (with_("terminal", "merchant_id", "MERCHANT\u00e90000001"[:15]), "terminal.merchant_id", "printable ASCII"),
         (with_("host", "port", "5000"), "host.port", "must be a int"),
         (with_("host", "port", 70000), "host.port", "between"),
         (with_("host", "header", "binary4"), "host.header", "one of"),
