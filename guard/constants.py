@@ -38,6 +38,11 @@ F_CURRENCY: Final = "49"
 F_NET_MGMT_CODE: Final = "70"
 F_ORIGINAL_DATA: Final = "90"  # ISO 1987 n42: MTI(4)+STAN(6)+F7(10)+acq id(11)+fwd id(11)
 
+# ISO 8583:1987 lengths of the host-sent fields the journal records (MTI n4, 11 n6, 37 an12,
+# 38 an6, 39 an2). A longer value (possible only with a custom host.spec) makes the message
+# malformed; none of them can then carry a 13+ digit card number into the journal.
+HOST_FIELD_MAX_LEN: Final = {"t": 4, "11": 6, "37": 12, "38": 6, "39": 2}
+
 # Fields a response must echo unchanged (PayEx IFSF "ME" rule): a difference means "not ours".
 ECHO_FIELDS: Final = (F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID)
 

@@ -759,6 +759,9 @@ class Engine:
     def host_message(self, fields: dict[str, str], now: float) -> list[Action]:
         """A decoded ISO 8583 message from the host."""
         self.last_host_activity = now
+        for k, n in C.HOST_FIELD_MAX_LEN.items():
+            if len(fields.get(k, "")) > n:  # only a custom spec lets one through; never journal it whole
+                return self._unmatched(fields, f"FIELD_TOO_LONG:{k}")
         mti = fields.get("t", "")
         stan_s = fields.get(C.F_STAN, "")
         if (len(mti) != 4 or not (mti.isascii() and mti.isdigit()) or mti[2] not in "13"
@@ -847,7 +850,7 @@ class Engine:
 
     def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
         self.count("unmatched")
-        safe = {k: f.get(k, "") for k in ("t", C.F_STAN, C.F_RESPONSE_CODE)}
+        safe = {k: f.get(k, "")[:C.HOST_FIELD_MAX_LEN[k]] for k in ("t", C.F_STAN, C.F_RESPONSE_CODE)}
         # 41/42 are exempt from the journal's card-number guard (our own ids may be Luhn-valid
         # numbers); what a host sends there is not ours to trust: a long digit run that is not our
         # id is kept masked like a PAN (BIN + last 4 still tell which id it was).

@@ -432,3 +432,46 @@ def test_hostsim_card_token_key_is_not_derivable_from_the_seed() -> None:
     assert a._card_token(PAN) != b._card_token(PAN)
     seeded = hashlib.sha256(b"posguard.hostsim.card-key.7").digest()
     assert a._card_token(PAN) != hmac.new(seeded, PAN.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("field", ["37", "38", "39", "11", "t"])
+def test_an_over_long_host_field_is_malformed_not_a_journal_failure(tmp_path, keys, field: str) -> None:  # type: ignore[no-untyped-def]
+    """With a custom host.spec, 37/38/39/11 or the MTI could arrive longer than ISO allows, even as
+    a Luhn-valid card number; the journal would refuse such a record and stop the daemon. The
+    engine treats the answer as malformed (journaled truncated, the sale reversed on timeout)."""
+    import random
+
+    from guard.engine import Append, Engine, EngineConfig, SendHost
+    from guard.journal import Journal
+    from guard.model import CardData, Request, TxnKind, TxnState
+    from guard.policies import OFF
+    from guard.service import JournalCrypto
+
+    pan = "4761739001010119"
+    j = Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0)
+    try:
+        e = Engine(EngineConfig("TERM0001", "MERCHANT0000001", policy=OFF, host_timeout_s=5),
+                   JournalCrypto(j, keys.token_key), random.Random(1))
+        e.on_host_up(T0)
+        req = Request("R1", (1).to_bytes(16, "big"), TxnKind.SALE, 1000, "978", CardData(pan, "2912"))
+        acts = e.submit(req, T0)
+        for a in acts:
+            if isinstance(a, Append):
+                j.append(a.records, now=T0, vault_put=a.vault_put)
+        send = next(a for a in acts if isinstance(a, SendHost))
+        answer = {k: v for k, v in send.fields.items() if k in ("4", "7", "11", "41", "42", "49")}
+        answer.update({"t": "0210", "39": "00", "38": "123456", "37": "000000000001"})
+        answer[field] = pan
+        for a in e.host_message(answer, T0 + 1):
+            if isinstance(a, Append):
+                j.append(a.records, now=T0 + 1)
+        assert e.status(req.key).state is TxnState.SENT  # type: ignore[union-attr]
+        for a in e.tick(T0 + 6):
+            if isinstance(a, Append):
+                j.append(a.records, now=T0 + 6)
+        assert e.status(req.key).state is TxnState.REVERSAL_PENDING  # type: ignore[union-attr]
+        kinds = [(x.kind, x.payload.get("why")) for x in j.entries() if x.kind == "unmatched_response"]
+        assert kinds == [("unmatched_response", f"FIELD_TOO_LONG:{field}")]
+    finally:
+        j.close()
+    assert pan.encode() not in b"".join(p.read_bytes() for p in tmp_path.glob("j.db*"))
