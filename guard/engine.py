@@ -359,6 +359,10 @@ class Engine:
             self.count("reloaded")
             self.txns[key] = t
             self._watch[key] = None
+            # Findable by STAN again, like at its intent: a VOID or completion failure reverses it
+            # and the 0410 must find it (a VOID shares its sale's STAN and never owns the slot).
+            if t.kind is not TxnKind.VOID and self.by_stan.get(t.stan) not in self.txns:
+                self.by_stan[t.stan] = key
             if t.state.final:
                 self._finalized(t)
         return t

@@ -344,3 +344,41 @@ def test_reconcile_leaves_an_offline_sale_in_flight_to_replay(tmp_path: Path) ->
     row: Any = type("Row", (), {"amount": 3000, "rrn": "000000000001", "response": "00"})()
     d = _judge(t, (TID, MID, "000007", "1122"), _Host(debits=[row]))
     assert d is not None and d.action == NONE and "replay" in d.note
+
+
+# ------------------------------------------------------------------- VOID of an evicted sale
+
+
+def _void(i: int, original: int, amount: int) -> Request:
+    return Request("R1", i.to_bytes(16, "big"), TxnKind.VOID, amount, "978", None, original.to_bytes(16, "big"))  # type: ignore[arg-type]
+
+
+def test_void_of_a_sale_evicted_from_memory_is_matched_to_its_reversal_answer(tmp_path: Path) -> None:
+    """Found by the simulator (seed 1, operator_rate 0.5): the sale read back from the journal was not
+    findable by STAN, so every 0410 was 'unmatched', the reversal retried to its cap and the VOID
+    ended NEEDS_MANUAL although the host had reversed the debit at the first 0400."""
+    w = World(tmp_path, keep_final=1)
+    w.sale(1, amount=700)
+    w.sale(2, amount=100, pan=PAN_B)
+    w.sale(3, amount=100, pan=PAN_B)  # sale 1 is evicted from memory by now
+    assert w.key(1) not in w.engine.txns
+    w.submit(_void(4, original=1, amount=700))
+    w.advance(5)
+    assert w.records("unmatched_response") == []
+    assert w.shown[_void(4, 1, 700).key].state is TxnState.APPROVED
+    assert w.engine.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert w.host.total_net_debits() == 2
+
+
+def test_void_pending_over_a_restart_after_its_sale_was_evicted_completes(tmp_path: Path) -> None:
+    w = World(tmp_path, keep_final=1)
+    w.sale(1, amount=700)
+    w.sale(2, amount=100, pan=PAN_B)
+    w.sale(3, amount=100, pan=PAN_B)
+    w.host.force("drop_request")  # the 0400 is lost; the terminal then loses power
+    w.submit(_void(4, original=1, amount=700))
+    w.restart()  # restore evicts sale 1 again before the VOID's intent reads it back
+    w.advance(30)
+    assert w.records("unmatched_response") == []
+    assert w.engine.status(_void(4, 1, 700).key).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert w.host.total_net_debits() == 2
