@@ -10,6 +10,20 @@ the real recovery path. After a fault-free drain the invariants are checked:
 - what the reader was shown never contradicts the final outcome (shown APPROVED -> APPROVED;
   shown failed -> not charged; shown APPROVED OFFLINE -> charged at most once);
 - the journal verifies (chain, MACs from k0, checkpoint signatures).
+
+With ``operator_rate`` > 0 a seeded fraction of readers also act as the operator once their sale
+is shown APPROVED: a VOID of it, a REFUND against it (full or partial, sometimes two), or a REFUND
+and a VOID in either order, sometimes sent early (while the sale is still in flight or only
+APPROVED OFFLINE) and re-sent with the same txn id after silence or a reboot. Extra invariants:
+
+- a voided sale ends with no net debit at the host and its VOID is final (APPROVED iff the
+  sale is REVERSED); a voided sale has no APPROVED refund;
+- every REFUND: final APPROVED iff the host holds exactly one net credit (type REFUND) for its
+  STAN, otherwise none; never a credit under a sale's STAN or a debit under a refund's;
+- the APPROVED refunds of a sale never add up to more than the sale;
+- a VOID or REFUND the engine refuses (PosguardError) is refused for a reason the journal bears
+  out at that moment (original unknown / not APPROVED / reversal pending / live refund / amount
+  left), and the refused id has nothing in the journal.
 """
 
 from __future__ import annotations
@@ -26,7 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import constants as C
-from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost, card_from_plaintext
+from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost, Txn, _rebuild, card_from_plaintext
+from .errors import PosguardError
 from .hostsim import HostCore
 from .journal import Journal
 from .keys import DeviceKeys, init_keys
@@ -69,6 +84,7 @@ class SimConfig:
     drain_limit_s: float = 3600.0
     offline: bool = False  # deferred authorization on: sales during outages are stored, then sent as 0220
     outage_s: float = 0.5  # how long the terminal stays disconnected after the host closes the link
+    operator_rate: float = 0.0  # fraction of sales the reader later VOIDs or REFUNDs (0: the sales-only simulation)
 
 
 @dataclass
@@ -84,12 +100,20 @@ class SimReport:
     host_faults: dict[str, int]
     deferred: int = 0  # sales approved offline (journal "deferred" records)
     advice_reversals: int = 0  # unanswered 0220s reversed before a fresh one
+    voids: int = 0  # VOIDs journaled (accepted by the engine)
+    voids_approved: int = 0
+    refunds: int = 0  # REFUNDs journaled
+    refunds_approved: int = 0
+    ops_sent: int = 0  # VOID / REFUND submissions, re-sends included
+    refusals: dict[str, int] = field(default_factory=dict)  # engine refusals of a VOID / REFUND, by code
     trace: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"seed {self.seed}: {'OK' if self.ok else 'FAIL'} sales={self.sales} approved={self.approved} "
             f"reversed={self.reversed} declined={self.declined} crashes={self.crashes} faults={sum(self.host_faults.values())}"
+            + (f" voids={self.voids}/{self.voids_approved} refunds={self.refunds}/{self.refunds_approved} "
+               f"refused={sum(self.refusals.values())}" if self.ops_sent else "")
         )
 
 
@@ -127,6 +151,16 @@ class _World:
         self.requests: dict[str, Request] = {}
         self.shown: dict[str, list[Result]] = {}
         self.kinds: collections.Counter[str] = collections.Counter()
+        # Operator remedies (operator_rate > 0). A separate stream, so the sales of a seed are the
+        # same with and without them, and operator_rate 0 draws nothing (earlier traces unchanged).
+        self.op_rng = random.Random(f"posguard.sim.ops.{cfg.seed}")
+        self.plans: dict[str, list[Request]] = {}  # sale key -> its VOID / REFUND requests, in order
+        self.op_sale: dict[str, str] = {}  # VOID / REFUND key -> sale key
+        self.op_chained: set[str] = set()  # ops whose successor in the plan is scheduled
+        self.op_started: set[str] = set()  # sales whose plan was started by an APPROVED result
+        self.ops_sent = 0
+        self.refusals: list[tuple[float, str, str, str]] = []  # (when, op key, code, why it is not legitimate or "")
+        self.shown_bad: list[str] = []  # a reader told APPROVED before the host had done it
 
     def _det_bytes(self, n: int) -> bytes:
         return bytes(self.rng.getrandbits(8) for _ in range(n))
@@ -171,6 +205,8 @@ class _World:
             elif isinstance(a, Reply):
                 self.shown.setdefault(a.result.key, []).append(a.result)
                 self.log(f"reply {a.result.key[-6:]} {a.result.state.value}{' (in progress)' if a.result.in_progress else ''}")
+                self.check_shown(a.result)
+                self.on_shown(a.result)
 
     def terminal(self, fn: Callable[[Engine], list[Action]]) -> None:
         if self.engine is None:
@@ -226,6 +262,12 @@ class _World:
             req = Request("R1", txn_id, TxnKind.SALE, amount, "978", card)
             self.requests[req.key] = req
             self.at(t, "submit", (req, 0))
+            if self.cfg.operator_rate and self.op_rng.random() < self.cfg.operator_rate:
+                self.plans[req.key] = ops = self.plan_ops(i, req)
+                for op in ops:
+                    self.op_sale[op.key] = req.key
+                if self.op_rng.random() < 0.15:  # sent too early: while the sale is still in flight
+                    self.at(t + self.op_rng.uniform(0.01, 1.0), "op", (ops[0], 0, False))
 
     def reader_submit(self, req: Request, attempt: int) -> None:
         if self.engine is None:
@@ -237,6 +279,121 @@ class _World:
             kind = "status" if self.rng.random() < self.cfg.status_rate else "submit"
             self.at(self.rng.uniform(0.1, 2 * self.cfg.host_timeout), kind, (req, attempt + 1))
 
+    # ---------------------------------------------------------------- readers as operators
+
+    def plan_ops(self, i: int, sale: Request) -> list[Request]:
+        """What the operator will do about sale ``i`` once it is shown APPROVED."""
+        r = self.op_rng
+
+        def op(j: int, kind: TxnKind, amount: int) -> Request:
+            txn_id = hashlib.sha256(f"{self.cfg.seed}:{i}:op{j}".encode()).digest()[:16]
+            card = None if kind is TxnKind.VOID else sale.card
+            return Request("R1", txn_id, kind, max(1, amount), sale.currency, card, sale.txn_id)  # type: ignore[arg-type]
+
+        part = r.randint(1, sale.amount)
+        plan = r.choices(["void", "refund", "partial", "refund_void", "void_refund"], weights=[4, 3, 2, 1, 1])[0]
+        if plan == "void":
+            return [op(0, TxnKind.VOID, sale.amount)]
+        if plan == "refund":
+            return [op(0, TxnKind.REFUND, sale.amount)]
+        if plan == "partial":  # the rest, or sometimes one unit more than is left
+            return [op(0, TxnKind.REFUND, part), op(1, TxnKind.REFUND, sale.amount - part + (r.random() < 0.3))]
+        if plan == "refund_void":
+            return [op(0, TxnKind.REFUND, part), op(1, TxnKind.VOID, sale.amount)]
+        return [op(0, TxnKind.VOID, sale.amount), op(1, TxnKind.REFUND, part)]
+
+    def check_shown(self, r: Result) -> None:
+        """What the reader is told APPROVED must already be true at the host, at that moment: the
+        sale's debit booked, the refund's credit booked, the voided sale's debit reversed."""
+        if r.in_progress or r.state is not TxnState.APPROVED:
+            return
+        t = self._journaled(r.key)
+        if t is None:
+            self.shown_bad.append(f"{r.key}: reader shown APPROVED for an id the journal does not hold")
+            return
+        if t.kind is TxnKind.VOID:
+            o = self._journaled(t.original or "")
+            net = self.host.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4]) if o is not None else -1
+            if net != 0:
+                self.shown_bad.append(f"{r.key}: reader shown VOID APPROVED at {self.now:.3f} while the host "
+                                      f"holds {net} net debits for sale {t.original}")
+            return
+        typ = "REFUND" if t.kind is TxnKind.REFUND else "SALE"
+        held = sum(1 for d in self.host.debits() if not d.reversed and d.type == typ and (d.tid, d.mid, d.stan, d.date)
+                   == (TID, MID, f"{t.stan:06d}", t.f7[:4]))
+        if held != 1:
+            self.shown_bad.append(f"{r.key}: reader shown {typ} APPROVED at {self.now:.3f} while the host holds {held}")
+
+    def on_shown(self, r: Result) -> None:
+        """A sale the reader saw APPROVED starts its operator plan; APPROVED OFFLINE sometimes tempts
+        the operator into an early VOID / REFUND (refused: not APPROVED yet)."""
+        plan = self.plans.get(r.key)
+        if plan is None or r.in_progress or r.key in self.op_started:
+            return
+        if r.state is TxnState.APPROVED:
+            self.op_started.add(r.key)
+            self.at(self.op_rng.uniform(0.1, 10.0), "op", (plan[0], 0, True))
+        elif r.state is TxnState.DEFERRED and self.op_rng.random() < 0.3:
+            self.at(self.op_rng.uniform(0.1, 3.0), "op", (plan[0], 0, False))
+
+    def reader_op(self, req: Request, attempt: int, chain: bool) -> None:
+        if self.engine is None:
+            self.at(1.0, "op", (req, attempt, chain))
+            return
+        sale_key = self.op_sale[req.key]
+        self.ops_sent += 1
+        self.log(f"reader sends {req.kind.value} {req.key[-6:]} of {sale_key[-6:]} amount {req.amount} attempt {attempt}")
+        plan = self.plans[sale_key]
+        if chain and req.key not in self.op_chained:
+            self.op_chained.add(req.key)
+            j = plan.index(req) + 1
+            if j < len(plan):  # the next remedy, maybe while this one is still in flight
+                soon = self.op_rng.random() < 0.4  # at once: races the first one's host round trip
+                self.at(self.op_rng.uniform(0.0, 0.05) if soon else self.op_rng.uniform(0.05, 8.0), "op", (plan[j], 0, True))
+        try:
+            self.terminal(lambda e: e.submit(req, self.now))
+        except PosguardError as err:
+            why = self.refusal_problem(req, sale_key, err.code)
+            self.refusals.append((self.now, req.key, err.code, why))
+            self.log(f"refused {req.key[-6:]} {err.code}{' NOT LEGITIMATE: ' + why if why else ''}")
+            if attempt < 3 and self.op_rng.random() < 0.5:  # the operator tries again later, same txn id
+                self.at(self.op_rng.uniform(0.5, 10.0), "op", (req, attempt + 1, chain))
+            return
+        if attempt < 3 and self.op_rng.random() < self.cfg.resend_rate:
+            kind = "status" if self.op_rng.random() < self.cfg.status_rate else "op"
+            data = (req, attempt + 1) if kind == "status" else (req, attempt + 1, chain)
+            self.at(self.op_rng.uniform(0.1, 2 * self.cfg.host_timeout), kind, data)
+
+    def _journaled(self, key: str) -> Txn | None:
+        """A transaction as the journal holds it right now (independent of the engine's memory)."""
+        assert self.journal is not None
+        return _rebuild(key, self.journal.entries_for(key))
+
+    def refusal_problem(self, req: Request, sale_key: str, code: str) -> str:
+        """Why a refusal is NOT legitimate given what the journal holds at that moment ("" if it is)."""
+        if self._journaled(req.key) is not None:
+            return "the refused id is already journaled (known ids must be answered, not refused)"
+        o = self._journaled(sale_key)
+        state = o.state if o is not None else None
+        live = [x for x in (self._journaled(k) for k in (o.refunds if o else []))
+                if x is not None and x.state not in (TxnState.DECLINED, TxnState.REVERSED)]
+        voided = o is not None and self.journal is not None and any(
+            e.kind == "reversal_pending" and e.payload.get("void") for e in self.journal.entries_for(sale_key))
+        seen = f"original {state.value if state else 'unknown'}, {len(live)} live refund(s), voided={voided}"
+        if req.kind is TxnKind.VOID:
+            ok = code == "VOID_NOT_ALLOWED" and (state is not TxnState.APPROVED or bool(live))
+        elif code == "REFUND_ORIGINAL_UNKNOWN":
+            ok = o is None
+        elif code == "REFUND_ORIGINAL_PENDING_REVERSAL":
+            ok = state is TxnState.REVERSAL_PENDING
+        elif code == "REFUND_NOT_ALLOWED":
+            ok = state is not TxnState.APPROVED or voided
+        elif code == "REFUND_EXCEEDS_ORIGINAL":
+            ok = o is not None and sum(x.amount for x in live) + req.amount > o.amount
+        else:
+            ok = False
+        return "" if ok else f"{code} but {seen}"
+
     def reader_status(self, req: Request) -> None:
         if self.engine is None:
             return
@@ -244,6 +401,7 @@ class _World:
         self.log(f"reader STATUS {req.key[-6:]} -> {r.state.value if r else 'UNKNOWN_ID'}")
         if r is not None and not r.in_progress:
             self.shown.setdefault(req.key, []).append(r)
+            self.on_shown(r)
 
     # ---------------------------------------------------------------- main loop
 
@@ -260,7 +418,7 @@ class _World:
             self.now = max(self.now, t)
             if kind == "tick":
                 self.terminal(lambda e: e.tick(self.now))
-                if not draining and not any(k in ("submit", "status", "restart") for _, _, k, _ in self.events):
+                if not draining and not any(k in ("submit", "op", "status", "restart") for _, _, k, _ in self.events):
                     draining = True
                     end = self.now + self.cfg.drain_limit_s
                     self.host.faults = {}
@@ -273,6 +431,8 @@ class _World:
                     self.at(0.25, "tick")
             elif kind == "submit":
                 self.reader_submit(*data)
+            elif kind == "op":
+                self.reader_op(*data)
             elif kind == "status":
                 self.reader_status(data[0])
             elif kind == "to_host":
@@ -301,6 +461,26 @@ class _World:
 
     # ---------------------------------------------------------------- invariants
 
+    def _check_void(self, v: Txn) -> list[str]:
+        assert self.engine is not None
+        bad: list[str] = []
+        o = self.engine.txns.get(v.original or "")
+        if o is None:
+            return [f"{v.key}: VOID of {v.original}, which the journal does not hold"]
+        net = self.host.net_debits(TID, MID, f"{o.stan:06d}", o.f7[:4])
+        if net:
+            bad.append(f"{v.key}: VOID {v.state.value} but the host still holds {net} net debits for sale {o.key}")
+        if not v.state.final:
+            bad.append(f"{v.key}: VOID still {v.state.value} after drain (sale {o.key} is {o.state.value})")
+        elif (v.state is TxnState.APPROVED) != (o.state is TxnState.REVERSED):
+            bad.append(f"{v.key}: VOID {v.state.value} but its sale {o.key} is {o.state.value}")
+        if v.state is TxnState.NEEDS_MANUAL:
+            bad.append(f"{v.key}: VOID NEEDS_MANUAL after a fault-free drain")
+        for r in self.shown.get(v.key, []):
+            if not r.in_progress and r.state is not v.state:
+                bad.append(f"{v.key}: reader was shown VOID {r.state.value}, final is {v.state.value}")
+        return bad
+
     def check(self) -> list[str]:
         bad: list[str] = []
         if self.journal is not None:
@@ -309,28 +489,55 @@ class _World:
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
         self.kinds = collections.Counter(e.kind for e in self.journal.entries())
         self.engine = Engine.restore(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal.entries())
+        # Net records per (STAN, MMDD) and type: a SALE is a debit, a REFUND a credit.
+        ledger: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        for d in self.host.debits():
+            if not d.reversed and (d.tid, d.mid) == (TID, MID):
+                ledger[(d.stan, d.date, d.type)] += 1
+        txns = self.engine.txns
         by_stan: dict[tuple[int, str], str] = {}
-        for key, t in self.engine.txns.items():
+        for key, t in txns.items():
+            if t.kind is TxnKind.VOID:  # shares its sale's STAN; judged with the sale below
+                bad += self._check_void(t)
+                continue
             by_stan[(t.stan, t.f7[:4])] = key
-            net = self.host.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4])
+            stan, mmdd = f"{t.stan:06d}", t.f7[:4]
+            own, other = ("REFUND", "SALE") if t.kind is TxnKind.REFUND else ("SALE", "REFUND")
+            net = ledger[(stan, mmdd, own)]
+            what = "net credits" if t.kind is TxnKind.REFUND else "net debits"
             if t.state is TxnState.APPROVED and net != 1:
-                bad.append(f"{key}: terminal APPROVED but host holds {net} net debits")
+                bad.append(f"{key}: terminal APPROVED but host holds {net} {what}")
             if t.state is not TxnState.APPROVED and net != 0:
-                bad.append(f"{key}: terminal {t.state.value} but host holds {net} net debits")
+                bad.append(f"{key}: terminal {t.state.value} but host holds {net} {what}")
+            if ledger[(stan, mmdd, other)]:
+                bad.append(f"{key}: host holds a {other} record under this {t.kind.value}'s STAN {stan}")
             if not t.state.final:
                 bad.append(f"{key}: still {t.state.value} after drain")
             if t.state is TxnState.NEEDS_MANUAL:
                 bad.append(f"{key}: NEEDS_MANUAL after a fault-free drain")
+            void = txns.get(t.voided_by or "")
+            voided = void is not None and void.state is TxnState.APPROVED and t.state is TxnState.REVERSED
             for r in self.shown.get(key, []):
                 if r.in_progress:
                     continue
-                if r.state is TxnState.APPROVED and t.state is not TxnState.APPROVED:
+                if r.state is TxnState.APPROVED and t.state is not TxnState.APPROVED and not voided:
                     bad.append(f"{key}: reader was shown APPROVED, final is {t.state.value}")
                 if r.state not in (TxnState.APPROVED, TxnState.DEFERRED) and t.state is TxnState.APPROVED:
                     bad.append(f"{key}: reader was shown {r.state.value}, final is APPROVED (charged)")
-        for (tid, mid, stan, mmdd), net in self.host.net_by_key().items():
-            if net and (tid, mid) == (TID, MID) and (int(stan), mmdd) not in by_stan:
-                bad.append(f"host holds a debit for stan {stan} {mmdd} that the journal does not know")
+            if t.kind is TxnKind.SALE and t.refunds:
+                approved = [txns[k] for k in t.refunds if k in txns and txns[k].state is TxnState.APPROVED]
+                if sum(r.amount for r in approved) > t.amount:
+                    bad.append(f"{key}: APPROVED refunds {sum(r.amount for r in approved)} exceed the sale's {t.amount}")
+                if approved and t.state is not TxnState.APPROVED:
+                    bad.append(f"{key}: {t.state.value} sale has {len(approved)} APPROVED refund(s): money back twice")
+        for (stan, mmdd, typ), net in ledger.items():
+            if net and (int(stan), mmdd) not in by_stan:
+                bad.append(f"host holds a {'credit' if typ == 'REFUND' else 'debit'} for stan {stan} {mmdd} "
+                           "that the journal does not know")
+        bad += self.shown_bad
+        for when, key, code, why in self.refusals:
+            if why:
+                bad.append(f"{key}: refused {code} at {when:.3f} without cause: {why}")
         for key in self.shown:
             if key not in self.engine.txns:
                 bad.append(f"{key}: reader was shown a result the journal does not hold")
@@ -350,7 +557,10 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
         w = _World(cfg, wd)
         w.run()
         violations = w.check()
-        states = [t.state for t in (w.engine.txns.values() if w.engine else [])]
+        txns = list(w.engine.txns.values()) if w.engine else []
+        states = [t.state for t in txns if t.kind is TxnKind.SALE]
+        voids = [t for t in txns if t.kind is TxnKind.VOID]
+        refunds = [t for t in txns if t.kind is TxnKind.REFUND]
         return SimReport(
             seed=cfg.seed,
             ok=not violations,
@@ -363,6 +573,12 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
             host_faults=dict(w.host.stats().get("faults", {})),
             deferred=w.kinds["deferred"],
             advice_reversals=w.kinds["advice_reversal_pending"],
+            voids=len(voids),
+            voids_approved=sum(t.state is TxnState.APPROVED for t in voids),
+            refunds=len(refunds),
+            refunds_approved=sum(t.state is TxnState.APPROVED for t in refunds),
+            ops_sent=w.ops_sent,
+            refusals=dict(collections.Counter(code for _, _, code, _ in w.refusals)),
             trace=w.trace if (keep_trace or violations) else [],
         )
     finally:

@@ -66,22 +66,26 @@ def hostsim(ctx: click.Context) -> None:
 @click.option("--seeds", type=int, default=100, show_default=True, help="Run seeds 1..N.")
 @click.option("--sales", type=int, default=12, show_default=True, help="Sales per seed.")
 @click.option("--no-dup-detection", is_flag=True, help="Host without duplicate detection.")
+@click.option("--operator-rate", type=float, default=0.0, show_default=True,
+              help="Fraction of sales the reader later VOIDs or REFUNDs.")
 @click.option("--trace", is_flag=True, help="Print the event trace (always printed for a failing seed).")
-def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, trace: bool) -> None:
+def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, trace: bool) -> None:
     """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants."""
     from guard.sim import SimConfig, run_seed
 
     todo = [seed] if seed is not None else list(range(1, seeds + 1))
     failed = 0
     for s in todo:
-        rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection), keep_trace=trace)
+        rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection, operator_rate=operator_rate),
+                       keep_trace=trace)
         click.echo(rep.summary())
         if not rep.ok:
             failed += 1
             for v in rep.violations:
                 click.echo(f"  VIOLATION {v}")
             click.echo(f"  reproduce: posguard sim --seed {s} --sales {sales}"
-                       + (" --no-dup-detection" if no_dup_detection else "") + " --trace")
+                       + (" --no-dup-detection" if no_dup_detection else "")
+                       + (f" --operator-rate {operator_rate}" if operator_rate else "") + " --trace")
         if trace or not rep.ok:
             for line in rep.trace:
                 click.echo(f"    {line}")

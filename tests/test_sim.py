@@ -4,6 +4,7 @@ broken engines (patched here, never switchable in product code) fail within the 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,63 @@ def test_engine_that_resends_an_unanswered_advice_is_caught(monkeypatch: pytest.
             found = seed
             break
     assert found is not None
+
+
+OPS_SEEDS = int(os.environ.get("POSGUARD_SIM_OPS_SEEDS", "200"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dup_detection", [True, False], ids=["host-dedup", "host-no-dedup"])
+def test_operator_remedies_seed_set_passes(tmp_path: Path, dup_detection: bool) -> None:
+    """Half the readers VOID or REFUND their approved sale (sometimes early, re-sent, or both remedies
+    racing) under the same faults and crashes; every other seed runs with offline sales. Seeds
+    3001..3200 per host mode. A voided sale ends with no debit, a refund APPROVED iff one credit,
+    and every refusal is one the journal bears out."""
+    failed: list[str] = []
+    voids = refunds = approved_ops = 0
+    codes: Counter[str] = Counter()
+    for seed in range(3001, 3001 + OPS_SEEDS):
+        extra: dict[str, Any] = OFFLINE if seed % 2 else {}
+        rep = run_seed(SimConfig(seed=seed, dup_detection=dup_detection, operator_rate=0.5, **extra),
+                       workdir=tmp_path / str(seed), keep_trace=False)
+        voids += rep.voids
+        refunds += rep.refunds
+        approved_ops += rep.voids_approved + rep.refunds_approved
+        codes.update(rep.refusals)
+        if not rep.ok:
+            failed.append(f"seed {seed}: {rep.violations[:2]}")
+    assert not failed, "\n".join(failed[:10])
+    n = OPS_SEEDS
+    assert voids > n // 2 and refunds > n and approved_ops > n, (voids, refunds, approved_ops)
+    assert {"VOID_NOT_ALLOWED", "REFUND_NOT_ALLOWED", "REFUND_EXCEEDS_ORIGINAL"} <= set(codes), codes
+
+
+def test_same_seed_same_trace_with_operator_remedies() -> None:
+    a = run_seed(SimConfig(seed=43, operator_rate=0.5))
+    b = run_seed(SimConfig(seed=43, operator_rate=0.5))
+    assert a.ok and a.trace == b.trace and a.ops_sent > 0
+    assert run_seed(SimConfig(seed=43)).sales == a.sales, "the remedies draw from their own stream"
+
+
+def test_engine_that_voids_a_refunded_sale_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
+    orig = E.Engine._void
+
+    def void_anyway(self: E.Engine, req: Any, now: float) -> list[Any]:
+        o = self._get(E.txn_key(req.reader_id, req.original_txn_id or b""))
+        refunds = list(o.refunds) if o is not None else []
+        if o is not None:
+            o.refunds.clear()
+        try:
+            return orig(self, req, now)
+        finally:
+            if o is not None:
+                o.refunds[:0] = refunds
+
+    monkeypatch.setattr(E.Engine, "_void", void_anyway)
+    found = None
+    for seed in range(1, 101):
+        rep = run_seed(SimConfig(seed=seed, operator_rate=0.5), keep_trace=False)
+        if not rep.ok:
+            found = rep.violations[0]
+            break
+    assert found is not None and "money back twice" in found
