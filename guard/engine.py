@@ -367,6 +367,15 @@ class Engine:
                 self._finalized(t)
         return t
 
+    def _peek(self, key: str) -> Txn | None:
+        """A transaction to look at, without bringing it back into memory: reading one back makes
+        room by evicting the oldest final transaction, which may be the one the caller holds (the
+        sale a VOID is about to reverse while it checks that sale's refunds)."""
+        t = self.txns.get(key)
+        if t is not None or self.lookup is None or not key or key not in self._evicted:
+            return t
+        return _rebuild(key, self.lookup(key))
+
     def recover(self, now: float) -> list[Action]:
         """After restore: every intent without an outcome may have reached the host -> reverse it.
 
@@ -501,7 +510,7 @@ class Engine:
             raise PosguardError("a refund goes back to the card of the original sale", code="REFUND_CARD_MISMATCH")
         if req.currency != o.currency:
             raise PosguardError("refund currency must equal the original sale's", code="REFUND_NOT_ALLOWED")
-        refunded = sum(r.amount for r in (self._get(k) for k in o.refunds)
+        refunded = sum(r.amount for r in (self._peek(k) for k in o.refunds)
                        if r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED))
         if req.amount > o.amount - refunded:
             raise PosguardError(f"refund exceeds what is left of the original sale ({o.amount - refunded})",
@@ -660,7 +669,7 @@ class Engine:
             raise PosguardError(f"only an APPROVED sale can be voided (original is {why})", code="VOID_NOT_ALLOWED")
         if req.amount != o.amount or req.currency != o.currency:
             raise PosguardError("void amount and currency must equal the original sale's", code="VOID_NOT_ALLOWED")
-        if any(r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED) for r in map(self._get, o.refunds)):
+        if any(r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED) for r in map(self._peek, o.refunds)):
             raise PosguardError("this sale has a refund against it; it can no longer be voided", code="VOID_NOT_ALLOWED")
         v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.amount, currency=o.currency, card_token=o.card_token,
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)

@@ -382,3 +382,21 @@ def test_void_pending_over_a_restart_after_its_sale_was_evicted_completes(tmp_pa
     assert w.records("unmatched_response") == []
     assert w.engine.status(_void(4, 1, 700).key).state is TxnState.APPROVED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 2
+
+
+def test_void_after_a_reversed_refund_that_must_be_read_back_keeps_its_sale_in_memory(tmp_path: Path) -> None:
+    """Found by the simulator (seed 1913, offline, operator_rate 0.5): checking the sale's refunds
+    read a refund back from the journal, which evicted the sale the VOID was about to reverse. The
+    sale was queued for reversal but gone from memory: KeyError in _dispatch_reversals, then on
+    every tick, until a restart."""
+    w = World(tmp_path, keep_final=1)
+    w.sale(1, amount=5000)
+    w.host.force("drop_request")  # the refund's 0200 is lost: timed out, reversed (host answers 25)
+    w.refund(2, original=1, amount=100)
+    w.advance(6)
+    assert w.engine.status(w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    w.submit(_void(3, original=1, amount=5000))
+    w.advance(2)
+    assert w.shown[_void(3, 1, 5000).key].state is TxnState.APPROVED
+    assert w.engine.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert w.host.total_net_debits() == 0
