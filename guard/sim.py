@@ -555,8 +555,16 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
     wd = Path(tempfile.mkdtemp(prefix="posguard-sim-")) if workdir is None else workdir
     try:
         w = _World(cfg, wd)
-        w.run()
-        violations = w.check()
+        try:
+            w.run()
+        except Exception as e:  # noqa: BLE001 - an engine that raises is a finding: reported with its seed and trace
+            w.log(f"EXCEPTION {e!r}")
+            violations = [f"the terminal raised {type(e).__name__}: {e} at {w.now:.3f}"]
+            w.engine = None
+            if w.journal is not None:
+                w.journal.close()
+        else:
+            violations = w.check()
         txns = list(w.engine.txns.values()) if w.engine else []
         states = [t.state for t in txns if t.kind is TxnKind.SALE]
         voids = [t for t in txns if t.kind is TxnKind.VOID]
