@@ -8,7 +8,9 @@ the real recovery path. After a fault-free drain the invariants are checked:
 - every sale: final APPROVED iff the host holds exactly one net debit for it, otherwise none;
 - every debit the host holds belongs to a sale the terminal journaled as APPROVED;
 - what the reader was shown never contradicts the final outcome (shown APPROVED -> APPROVED;
-  shown failed -> not charged; shown APPROVED OFFLINE -> charged at most once);
+  shown failed -> not charged; shown APPROVED OFFLINE -> charged at most once), and whatever it
+  is shown APPROVED is already true at the host at that moment (debit / credit booked, voided
+  debit reversed);
 - the journal verifies (chain, MACs from k0, checkpoint signatures).
 
 With ``operator_rate`` > 0 a seeded fraction of readers also act as the operator once their sale
