@@ -1150,6 +1150,8 @@ def _apply_state(t: Txn, kind: str, p: dict[str, Any]) -> None:
         t.signature = "MISSING" if t.signature != "CAPTURED" else t.signature
     elif kind == "reversal_pending":
         t.state, t.reason, t.rc = TxnState.REVERSAL_PENDING, p.get("reason", ""), p.get("rc", t.rc)
+        if p.get("void"):  # the sale's own record names its VOID: a sale read back keeps the link
+            t.voided_by = p["void"]
     elif kind == "reversal_attempt":
         t.rev_attempts = int(p["n"])
     elif kind == "reversal_failed":

@@ -310,3 +310,18 @@ def test_timers_find_the_one_sale_in_flight_among_thousands_of_final_ones() -> N
     assert r.busy(), "a restored intent without an outcome is watched"
     recovered = r.recover(NOW + 10)
     assert any(isinstance(a, Append) and a.records[0][0] == "reversal_pending" for a in recovered)
+
+
+def test_a_voided_sale_read_back_from_the_journal_still_names_its_void() -> None:
+    """The link sale -> VOID lives in the sale's own reversal_pending record, so a sale rebuilt
+    from its entries alone (evicted, archived) knows which VOID follows its reversal."""
+    from guard.engine import _rebuild
+
+    log = Log()
+    e = engine(log)
+    send = next(a for a in log.take(e.submit(req(1), NOW)) if isinstance(a, SendHost))
+    log.take(e.host_message(response(send), NOW))
+    void = Request("R1", (2).to_bytes(16, "big"), TxnKind.VOID, 1000, "978", None, (1).to_bytes(16, "big"))  # type: ignore[arg-type]
+    log.take(e.submit(void, NOW + 1))
+    rebuilt = _rebuild(send.key, [x for x in log.entries if x.txn == send.key])  # type: ignore[arg-type]
+    assert rebuilt is not None and rebuilt.state is TxnState.REVERSAL_PENDING and rebuilt.voided_by == void.key
