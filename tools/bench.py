@@ -29,6 +29,8 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         ("guard CPU per sale excl. SQLite, ms (median)", r"guard CPU per sale excl. SQLite txns \(ms\)\s+([\d.]+)"),
         ("journal bytes per sale", r"journal bytes per sale \(db\+wal\)\s+([\d.]+)"),
         ("policy cost ratio on/off over 100k past sales (CPU)", r"policy cost ratio \(on / off, guard CPU\)\s+([\d.]+)"),
+        ("idle daemon loop round, 5,000 final txns in memory, ms", r"idle loop round, 5,000 final txns in memory \(ms\)\s+([\d.]+)"),
+        ("  one full scan over those txns (the old per-round cost x4), ms", r"one scan over those 5,000 txns \(ms\)\s+([\d.]+)"),
     ]),
     ("bench_latency.py", ["--sales", "300"], ["--sales", "60"], [
         ("AUTH frame transmission at 115200, ms", r"serial transmission at 115200 8N1: ([\d.]+) ms"),
