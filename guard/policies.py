@@ -41,6 +41,7 @@ class Verdict:
 
 
 ALLOW = Verdict(Action.ALLOW)
+CONFIRM_AMOUNT = Verdict(Action.HOLD, "HOLD_CONFIRM_AMOUNT", "operator to confirm the amount")
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,9 @@ class History:
     def count(self, card_token: str, at: float, amount: int) -> None:
         """A sale released to the host: it counts toward the velocity windows."""
         if self.cfg.card_limits:
-            ws = self._card_windows.setdefault(card_token, [Window(lim.window_s) for lim in self.cfg.card_limits])
+            ws = self._card_windows.get(card_token)
+            if ws is None:
+                ws = self._card_windows[card_token] = [Window(lim.window_s) for lim in self.cfg.card_limits]
             for w in ws:
                 w.add(at, amount)
             self._count_order.append((at, card_token))
@@ -197,9 +200,8 @@ class History:
         return out
 
     def velocity(self, card_token: str, amount: int, now: float) -> Verdict | None:
-        checks = [(self._card_windows.get(card_token, []), self.cfg.card_limits, "CARD"),
-                  (self._terminal_windows, self.cfg.terminal_limits, "TERMINAL")]
-        for windows, limits, scope in checks:
+        for windows, limits, scope in ((self._card_windows.get(card_token, ()), self.cfg.card_limits, "CARD"),
+                                       (self._terminal_windows, self.cfg.terminal_limits, "TERMINAL")):
             for w, lim in zip(windows, limits):
                 w.expire(now)
                 if lim.max_count and w.count + 1 > lim.max_count:
@@ -222,7 +224,7 @@ def decide(kind: TxnKind, amount: int, now: float, card_recent: Sequence[Seen], 
     if cfg.hold_on_pending_reversal and any(s.state is TxnState.REVERSAL_PENDING for s in card_recent):
         if not confirmed or kind is TxnKind.REFUND:
             return Verdict(Action.HOLD, "HOLD_PENDING_REVERSAL", "a reversal for this card is still pending")
-    confirm = Verdict(Action.HOLD, "HOLD_CONFIRM_AMOUNT", "operator to confirm the amount")
+    confirm = CONFIRM_AMOUNT
     if kind is not TxnKind.SALE:
         return confirm if cfg.confirm_amount and not confirmed else ALLOW
     if cfg.double_swipe_window_s > 0 and not confirmed:
