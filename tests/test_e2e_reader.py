@@ -4,6 +4,7 @@ to the frames, the host sees exactly one authorization per reader txn id."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import subprocess
@@ -223,20 +224,35 @@ def test_broken_config_fails_at_start_naming_the_key(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "terminal.terminal_id" in proc.stderr and "exactly 8" in proc.stderr
 
 
-def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path: Path) -> None:
-    """Field problem 1 through the reader link: the second swipe is HELD with its reason, the host
-    sees nothing for it until the operator's CONFIRM, and the journal explains the decision."""
-    init_keys(tmp_path / "keys")
-    core = HostCore(seed=5, dup_detection=True)
+@contextlib.contextmanager
+def counter(tmp: Path, core: HostCore, seed: int, **policy: Any) -> Iterator[ReaderSim]:
+    """The daemon's objects with these [policy] settings, the host simulator and a synced reader
+    on a pty null-modem; torn down in order (reader, guard, cable, host)."""
+    init_keys(tmp / "keys")
     server = HostServer(core, HostCodec())
     port = server.start()
     cable = NullModem()
-    cfg = config(tmp_path, cable.a, port)
-    cfg["policy"] = {"double_swipe_window": 120, "card_max_count": 0, "card_max_amount": 0, "terminal_max_count": 0}
-    guard = Guard(cfg)
-    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(2))
     try:
-        r.sync(timeout=5)
+        cfg = config(tmp, cable.a, port)
+        cfg["policy"].update(policy)
+        guard = Guard(cfg)
+        r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(seed))
+        try:
+            r.sync(timeout=5)
+            yield r
+        finally:
+            r.close()
+            guard.stop()
+    finally:
+        cable.close()
+        server.stop()
+
+
+def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path: Path) -> None:
+    """Field problem 1 through the reader link: the second swipe is HELD with its reason, the host
+    sees nothing for it until the operator's CONFIRM, and the journal explains the decision."""
+    core = HostCore(seed=5, dup_detection=True)
+    with counter(tmp_path, core, 2, double_swipe_window=120) as r:
         first, second = r.new_txn_id(), r.new_txn_id()
         assert r.auth(first, 1500, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
         held = r.auth(second, 1500, "978", PAN, "2912", timeout=10)
@@ -246,11 +262,6 @@ def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path
         done = r.confirm(second, timeout=10)
         assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED
         assert core.total_net_debits() == 2
-    finally:
-        r.close()
-        guard.stop()
-        cable.close()
-        server.stop()
     from guard.journal import Journal
     from guard.keys import load_keys
 
@@ -275,17 +286,8 @@ def test_operator_error_remedies_end_to_end_over_the_link(tmp_path: Path) -> Non
     """Field problem 4 through the reader link: the amount is confirmed before anything is sent
     (CANCEL drops a wrong one), a large sale asks for a signature (SIGNED records it), a refund goes
     back to the original card and cannot exceed the sale."""
-    init_keys(tmp_path / "keys")
     core = HostCore(seed=6, dup_detection=True)
-    server = HostServer(core, HostCodec())
-    port = server.start()
-    cable = NullModem()
-    cfg = config(tmp_path, cable.a, port)
-    cfg["policy"].update(confirm_amount=True, signature_above=10_000)
-    guard = Guard(cfg)
-    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(3))
-    try:
-        r.sync(timeout=5)
+    with counter(tmp_path, core, 3, confirm_amount=True, signature_above=10_000) as r:
         wrong, sale, refund, too_much = (r.new_txn_id() for _ in range(4))
         held = r.auth(wrong, 1234, "978", PAN, "2912", timeout=10)
         assert isinstance(held, M.ResultMessage) and held.state is TxnState.HELD
@@ -308,11 +310,6 @@ def test_operator_error_remedies_end_to_end_over_the_link(tmp_path: Path) -> Non
         led = core.ledger()
         assert [(d["type"], d["amount"]) for d in led["debits"]] == [("SALE", 12_340), ("REFUND", 340)]
         assert led["totals"]["net_amount"] == 12_000
-    finally:
-        r.close()
-        guard.stop()
-        cable.close()
-        server.stop()
     kinds = _journal_kinds(tmp_path, "held", "outcome", "signature", "refund_of")
     assert [k for k, _ in kinds] == ["held", "outcome", "held", "outcome", "signature", "refund_of", "held", "outcome"]
     assert kinds[1][1]["reason"] == "OPERATOR_CANCELLED" and kinds[3][1]["signature"] == "REQUIRED"
@@ -369,18 +366,9 @@ def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Pat
     another merchant is reversed and the reader told "not charged"; host 03 reads as a terminal
     configuration problem; a VOID reverses an approved sale. Reader message, journal entry and
     host ledger are checked for each."""
-    init_keys(tmp_path / "keys")
     core = HostCore(seed=8, dup_detection=False)
-    server = HostServer(core, HostCodec())
-    port = server.start()
-    cable = NullModem()
-    cfg = config(tmp_path, cable.a, port)
-    cfg["policy"].update(card_max_count=2, card_count_window=600)
-    guard = Guard(cfg)
-    r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(5))
     other = "4000056655665556"
-    try:
-        r.sync(timeout=5)
+    with counter(tmp_path, core, 5, card_max_count=2, card_count_window=600) as r:
         one, two, three = r.new_txn_id(), r.new_txn_id(), r.new_txn_id()
         assert r.auth(one, 1000, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
         assert r.auth(two, 2000, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
@@ -420,11 +408,6 @@ def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Pat
         led = core.ledger()
         assert led["totals"]["net_amount"] == 2000, "only sale two stays charged"
         assert core.total_net_debits() == 1
-    finally:
-        r.close()
-        guard.stop()
-        cable.close()
-        server.stop()
     entries = _journal_kinds(tmp_path, "outcome", "reversal_pending", "reversed")
     reasons = [(k, p.get("reason")) for k, p in entries]
     assert ("outcome", "VELOCITY_CARD_COUNT") in reasons
