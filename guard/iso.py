@@ -297,7 +297,7 @@ BUILTIN_SPECS: dict[str, Mapping[str, Any]] = {"default": iso8583.specs.default,
                                                "default_ascii": iso8583.specs.default_ascii}
 # What posguard sends and reads: a spec must carry every one of these (checked by a trial round trip).
 _SPEC_SAMPLES: tuple[dict[str, str], ...] = (
-    {"t": "0200", "2": "4000000000000002", "3": "000000", "4": "000000001000", "7": "1130120000", "11": "000001",
+    {"t": "0200", "2": "4000000000000002",  # a public test card number, only ever in memory "3": "000000", "4": "000000001000", "7": "1130120000", "11": "000001",
      "14": "2912", "41": "TERM0001", "42": "MERCHANT0000001", "49": "978"},
     {"t": "0210", "3": "000000", "4": "000000001000", "7": "1130120000", "11": "000001", "37": "000000000001",
      "38": "123456", "39": "00", "41": "TERM0001", "42": "MERCHANT0000001", "49": "978"},
@@ -308,13 +308,13 @@ _SPEC_SAMPLES: tuple[dict[str, str], ...] = (
 )
 
 
-def load_spec(value: str, base: Path | None = None) -> Mapping[str, Any]:
+def load_spec(value: str) -> Mapping[str, Any]:
     """The pyiso8583 spec named by config key ``host.spec``: ``default`` (binary bitmap),
     ``default_ascii`` (hex bitmap), or a JSON file holding a pyiso8583 spec dict. A spec that
     cannot carry what posguard sends and reads is refused here, at start, naming the field."""
     if value in BUILTIN_SPECS:
         return BUILTIN_SPECS[value]
-    path = Path(value) if base is None else base / value
+    path = Path(value)
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:

@@ -273,13 +273,13 @@ def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterab
         rep.archives.append(path)
         for t in av.txns.values():
             if not is_void(t) and t.date in covered:
-                k = (t.tid or terminal, t.mid, f"{t.stan:06d}", t.date)
+                k = _sale_key(t, terminal)
                 by_key[k] = t
                 archived.add(k)
     for t in view.txns.values():
         if is_void(t) or t.date not in covered:
             continue
-        k = (t.tid or terminal, t.mid, f"{t.stan:06d}", t.date)
+        k = _sale_key(t, terminal)
         by_key[k] = t
         archived.discard(k)
     rep.sales_compared = len(by_key)
@@ -303,6 +303,11 @@ def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterab
                 FAILED_BUT_DEBITED, action, None, *key, "", None, last.amount, h.net, last.rrn, "", note))
     rep.discrepancies.sort(key=lambda d: (d.date, d.stan, d.category))
     return rep
+
+
+def _sale_key(t: TxnView, terminal: str) -> Key:
+    """The host ledger's key of a journal sale: (41, 42, 11, date of field 7)."""
+    return (t.tid or terminal, t.mid, f"{t.stan:06d}", t.date)
 
 
 def _judge(t: TxnView, key: Key, h: _Host) -> Discrepancy | None:

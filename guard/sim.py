@@ -54,6 +54,7 @@ from .verify import verify_journal
 
 TID = "SIMTERM1"
 MID = "SIMMERCHANT0001"
+# Public scheme test card numbers (never real cards); the simulation never writes them in clear.
 TEST_PANS = ("4761739001010119", "5413330089020011", "4111111111111111", "6011000990139424")
 HOST_FAULTS = (
     "drop_request",

@@ -315,6 +315,15 @@ def test_operator_error_remedies_end_to_end_over_the_link(tmp_path: Path) -> Non
     assert kinds[1][1]["reason"] == "OPERATOR_CANCELLED" and kinds[3][1]["signature"] == "REQUIRED"
 
 
+def status_after(r: ReaderSim, txn: bytes, state: TxnState, deadline: float) -> Any:
+    """STATUS of ``txn`` until it leaves ``state`` or the monotonic ``deadline`` passes."""
+    final = r.status(txn, timeout=10)
+    while isinstance(final, M.ResultMessage) and final.state is state and time.monotonic() < deadline:
+        time.sleep(0.1)
+        final = r.status(txn, timeout=10)
+    return final
+
+
 def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path) -> None:
     """Field problem 5 with deferred authorization on: the host is down, the reader gets APPROVED
     OFFLINE within the limits and a clean decline above them; when the host is back the guard
@@ -343,10 +352,7 @@ def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(t
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and core.total_net_debits() == 0:
             time.sleep(0.1)
-        final = r.status(a, timeout=10)
-        while isinstance(final, M.ResultMessage) and final.state is TxnState.DEFERRED and time.monotonic() < deadline:
-            time.sleep(0.1)
-            final = r.status(a, timeout=10)
+        final = status_after(r, a, TxnState.DEFERRED, deadline)
         assert isinstance(final, M.ResultMessage) and final.state is TxnState.APPROVED
         assert core.stats()["requests_by_mti"].get("0220") == 1 and "0200" not in core.stats()["requests_by_mti"]
         assert core.total_net_debits() == 1
@@ -397,10 +403,7 @@ def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Pat
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and core.stats()["requests_by_mti"].get("0400", 0) < 1:
             time.sleep(0.05)
-        final = r.status(mism, timeout=10)
-        while isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSAL_PENDING and time.monotonic() < deadline:
-            time.sleep(0.1)
-            final = r.status(mism, timeout=10)
+        final = status_after(r, mism, TxnState.REVERSAL_PENDING, deadline)
         assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED
 
         void = r.void(one, 1000, "978", timeout=15)
