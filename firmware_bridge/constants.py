@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Final
 
-from guard.model import TxnState
+from guard.core.model import TxnState
 
 # --- Line settings (reader-link.md: 115200 8N1 default, configurable, no flow control) ---
 DEFAULT_BAUDRATE: Final = 115200
@@ -140,7 +140,7 @@ STATE_BY_CODE: Final[dict[int, TxnState]] = {v: k for k, v in STATE_CODES.items(
 
 TXN_ID_LEN: Final = 16
 AMOUNT_BCD_LEN: Final = 6
-AMOUNT_MAX: Final = 999_999_999_999  # n12, matches guard.model.Request
+AMOUNT_MAX: Final = 999_999_999_999  # n12, matches guard.core.model.Request
 DISPLAY_TEXT_MAX: Final = 64  # bytes of UTF-8
 ERROR_CODE_MAX: Final = 64
 READER_ID_MAX: Final = 32

@@ -13,14 +13,14 @@ import logging
 import time
 from typing import Callable
 
-from guard.errors import JournalError, PosguardError
-from guard.model import Result, txn_key
-from guard.service import GuardService
+from guard.core.errors import JournalError, PosguardError
+from guard.core.model import Result, txn_key
+from guard.runtime.service import GuardService
 
-from . import messages as M
-from .constants import ERR_TXN_UNKNOWN
-from .link import Delivered, LinkDown, LinkUp, SendFailed
-from .serial_port import SerialLink
+from firmware_bridge import messages as M
+from firmware_bridge.constants import ERR_TXN_UNKNOWN
+from firmware_bridge.link import Delivered, LinkDown, LinkUp, SendFailed
+from firmware_bridge.serial_port import SerialLink
 
 log = logging.getLogger("posguard.reader")
 

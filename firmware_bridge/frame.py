@@ -14,9 +14,9 @@ import binascii
 import struct
 from dataclasses import dataclass, field
 
-from guard.errors import LinkError
+from guard.core.errors import LinkError
 
-from .constants import (
+from firmware_bridge.constants import (
     CRC_INIT,
     DLE,
     EPOCH_MAX,

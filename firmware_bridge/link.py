@@ -25,9 +25,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from guard.errors import LinkError
+from guard.core.errors import LinkError
 
-from .constants import (
+from firmware_bridge.constants import (
     DOWN_LOCAL_RESYNC,
     DOWN_PEER_RESYNC,
     DOWN_RETX_EXHAUSTED,
@@ -43,7 +43,7 @@ from .constants import (
     T2_S,
     FrameType,
 )
-from .frame import Frame, FrameError, FrameParser, encode_frame
+from firmware_bridge.frame import Frame, FrameError, FrameParser, encode_frame
 
 Role = Literal["guard", "reader"]
 

@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from guard.constants import MASK_KEEP_FIRST, MASK_KEEP_LAST
-from guard.errors import LinkError, PosguardError
-from guard.model import CardData, Request, Result, TxnKind, TxnState, mask_pan
+from guard.core.constants import MASK_KEEP_FIRST, MASK_KEEP_LAST
+from guard.core.errors import LinkError, PosguardError
+from guard.core.model import CardData, Request, Result, TxnKind, TxnState, mask_pan
 
-from .constants import (
+from firmware_bridge.constants import (
     AMOUNT_BCD_LEN,
     AMOUNT_MAX,
     DISPLAY_TEXT_MAX,

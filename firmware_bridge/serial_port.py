@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import serial
 
-from .constants import DEFAULT_BAUDRATE, DEFAULT_BYTESIZE, DEFAULT_PARITY, DEFAULT_STOPBITS
-from .link import LinkEndpoint, LinkEvent
+from firmware_bridge.constants import DEFAULT_BAUDRATE, DEFAULT_BYTESIZE, DEFAULT_PARITY, DEFAULT_STOPBITS
+from firmware_bridge.link import LinkEndpoint, LinkEvent
 
 
 def open_port(

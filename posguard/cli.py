@@ -10,7 +10,7 @@ from typing import NoReturn
 
 import click
 
-from guard.errors import PosguardError
+from guard.core.errors import PosguardError
 
 
 def _bad_input(e: PosguardError) -> NoReturn:
@@ -45,7 +45,7 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
     sale has none, and the journal verifies; 1 if not; 2 if --dir is not a demo directory.
     Loopback and ptys only, no hardware.
     """
-    from .demo import run_demo
+    from guard.simulation.demo import run_demo
 
     if math.isnan(host_timeout):  # NaN passes FloatRange
         raise click.BadParameter("must be a number of seconds", param_hint="--host-timeout")
@@ -56,7 +56,7 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
 @click.pass_context
 def hostsim(ctx: click.Context) -> None:
     """Stateful acquirer simulator on 127.0.0.1 with seeded faults (`posguard hostsim --help`)."""
-    from guard.hostsim import main as host_main
+    from guard.simulation.hostsim import main as host_main
 
     sys.exit(host_main(ctx.args))
 
@@ -71,7 +71,7 @@ def hostsim(ctx: click.Context) -> None:
 @click.option("--trace", is_flag=True, help="Print the event trace (always printed for a failing seed).")
 def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, trace: bool) -> None:
     """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants."""
-    from guard.sim import SimConfig, run_seed
+    from guard.simulation.deterministic import SimConfig, run_seed
 
     todo = [seed] if seed is not None else list(range(1, seeds + 1))
     failed = 0
@@ -104,7 +104,7 @@ def run_cmd(config_path: Path, max_seconds: float | None) -> None:
     config or key files (the message names the key), 3 on a journal failure, 4 on an internal
     error. After 3 or 4, restart: recovery reverses anything left in flight.
     """
-    from .run import run
+    from posguard.run import run
 
     sys.exit(run(config_path, max_seconds=max_seconds))
 
@@ -112,7 +112,7 @@ def run_cmd(config_path: Path, max_seconds: float | None) -> None:
 @main.command("config-example")
 def config_example() -> None:
     """Print a guard.toml with every key, its default and its meaning."""
-    from .config import documented_example
+    from posguard.config import documented_example
 
     click.echo(documented_example(), nl=False)
 
@@ -140,7 +140,7 @@ def config_group() -> None:
 def config_init_signer(directory: Path) -> None:
     """Create a config-signing key pair; put config.pub in each terminal's key directory and keep
     config-signer.key off the terminals."""
-    from .config_signing import init_signer
+    from posguard.config_signing import init_signer
 
     try:
         pub = init_signer(directory)
@@ -155,7 +155,7 @@ def config_init_signer(directory: Path) -> None:
               help="config-signer.key")
 def config_sign(config_file: Path, key_file: Path) -> None:
     """Sign CONFIG_FILE's exact bytes into CONFIG_FILE.sig."""
-    from .config_signing import sign
+    from posguard.config_signing import sign
 
     try:
         out = sign(config_file, key_file)
@@ -168,7 +168,7 @@ def config_sign(config_file: Path, key_file: Path) -> None:
 @click.pass_context
 def readersim(ctx: click.Context) -> None:
     """Reference card reader (firmware side) with link fault injection (`posguard readersim --help`)."""
-    from firmware_bridge.readersim import main as reader_main
+    from guard.simulation.readersim import main as reader_main
 
     sys.exit(reader_main(ctx.args))
 
@@ -182,7 +182,7 @@ def keys() -> None:
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 def keys_init(directory: Path) -> None:
     """Create the device keys in DIRECTORY (files 0600). Move k0.escrow off the device to the auditor."""
-    from guard.keys import init_keys
+    from guard.journal.keys import init_keys
 
     try:
         init_keys(directory)
@@ -214,8 +214,8 @@ def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor
     """
     from rich.progress import Progress
 
-    from guard.keys import load_k0, load_public_key
-    from guard.verify import verify_journal
+    from guard.journal.keys import load_k0, load_public_key
+    from guard.journal.verify import verify_journal
 
     try:
         k0 = load_k0(k0_file) if k0_file else None
@@ -246,7 +246,7 @@ def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor
 def _register_operator_commands() -> None:
     """Operator and auditor commands (replay, reconcile, export, keys rotation, compaction)."""
     try:
-        from .ops_cli import register
+        from posguard.ops_cli import register
     except ImportError:
         return
     register(main, journal, keys)

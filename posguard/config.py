@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from guard import constants as C
-from guard.errors import ConfigError
+from guard.core import constants as C
+from guard.core.errors import ConfigError
 
 
 def _len(n: int) -> Callable[[Any], str | None]:
@@ -162,7 +162,7 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
     for key in (("host", "cafile"), ("host", "certfile"), ("host", "keyfile")):
         if values[key] and not Path(values[key]).is_file():
             raise ConfigError(f"{key[0]}.{key[1]}", f"file not found: {values[key]}")
-    from guard.iso import BUILTIN_SPECS, load_spec
+    from guard.hostlink.iso import BUILTIN_SPECS, load_spec
 
     if values[("host", "spec")] not in BUILTIN_SPECS:
         if "\x00" in values[("host", "spec")]:
@@ -173,9 +173,9 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
 
 
 def make_uplink(cfg: Config) -> Any:
-    """The host link the config describes: spec, framing, TLS (guard.uplink.Uplink, not connected)."""
-    from guard.iso import HostCodec, load_spec
-    from guard.uplink import Uplink, make_client_context
+    """The host link the config describes: spec, framing, TLS (guard.hostlink.uplink.Uplink, not connected)."""
+    from guard.hostlink.iso import HostCodec, load_spec
+    from guard.hostlink.uplink import Uplink, make_client_context
 
     tpdu = bytes.fromhex(cfg["host.tpdu"]) if cfg["host.tpdu"] else None
     codec = HostCodec(load_spec(cfg["host.spec"]), header=cfg["host.header"], tpdu=tpdu)
@@ -219,8 +219,8 @@ def documented_example() -> str:
 
 
 def policy_config(cfg: Config) -> "Any":
-    """The counter rules (guard.policies.PolicyConfig) from the [policy] section."""
-    from guard.policies import PolicyConfig, VelocityLimit
+    """The counter rules (guard.core.policies.PolicyConfig) from the [policy] section."""
+    from guard.core.policies import PolicyConfig, VelocityLimit
 
     card = []
     if cfg["policy.card_max_count"]:
@@ -245,8 +245,8 @@ def policy_config(cfg: Config) -> "Any":
 
 
 def offline_config(cfg: Config) -> "Any":
-    """Deferred authorization limits (guard.policies.OfflineConfig) from the [offline] section."""
-    from guard.policies import OfflineConfig
+    """Deferred authorization limits (guard.core.policies.OfflineConfig) from the [offline] section."""
+    from guard.core.policies import OfflineConfig
 
     return OfflineConfig(enabled=cfg["offline.enabled"], max_sale_amount=cfg["offline.max_sale_amount"],
                          max_total_amount=cfg["offline.max_total_amount"], max_count=cfg["offline.max_count"],

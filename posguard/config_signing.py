@@ -24,7 +24,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from guard.errors import ConfigError, PosguardError
+from guard.core.errors import ConfigError, PosguardError
 
 CONFIG_PUB = "config.pub"
 SIGNER_KEY = "config-signer.key"

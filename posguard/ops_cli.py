@@ -1,6 +1,6 @@
 """Operator and auditor commands: replay, reconcile, journal show/export/anchor/compact/verify-chain,
-keys rotate/export-verifier. Thin click wrappers around guard.replay, guard.reconcile,
-guard.export, guard.compact and guard.rotation; registered by ``posguard.cli``."""
+keys rotate/export-verifier. Thin click wrappers around guard.ops.replay, guard.ops.reconcile,
+guard.ops.export, guard.ops.compact and guard.ops.rotation; registered by ``posguard.cli``."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 import click
 
-from guard.errors import PosguardError
+from guard.core.errors import PosguardError
 
 PATH_FILE = click.Path(dir_okay=False, path_type=Path)
 PATH_DIR = click.Path(file_okay=False, path_type=Path)
@@ -67,7 +67,7 @@ def _progress(label: str, quiet: bool = False) -> Iterator[Callable[..., None]]:
 
 
 def _load_cfg(config_path: Path) -> Any:
-    from .config import load
+    from posguard.config import load
 
     try:
         return load(config_path)
@@ -111,7 +111,7 @@ def journal_anchor(journal_path: Path) -> None:
 
     Exit status: 0 printed; 2 the file is not a readable journal.
     """
-    from guard.export import latest_checkpoint
+    from guard.ops.export import latest_checkpoint
 
     try:
         cp = latest_checkpoint(journal_path)
@@ -140,7 +140,7 @@ def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _rows(journal_path: Path, per: str, since: str | None, states: tuple[str, ...], quiet: bool) -> Iterator[dict[str, Any]]:
-    from guard.export import entry_rows, load_view, parse_since, parse_states, txn_rows
+    from guard.ops.export import entry_rows, load_view, parse_since, parse_states, txn_rows
 
     try:
         s, st = parse_since(since), parse_states(states)
@@ -172,7 +172,7 @@ def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[
 
     from rich.table import Table
 
-    from guard.export import iso
+    from guard.ops.export import iso
 
     rows = _rows(journal_path, per, since, states, quiet=False)
     total = 0
@@ -227,7 +227,7 @@ def journal_export(journal_path: Path, per: str, since: str | None, states: tupl
     Exit status: 0 exported; 2 bad filter, unreadable journal or unwritable --out; 141 when the
     reading end of a pipe closed early (`| head`).
     """
-    from guard.export import ENTRY_COLUMNS, TXN_COLUMNS, write_csv, write_jsonl
+    from guard.ops.export import ENTRY_COLUMNS, TXN_COLUMNS, write_csv, write_jsonl
 
     rows = _rows(journal_path, per, since, states, quiet=out is None)
     try:
@@ -288,9 +288,9 @@ def journal_compact(journal_path: Path, older_than: float, archive_dir: Path, ke
     Exit status: 0 compacted (or nothing old enough); 2 bad arguments or key files; 3 journal
     in use, unreadable or the write failed (nothing changed unless the result was printed).
     """
-    from guard.compact import compact
-    from guard.errors import JournalError
-    from guard.keys import load_keys
+    from guard.ops.compact import compact
+    from guard.core.errors import JournalError
+    from guard.journal.keys import load_keys
 
     kd = _keys_dir(keys_dir, config_path)
     try:
@@ -341,8 +341,8 @@ def journal_verify_chain(paths: tuple[Path, ...], k0_file: Path | None, pubkeys:
 
     Exit status: 0 all holds; 1 a check failed (reported); 2 bad input (key files, not journals).
     """
-    from guard.compact import verify_chain
-    from guard.keys import load_k0, load_public_keys
+    from guard.ops.compact import verify_chain
+    from guard.journal.keys import load_k0, load_public_keys
 
     try:
         k0 = load_k0(k0_file) if k0_file else None
@@ -390,8 +390,8 @@ def keys_rotate(directory: Path, journal_path: Path, as_json: bool) -> None:
     Exit status: 0 rotated (or an interrupted rotation finished); 2 bad key files or journal;
     3 journal in use or the commit failed.
     """
-    from guard.errors import JournalError
-    from guard.rotation import rotate_keys
+    from guard.core.errors import JournalError
+    from guard.ops.rotation import rotate_keys
 
     try:
         res = rotate_keys(directory, journal_path, now=time.time())
@@ -419,7 +419,7 @@ def keys_export_verifier(directory: Path, outdir: Path) -> None:
     Exit status: 0 written; 1 written but DIR no longer holds k0.escrow (fetch it from escrow);
     2 bad key directory or a file already exists in OUTDIR.
     """
-    from guard.keys import K0_FILE, export_verifier
+    from guard.journal.keys import K0_FILE, export_verifier
 
     try:
         written = export_verifier(directory, outdir)
@@ -439,11 +439,11 @@ def keys_export_verifier(directory: Path, outdir: Path) -> None:
 
 def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float) -> Any:
     """Like posguard.run.build, minus the reader port: keys, uplink, EngineConfig(saf_window=window)."""
-    from guard.engine import EngineConfig
-    from guard.keys import load_keys
-    from guard.replay import open_replay
+    from guard.core.engine import EngineConfig
+    from guard.journal.keys import load_keys
+    from guard.ops.replay import open_replay
 
-    from .config import make_uplink, offline_config, policy_config
+    from posguard.config import make_uplink, offline_config, policy_config
 
     keys = load_keys(Path(cfg["journal.keys"]))
     uplink = make_uplink(cfg)
@@ -490,7 +490,7 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     --timeout (host unreachable?) or interrupted; 4 journal failure while running (run again:
     nothing is lost).
     """
-    from guard.replay import EXIT_JOURNAL, EXIT_USAGE
+    from guard.ops.replay import EXIT_JOURNAL, EXIT_USAGE
 
     cfg = _load_cfg(config_path)
     try:
@@ -505,7 +505,7 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     with contextlib.suppress(ValueError):
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    from guard.replay import run_replay
+    from guard.ops.replay import run_replay
 
     try:
         with _progress("reversing", as_json) as update:
@@ -602,10 +602,10 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     the CSV (the message names line and column) or arguments; nothing applied; 3 --apply could
     not write (journal in use or failed); nothing applied.
     """
-    from guard.errors import JournalError
-    from guard.export import load_view, recorded_archives
-    from guard.reconcile import apply, read_settlement
-    from guard.reconcile import reconcile as compare
+    from guard.core.errors import JournalError
+    from guard.ops.export import load_view, recorded_archives
+    from guard.ops.reconcile import apply, read_settlement
+    from guard.ops.reconcile import reconcile as compare
 
     for d in dates:
         if not (len(d) == 4 and d.isdigit()):
@@ -628,8 +628,8 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     missing = sorted(p for p in recorded if p not in readable and Path(p).name not in {Path(g).name for g in given})
     rep = compare(view, rows, dates=dates, archives=archives, missing_archives=missing)
     if do_apply and rep.discrepancies:
-        from guard.journal import Journal
-        from guard.keys import load_keys
+        from guard.journal.store import Journal
+        from guard.journal.keys import load_keys
 
         cfg = _load_cfg(config_path)  # type: ignore[arg-type]
         try:

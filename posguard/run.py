@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guard.engine import EngineConfig
-from guard.errors import PosguardError
-from guard.keys import load_keys
-from guard.service import GuardService, open_guard
+from guard.core.engine import EngineConfig
+from guard.core.errors import PosguardError
+from guard.journal.keys import load_keys
+from guard.runtime.service import GuardService, open_guard
 
-from . import config_signing
-from .config import Config, load, make_uplink, offline_config, policy_config
+from posguard import config_signing
+from posguard.config import Config, load, make_uplink, offline_config, policy_config
 
 log = logging.getLogger("posguard.daemon")
 

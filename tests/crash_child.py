@@ -18,14 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guard.engine import EngineConfig  # noqa: E402
-from guard.errors import PosguardError  # noqa: E402
-from guard.iso import HostCodec  # noqa: E402
-from guard.keys import load_keys  # noqa: E402
-from guard.policies import OFF  # noqa: E402
-from guard.model import CardData, Request, TxnKind  # noqa: E402
-from guard.service import open_guard  # noqa: E402
-from guard.uplink import SendOutcome, Uplink  # noqa: E402
+from guard.core.engine import EngineConfig  # noqa: E402
+from guard.core.errors import PosguardError  # noqa: E402
+from guard.hostlink.iso import HostCodec  # noqa: E402
+from guard.journal.keys import load_keys  # noqa: E402
+from guard.core.policies import OFF  # noqa: E402
+from guard.core.model import CardData, Request, TxnKind  # noqa: E402
+from guard.runtime.service import open_guard  # noqa: E402
+from guard.hostlink.uplink import SendOutcome, Uplink  # noqa: E402
 
 TID = "CRASHT01"
 MID = "CRASHMERCHANT01"
@@ -90,7 +90,7 @@ def main() -> int:
         j.append = append  # type: ignore[attr-defined]
 
     # Recovery itself may be where we die (mid-reversal): wrap before opening the service.
-    import guard.service as service_mod
+    import guard.runtime.service as service_mod
 
     real_journal_open, real_journal_create = service_mod.Journal.open, service_mod.Journal.create
 

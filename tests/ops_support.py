@@ -1,6 +1,6 @@
 """Journals produced by the real engine, fast (test and benchmark data).
 
-``Gen`` drives ``guard.engine.Engine`` with a fake clock against an in-process ``HostCore``
+``Gen`` drives ``guard.core.engine.Engine`` with a fake clock against an in-process ``HostCore``
 (fields handed over as dicts, no codec), and commits the engine's ``Append`` actions in batches:
 records, vault puts and shreds are the engine's own, only the number of commits differs. The
 same ``HostCore`` can then be served by ``HostServer`` so a replay talks to the host that holds
@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
-from guard.hostsim import HostCore
-from guard.journal import Journal
-from guard.keys import DeviceKeys, init_keys
-from guard.model import CardData, Request, TxnKind, TxnState
-from guard.policies import OFF
-from guard.service import JournalCrypto
+from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.simulation.hostsim import HostCore
+from guard.journal.store import Journal
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.core.model import CardData, Request, TxnKind, TxnState
+from guard.core.policies import OFF
+from guard.runtime.service import JournalCrypto
 
 TID, MID = "OPSTEST1", "OPSMERCHANT0001"
 PANS = ("4761739001010119", "5413330089020011", "4111111111111111", "5555555555554444", "6011111111111117")
@@ -183,8 +183,8 @@ def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: 
     """``n`` settled sales written straight through ``Journal.append`` (2000 records per commit),
     in the engine's record format (intent, outcome), with a stan_use every 1000 sales. Returns
     the matching settlement rows (hostsim columns): the journal and the host agree exactly."""
-    from guard.iso import transmission_dt
-    from guard.model import mask_pan
+    from guard.hostlink.iso import transmission_dt
+    from guard.core.model import mask_pan
 
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
@@ -226,7 +226,7 @@ def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: 
 def write_settlement(path: Path, rows: list[dict[str, str]]) -> None:
     import csv
 
-    from guard.hostsim import SETTLEMENT_COLUMNS
+    from guard.simulation.hostsim import SETTLEMENT_COLUMNS
 
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SETTLEMENT_COLUMNS, lineterminator="\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.iso import CodecError, HostCodec
+from guard.hostlink.iso import CodecError, HostCodec
 
 sys.path.insert(0, str(Path(__file__).parent))  # ops_support
 
@@ -57,8 +57,8 @@ def test_codec_error_carries_no_card_data_even_in_its_context(fields: dict[str, 
 @pytest.mark.parametrize("tid,mid", [("TERM\u00c9001", "MERCHANT0000001"), ("TERM0001", "MERCHANT\u00e9000001"),
                                      ("TERM\x00001", "MERCHANT0000001")])
 def test_engine_refuses_ids_the_host_codec_cannot_carry(tid: str, mid: str) -> None:
-    from guard.engine import EngineConfig
-    from guard.errors import PosguardError
+    from guard.core.engine import EngineConfig
+    from guard.core.errors import PosguardError
 
     assert len(tid) == 8 and len(mid) == 15
     with pytest.raises(PosguardError) as ei:
@@ -74,7 +74,7 @@ T0 = 1_700_000_000.0
 
 @pytest.fixture
 def keys(tmp_path):  # type: ignore[no-untyped-def]
-    from guard.keys import init_keys
+    from guard.journal.keys import init_keys
 
     return init_keys(tmp_path / "keys")
 
@@ -82,8 +82,8 @@ def keys(tmp_path):  # type: ignore[no-untyped-def]
 def test_full_journal_is_a_journal_error_not_an_internal_one(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
     """SQLITE_FULL used to escape as sqlite3.OperationalError: `posguard run` logged a traceback and
     exited 4 ("internal error") instead of 3 ("journal failure")."""
-    from guard.errors import JournalError
-    from guard.journal import Journal
+    from guard.core.errors import JournalError
+    from guard.journal.store import Journal
 
     j = Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0)
     try:
@@ -101,8 +101,8 @@ def test_full_journal_is_a_journal_error_not_an_internal_one(tmp_path, keys) -> 
 def test_locked_journal_is_a_journal_error(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
     import sqlite3
 
-    from guard.errors import JournalError
-    from guard.journal import Journal
+    from guard.core.errors import JournalError
+    from guard.journal.store import Journal
 
     Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0).close()
     j = Journal.open(tmp_path / "j.db", keys, terminal_id="TERM0001")
@@ -123,9 +123,9 @@ def test_locked_journal_is_a_journal_error(tmp_path, keys) -> None:  # type: ign
 def test_journal_create_and_open_failures_have_codes(tmp_path, keys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import sqlite3
 
-    import guard.journal as journal_mod
-    from guard.errors import JournalError
-    from guard.journal import Journal
+    import guard.journal.store as journal_mod
+    from guard.core.errors import JournalError
+    from guard.journal.store import Journal
 
     with pytest.raises(JournalError) as ei:
         Journal.create(tmp_path / "no-such-dir" / "j.db", keys, terminal_id="TERM0001", now=T0)
@@ -182,7 +182,7 @@ def test_settlement_errors_never_echo_a_card_number(tmp_path, column: str, value
     """An acquirer report with a card-number column where amount/rrn/... is expected (a shifted or
     foreign export) printed the full PAN in the SETTLEMENT_INVALID message on stderr; a PAN as
     tid/mid passed and came back in every reconcile report row."""
-    from guard.reconcile import SettlementError, read_settlement
+    from guard.ops.reconcile import SettlementError, read_settlement
 
     row = dict(_ROW, **{column: value})
     p = tmp_path / "s.csv"
@@ -198,7 +198,7 @@ def test_settlement_errors_never_echo_a_card_number(tmp_path, column: str, value
 
 
 def test_settlement_keeps_echoing_short_bad_values(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from guard.reconcile import SettlementError, read_settlement
+    from guard.ops.reconcile import SettlementError, read_settlement
 
     p = tmp_path / "s.csv"
     p.write_text(",".join(_ROW) + "\n" + ",".join(dict(_ROW, amount="12.50")[c] for c in _ROW) + "\n")
@@ -221,7 +221,7 @@ def _cli(*args: object) -> tuple[int, str]:
 
 @pytest.fixture
 def journal(tmp_path, keys):  # type: ignore[no-untyped-def]
-    from guard.journal import Journal
+    from guard.journal.store import Journal
 
     Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0).close()
     return tmp_path / "j.db"
@@ -264,7 +264,7 @@ def test_key_and_signer_commands_bad_input_exit_2(tmp_path, keys) -> None:  # ty
 
 
 def test_config_signature_files_that_are_directories_are_config_errors(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
-    from guard.errors import PosguardError
+    from guard.core.errors import PosguardError
     from posguard.config_signing import check
 
     cfg = tmp_path / "guard.toml"
@@ -282,7 +282,7 @@ def test_config_signature_files_that_are_directories_are_config_errors(tmp_path,
                                   ["--port", "0", "--ledger", "/nonexistent-dir/ledger.json"],
                                   ["--port", "0", "--settlement", "/"]])
 def test_hostsim_bad_arguments_exit_2_before_serving(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
-    from guard.hostsim import main
+    from guard.simulation.hostsim import main
 
     with pytest.raises(SystemExit) as ei:
         main([*argv, "--duration", "0.1"])
@@ -295,7 +295,7 @@ def test_hostsim_ledger_write_failure_at_exit_is_reported(tmp_path, monkeypatch,
     stray temp file), after the whole run."""
     import errno
 
-    import guard.hostsim as hs
+    import guard.simulation.hostsim as hs
 
     def full(self, path):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -315,7 +315,7 @@ def test_hostsim_ledger_write_failure_at_exit_is_reported(tmp_path, monkeypatch,
 
 
 def test_readersim_boot_counter_out_of_range_is_a_usage_error() -> None:
-    from firmware_bridge.readersim import main
+    from guard.simulation.readersim import main
 
     for bad in ("-1", str(2**64)):
         with pytest.raises(SystemExit) as ei:
@@ -359,12 +359,12 @@ def test_daemon_start_on_an_edited_payload_is_journal_corrupt(tmp_path, keys, ol
     export --per entry and show --per entry did too on a payload that is not JSON."""
     from ops_support import MID, TID
 
-    from guard.engine import EngineConfig
-    from guard.errors import JournalError
-    from guard.export import entry_rows, load_view
-    from guard.iso import HostCodec
-    from guard.service import open_guard
-    from guard.uplink import Uplink
+    from guard.core.engine import EngineConfig
+    from guard.core.errors import JournalError
+    from guard.ops.export import entry_rows, load_view
+    from guard.hostlink.iso import HostCodec
+    from guard.runtime.service import open_guard
+    from guard.hostlink.uplink import Uplink
 
     path = _edited_journal(tmp_path, keys, old, new)
     with pytest.raises(JournalError) as ei:
@@ -391,10 +391,10 @@ def test_unmatched_response_does_not_journal_a_card_number_sent_as_merchant_id(t
     on a plain-TCP link) could get a 15-digit card number written in clear into the journal."""
     import random
 
-    from guard.engine import Append, Engine, EngineConfig
-    from guard.iso import HostCodec
-    from guard.journal import Journal
-    from guard.service import JournalCrypto
+    from guard.core.engine import Append, Engine, EngineConfig
+    from guard.hostlink.iso import HostCodec
+    from guard.journal.store import Journal
+    from guard.runtime.service import JournalCrypto
 
     amex = "378282246310005"
     j = Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0)
@@ -425,7 +425,7 @@ def test_hostsim_card_token_key_is_not_derivable_from_the_seed() -> None:
     import hashlib
     import hmac
 
-    from guard.hostsim import HostCore
+    from guard.simulation.hostsim import HostCore
 
     a, b = HostCore(seed=7, dup_detection=True), HostCore(seed=7, dup_detection=True)
     assert a._card_token(PAN) == a._card_token(PAN)  # stable within a run: counts per card still work
@@ -441,11 +441,11 @@ def test_an_over_long_host_field_is_malformed_not_a_journal_failure(tmp_path, ke
     engine treats the answer as malformed (journaled truncated, the sale reversed on timeout)."""
     import random
 
-    from guard.engine import Append, Engine, EngineConfig, SendHost
-    from guard.journal import Journal
-    from guard.model import CardData, Request, TxnKind, TxnState
-    from guard.policies import OFF
-    from guard.service import JournalCrypto
+    from guard.core.engine import Append, Engine, EngineConfig, SendHost
+    from guard.journal.store import Journal
+    from guard.core.model import CardData, Request, TxnKind, TxnState
+    from guard.core.policies import OFF
+    from guard.runtime.service import JournalCrypto
 
     pan = "4761739001010119"
     j = Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0)

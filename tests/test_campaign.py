@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.sim import HOST_FAULTS, SimConfig, run_seed
+from guard.simulation.deterministic import HOST_FAULTS, SimConfig, run_seed
 
 SALES_PER_SEED = 20
 TARGET_SALES = int(os.environ.get("POSGUARD_CAMPAIGN_SALES", "2000"))

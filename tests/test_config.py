@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.errors import ConfigError
+from guard.core.errors import ConfigError
 from posguard.config import documented_example, load, parse
 
 GOOD = {
@@ -105,13 +105,13 @@ def test_a_sale_over_a_hex_bitmap_spec_end_to_end(tmp_path: Path) -> None:
     import random
     import time
 
-    from guard.engine import EngineConfig
-    from guard.hostsim import HostCore, HostServer
-    from guard.iso import HostCodec, load_spec
-    from guard.keys import init_keys
-    from guard.model import CardData, Request, TxnKind, TxnState
-    from guard.policies import OFF
-    from guard.service import open_guard
+    from guard.core.engine import EngineConfig
+    from guard.simulation.hostsim import HostCore, HostServer
+    from guard.hostlink.iso import HostCodec, load_spec
+    from guard.journal.keys import init_keys
+    from guard.core.model import CardData, Request, TxnKind, TxnState
+    from guard.core.policies import OFF
+    from guard.runtime.service import open_guard
     from posguard.config import make_uplink
 
     core = HostCore(seed=1, dup_detection=True)

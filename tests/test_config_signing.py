@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from guard.journal import Journal
-from guard.keys import init_keys, load_keys
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys, load_keys
 from posguard.config_signing import init_signer, sign
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from guard.engine import Engine, EngineConfig
-from guard.hostsim import HostCore, HostServer
-from guard.iso import HostCodec
-from guard.journal import Journal
-from guard.keys import init_keys, load_keys
-from guard.model import TxnState
-from guard.service import JournalCrypto
-from guard.verify import verify_journal
+from guard.core.engine import Engine, EngineConfig
+from guard.simulation.hostsim import HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys, load_keys
+from guard.core.model import TxnState
+from guard.runtime.service import JournalCrypto
+from guard.journal.verify import verify_journal
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TID, MID = "CRASHT01", "CRASHMERCHANT01"

@@ -19,12 +19,12 @@ import pytest
 
 from firmware_bridge import messages as M
 from firmware_bridge.nullmodem import NullModem
-from firmware_bridge.readersim import LinkFaults, ReaderSim
+from guard.simulation.readersim import LinkFaults, ReaderSim
 from firmware_bridge.serial_port import open_port
-from guard.hostsim import HostCore, HostServer
-from guard.iso import HostCodec
-from guard.keys import init_keys
-from guard.model import TxnState
+from guard.simulation.hostsim import HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.keys import init_keys
+from guard.core.model import TxnState
 from posguard.config import parse
 from posguard.run import build
 
@@ -262,8 +262,8 @@ def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path
         done = r.confirm(second, timeout=10)
         assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED
         assert core.total_net_debits() == 2
-    from guard.journal import Journal
-    from guard.keys import load_keys
+    from guard.journal.store import Journal
+    from guard.journal.keys import load_keys
 
     j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id=TID)
     kinds = [(e.kind, e.payload.get("code")) for e in j.entries() if e.kind in ("held", "released")]
@@ -272,8 +272,8 @@ def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path
 
 
 def _journal_kinds(tmp_path: Path, *kinds: str) -> list[tuple[str, dict[str, Any]]]:
-    from guard.journal import Journal
-    from guard.keys import load_keys
+    from guard.journal.store import Journal
+    from guard.journal.keys import load_keys
 
     j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id=TID)
     try:

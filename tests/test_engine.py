@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from guard import constants as C
-from guard import iso
-from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
-from guard.errors import IdempotencyConflict
-from guard.policies import OFF
-from guard.model import CardData, Request, TxnKind, TxnState
+from guard.core import constants as C
+from guard.hostlink import iso
+from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.errors import IdempotencyConflict
+from guard.core.policies import OFF
+from guard.core.model import CardData, Request, TxnKind, TxnState
 
 NOW = 1_760_000_000.0
 CFG = EngineConfig("TERM0001", "MERCHANT0000001", host_timeout_s=5, reversal_timeout_s=5,
@@ -277,7 +277,7 @@ def test_final_transactions_are_evicted_and_read_back_for_idempotency_and_status
 
 
 def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
-    from guard.engine import KeyFilter
+    from guard.core.engine import KeyFilter
 
     f = KeyFilter()
     keys = [f"R1:{i:032x}" for i in range(100_000)]
@@ -315,7 +315,7 @@ def test_timers_find_the_one_sale_in_flight_among_thousands_of_final_ones() -> N
 def test_a_voided_sale_read_back_from_the_journal_still_names_its_void() -> None:
     """The link sale -> VOID lives in the sale's own reversal_pending record, so a sale rebuilt
     from its entries alone (evicted, archived) knows which VOID follows its reversal."""
-    from guard.engine import _rebuild
+    from guard.core.engine import _rebuild
 
     log = Log()
     e = engine(log)

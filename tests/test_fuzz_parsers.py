@@ -43,12 +43,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-import guard.iso as iso_mod
-import guard.verify as verify_mod
-from guard import constants as C
-from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
-from guard.errors import ConfigError, HostProtocolError, JournalError
-from guard.iso import (
+import guard.hostlink.iso as iso_mod
+import guard.journal.verify as verify_mod
+from guard.core import constants as C
+from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.errors import ConfigError, HostProtocolError, JournalError
+from guard.hostlink.iso import (
     HOST_BAD_LENGTH,
     HOST_FRAME_TRUNCATED,
     HostCodec,
@@ -56,11 +56,11 @@ from guard.iso import (
     HostMessage,
     swap_tpdu,
 )
-from guard.journal import Journal, _prepare
-from guard.keys import DeviceKeys, init_keys
-from guard.model import CardData, Request, TxnKind, TxnState
-from guard.policies import OFF
-from guard.verify import verify_journal
+from guard.journal.store import Journal, _prepare
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.core.model import CardData, Request, TxnKind, TxnState
+from guard.core.policies import OFF
+from guard.journal.verify import verify_journal
 from posguard.config import SCHEMA, Config, load, parse
 
 SCALE = float(os.environ.get("POSGUARD_FUZZ_SCALE", "1"))
@@ -82,9 +82,9 @@ def _documented_codes(doc: str, pattern: str) -> frozenset[str]:
     return frozenset(re.findall(pattern, doc))
 
 
-# The decoder's documented garbage codes (guard.errors.HostProtocolError), minus the encoder's own.
+# The decoder's documented garbage codes (guard.core.errors.HostProtocolError), minus the encoder's own.
 DECODER_CODES = _documented_codes(HostProtocolError.__doc__ or "", r"HOST_[A-Z_]+") - {"HOST_ENCODE_INVALID"}
-# guard.verify's documented reason codes: the first word of each line of its table.
+# guard.journal.verify's documented reason codes: the first word of each line of its table.
 VERIFY_REASONS = _documented_codes(verify_mod.__doc__ or "", r"(?m)^([A-Z][A-Z_]{4,}) +\S")
 
 

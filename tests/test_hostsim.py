@@ -1,5 +1,5 @@
-"""guard.hostsim: the ledger (debits, reversals, duplicate detection, tombstones), faults, and the
-TCP adapter end to end with guard.uplink on 127.0.0.1."""
+"""guard.simulation.hostsim: the ledger (debits, reversals, duplicate detection, tombstones), faults, and the
+TCP adapter end to end with guard.hostlink.uplink on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from guard.constants import REVERSAL_DONE_CODES
-from guard.errors import ConfigError
-from guard.hostsim import (
+from guard.core.constants import REVERSAL_DONE_CODES
+from guard.core.errors import ConfigError
+from guard.simulation.hostsim import (
     ACTION_CLOSE_MID_FRAME,
     ACTION_DROP,
     ACTION_GARBAGE,
@@ -31,7 +31,7 @@ from guard.hostsim import (
     build_arg_parser,
     main,
 )
-from guard.iso import (
+from guard.hostlink.iso import (
     HOST_FRAME_TRUNCATED,
     HOST_UNDECODABLE,
     HostCodec,
@@ -40,7 +40,7 @@ from guard.iso import (
     echo_mismatches,
     field90,
 )
-from guard.uplink import Disconnected, SendOutcome, Uplink
+from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
 
 PAN = "4111111111111111"
 PAN2 = "5500000000000004"
@@ -494,7 +494,7 @@ def test_main_serves_and_dumps_ledger_on_sigterm(tmp_path: Path) -> None:
     ledger, settle = tmp_path / "ledger.json", tmp_path / "settle.csv"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from guard.hostsim import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from guard.simulation.hostsim import main; sys.exit(main())",
          "--port", "0", "--seed", "3", "--ledger", str(ledger), "--settlement", str(settle)],
         stdout=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path),
     )

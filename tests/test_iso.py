@@ -1,4 +1,4 @@
-"""guard.iso: codec round trips, stream framing, every garbage code, helpers, fuzzing."""
+"""guard.hostlink.iso: codec round trips, stream framing, every garbage code, helpers, fuzzing."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.constants import HOST_MAX_MESSAGE, TPDU_LEN
-from guard.errors import ConfigError, HostProtocolError
-from guard.iso import (
+from guard.core.constants import HOST_MAX_MESSAGE, TPDU_LEN
+from guard.core.errors import ConfigError, HostProtocolError
+from guard.hostlink.iso import (
     HOST_BAD_LENGTH,
     HOST_BAD_MTI,
     HOST_BAD_TPDU,
@@ -218,7 +218,7 @@ def test_garbage_detail_never_echoes_decoder_data(monkeypatch: pytest.MonkeyPatc
     def leaky(s: bytes, spec: object) -> None:
         raise iso8583.DecodeError(f"Failed to decode field, bad value '{PAN}'", s, {}, {}, 7, "2")
 
-    monkeypatch.setattr("guard.iso.iso8583.decode", leaky)
+    monkeypatch.setattr("guard.hostlink.iso.iso8583.decode", leaky)
     g = only(codec.decoder("terminal").feed(frame))
     assert isinstance(g, HostGarbage) and g.code == HOST_UNDECODABLE
     assert "field 2 at offset 7: Failed to decode field" in g.detail and PAN not in g.detail
@@ -226,7 +226,7 @@ def test_garbage_detail_never_echoes_decoder_data(monkeypatch: pytest.MonkeyPatc
     def crash(s: bytes, spec: object) -> None:
         raise RuntimeError(PAN)
 
-    monkeypatch.setattr("guard.iso.iso8583.decode", crash)
+    monkeypatch.setattr("guard.hostlink.iso.iso8583.decode", crash)
     g = only(codec.decoder("terminal").feed(frame))
     assert isinstance(g, HostGarbage) and g.code == HOST_UNDECODABLE and PAN not in g.detail
 

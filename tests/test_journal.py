@@ -20,15 +20,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import guard.journal as journal_mod
-from guard.constants import (
+import guard.journal.store as journal_mod
+from guard.core.constants import (
     CHECKPOINT_DOMAIN,
     GENESIS_HASH,
     JOURNAL_HASH_DOMAIN,
     JOURNAL_RATCHET_LABEL,
 )
-from guard.errors import JournalDurabilityError, JournalError
-from guard.journal import (
+from guard.core.errors import JournalDurabilityError, JournalError
+from guard.journal.store import (
     AppendResult,
     Journal,
     VaultBlob,
@@ -37,8 +37,8 @@ from guard.journal import (
     mac_and_next,
     seal_vault,
 )
-from guard.keys import DeviceKeys, init_keys, load_keys
-from guard.verify import verify_journal
+from guard.journal.keys import DeviceKeys, init_keys, load_keys
+from guard.journal.verify import verify_journal
 
 ROOT = Path(__file__).resolve().parents[1]
 TID = "TERM0001"
@@ -307,8 +307,8 @@ def test_sigkill_before_commit_loses_the_whole_append(jpath: Path, keys: DeviceK
 import os, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from guard.journal import Journal
-from guard.keys import load_keys
+from guard.journal.store import Journal
+from guard.journal.keys import load_keys
 j = Journal.open(Path({str(jpath)!r}), load_keys(Path({str(tmp_path / "keys")!r})), terminal_id={TID!r})
 j._commit = lambda cur: os.kill(os.getpid(), signal.SIGKILL)
 b = j.seal_vault("R1:z", b"card")

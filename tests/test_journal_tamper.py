@@ -19,15 +19,15 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from guard.journal import (
+from guard.journal.store import (
     Journal,
     canonical_json,
     checkpoint_message,
     entry_body,
     entry_hash,
 )
-from guard.keys import DeviceKeys, init_keys
-from guard.verify import VerifyReport, verify_journal
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.journal.verify import VerifyReport, verify_journal
 
 TID = "TERM0001"
 T0 = 1_700_000_000.0

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.errors import KeyFileError
-from guard.keys import (
+from guard.core.errors import KeyFileError
+from guard.journal.keys import (
     K0_FILE,
     PUBLIC_FILE,
     SECRET_FILES,
@@ -208,8 +208,8 @@ def test_guard_fast_card_token_equals_the_reference_hmac() -> None:
     """JournalCrypto precomputes the HMAC pads for speed; it must give keys.card_token's value."""
     import os
 
-    from guard.keys import card_token
-    from guard.service import JournalCrypto
+    from guard.journal.keys import card_token
+    from guard.runtime.service import JournalCrypto
 
     for key in (os.urandom(32), os.urandom(64), os.urandom(80)):
         jc = JournalCrypto(None, key)  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from firmware_bridge.messages import (
     decode_message,
     encode_message,
 )
-from guard.model import TxnState
+from guard.core.model import TxnState
 
 STREAMS = 100_000
 SEED = 0x5EED_F022

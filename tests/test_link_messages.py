@@ -33,8 +33,8 @@ from firmware_bridge.messages import (
     result_message,
     to_request,
 )
-from guard.errors import IdempotencyConflict, LinkError, PosguardError, RequestInvalid
-from guard.model import Result, TxnKind, TxnState
+from guard.core.errors import IdempotencyConflict, LinkError, PosguardError, RequestInvalid
+from guard.core.model import Result, TxnKind, TxnState
 
 PAN = "4761739001010119"
 TXN = bytes.fromhex("00000000000000070000000000000001")

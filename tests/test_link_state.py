@@ -25,7 +25,7 @@ from firmware_bridge.frame import Frame, FrameParser, encode_frame
 from firmware_bridge.link import Acked, Delivered, LinkDown, LinkEndpoint, LinkEvent, LinkState, LinkUp, SendFailed
 from firmware_bridge.messages import Auth, decode_message, encode_message
 from firmware_bridge.serial_port import SerialLink, open_port
-from guard.errors import LinkError
+from guard.core.errors import LinkError
 
 AUTH = encode_message(Auth(bytes(range(16)), 1250, "978", "4761739001010119"))
 

@@ -11,18 +11,18 @@ from typing import Any
 
 import pytest
 
-from guard import constants as C
-from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
-from guard.errors import IdempotencyConflict, PosguardError
-from guard.export import load_view
-from guard.hostsim import HostCore
-from guard.iso import parse_field90
-from guard.journal import Journal
-from guard.keys import init_keys
-from guard.model import CardData, Request, TxnKind, TxnState
-from guard.policies import OFF, OfflineConfig, PolicyConfig
-from guard.service import JournalCrypto
-from guard.verify import verify_journal
+from guard.core import constants as C
+from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.errors import IdempotencyConflict, PosguardError
+from guard.ops.export import load_view
+from guard.simulation.hostsim import HostCore
+from guard.hostlink.iso import parse_field90
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys
+from guard.core.model import CardData, Request, TxnKind, TxnState
+from guard.core.policies import OFF, OfflineConfig, PolicyConfig
+from guard.runtime.service import JournalCrypto
+from guard.journal.verify import verify_journal
 
 TID, MID = "OPRULES1", "OPRULESMERCHANT"
 NOW = 1_760_000_000.0
@@ -335,8 +335,8 @@ def test_void_of_a_forwarded_offline_sale_reverses_the_advice(tmp_path: Path) ->
 
 
 def test_reconcile_leaves_an_offline_sale_in_flight_to_replay(tmp_path: Path) -> None:
-    from guard.export import TxnView
-    from guard.reconcile import NONE, _Host, _judge
+    from guard.ops.export import TxnView
+    from guard.ops.reconcile import NONE, _Host, _judge
 
     t = TxnView(key="R1:x", kind="SALE", state="DEFERRED", stan=7, date="1122", amount=3000, currency="978",
                 masked_pan="476173******0119", rc="", approval="", rrn="", reason="", tid=TID, mid=MID, original=None,

@@ -20,19 +20,19 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ops_support import MID, TID, Gen, cached_bulk, mixed_journal  # noqa: E402
 
-from guard.compact import archives_in, compact, verify_chain  # noqa: E402
-from guard.engine import Engine, EngineConfig  # noqa: E402
-from guard.errors import JournalError  # noqa: E402
-from guard.export import load_view  # noqa: E402
-from guard.hostsim import HostCore, HostServer  # noqa: E402
-from guard.iso import HostCodec  # noqa: E402
-from guard.journal import Journal  # noqa: E402
-from guard.keys import DeviceKeys, load_keys  # noqa: E402
-from guard.policies import OFF  # noqa: E402
-from guard.replay import open_replay, run_replay  # noqa: E402
-from guard.service import JournalCrypto  # noqa: E402
-from guard.uplink import Uplink  # noqa: E402
-from guard.verify import verify_journal  # noqa: E402
+from guard.ops.compact import archives_in, compact, verify_chain  # noqa: E402
+from guard.core.engine import Engine, EngineConfig  # noqa: E402
+from guard.core.errors import JournalError  # noqa: E402
+from guard.ops.export import load_view  # noqa: E402
+from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
+from guard.hostlink.iso import HostCodec  # noqa: E402
+from guard.journal.store import Journal  # noqa: E402
+from guard.journal.keys import DeviceKeys, load_keys  # noqa: E402
+from guard.core.policies import OFF  # noqa: E402
+from guard.ops.replay import open_replay, run_replay  # noqa: E402
+from guard.runtime.service import JournalCrypto  # noqa: E402
+from guard.hostlink.uplink import Uplink  # noqa: E402
+from guard.journal.verify import verify_journal  # noqa: E402
 from posguard.cli import main  # noqa: E402
 
 NOW = 1_800_000_000.0  # long after the generated sales
@@ -121,8 +121,8 @@ def test_guard_carries_on_after_compaction(mixed: tuple[Path, DeviceKeys, HostCo
         svc.close()
         from ops_support import PANS
 
-        from guard.model import CardData, Request, TxnKind
-        from guard.service import open_guard
+        from guard.core.model import CardData, Request, TxnKind
+        from guard.runtime.service import open_guard
 
         svc = open_guard(path, keys, ecfg, Uplink("127.0.0.1", port, HostCodec()), rng=random.Random(2))
         svc.run_until(lambda: svc.uplink.connected, 5)
@@ -343,7 +343,7 @@ def test_verify_chain_needs_every_archive(tmp_path: Path) -> None:
 
 
 def test_compaction_after_key_rotation(mixed: tuple[Path, DeviceKeys, HostCore], tmp_path: Path) -> None:
-    from guard.rotation import rotate_keys
+    from guard.ops.rotation import rotate_keys
 
     path, keys, _ = mixed
     original = keys.public_key
@@ -378,9 +378,9 @@ def test_archived_ids_stay_taken_after_compaction(tmp_path: Path) -> None:
     """A reader re-sending the id of a sale compaction archived gets the stored result (no new
     0200); the same id with another amount is IDEMPOTENCY_MISMATCH; STATUS still answers; with the
     archive file gone the request is refused (ARCHIVE_UNAVAILABLE), never taken as a new sale."""
-    from guard.errors import IdempotencyConflict, PosguardError
-    from guard.model import Request
-    from guard.service import open_guard
+    from guard.core.errors import IdempotencyConflict, PosguardError
+    from guard.core.model import Request
+    from guard.runtime.service import open_guard
 
     core = HostCore(seed=41, dup_detection=False)
     g = Gen(tmp_path / "g", core, t=time.time() - 3 * 86400)

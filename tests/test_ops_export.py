@@ -19,12 +19,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ops_support import MID, PANS, TID, cached_bulk, mixed_journal  # noqa: E402
 
-from guard.engine import Engine, EngineConfig  # noqa: E402
-from guard.export import build_view, load_view, parse_since  # noqa: E402
-from guard.hostsim import HostCore  # noqa: E402
-from guard.journal import Journal, looks_like_pan  # noqa: E402
-from guard.keys import load_keys  # noqa: E402
-from guard.service import JournalCrypto  # noqa: E402
+from guard.core.engine import Engine, EngineConfig  # noqa: E402
+from guard.ops.export import build_view, load_view, parse_since  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.journal.store import Journal, looks_like_pan  # noqa: E402
+from guard.journal.keys import load_keys  # noqa: E402
+from guard.runtime.service import JournalCrypto  # noqa: E402
 from posguard.cli import main  # noqa: E402
 
 

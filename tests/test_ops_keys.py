@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ops_support import TID, mixed_journal  # noqa: E402
 
-import guard.keys as keys_mod  # noqa: E402
-from guard.errors import JournalError  # noqa: E402
-from guard.hostsim import HostCore  # noqa: E402
-from guard.journal import Journal  # noqa: E402
-from guard.keys import (  # noqa: E402
+import guard.journal.keys as keys_mod  # noqa: E402
+from guard.core.errors import JournalError  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.journal.store import Journal  # noqa: E402
+from guard.journal.keys import (  # noqa: E402
     NEXT_SIGNING_FILE,
     PUBLIC_CHAIN_FILE,
     load_k0,
@@ -29,8 +29,8 @@ from guard.keys import (  # noqa: E402
     load_public_keys,
     public_key_hex,
 )
-from guard.rotation import rotate_keys  # noqa: E402
-from guard.verify import verify_journal  # noqa: E402
+from guard.ops.rotation import rotate_keys  # noqa: E402
+from guard.journal.verify import verify_journal  # noqa: E402
 from posguard.cli import main  # noqa: E402
 
 T = 1_720_000_000.0
@@ -148,7 +148,7 @@ def test_crash_after_the_journal_commit_is_finished_by_a_rerun(jk: tuple[Path, P
         raise OSError("power cut")
 
     if stop_after == "journal":
-        monkeypatch.setattr("guard.rotation.finish_rotation", no_finish)
+        monkeypatch.setattr("guard.ops.rotation.finish_rotation", no_finish)
     else:
         monkeypatch.setattr(keys_mod.os, "replace", replace)
     with pytest.raises(OSError):

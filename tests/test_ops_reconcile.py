@@ -20,15 +20,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ops_support import MID, TID, cached_bulk, guard_toml, mixed_journal, net_invariant, write_settlement  # noqa: E402
 
-from guard.engine import EngineConfig  # noqa: E402
-from guard.export import load_view  # noqa: E402
-from guard.hostsim import SETTLEMENT_COLUMNS, HostCore, HostServer  # noqa: E402
-from guard.iso import HostCodec  # noqa: E402
-from guard.keys import DeviceKeys  # noqa: E402
-from guard.policies import OFF  # noqa: E402
-from guard.reconcile import read_settlement, reconcile  # noqa: E402
-from guard.replay import open_replay, run_replay  # noqa: E402
-from guard.uplink import Uplink  # noqa: E402
+from guard.core.engine import EngineConfig  # noqa: E402
+from guard.ops.export import load_view  # noqa: E402
+from guard.simulation.hostsim import SETTLEMENT_COLUMNS, HostCore, HostServer  # noqa: E402
+from guard.hostlink.iso import HostCodec  # noqa: E402
+from guard.journal.keys import DeviceKeys  # noqa: E402
+from guard.core.policies import OFF  # noqa: E402
+from guard.ops.reconcile import read_settlement, reconcile  # noqa: E402
+from guard.ops.replay import open_replay, run_replay  # noqa: E402
+from guard.hostlink.uplink import Uplink  # noqa: E402
 from posguard.cli import main  # noqa: E402
 
 
@@ -168,7 +168,7 @@ def test_header_may_name_columns_by_iso_field_number(settled: tuple[Path, Path, 
 
 
 def test_settlement_columns_are_the_host_simulators() -> None:
-    from guard import reconcile as R
+    from guard.ops import reconcile as R
 
     assert R.SETTLEMENT_COLUMNS == SETTLEMENT_COLUMNS == ["date", "tid", "mid", "stan", "rrn", "amount", "type", "response"]
 
@@ -226,8 +226,8 @@ def test_apply_needs_config_and_a_free_journal(settled: tuple[Path, Path, HostCo
     j = tmp_path / "j.db"
     shutil.copy(path, j)
     cfg = guard_toml(tmp_path / "guard.toml", journal=j, keys=path.parent / "keys", port=9)
-    from guard.journal import Journal
-    from guard.keys import load_keys
+    from guard.journal.store import Journal
+    from guard.journal.keys import load_keys
 
     before = j.read_bytes()
     with Journal.open(j, load_keys(path.parent / "keys"), terminal_id=TID):

@@ -21,14 +21,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ops_support import TID, Gen, guard_toml, net_invariant  # noqa: E402
 
-from guard.export import load_view  # noqa: E402
-from guard.hostsim import HostCore, HostServer  # noqa: E402
-from guard.iso import HostCodec  # noqa: E402
-from guard.journal import Journal  # noqa: E402
-from guard.keys import load_keys  # noqa: E402
-from guard.replay import ReplayError, ReversalOnlyUplink  # noqa: E402
-from guard.uplink import Uplink  # noqa: E402
-from guard.verify import verify_journal  # noqa: E402
+from guard.ops.export import load_view  # noqa: E402
+from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
+from guard.hostlink.iso import HostCodec  # noqa: E402
+from guard.journal.store import Journal  # noqa: E402
+from guard.journal.keys import load_keys  # noqa: E402
+from guard.ops.replay import ReplayError, ReversalOnlyUplink  # noqa: E402
+from guard.hostlink.uplink import Uplink  # noqa: E402
+from guard.journal.verify import verify_journal  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("POSGUARD_REPLAY_KILLS", "50"))
@@ -267,8 +267,8 @@ def test_window_option_reaches_the_engine(tmp_path: Path) -> None:
 
 def offline_backlog(d: Path, core: HostCore, n: int) -> Gen:
     """``n`` sales approved offline (DEFERRED) while the host was unreachable."""
-    from guard.engine import EngineConfig
-    from guard.policies import OFF, OfflineConfig
+    from guard.core.engine import EngineConfig
+    from guard.core.policies import OFF, OfflineConfig
 
     ecfg = EngineConfig(TID, "OPSMERCHANT0001", policy=OFF, reversal_timeout_s=5.0, backoff_base_s=1.0, backoff_max_s=4.0,
                         offline=OfflineConfig(enabled=True, max_sale_amount=10**6, max_total_amount=10**9, max_count=10**5))

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 
-from guard.engine import Append, Engine, EngineConfig, Reply, SendHost
-from guard.errors import PosguardError
-from guard.hostsim import HostCore
-from guard.journal import Journal
-from guard.keys import init_keys
-from guard.model import CardData, Request, TxnKind, TxnState
-from guard.policies import OFF, PolicyConfig, VelocityLimit
-from guard.service import JournalCrypto
+from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.errors import PosguardError
+from guard.simulation.hostsim import HostCore
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys
+from guard.core.model import CardData, Request, TxnKind, TxnState
+from guard.core.policies import OFF, PolicyConfig, VelocityLimit
+from guard.runtime.service import JournalCrypto
 
 TID, MID = "POLICY01", "POLICYMERCHANT1"
 NOW = 1_760_000_000.0

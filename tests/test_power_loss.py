@@ -45,16 +45,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from guard.engine import Engine, EngineConfig
-from guard.hostsim import HostCore
-from guard.iso import HostCodec, HostMessage
-from guard.journal import Journal
-from guard.keys import DeviceKeys, init_keys, load_keys
-from guard.model import CardData, Request, Result, TxnKind, TxnState
-from guard.policies import OFF
-from guard.service import JournalCrypto, open_guard
-from guard.uplink import SendOutcome
-from guard.verify import verify_journal
+from guard.core.engine import Engine, EngineConfig
+from guard.simulation.hostsim import HostCore
+from guard.hostlink.iso import HostCodec, HostMessage
+from guard.journal.store import Journal
+from guard.journal.keys import DeviceKeys, init_keys, load_keys
+from guard.core.model import CardData, Request, Result, TxnKind, TxnState
+from guard.core.policies import OFF
+from guard.runtime.service import JournalCrypto, open_guard
+from guard.hostlink.uplink import SendOutcome
+from guard.journal.verify import verify_journal
 
 SHIM_SRC = Path(__file__).with_name("powerloss_shim.c")
 TID, MID = "PWRLOSS1", "PWRLOSSMERCHANT"
@@ -111,8 +111,8 @@ def child_run(cmd: dict[str, Any]) -> None:
     """One child: open (and recover) the journal, run sales, report ACK/SENT lines on fd 1."""
     for k, v in cmd["env"].items():
         os.environ[k] = v  # putenv: the shim re-reads its settings in this new pid
-    import guard.journal as gj
-    import guard.service as gs
+    import guard.journal.store as gj
+    import guard.runtime.service as gs
 
     if cmd["sync"] != "FULL":  # the deliberately broken journal, patched here only
         gj.REQUIRED_PRAGMAS = tuple(("synchronous", cmd["sync"], {"NORMAL": 1, "OFF": 0}[cmd["sync"]])

@@ -16,7 +16,7 @@ from firmware_bridge import constants as K
 from firmware_bridge.constants import FLAG_RETRANSMISSION, STATE_CODES, FrameType, MsgType, Tag
 from firmware_bridge.frame import Frame, FrameError, FrameParser, crc16, encode_frame, stuff
 from firmware_bridge.messages import MESSAGE_CLASSES, Auth, Message, Ping, ResultMessage, Status, decode_message, encode_message
-from guard.model import TxnState
+from guard.core.model import TxnState
 
 DOC = Path(__file__).resolve().parents[1] / "firmware_bridge" / "PROTOCOL.md"
 TEXT = DOC.read_text(encoding="utf-8")

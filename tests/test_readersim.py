@@ -39,7 +39,7 @@ from firmware_bridge.messages import (
     decode_message,
     encode_message,
 )
-from firmware_bridge.readersim import (
+from guard.simulation.readersim import (
     TEST_PAN,
     LinkFaults,
     ReaderSim,
@@ -49,7 +49,7 @@ from firmware_bridge.readersim import (
     split_frames,
 )
 from firmware_bridge.serial_port import open_port
-from guard.model import TxnState, mask_pan
+from guard.core.model import TxnState, mask_pan
 
 T2 = 0.2
 READER = "READER01"

@@ -14,14 +14,14 @@ from typing import Callable
 
 import pytest
 
-from guard.engine import EngineConfig
-from guard.hostsim import HostCore
-from guard.iso import HostCodec, HostMessage
-from guard.keys import init_keys
-from guard.model import CardData, Request, TxnKind, TxnState
-from guard.policies import OFF
-from guard.service import open_guard
-from guard.uplink import Uplink
+from guard.core.engine import EngineConfig
+from guard.simulation.hostsim import HostCore
+from guard.hostlink.iso import HostCodec, HostMessage
+from guard.journal.keys import init_keys
+from guard.core.model import CardData, Request, TxnKind, TxnState
+from guard.core.policies import OFF
+from guard.runtime.service import open_guard
+from guard.hostlink.uplink import Uplink
 
 TID, MID = "BADHOST1", "BADHOSTMERCHANT"
 PAN = "4761739001010119"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from guard import engine as E
-from guard.sim import SimConfig, run_seed
+from guard.core import engine as E
+from guard.simulation.deterministic import SimConfig, run_seed
 
 EXTRA_SEEDS = int(os.environ.get("POSGUARD_SIM_SEEDS", "400"))
 

@@ -1,4 +1,4 @@
-"""guard.uplink: real loopback sockets, TLS and mTLS with throwaway certificates, send outcomes."""
+"""guard.hostlink.uplink: real loopback sockets, TLS and mTLS with throwaway certificates, send outcomes."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from guard.errors import KeyFileError
-from guard.hostsim import HostCore, HostServer, make_server_context
-from guard.iso import HOST_BAD_LENGTH, HOST_FRAME_TRUNCATED, HostCodec, HostGarbage, HostMessage, echo_mismatches
-from guard.uplink import (
+from guard.core.errors import KeyFileError
+from guard.simulation.hostsim import HostCore, HostServer, make_server_context
+from guard.hostlink.iso import HOST_BAD_LENGTH, HOST_FRAME_TRUNCATED, HostCodec, HostGarbage, HostMessage, echo_mismatches
+from guard.hostlink.uplink import (
     CONNECT_REFUSED,
     DISC_EOF,
     DISC_FRAMING,

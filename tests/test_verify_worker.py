@@ -1,4 +1,4 @@
-"""The MAC worker of ``guard.verify``: the same reports as the in-process scan, whatever the tampering.
+"""The MAC worker of ``guard.journal.verify``: the same reports as the in-process scan, whatever the tampering.
 
 Every tamper test of test_journal_tamper runs again here with the worker forced on and tiny batches
 (so batch boundaries fall everywhere); random row mutations compare the two scans report by report;
@@ -20,10 +20,10 @@ from test_fuzz_parsers import fuzz, journal_ops, journal_template, mutate_journa
 from test_journal_tamper import *  # noqa: F403  (the tamper tests, collected again under the worker)
 from test_journal_tamper import T0, TID, _rec, attacker, jf, template  # noqa: F401 (fixtures)
 
-import guard.verify as verify_mod
-from guard.journal import Journal
-from guard.keys import DeviceKeys, init_keys
-from guard.verify import VerifyReport, verify_journal
+import guard.journal.verify as verify_mod
+from guard.journal.store import Journal
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.journal.verify import VerifyReport, verify_journal
 
 STARTS: list[int] = []
 

@@ -26,15 +26,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guard.engine import Engine, EngineConfig  # noqa: E402
-from guard.hostsim import HostCore  # noqa: E402
-from guard.iso import HostCodec, HostMessage  # noqa: E402
-from guard.journal import Journal  # noqa: E402
-from guard.keys import init_keys  # noqa: E402
-from guard.policies import OFF, PolicyConfig, VelocityLimit  # noqa: E402
-from guard.model import CardData, Request, TxnKind, TxnState  # noqa: E402
-from guard.service import GuardService, JournalCrypto  # noqa: E402
-from guard.uplink import SendOutcome  # noqa: E402
+from guard.core.engine import Engine, EngineConfig  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.hostlink.iso import HostCodec, HostMessage  # noqa: E402
+from guard.journal.store import Journal  # noqa: E402
+from guard.journal.keys import init_keys  # noqa: E402
+from guard.core.policies import OFF, PolicyConfig, VelocityLimit  # noqa: E402
+from guard.core.model import CardData, Request, TxnKind, TxnState  # noqa: E402
+from guard.runtime.service import GuardService, JournalCrypto  # noqa: E402
+from guard.hostlink.uplink import SendOutcome  # noqa: E402
 
 TID, MID = "BENCH001", "BENCHMERCHANT01"
 
@@ -148,8 +148,8 @@ def run(sales: int, workdir: Path, policy: PolicyConfig | None = None, history: 
 
 def fill_history(journal: Journal, token_key: bytes, n: int, now: float) -> None:
     """``n`` past approved sales, one every 20 s up to now, written in large batches (test data)."""
-    from guard.keys import card_token
-    from guard.model import fingerprint
+    from guard.journal.keys import card_token
+    from guard.core.model import fingerprint
 
     tokens = [card_token(token_key, f"476173900{i:07d}") for i in range(5000)]
     batch: list[tuple[str, str | None, dict[str, Any]]] = []

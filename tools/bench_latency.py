@@ -33,9 +33,9 @@ from firmware_bridge.constants import FrameType  # noqa: E402
 from firmware_bridge.link import Delivered, LinkEndpoint  # noqa: E402
 from firmware_bridge.nullmodem import NullModem  # noqa: E402
 from firmware_bridge.serial_port import open_port  # noqa: E402
-from guard.hostsim import HostCore  # noqa: E402
-from guard.iso import HostCodec, HostMessage  # noqa: E402
-from guard.keys import init_keys  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.hostlink.iso import HostCodec, HostMessage  # noqa: E402
+from guard.journal.keys import init_keys  # noqa: E402
 from posguard.config import parse  # noqa: E402
 from posguard.run import build  # noqa: E402
 

@@ -60,21 +60,21 @@ def _bench_engine() -> Any:
 BE = _bench_engine()
 InProcessUplink, machine = BE.InProcessUplink, BE.machine
 
-from guard.engine import Engine, EngineConfig
-from guard.hostsim import HostCore
-from guard.iso import HostCodec
-from guard.journal import Journal
-from guard.keys import init_keys
-from guard.model import CardData, Request, TxnKind
-from guard.policies import OFF, PolicyConfig
-from guard.service import JournalCrypto, open_guard
+from guard.core.engine import Engine, EngineConfig
+from guard.simulation.hostsim import HostCore
+from guard.hostlink.iso import HostCodec
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys
+from guard.core.model import CardData, Request, TxnKind
+from guard.core.policies import OFF, PolicyConfig
+from guard.runtime.service import JournalCrypto, open_guard
 
 TID, MID = "MEMBENCH", "MEMBENCHMERCH01"
 PROVISION = """import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from guard.journal import Journal
-from guard.keys import load_keys
+from guard.journal.store import Journal
+from guard.journal.keys import load_keys
 Journal.create(Path(sys.argv[3]), load_keys(Path(sys.argv[2])), terminal_id=sys.argv[4], now=float(sys.argv[5])).close()
 """
 T0 = 1_760_000_000.0

@@ -1,6 +1,6 @@
 """Benchmark the operator commands, each beside a baseline measured in the same run (medians).
 
-1. verify: entries/s of chain + MAC verification (guard.verify) of a journal of engine-format
+1. verify: entries/s of chain + MAC verification (guard.journal.verify) of a journal of engine-format
    sales, beside a bare SHA-256 loop over exactly the bytes each entry hash covers (in memory).
    Target >= 100,000 entries/s.
 2. replay: items/s draining a 5,000-item reversal backlog (left by an outage: answers lost after
@@ -38,16 +38,16 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from ops_support import MID, TID, Gen, bulk_journal  # noqa: E402
 
-from guard import constants as C  # noqa: E402
-from guard.engine import EngineConfig  # noqa: E402
-from guard.export import load_view  # noqa: E402
-from guard.hostsim import HostCore, HostServer  # noqa: E402
-from guard.iso import HostCodec, field90  # noqa: E402
-from guard.keys import init_keys, load_keys  # noqa: E402
-from guard.policies import OFF  # noqa: E402
-from guard.replay import open_replay, run_replay  # noqa: E402
-from guard.uplink import Uplink  # noqa: E402
-from guard.verify import verify_journal  # noqa: E402
+from guard.core import constants as C  # noqa: E402
+from guard.core.engine import EngineConfig  # noqa: E402
+from guard.ops.export import load_view  # noqa: E402
+from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
+from guard.hostlink.iso import HostCodec, field90  # noqa: E402
+from guard.journal.keys import init_keys, load_keys  # noqa: E402
+from guard.core.policies import OFF  # noqa: E402
+from guard.ops.replay import open_replay, run_replay  # noqa: E402
+from guard.hostlink.uplink import Uplink  # noqa: E402
+from guard.journal.verify import verify_journal  # noqa: E402
 
 med = statistics.median
 

@@ -27,10 +27,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guard.constants import JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
-from guard.journal import Journal, entry_body
-from guard.keys import DeviceKeys, init_keys
-from guard.verify import verify_journal
+from guard.core.constants import JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
+from guard.journal.store import Journal, entry_body
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.journal.verify import verify_journal
 
 
 def _payload(i: int) -> dict[str, object]:

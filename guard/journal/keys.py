@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .errors import KeyFileError
+from guard.core.errors import KeyFileError
 
 SIGNING_FILE = "signing.key"
 TOKEN_FILE = "token.key"
@@ -200,7 +200,7 @@ def _fsync_dir(dir: Path) -> None:
         os.close(fd)
 
 
-# --- rotation and auditor export (guard.rotation drives the journal side) ---------------------
+# --- rotation and auditor export (guard.ops.rotation drives the journal side) ---------------------
 #
 # A rotation in progress is visible on disk: ``signing.key.next`` (0600) and ``verify.pub.next``
 # hold the new key until the journal has recorded it; then ``verify.pubs`` (the public key chain,

@@ -70,7 +70,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from .constants import (
+from guard.core.constants import (
     F_AMOUNT,
     F_MERCHANT_ID,
     F_NET_MGMT_CODE,
@@ -94,8 +94,8 @@ from .constants import (
     RC_ORIGINAL_NOT_FOUND,
     RC_TOO_LATE,
 )
-from .errors import ConfigError, HostProtocolError, KeyFileError
-from .iso import (
+from guard.core.errors import ConfigError, HostProtocolError, KeyFileError
+from guard.hostlink.iso import (
     CodecError,
     FrameDecoder,
     HostCodec,
@@ -109,9 +109,9 @@ from .iso import (
     swap_tpdu,
     transmission_dt,
 )
-from .model import mask_pan
+from guard.core.model import mask_pan
 
-# Response codes used only by the simulator (not in guard.constants).
+# Response codes used only by the simulator (not in guard.core.constants).
 RC_INVALID_TRANSACTION = "12"  # MTI we do not process
 RC_FORMAT_ERROR = "30"  # a required field is missing or malformed
 RC_TOMBSTONED = RC_TOO_LATE  # original arrived after its own reversal

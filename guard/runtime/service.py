@@ -14,12 +14,12 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
-from .engine import Action, Append, Engine, Reply, SendHost, card_from_plaintext
-from .journal import Journal
-from .keys import CARD_TOKEN_HEX_LEN
-from .model import Result
-from .uplink import Disconnected, SendOutcome, Uplink
-from .iso import HostGarbage, HostMessage
+from guard.core.engine import Action, Append, Engine, Reply, SendHost, card_from_plaintext
+from guard.journal.store import Journal
+from guard.journal.keys import CARD_TOKEN_HEX_LEN
+from guard.core.model import Result
+from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
+from guard.hostlink.iso import HostGarbage, HostMessage
 
 log = logging.getLogger("posguard.service")
 REPLIES_KEPT = 1024  # latest results kept for callers polling by key; older ones: engine.status(key)
@@ -226,7 +226,7 @@ def open_guard(
     """
     from pathlib import Path
 
-    from .engine import Engine
+    from guard.core.engine import Engine
 
     path = Path(journal_path)
     if path.exists():

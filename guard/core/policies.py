@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from .model import TxnKind, TxnState
+from guard.core.model import TxnKind, TxnState
 
 
 class Action(str, enum.Enum):

@@ -58,12 +58,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .errors import JournalError
-from .export import JournalView, build_view, iter_entries, open_readonly, read_meta
-from .journal import CHECKPOINT_KIND, ROLE_ARCHIVE, ROTATION_KIND, SEGMENT_KIND, Journal
-from .keys import DeviceKeys
-from .model import TxnState
-from .verify import VerifyReport, verify_journal
+from guard.core.errors import JournalError
+from guard.ops.export import JournalView, build_view, iter_entries, open_readonly, read_meta
+from guard.journal.store import CHECKPOINT_KIND, ROLE_ARCHIVE, ROTATION_KIND, SEGMENT_KIND, Journal
+from guard.journal.keys import DeviceKeys
+from guard.core.model import TxnState
+from guard.journal.verify import VerifyReport, verify_journal
 
 DAY_S = 86_400.0
 NOT_COPIED = (CHECKPOINT_KIND, SEGMENT_KIND, ROTATION_KIND)

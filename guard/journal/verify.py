@@ -20,7 +20,7 @@ RATCHET_MISMATCH the stored ratchet state is not k_{last+1} / next_seq = last+1
 UNREADABLE       SQLite cannot read the file or the journal tables
 ANCHOR_ELSEWHERE the anchor covers an entry before this file's segment start (it lies in an archive)
 
-Segments (guard.journal, guard.compact): a file whose first entry is a ``segment`` record at
+Segments (guard.journal.store, guard.ops.compact): a file whose first entry is a ``segment`` record at
 seq S > 1 is verified from there: its prev_hash must be the record's ``covers_hash``, its MAC
 uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's.
 An archive (meta ``segment_role`` = archive) stores a commitment to k_{last+1} in its ratchet row.
@@ -44,9 +44,9 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
-from .errors import JournalError
-from .journal import (
+from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
+from guard.core.errors import JournalError
+from guard.journal.store import (
     _PAD5C,
     _PAD36,
     _XOR5C,
@@ -68,7 +68,7 @@ from .journal import (
     rotation_message,
     segment_message,
 )
-from .keys import public_key_hex
+from guard.journal.keys import public_key_hex
 
 PROGRESS_EVERY = 16_384
 _SELECT = "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries"

@@ -2,17 +2,17 @@
 
 Order, each step idempotent so an interrupted rotation is finished by running it again:
 
-1. ``guard.keys.rotation_keys``: the new Ed25519 key is written as ``signing.key.next`` (0600) and
+1. ``guard.journal.keys.rotation_keys``: the new Ed25519 key is written as ``signing.key.next`` (0600) and
    ``verify.pub.next``, or a pending one is reused.
 2. The journal (opened exclusively) records the rotation in one commit
    (``Journal.rotate_signing_key``): ``key_rotation`` entry, checkpoint by the old key covering
    it, checkpoint by the new key. Skipped if the journal already names the new key.
-3. ``guard.keys.finish_rotation``: ``verify.pubs`` gains the new key; ``verify.pub`` then
+3. ``guard.journal.keys.finish_rotation``: ``verify.pubs`` gains the new key; ``verify.pub`` then
    ``signing.key`` are replaced by atomic renames.
 
 Between 2 and 3 the daemon refuses to start (its old key does not verify the newest checkpoint:
 JOURNAL_KEY_MISMATCH), so it never signs with a retired key. Verifiers follow the chain recorded
-in the journal (``guard.verify``): checkpoints before the rotation verify with the old key.
+in the journal (``guard.journal.verify``): checkpoints before the rotation verify with the old key.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import JournalError
-from .export import read_meta
-from .journal import Journal
-from .keys import DeviceKeys, finish_rotation, public_key_hex, rotation_keys
+from guard.core.errors import JournalError
+from guard.ops.export import read_meta
+from guard.journal.store import Journal
+from guard.journal.keys import DeviceKeys, finish_rotation, public_key_hex, rotation_keys
 
 
 @dataclass

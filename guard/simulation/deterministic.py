@@ -41,16 +41,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import constants as C
-from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost, Txn, _rebuild, card_from_plaintext
-from .errors import PosguardError
-from .hostsim import HostCore
-from .journal import Journal
-from .keys import DeviceKeys, init_keys
-from .policies import OFF, OfflineConfig
-from .model import CardData, Request, Result, TxnKind, TxnState
-from .service import JournalCrypto
-from .verify import verify_journal
+from guard.core import constants as C
+from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost, Txn, _rebuild, card_from_plaintext
+from guard.core.errors import PosguardError
+from guard.simulation.hostsim import HostCore
+from guard.journal.store import Journal
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.core.policies import OFF, OfflineConfig
+from guard.core.model import CardData, Request, Result, TxnKind, TxnState
+from guard.runtime.service import JournalCrypto
+from guard.journal.verify import verify_journal
 
 TID = "SIMTERM1"
 MID = "SIMMERCHANT0001"

@@ -2,7 +2,7 @@
 
 Needs no keys and never opens the vault: it reads the ``entries`` table through a read-only
 SQLite connection and rebuilds every transaction's state with the engine's own restore
-(``guard.engine.Engine.restore``), so a state shown here is exactly the state the guard would
+(``guard.core.engine.Engine.restore``), so a state shown here is exactly the state the guard would
 recover. Entries hold masked PANs and keyed card tokens only, never a clear PAN.
 
 Per transaction: txn, kind, state, stan, date (MMDD of field 7, the host's ledger date), amount,
@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from .engine import Engine, EngineConfig
-from .errors import JournalError, PosguardError
-from .journal import CHECKPOINT_KIND, _connect, canonical_json
-from .model import TxnKind, TxnState
-from .policies import OFF
+from guard.core.engine import Engine, EngineConfig
+from guard.core.errors import JournalError, PosguardError
+from guard.journal.store import CHECKPOINT_KIND, _connect, canonical_json
+from guard.core.model import TxnKind, TxnState
+from guard.core.policies import OFF
 
 TXN_COLUMNS = ["txn", "kind", "state", "stan", "date", "amount", "currency", "masked_pan", "rc", "approval", "rrn",
                "reason", "signature", "created", "updated", "entries", "history"]
@@ -207,7 +207,7 @@ def recorded_archives(path: Path) -> list[str]:
 def build_view(meta: dict[str, str], entries: Iterable[Any], progress: Callable[[int, int], None] | None = None,
                total: int = 0) -> JournalView:
     """The engine's restore for states plus (seq, kind, ts) per transaction, in one pass over
-    ``entries`` (objects with seq, ts, kind, txn, payload: ``Rec`` or ``guard.journal.Entry``)."""
+    ``entries`` (objects with seq, ts, kind, txn, payload: ``Rec`` or ``guard.journal.store.Entry``)."""
     hist: dict[str, list[tuple[int, str, float]]] = {}
     ids: dict[str, tuple[str, str]] = {}
     count, lo, hi = 0, 0, 0

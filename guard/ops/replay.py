@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import Action, Append, Engine, EngineConfig, Reply, SendHost
-from .errors import PosguardError
-from .iso import HostGarbage, HostMessage
-from .journal import Journal, canonical_json
-from .keys import DeviceKeys
-from .model import TxnState
-from .service import GuardService, JournalCrypto
-from .uplink import Disconnected, SendOutcome, Uplink
+from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.errors import PosguardError
+from guard.hostlink.iso import HostGarbage, HostMessage
+from guard.journal.store import Journal, canonical_json
+from guard.journal.keys import DeviceKeys
+from guard.core.model import TxnState
+from guard.runtime.service import GuardService, JournalCrypto
+from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
 
 ALLOWED_MTIS = frozenset({"0220", "0400", "0401", "0800"})
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)

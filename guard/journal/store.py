@@ -7,7 +7,7 @@ that catches truncation and rollback. Card data needed before authorization comp
 AES-GCM encrypted in ``vault`` and is shredded once the transaction is final; entries only hold
 its ``ref`` so verification survives shredding.
 
-Entry format (what ``guard.verify`` recomputes)::
+Entry format (what ``guard.journal.verify`` recomputes)::
 
     body       = '{"kind":K,"payload":P,"ts":T,"txn":X}'   # canonical JSON, P = stored text verbatim
     entry_hash = SHA256(JOURNAL_HASH_DOMAIN || seq (8 bytes BE) || prev_hash || body)
@@ -41,7 +41,7 @@ from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .constants import (
+from guard.core.constants import (
     CHECKPOINT_DOMAIN,
     CHECKPOINT_EVERY_ENTRIES,
     CHECKPOINT_EVERY_S,
@@ -50,9 +50,9 @@ from .constants import (
     JOURNAL_RATCHET_LABEL,
     JOURNAL_SCHEMA_VERSION,
 )
-from .errors import JournalDurabilityError, JournalError, PosguardError
-from .keys import DeviceKeys, public_key_hex
-from .model import txn_key_hash
+from guard.core.errors import JournalDurabilityError, JournalError, PosguardError
+from guard.journal.keys import DeviceKeys, public_key_hex
+from guard.core.model import txn_key_hash
 
 CHECKPOINT_KIND = "checkpoint"
 CHECKPOINT_FIELDS = ("counter", "covers_hash", "covers_seq", "terminal", "time")
@@ -90,7 +90,7 @@ _INSERT_ENTRY = (
 )
 
 
-# --- format: shared with guard.verify --------------------------------------------------------
+# --- format: shared with guard.journal.verify --------------------------------------------------------
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
@@ -713,7 +713,7 @@ class Journal:
         problems = [r[0] for r in rows]
         return [] if problems == ["ok"] else problems
 
-    # -- operator extensions (guard.compact, guard.rotation, guard.replay): exclusive access,
+    # -- operator extensions (guard.ops.compact, guard.ops.rotation, guard.ops.replay): exclusive access,
     #    signing-key rotation, archive segments. Formats: see "segments" below the class.
 
     @classmethod
@@ -929,10 +929,10 @@ class Journal:
         return rows[0][0], len(carried)
 
 
-# --- segments: archives, carry-over and key rotation (shared with guard.verify) --------------
+# --- segments: archives, carry-over and key rotation (shared with guard.journal.verify) --------------
 #
 # The journal is ONE logical chain: seq, prev_hash and the MAC ratchet k_seq (from k0) never
-# restart. Compaction (guard.compact) cuts it into files: an archive holds a verbatim range of
+# restart. Compaction (guard.ops.compact) cuts it into files: an archive holds a verbatim range of
 # entries (the first archive starts at the genesis checkpoint); the live file then starts with
 # a signed ``segment`` record at the next seq (covers the archive's last entry, carries the
 # checkpoint counter, the key in force and every key rotation so far), followed by verbatim

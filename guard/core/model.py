@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RequestInvalid
+from guard.core.errors import RequestInvalid
 
 
 class TxnKind(str, enum.Enum):

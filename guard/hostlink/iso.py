@@ -12,7 +12,7 @@ Framing rules (shared/design/iso8583-reversals.md, "Framing to the host"):
 
 Stream health: after ``HOST_BAD_LENGTH`` the decoder cannot know where the next frame starts, so
 it marks itself ``broken`` and ignores further input. The adapter must drop the connection and
-reconnect (``guard.uplink.Uplink.poll`` does this). Every other garbage code skips exactly one
+reconnect (``guard.hostlink.uplink.Uplink.poll`` does this). Every other garbage code skips exactly one
 frame and the stream stays usable.
 
 Card data: ``HostGarbage`` never carries raw bytes (they could hold a PAN); it carries a
@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import iso8583
 import iso8583.specs
 
-from .constants import (
+from guard.core.constants import (
     ECHO_FIELDS,
     F_ORIGINAL_DATA,
     F_PAN,
@@ -44,10 +44,10 @@ from .constants import (
     TPDU_ID,
     TPDU_LEN,
 )
-from .errors import ConfigError, HostProtocolError
-from .model import mask_pan
+from guard.core.errors import ConfigError, HostProtocolError
+from guard.core.model import mask_pan
 
-# Stable garbage codes (documented on guard.errors.HostProtocolError).
+# Stable garbage codes (documented on guard.core.errors.HostProtocolError).
 HOST_FRAME_TRUNCATED = "HOST_FRAME_TRUNCATED"
 HOST_BAD_LENGTH = "HOST_BAD_LENGTH"
 HOST_BAD_TPDU = "HOST_BAD_TPDU"

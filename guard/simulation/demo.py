@@ -31,17 +31,17 @@ from rich.table import Table
 
 from firmware_bridge import messages as M
 from firmware_bridge.nullmodem import NullModem
-from firmware_bridge.readersim import LinkFaults, ReaderSim
+from guard.simulation.readersim import LinkFaults, ReaderSim
 from firmware_bridge.serial_port import open_port
-from guard.engine import Engine, EngineConfig
-from guard.errors import PosguardError
-from guard.hostsim import HostCore, HostServer
-from guard.iso import HostCodec
-from guard.journal import Journal
-from guard.keys import init_keys, load_keys
-from guard.model import TxnState
-from guard.service import JournalCrypto
-from guard.verify import verify_journal
+from guard.core.engine import Engine, EngineConfig
+from guard.core.errors import PosguardError
+from guard.simulation.hostsim import HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys, load_keys
+from guard.core.model import TxnState
+from guard.runtime.service import JournalCrypto
+from guard.journal.verify import verify_journal
 
 TID = "DEMO0001"
 MID = "DEMOMERCHANT001"

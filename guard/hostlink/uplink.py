@@ -27,8 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from .errors import KeyFileError
-from .iso import FrameDecoder, HostCodec, HostGarbage, HostMessage
+from guard.core.errors import KeyFileError
+from guard.hostlink.iso import FrameDecoder, HostCodec, HostGarbage, HostMessage
 
 RECV_CHUNK = 65536
 MAX_READS_PER_POLL = 16  # bounds one poll() to ~1 MiB so a chatty host cannot starve the loop

@@ -30,10 +30,10 @@ from typing import Self
 
 import serial
 
-from guard.errors import LinkError
-from guard.model import TxnState, mask_pan
+from guard.core.errors import LinkError
+from guard.core.model import TxnState, mask_pan
 
-from .constants import (
+from firmware_bridge.constants import (
     DEFAULT_BAUDRATE,
     DLE,
     ERR_TXN_UNKNOWN,
@@ -45,9 +45,9 @@ from .constants import (
     FrameType,
     Tag,
 )
-from .frame import Frame, FrameError, FrameParser, encode_frame
-from .link import Acked, Delivered, LinkDown, LinkEndpoint, LinkEvent, LinkState, LinkUp, SendFailed
-from .messages import (
+from firmware_bridge.frame import Frame, FrameError, FrameParser, encode_frame
+from firmware_bridge.link import Acked, Delivered, LinkDown, LinkEndpoint, LinkEvent, LinkState, LinkUp, SendFailed
+from firmware_bridge.messages import (
     TAG_CODECS,
     Auth,
     Cancel,
@@ -66,7 +66,7 @@ from .messages import (
     decode_message,
     encode_message,
 )
-from .serial_port import open_port
+from firmware_bridge.serial_port import open_port
 
 log = logging.getLogger("posguard.readersim")
 

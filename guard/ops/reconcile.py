@@ -1,6 +1,6 @@
 """Reconcile the journal with the acquirer's settlement report.
 
-Settlement CSV (exactly ``guard.hostsim.write_settlement_csv``): a header line naming at least
+Settlement CSV (exactly ``guard.simulation.hostsim.write_settlement_csv``): a header line naming at least
 ``date,tid,mid,stan,rrn,amount,type,response`` (any order; other columns are ignored), then one
 row per host event in arrival order:
 
@@ -52,14 +52,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PosguardError
-from .export import JournalView, TxnView, build_view, is_void
-from .hostsim import SETTLEMENT_COLUMNS
+from guard.core.errors import PosguardError
+from guard.ops.export import JournalView, TxnView, build_view, is_void
+from guard.simulation.hostsim import SETTLEMENT_COLUMNS
 
 # Header names a host report may use instead: the ISO 8583 field numbers (41, 42, 11, 37, 39, 4).
 COLUMN_ALIASES = {"41": "tid", "42": "mid", "11": "stan", "37": "rrn", "39": "response", "4": "amount"}
-from .journal import Journal
-from .model import TxnState, mask_pan
+from guard.journal.store import Journal
+from guard.core.model import TxnState, mask_pan
 
 QUEUE_REVERSAL = "QUEUE_REVERSAL"
 FLAG_REFUND = "FLAG_REFUND"

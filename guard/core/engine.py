@@ -18,11 +18,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol, Sequence, Union
 
-from . import constants as C
-from . import iso
-from .errors import IdempotencyConflict, JournalError, PosguardError, RequestInvalid
-from .policies import Action as PolicyAction, History, OfflineConfig, PolicyConfig, decide
-from .model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key, txn_key_hash
+from guard.core import constants as C
+from guard.hostlink import iso
+from guard.core.errors import IdempotencyConflict, JournalError, PosguardError, RequestInvalid
+from guard.core.policies import Action as PolicyAction, History, OfflineConfig, PolicyConfig, decide
+from guard.core.model import CardData, Request, Result, TxnKind, TxnState, fingerprint, mask_pan, txn_key, txn_key_hash
 
 
 # ----------------------------------------------------------------------------------------------
@@ -37,7 +37,7 @@ class Append:
     """One durable journal commit: records are (kind, txn key, payload)."""
 
     records: list[Record]
-    vault_put: list[Any] = field(default_factory=list)  # sealed blobs (guard.journal.VaultBlob)
+    vault_put: list[Any] = field(default_factory=list)  # sealed blobs (guard.journal.store.VaultBlob)
     vault_shred: list[str] = field(default_factory=list)
 
 
