@@ -15,6 +15,7 @@ from typing import Callable
 
 from guard.core.errors import JournalError, PosguardError
 from guard.core.model import Result, txn_key
+from guard.runtime.restore import status
 from guard.runtime.service import GuardService
 
 from firmware_bridge import messages as M
@@ -71,7 +72,7 @@ class ReaderBridge:
                 log.warning("a message to the reader was not acknowledged (%s); the reader can ask STATUS", ev.reason)
         now = self.clock()
         for key, due in list(self._waiting.items()):
-            r = self.svc.engine.status(key)
+            r = status(self.svc.engine, self.svc.journal, key)
             if r is None or not r.in_progress:
                 self._waiting.pop(key, None)
             elif now >= due:
@@ -99,18 +100,18 @@ class ReaderBridge:
                 if msg.reader_id is not None and msg.reader_id != self.reader_id:
                     raise M.MessageError("READER_ID does not match this port's reader", code="MSG_READER_MISMATCH")
                 r = (self.svc.engine.last_for_reader(self.reader_id) if msg.last
-                     else self.svc.engine.status(txn_key(self.reader_id, msg.txn_id or b"")))
+                     else status(self.svc.engine, self.svc.journal, txn_key(self.reader_id, msg.txn_id or b"")))
                 if r is None:
                     raise PosguardError("no transaction with this id on this terminal", code=ERR_TXN_UNKNOWN)
                 self._send_result(r)
             elif isinstance(msg, M.Ping):
                 self._send(M.Pong(txn_id=msg.txn_id))
             elif isinstance(msg, M.Confirm):
-                self.svc.execute(self.svc.engine.confirm(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
+                self.svc.call(lambda: self.svc.engine.confirm(txn_key(self.reader_id, msg.txn_id or b""), self.svc.clock()))
             elif isinstance(msg, M.Cancel):
-                self.svc.execute(self.svc.engine.cancel(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
+                self.svc.call(lambda: self.svc.engine.cancel(txn_key(self.reader_id, msg.txn_id or b""), self.svc.clock()))
             elif isinstance(msg, M.Signed):
-                self.svc.execute(self.svc.engine.signed(txn_key(self.reader_id, msg.txn_id), self.svc.clock()))
+                self.svc.call(lambda: self.svc.engine.signed(txn_key(self.reader_id, msg.txn_id or b""), self.svc.clock()))
             else:
                 raise M.MessageError(f"{type(msg).__name__} is not a request a reader may send", code="MSG_NOT_A_REQUEST")
         except JournalError:

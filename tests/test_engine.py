@@ -255,29 +255,48 @@ def test_unmatched_and_malformed_host_messages_are_journaled_not_raised() -> Non
 def test_final_transactions_are_evicted_and_read_back_for_idempotency_and_status() -> None:
     import dataclasses
 
+    from guard.core.engine import Load
+    from guard.runtime import restore
+
     log = Log()
     cfg = dataclasses.replace(CFG, keep_final=2)
 
-    def lookup(key: str) -> list[E]:
-        return [e for e in log.entries if e.txn == key]
+    class Store:
+        def entries(self) -> list[E]:
+            return list(log.entries)
 
-    e = Engine(cfg, FakeCrypto(), random.Random(1), lookup=lookup)
+        def entries_for(self, key: str) -> list[E]:
+            return [e for e in log.entries if e.txn == key]
+
+        def archived_key_hashes(self) -> list[int]:
+            return []
+
+    store = Store()
+    e = Engine(cfg, FakeCrypto(), random.Random(1))
     log.take(e.on_host_up(NOW))
     for i in range(1, 6):
         acts = log.take(e.submit(req(i, amount=1000 + i), NOW))
         log.take(e.host_message(response(acts[1]), NOW))
     assert len(e.txns) == 2 and e.stats["evicted"] == 3
-    old = e.submit(req(1, amount=1001), NOW)  # same id, same request: the stored result, nothing sent
+    # The engine does not read the journal: it asks for the data, having changed nothing.
+    before = (dict(e.txns), e.last_stan, dict(e.stats))
+    need = e.submit(req(1, amount=1001), NOW)
+    assert need == [Load((req(1).key,))] and (dict(e.txns), e.last_stan, dict(e.stats)) == before
+    old = restore.call(e, store, lambda: e.submit(req(1, amount=1001), NOW))  # same id, same request
     assert kinds(old) == ["reply:APPROVED"] and old[0].result.approval_code == "A1B2C3"
     with pytest.raises(IdempotencyConflict):
-        e.submit(req(2, amount=9999), NOW)
-    assert e.status(req(3).key).state is TxnState.APPROVED and e.stats["reloaded"] >= 3
-    r = Engine.restore(cfg, FakeCrypto(), log.entries, lookup=lookup)
-    assert len(r.txns) <= 3 and r.status(req(1).key).state is TxnState.APPROVED
+        restore.call(e, store, lambda: e.submit(req(2, amount=9999), NOW))
+    # STATUS is a query: it answers from the entries it is given and changes nothing.
+    before = (dict(e.txns), dict(e.stats))
+    assert e.status(req(3).key) == Load((req(3).key,))
+    assert restore.status(e, store, req(3).key).state is TxnState.APPROVED
+    assert (dict(e.txns), dict(e.stats)) == before
+    r = restore.restore_engine(cfg, FakeCrypto(), store)
+    assert len(r.txns) <= 3 and restore.status(r, store, req(1).key).state is TxnState.APPROVED
 
 
 def test_key_filter_has_no_false_negatives_and_few_false_positives() -> None:
-    from guard.core.engine import KeyFilter
+    from guard.core.keyfilter import KeyFilter
 
     f = KeyFilter()
     keys = [f"R1:{i:032x}" for i in range(100_000)]
@@ -315,7 +334,7 @@ def test_timers_find_the_one_sale_in_flight_among_thousands_of_final_ones() -> N
 def test_a_voided_sale_read_back_from_the_journal_still_names_its_void() -> None:
     """The link sale -> VOID lives in the sale's own reversal_pending record, so a sale rebuilt
     from its entries alone (evicted, archived) knows which VOID follows its reversal."""
-    from guard.core.engine import _rebuild
+    from guard.core.txn import rebuild as _rebuild
 
     log = Log()
     e = engine(log)

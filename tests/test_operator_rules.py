@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from guard.core import constants as C
+from guard.runtime import restore
 from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
 from guard.core.errors import IdempotencyConflict, PosguardError
 from guard.ops.export import load_view
@@ -50,8 +51,8 @@ class World:
     def _engine(self, factory: Any) -> Engine:
         crypto = JournalCrypto(self.journal, self.keys.token_key)
         if factory is Engine:
-            return Engine(self.cfg, crypto, random.Random(1), lookup=self.journal.entries_for)
-        return Engine.restore(self.cfg, crypto, self.journal.entries(), random.Random(2), lookup=self.journal.entries_for)
+            return Engine(self.cfg, crypto, random.Random(1))
+        return restore.restore_engine(self.cfg, crypto, self.journal, random.Random(2))
 
     def run(self, acts: list[Any]) -> None:
         for a in acts:
@@ -77,7 +78,7 @@ class World:
 
     def submit(self, req: Request, dt: float = 1.0) -> Any:
         self.now += dt
-        self.run(self.engine.submit(req, self.now))
+        self.run(restore.call(self.engine, self.journal, lambda: self.engine.submit(req, self.now)))
         return self.shown.get(req.key)
 
     def sale(self, i: int, amount: int = 1000, pan: str = PAN_A, dt: float = 1.0) -> Any:
@@ -179,7 +180,7 @@ def test_refund_timeout_is_reversed_as_a_refund_and_limits_survive_eviction(tmp_
     w.advance(8)
     rev = [f for f in w.sent if f["t"] == "0400"][0]
     assert rev["3"] == C.PROC_REFUND and parse_field90(rev["90"])[0] == "0200"
-    assert w.engine.status(w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.ledger()["totals"]["net_amount"] == 5000, "the refund's credit was taken back"
     w.sale(7, amount=100, pan=PAN_B)
     w.sale(8, amount=100, pan=PAN_B)  # the original is evicted from memory by now
@@ -197,11 +198,11 @@ def test_amount_confirmation_round_trip_and_cancel(tmp_path: Path) -> None:
     assert held.state is TxnState.HELD and held.reason == "HOLD_CONFIRM_AMOUNT"
     assert held.display_text == "CONFIRM AMOUNT 12.34"
     assert w.sent == [] or all(f["t"] == "0800" for f in w.sent), "nothing goes to the host before CONFIRM"
-    w.run(w.engine.confirm(w.key(1), w.now))
+    w.run(restore.call(w.engine, w.journal, lambda: w.engine.confirm(w.key(1), w.now)))
     assert w.shown[w.key(1)].state is TxnState.APPROVED
     wrong = w.sale(2, amount=12340)  # a digit too many: the operator cancels
     assert wrong.state is TxnState.HELD
-    w.run(w.engine.cancel(w.key(2), w.now))
+    w.run(restore.call(w.engine, w.journal, lambda: w.engine.cancel(w.key(2), w.now)))
     r = w.shown[w.key(2)]
     assert r.state is TxnState.DECLINED and r.reason == "OPERATOR_CANCELLED" and "NOT CHARGED" in r.display_text
     assert w.host.ledger()["totals"]["net_amount"] == 1234
@@ -220,7 +221,7 @@ def test_missing_signature_is_flagged_in_the_journal_and_the_export(tmp_path: Pa
     signed = w.sale(2, amount=7500)
     assert signed.display_text.endswith("SIGNATURE REQUIRED")
     assert w.records("outcome", w.key(2))[0].payload["signature"] == "REQUIRED"
-    w.run(w.engine.signed(w.key(2), w.now))
+    w.run(restore.call(w.engine, w.journal, lambda: w.engine.signed(w.key(2), w.now)))
     assert w.shown[w.key(2)].extra["signature"] == "CAPTURED"
     w.sale(3, amount=9000)
     w.restart()  # the clock for the missing signature survives a restart
@@ -254,7 +255,7 @@ def test_offline_sales_within_limits_are_deferred_then_forwarded_as_advices(tmp_
     w.back_up()
     advices = [f for f in w.sent if f["t"] == "0220"]
     assert len(advices) == 3 and all("2" in f for f in advices), "the vault still held the card for the advice"
-    assert all(w.engine.status(w.key(i)).state is TxnState.APPROVED for i in (1, 3, 5))  # type: ignore[union-attr]
+    assert all(restore.status(w.engine, w.journal, w.key(i)).state is TxnState.APPROVED for i in (1, 3, 5))  # type: ignore[union-attr]
     assert w.host.ledger()["totals"]["net_amount"] == 8000 and not w.engine.busy()
     assert w.journal.vault_refs() == set(), "card data shredded once every advice was answered"
 
@@ -272,7 +273,7 @@ def test_unanswered_advice_is_reversed_before_a_fresh_one(tmp_path: Path, fault:
     revs = [f for f in w.sent if f["t"] in ("0400", "0401")]
     assert len(stans) == 2 and stans[0] != stans[1], "a second advice carries a new STAN"
     assert parse_field90(revs[0]["90"])[:2] == ("0220", stans[0]), "the unanswered 0220 was reversed first"
-    assert w.engine.status(w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 1, "exactly one debit, with or without duplicate detection"
 
 
@@ -281,7 +282,7 @@ def test_advice_declined_by_the_host_is_declined_with_no_debit(tmp_path: Path) -
     w.down()
     w.sale(1, amount=2051)  # the host declines amounts ending in 51
     w.back_up()
-    r = w.engine.status(w.key(1))
+    r = restore.status(w.engine, w.journal, w.key(1))
     assert r is not None and r.state is TxnState.DECLINED and r.reason == "ADVICE_DECLINED"
     assert "COLLECT PAYMENT" in r.display_text and w.host.total_net_debits() == 0
 
@@ -295,7 +296,7 @@ def test_crash_with_an_advice_in_flight_recovers_to_one_debit(tmp_path: Path) ->
     w.restart()
     w.advance(30)
     assert [e.payload["reason"] for e in w.records("advice_reversal_pending")] == ["RECOVERY"]
-    assert w.engine.status(w.key(1)).state is TxnState.APPROVED and w.host.total_net_debits() == 1  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.APPROVED and w.host.total_net_debits() == 1  # type: ignore[union-attr]
     w.journal.close()
     assert verify_journal(w.path, k0=w.keys.k0, public_key=w.keys.signing_key.public_key()).ok
 
@@ -305,7 +306,7 @@ def test_offline_sale_not_forwarded_in_time_goes_to_manual_and_limits_free_up(tm
     w.down()
     w.sale(1, amount=3000)
     w.advance(601, step=60)
-    r = w.engine.status(w.key(1))
+    r = restore.status(w.engine, w.journal, w.key(1))
     assert r is not None and r.state is TxnState.NEEDS_MANUAL and r.reason == "OFFLINE_EXPIRED"
     assert w.sale(2, amount=5000).state is TxnState.DEFERRED, "the expired sale no longer counts"
     w.back_up()
@@ -326,7 +327,7 @@ def test_void_of_a_forwarded_offline_sale_reverses_the_advice(tmp_path: Path) ->
     w.down()
     w.sale(1, amount=3000)
     w.back_up()
-    assert w.engine.status(w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
     void = Request("R1", (2).to_bytes(16, "big"), TxnKind.VOID, 3000, "978", None, (1).to_bytes(16, "big"))  # type: ignore[arg-type]
     w.submit(void)
     rev = [f for f in w.sent if f["t"] == "0400"][-1]
@@ -366,7 +367,7 @@ def test_void_of_a_sale_evicted_from_memory_is_matched_to_its_reversal_answer(tm
     w.advance(5)
     assert w.records("unmatched_response") == []
     assert w.shown[_void(4, 1, 700).key].state is TxnState.APPROVED
-    assert w.engine.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 2
 
 
@@ -380,7 +381,7 @@ def test_void_pending_over_a_restart_after_its_sale_was_evicted_completes(tmp_pa
     w.restart()  # restore evicts sale 1 again before the VOID's intent reads it back
     w.advance(30)
     assert w.records("unmatched_response") == []
-    assert w.engine.status(_void(4, 1, 700).key).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, _void(4, 1, 700).key).state is TxnState.APPROVED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 2
 
 
@@ -394,9 +395,9 @@ def test_void_after_a_reversed_refund_that_must_be_read_back_keeps_its_sale_in_m
     w.host.force("drop_request")  # the refund's 0200 is lost: timed out, reversed (host answers 25)
     w.refund(2, original=1, amount=100)
     w.advance(6)
-    assert w.engine.status(w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
     w.submit(_void(3, original=1, amount=5000))
     w.advance(2)
     assert w.shown[_void(3, 1, 5000).key].state is TxnState.APPROVED
-    assert w.engine.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 0

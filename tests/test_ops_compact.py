@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from ops_support import MID, TID, Gen, cached_bulk, mixed_journal  # noqa: E402
 
+from guard.runtime import restore  # noqa: E402
 from guard.ops.compact import archives_in, compact, verify_chain  # noqa: E402
 from guard.core.engine import Engine, EngineConfig  # noqa: E402
 from guard.core.errors import JournalError  # noqa: E402
@@ -407,7 +408,7 @@ def test_archived_ids_stay_taken_after_compaction(tmp_path: Path) -> None:
         assert again.state.value == "APPROVED" and again.stan == 1, "the archived result, not a new sale"
         with pytest.raises(IdempotencyConflict):
             svc.submit(Request(reqs[1].reader_id, reqs[1].txn_id, reqs[1].kind, 9999, "978", reqs[1].card))
-        st = svc.engine.status(reqs[2].key)
+        st = restore.status(svc.engine, svc.journal, reqs[2].key)
         assert st is not None and st.state.value == "APPROVED"
     finally:
         svc.close()

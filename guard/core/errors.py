@@ -70,6 +70,15 @@ class HostProtocolError(PosguardError):
     code = "HOST_PROTOCOL"
 
 
+class CodecError(HostProtocolError):
+    """We were asked to encode something the spec cannot carry (code ``HOST_ENCODE_INVALID``).
+
+    The message names the field and the reason, never its value.
+    """
+
+    code = "HOST_ENCODE_INVALID"
+
+
 class LinkError(PosguardError):
     """The serial link to the reader failed (framing, CRC, sequence, resync)."""
 

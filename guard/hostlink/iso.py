@@ -26,7 +26,6 @@ import hashlib
 import json
 import re
 import struct
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -44,7 +43,8 @@ from guard.core.constants import (
     TPDU_ID,
     TPDU_LEN,
 )
-from guard.core.errors import ConfigError, HostProtocolError
+from guard.core.errors import CodecError, ConfigError, HostProtocolError
+from guard.core.fields import echo_mismatches, field90, transmission_dt
 from guard.core.model import mask_pan
 
 # Stable garbage codes (documented on guard.core.errors.HostProtocolError).
@@ -72,15 +72,6 @@ _SECRET_FIELDS: frozenset[str] = frozenset({"35", "36", "45", "52", "55"})
 _SAFE_MSG = re.compile(r"^[A-Za-z0-9 ,.\-]*$")
 _F7_OK = re.compile(r"(?:0[1-9]|1[0-2])(?:0[1-9]|[12][0-9]|3[01])(?:[01][0-9]|2[0-3])[0-5][0-9][0-5][0-9]")
 _DROP_KEYS = ("p", "1", "h")
-
-
-class CodecError(HostProtocolError):
-    """We were asked to encode something the spec cannot carry (code ``HOST_ENCODE_INVALID``).
-
-    The message names the field and the reason, never its value.
-    """
-
-    code = HOST_ENCODE_INVALID
 
 
 def redact(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,31 +158,6 @@ def response_mti(request_mti: str) -> str:
     return f"{request_mti[:2]}{int(request_mti[2]) + 1}0"
 
 
-def _digits(value: str | int, width: int, name: str) -> str:
-    s = f"{value:0{width}d}" if isinstance(value, int) else value.zfill(width)
-    if len(s) != width or not (s.isascii() and s.isdigit()):
-        raise CodecError(f"{name} must be at most {width} digits")
-    return s
-
-
-def field90(orig_mti: str, stan: str | int, f7: str, acq_id: str = "", fwd_id: str = "") -> str:
-    """Field 90 (ISO 1987 n42): MTI(4) + STAN(6) + field 7(10) + acquirer(11) + forwarder(11).
-
-    Institution ids are right-justified and zero-filled (all zeros when absent).
-    """
-    if len(orig_mti) != 4:
-        raise CodecError("original MTI must be 4 digits")
-    if len(f7) != 10:
-        raise CodecError("original field 7 must be 10 digits")
-    return (
-        _digits(orig_mti, 4, "original MTI")
-        + _digits(stan, 6, "original STAN")
-        + _digits(f7, 10, "original field 7")
-        + _digits(acq_id, 11, "acquiring institution id")
-        + _digits(fwd_id, 11, "forwarding institution id")
-    )
-
-
 def parse_field90(s: str) -> tuple[str, str, str, str, str]:
     """Inverse of ``field90``: (mti, stan, f7, acq, fwd) as fixed-width digit strings.
 
@@ -200,27 +166,6 @@ def parse_field90(s: str) -> tuple[str, str, str, str, str]:
     if len(s) != 42 or not (s.isascii() and s.isdigit()):
         raise HostProtocolError(f"field {F_ORIGINAL_DATA} must be 42 digits", code=HOST_UNDECODABLE)
     return s[0:4], s[4:10], s[10:20], s[20:31], s[31:42]
-
-
-def echo_mismatches(sent: Mapping[str, str], got: Mapping[str, str]) -> list[str]:
-    """ECHO_FIELDS (4, 11, 41, 42) whose value differs, including present-vs-absent.
-
-    A non-empty result means the response is not ours ("receiving account mismatch").
-    """
-    return [f for f in ECHO_FIELDS if sent.get(f) != got.get(f)]
-
-
-_f7_last: list[Any] = [None, ""]  # (whole second, field 7): every message within a second shares it
-
-
-def transmission_dt(now: float) -> str:
-    """Field 7: MMDDhhmmss in UTC."""
-    sec = now // 1
-    if sec == _f7_last[0]:
-        return _f7_last[1]
-    f7 = time.strftime("%m%d%H%M%S", time.gmtime(now))
-    _f7_last[0], _f7_last[1] = sec, f7
-    return f7
 
 
 def local_time_date(now: float, tz: _dt.tzinfo | None = None) -> tuple[str, str]:

@@ -41,6 +41,7 @@ from guard.hostlink.iso import HostGarbage, HostMessage
 from guard.journal.store import Journal, canonical_json
 from guard.journal.keys import DeviceKeys
 from guard.core.model import TxnState
+from guard.runtime.restore import restore_engine
 from guard.runtime.service import GuardService, JournalCrypto
 from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
 
@@ -268,8 +269,7 @@ def open_replay(journal_path: Path, keys: DeviceKeys, ecfg: EngineConfig, uplink
     path = Path(journal_path)
     journal = Journal.open_exclusive(path, keys, terminal_id=ecfg.terminal_id)
     try:
-        engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), rng,
-                                lookup=journal.entries_for)
+        engine = restore_engine(ecfg, JournalCrypto(journal, keys.token_key), journal, rng)
         if prune_final:
             prune_final_txns(engine)
         svc = ReplayService(engine, journal, ReversalOnlyUplink(uplink), clock=clock, reconnect_s=reconnect_s)

@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 from guard.core.engine import Action, Append, Engine, Reply, SendHost, card_from_plaintext
+from guard.runtime import restore
 from guard.journal.store import Journal
 from guard.journal.keys import CARD_TOKEN_HEX_LEN
 from guard.core.model import Result
@@ -122,7 +123,11 @@ class GuardService:
 
     def submit(self, request: Any) -> None:
         """Accept a reader request (raises IdempotencyConflict / RequestInvalid, nothing lost)."""
-        self.execute(self.engine.submit(request, self.clock()))
+        self.call(lambda: self.engine.submit(request, self.clock()))
+
+    def call(self, fn: Callable[[], list[Action]]) -> None:
+        """Run an engine entry point (answering its Load from the journal) and execute its actions."""
+        self.execute(restore.call(self.engine, self.journal, fn))
 
     # ------------------------------------------------------------------ loop
 
@@ -234,9 +239,7 @@ def open_guard(
     else:
         journal = Journal.create(path, keys, terminal_id=ecfg.terminal_id, now=clock())
     try:
-        engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), rng,
-                                lookup=journal.entries_for)
-        engine.note_archived(journal.archived_key_hashes())
+        engine = restore.restore_engine(ecfg, JournalCrypto(journal, keys.token_key), journal, rng)
         svc = GuardService(engine, journal, uplink, clock=clock, **kwargs)
         svc.execute(engine.recover(clock()))
     except BaseException:

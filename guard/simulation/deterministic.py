@@ -42,7 +42,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from guard.core import constants as C
-from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost, Txn, _rebuild, card_from_plaintext
+from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost, Txn, card_from_plaintext
+from guard.core.txn import rebuild
+from guard.runtime import restore
 from guard.core.errors import PosguardError
 from guard.simulation.hostsim import HostCore
 from guard.journal.store import Journal
@@ -147,8 +149,7 @@ class _World:
         self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay)
         self.conn = 0
         self.journal: Journal | None = Journal.create(self.path, self.keys, terminal_id=TID, now=self.now)
-        self.engine: Engine | None = Engine(self.ecfg, self._crypto(), random.Random(cfg.seed ^ 0x5EED),
-                                            lookup=self.journal.entries_for)
+        self.engine: Engine | None = Engine(self.ecfg, self._crypto(), random.Random(cfg.seed ^ 0x5EED))
         self.crashes = 0
         self.crashing_enabled = True
         self.requests: dict[str, Request] = {}
@@ -214,8 +215,10 @@ class _World:
     def terminal(self, fn: Callable[[Engine], list[Action]]) -> None:
         if self.engine is None:
             return
+        engine, journal = self.engine, self.journal
+        assert journal is not None
         try:
-            self.execute(fn(self.engine))
+            self.execute(restore.call(engine, journal, lambda: fn(engine)))
         except _Crash as c:
             self.crash(str(c))
 
@@ -231,8 +234,7 @@ class _World:
 
     def restart(self) -> None:
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
-        self.engine = Engine.restore(self.ecfg, self._crypto(), self.journal.entries(), random.Random(self.rng.random()),
-                                     lookup=self.journal.entries_for)
+        self.engine = restore.restore_engine(self.ecfg, self._crypto(), self.journal, random.Random(self.rng.random()))
         self.log(f"restart: {self.engine.pending_reversals()} reversals pending before recovery")
         self.terminal(lambda e: e.recover(self.now))
         self.conn += 1
@@ -370,7 +372,7 @@ class _World:
     def _journaled(self, key: str) -> Txn | None:
         """A transaction as the journal holds it right now (independent of the engine's memory)."""
         assert self.journal is not None
-        return _rebuild(key, self.journal.entries_for(key))
+        return rebuild(key, self.journal.entries_for(key))
 
     def refusal_problem(self, req: Request, sale_key: str, code: str) -> str:
         """Why a refusal is NOT legitimate given what the journal holds at that moment ("" if it is)."""
@@ -400,7 +402,7 @@ class _World:
     def reader_status(self, req: Request) -> None:
         if self.engine is None:
             return
-        r = self.engine.status(req.key)
+        r = restore.status(self.engine, self.journal, req.key)
         self.log(f"reader STATUS {req.key[-6:]} -> {r.state.value if r else 'UNKNOWN_ID'}")
         if r is not None and not r.in_progress:
             self.shown.setdefault(req.key, []).append(r)
@@ -491,7 +493,7 @@ class _World:
         # Judge by what the journal holds after a fresh restore, not by the engine's memory.
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
         self.kinds = collections.Counter(e.kind for e in self.journal.entries())
-        self.engine = Engine.restore(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal.entries())
+        self.engine = restore.restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal)
         # Net records per (STAN, MMDD) and type: a SALE is a debit, a REFUND a credit.
         ledger: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for d in self.host.debits():

@@ -1,0 +1,92 @@
+"""What the engine asks its executor to do, and the engine's configuration.
+
+The executor runs a list of actions strictly in order; every ``Append`` (one durable commit)
+precedes the ``SendHost`` or ``Reply`` that depends on it, which is what makes the guard
+write-ahead. ``Load`` is the engine's "need data" (as in h11): it has changed nothing and wants the
+journal entries of some transactions before the same call is made again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Union
+
+from guard.core import constants as C
+from guard.core.errors import RequestInvalid
+from guard.core.model import CardData, Result
+from guard.core.policies import OfflineConfig, PolicyConfig
+from guard.core.records import Record
+
+__all__ = ["Action", "Append", "EngineConfig", "Load", "Randomness", "Record", "Reply", "SendHost"]
+
+
+@dataclass(frozen=True)
+class Append:
+    """One durable journal commit: records are (kind, txn key, payload)."""
+
+    records: list[Record]
+    vault_put: list[Any] = field(default_factory=list)  # sealed blobs (guard.journal VaultBlob)
+    vault_shred: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, repr=False)
+class SendHost:
+    """Send an ISO 8583 message. Card fields (2, 14) are filled by the executor from ``card`` or,
+    after a restart, from the vault blob ``card_ref``; the engine keeps no clear PAN."""
+
+    key: str | None
+    fields: dict[str, str]
+    card: CardData | None = None
+    card_ref: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SendHost({self.key}, mti={self.fields.get('t')}, stan={self.fields.get(C.F_STAN)})"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Tell the reader. Always after the commit of the state it reports."""
+
+    result: Result
+
+
+@dataclass(frozen=True)
+class Load:
+    """Need data: the journal entries of ``keys`` (only those with seq < ``before_seq`` when set),
+    handed back through ``Engine.load`` before the same call is made again. Always returned alone."""
+
+    keys: tuple[str, ...]
+    before_seq: int | None = None
+
+
+Action = Union[Append, SendHost, Reply, Load]
+
+
+class Randomness(Protocol):
+    """The engine's injected randomness (reversal backoff jitter): ``random.Random`` fits."""
+
+    def random(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    terminal_id: str
+    merchant_id: str
+    host_timeout_s: float = C.HOST_TIMEOUT_S
+    reversal_timeout_s: float = C.REVERSAL_TIMEOUT_S
+    reversal_max_attempts: int = C.REVERSAL_MAX_ATTEMPTS
+    backoff_base_s: float = C.REVERSAL_BACKOFF_BASE_S
+    backoff_max_s: float = C.REVERSAL_BACKOFF_MAX_S
+    saf_window: int = C.SAF_WINDOW
+    echo_idle_s: float = C.ECHO_IDLE_S
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    keep_final: int = 5000  # final transactions kept in memory; older ones are read from the journal
+
+    def __post_init__(self) -> None:
+        if len(self.terminal_id) != 8 or not (self.terminal_id.isascii() and self.terminal_id.isprintable()):
+            raise RequestInvalid("terminal id (field 41) must be exactly 8 printable ASCII characters",
+                                 code="CONFIG_TERMINAL_ID")
+        if len(self.merchant_id) != 15 or not (self.merchant_id.isascii() and self.merchant_id.isprintable()):
+            raise RequestInvalid("merchant id (field 42) must be exactly 15 printable ASCII characters",
+                                 code="CONFIG_MERCHANT_ID")

@@ -1,0 +1,329 @@
+"""Host-side events: answers, disconnects, send failures, and the queues the host works off
+(reversals 0400/0401, offline advices 0220, echo and checkpoint deposits 0800)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guard.core import constants as C
+from guard.core.actions import Action, Append, SendHost
+from guard.core.fields import echo_mismatches, field90
+from guard.core.model import TxnKind, TxnState, mask_pan
+from guard.core.records import Kind, Record
+from guard.core.state import EngineState
+from guard.core.txn import Txn
+
+
+class HostEvents(EngineState):
+    """What the host says or fails to say, and what the terminal owes it."""
+
+    def on_host_up(self, now: float) -> list[Action]:
+        self.host_up = True
+        self.last_host_activity = now
+        return self.tick(now)
+
+    def on_host_down(self, now: float) -> list[Action]:
+        """The connection is gone: no response can arrive for anything in flight on it."""
+        self.host_up = False
+        self.echo_stan = self.echo_deadline = None
+        acts: list[Action] = []
+        sent = [t for t in self._watched() if t.state is TxnState.SENT]
+        if sent:
+            acts += self._reverse_many(sent, "HOST_DISCONNECTED", now)
+        advices = [self.txns[k] for k in self._stored if self.txns[k].adv_inflight_until is not None]
+        if advices:
+            acts.append(Append([self._advice_to_reversal(t, "HOST_DISCONNECTED", now) for t in advices]))
+        for key in self._saf:
+            t = self.txns[key]
+            if t.rev_inflight_until is not None:
+                t.rev_inflight_until = None
+                t.rev_next_at = now + self._backoff(t.rev_failures)
+        return acts
+
+    def send_failed(self, key: str | None, now: float) -> list[Action]:
+        """The driver knows no byte of the message left the terminal."""
+        self.host_up = False
+        if key is None:
+            self.echo_stan = self.echo_deadline = None
+            return []
+        t = self.txns.get(key)
+        if t is None:
+            return []
+        if t.state is TxnState.SENT:
+            return self._finish(t, TxnState.DECLINED, reason="NO_HOST")
+        if t.state is TxnState.DEFERRED and t.adv_inflight_until is not None:  # no byte left: send it again later
+            t.adv_inflight_until, t.adv_sent = None, False
+            t.adv_next_at = now + self._backoff(t.adv_failures + 1)
+            self._adv[key] = None
+            return []
+        if key in self._saf and t.rev_inflight_until is not None:
+            t.rev_inflight_until = None
+            t.rev_next_at = now + self._backoff(t.rev_failures)
+        return []
+
+    def host_garbage(self, code: str, detail: str, raw_len: int, digest: str, now: float) -> list[Action]:
+        """Undecodable host input: journal it (no content, only its size and digest), carry on."""
+        self.count("host_garbage")
+        return [Append([(Kind.HOST_GARBAGE, None, {"code": code, "detail": detail[:200], "len": raw_len, "digest": digest})])]
+
+    def host_message(self, fields: dict[str, str], now: float) -> list[Action]:
+        """A decoded ISO 8583 message from the host."""
+        self.last_host_activity = now
+        for k, n in C.HOST_FIELD_MAX_LEN.items():
+            if len(fields.get(k, "")) > n:  # only a custom spec lets one through; never journal it whole
+                return self._unmatched(fields, f"FIELD_TOO_LONG:{k}")
+        mti = fields.get("t", "")
+        stan_s = fields.get(C.F_STAN, "")
+        if (len(mti) != 4 or not (mti.isascii() and mti.isdigit()) or mti[2] not in "13"
+                or not (0 < len(stan_s) <= 6 and stan_s.isascii() and stan_s.isdigit())):
+            return self._unmatched(fields, "NOT_A_RESPONSE")
+        stan = int(stan_s)
+        cls = mti[1]
+        if cls == "8":
+            if self.echo_stan == stan:
+                self.echo_stan = self.echo_deadline = None
+            if self.deposit_stan == stan:
+                self.deposit_stan, self.deposit_result = None, fields.get(C.F_RESPONSE_CODE, "")
+                return [Append([(Kind.CHECKPOINT_DEPOSITED, None, {"stan": stan, "rc": self.deposit_result})])]
+            return []
+        key = self.by_stan.get(stan)
+        t = self.txns.get(key) if key else None
+        if t is None:
+            return self._unmatched(fields, "UNKNOWN_STAN")
+        if stan != t.stan:  # an answer to an earlier 0220 of a deferred sale, since reversed
+            self.count("late_response")
+            return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": mti, "rc": fields.get(C.F_RESPONSE_CODE, ""),
+                                                      "note": "superseded_stan", "stan": stan})])]
+        if cls == "2":
+            if t.state is TxnState.DEFERRED:
+                return self._on_advice_response(t, fields, now)
+            return self._on_fin_response(t, fields, now)
+        if cls == "4":
+            return self._on_reversal_response(t, fields, now)
+        return self._unmatched(fields, "UNEXPECTED_MTI")
+
+    def _on_fin_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
+        rc = f.get(C.F_RESPONSE_CODE, "")
+        if t.state is not TxnState.SENT:
+            self.count("late_response")
+            note = "after_reversal" if t.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED, TxnState.NEEDS_MANUAL) else "duplicate"
+            return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": f.get("t"), "rc": rc, "note": note, "state": t.state.value})])]
+        bad = self._echo_mismatches(t, f)
+        if bad:
+            self.count("echo_mismatch")
+            return self._reverse_many([t], "ECHO_MISMATCH", now, extra={"fields": bad, "rc": rc})
+        if rc == C.RC_DUPLICATE:
+            self.count("dup_notice")
+            return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": f.get("t"), "rc": rc, "note": "duplicate_notice"})])]
+        if len(rc) != 2:
+            self.count("bad_response")
+            return self._reverse_many([t], "BAD_RESPONSE", now)
+        t.rc = rc
+        if rc == C.RC_APPROVED:
+            return self._finish(t, TxnState.APPROVED, approval=f.get(C.F_APPROVAL_CODE, ""), rrn=f.get(C.F_RRN, ""))
+        return self._finish(t, TxnState.DECLINED, rrn=f.get(C.F_RRN, ""), reason="HOST_DECLINED")
+
+    def _on_reversal_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
+        rc = f.get(C.F_RESPONSE_CODE, "")
+        if t.key not in self._saf:
+            self.count("late_reversal_response")
+            return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": f.get("t"), "rc": rc, "note": "reversal_not_pending", "state": t.state.value})])]
+        sent = {C.F_STAN: f"{t.stan:06d}", C.F_TERMINAL_ID: self.cfg.terminal_id, C.F_MERCHANT_ID: self.cfg.merchant_id}
+        bad = [k for k in (C.F_STAN, C.F_TERMINAL_ID, C.F_MERCHANT_ID) if f.get(k) != sent[k]]
+        if not bad and rc in C.REVERSAL_DONE_CODES and t.state is TxnState.DEFERRED:
+            self._saf.pop(t.key, None)
+            t.rev_inflight_until = None
+            rec = self._record(t, Kind.ADVICE_REVERSED, {"rc": rc, "failures": t.adv_failures + 1})
+            t.adv_next_at = now + self._backoff(t.adv_failures)
+            self._adv[t.key] = None
+            self.count("advice_reversed")
+            return [Append([rec])]
+        if not bad and rc in C.REVERSAL_DONE_CODES:
+            self._saf.pop(t.key, None)
+            rec = self._record(t, Kind.REVERSED, {"rc": rc, "attempts": t.rev_attempts})
+            t.rev_inflight_until = None
+            self.count("reversed")
+            self._finalized(t)
+            vrec, vreply = self._void_follow(t, TxnState.APPROVED)
+            return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
+        return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}" if bad else f"RC_{rc or 'NONE'}")
+
+    def _echo_mismatches(self, t: Txn, f: dict[str, str]) -> list[str]:
+        """Echo fields (4, 11, 41, 42: C.ECHO_FIELDS) of the response that differ from the request."""
+        get = f.get
+        if (get(C.F_AMOUNT) == f"{t.amount:012d}" and get(C.F_STAN) == f"{t.stan:06d}"
+                and get(C.F_TERMINAL_ID) == self.cfg.terminal_id and get(C.F_MERCHANT_ID) == self.cfg.merchant_id):
+            return []
+        return echo_mismatches(t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id), f)
+
+    def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
+        self.count("unmatched")
+        safe = {k: f.get(k, "")[:C.HOST_FIELD_MAX_LEN[k]] for k in ("t", C.F_STAN, C.F_RESPONSE_CODE)}
+        # 41/42 are exempt from the journal's card-number guard (our own ids may be Luhn-valid
+        # numbers); what a host sends there is not ours to trust: a long digit run that is not our
+        # id is kept masked like a PAN (BIN + last 4 still tell which id it was).
+        for k, ours in ((C.F_TERMINAL_ID, self.cfg.terminal_id), (C.F_MERCHANT_ID, self.cfg.merchant_id)):
+            v = f.get(k, "")
+            safe[k] = mask_pan(v) if v != ours and len(v) >= 13 and v.isdigit() else v
+        return [Append([(Kind.UNMATCHED_RESPONSE, None, {"why": why, **safe})])]
+
+    # ------------------------------------------------------------------ offline sales' advices (0220)
+
+    def _advice_to_reversal(self, t: Txn, reason: str, now: float) -> Record:
+        """An 0220 whose fate is unknown is reversed before a fresh one (new STAN) is sent, so a host
+        without duplicate detection never books an offline sale twice."""
+        rec = self._record(t, Kind.ADVICE_REVERSAL_PENDING, {"reason": reason, "stan": t.stan})
+        t.adv_inflight_until = None
+        t.rev_next_at = now
+        self._saf[t.key] = None
+        self.count("advice_reversal_pending")
+        return rec
+
+    def _dispatch_advices(self, now: float) -> list[Action]:
+        if not self.host_up or not self._adv:
+            return []
+        inflight = sum(1 for k in self._stored if self.txns[k].adv_inflight_until is not None)
+        due: list[Txn] = []
+        for key in self._adv:
+            if inflight + len(due) >= self.cfg.saf_window:
+                break
+            t = self.txns[key]
+            if t.adv_next_at <= now:
+                due.append(t)
+        if not due:
+            return []
+        recs: list[Record] = []
+        sends: list[Action] = []
+        for t in due:
+            del self._adv[t.key]
+            recs.append(self._record(t, Kind.ADVICE_ATTEMPT, {"n": t.adv_failures + 1, "stan": self._next_stan(),
+                                                               "f7": self.f7(now)}))
+            t.adv_inflight_until = now + self.cfg.host_timeout_s
+            self.by_stan[t.stan] = t.key
+            sends.append(SendHost(t.key, t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id), card_ref=t.vault_ref))
+        self.count("advice_sent", len(due))
+        return [Append(recs), *sends]
+
+    def _on_advice_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
+        rc = f.get(C.F_RESPONSE_CODE, "")
+        if t.adv_inflight_until is None or f.get("t") != C.MTI_ADVICE_RESPONSE:
+            self.count("late_response")
+            return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": f.get("t"), "rc": rc, "note": "advice_not_in_flight",
+                                                      "state": t.state.value})])]
+        bad = self._echo_mismatches(t, f)
+        if bad or len(rc) != 2 or rc == C.RC_DUPLICATE:
+            why = "ECHO_MISMATCH" if bad else "BAD_RESPONSE"
+            return [Append([self._advice_to_reversal(t, why, now)]), *self._dispatch_reversals(now)]
+        t.adv_inflight_until = None
+        t.rc = rc
+        if rc == C.RC_APPROVED:
+            return self._finish(t, TxnState.APPROVED, approval=f.get(C.F_APPROVAL_CODE, ""), rrn=f.get(C.F_RRN, ""))
+        return self._finish(t, TxnState.DECLINED, rrn=f.get(C.F_RRN, ""), reason="ADVICE_DECLINED")
+
+    def _advices_tick(self, now: float) -> list[Action]:
+        """Unanswered 0220s are reversed; offline sales never forwarded within max_age give up."""
+        acts: list[Action] = []
+        timed_out = [self.txns[k] for k in self._stored
+                     if self.txns[k].adv_inflight_until is not None and now >= self.txns[k].adv_inflight_until]  # type: ignore[operator]
+        if timed_out:
+            acts.append(Append([self._advice_to_reversal(t, "HOST_TIMEOUT", now) for t in timed_out]))
+        expired = [self.txns[k] for k in self._adv if now >= self.txns[k].created + self.cfg.offline.max_age_s]
+        for t in expired:
+            self.count("offline_expired")
+            acts += self._finish(t, TxnState.NEEDS_MANUAL, reason="OFFLINE_EXPIRED")
+        return acts
+
+    def _reversal_failed(self, t: Txn, now: float, why: str) -> list[Action]:
+        t.rev_inflight_until = None
+        self.count("reversal_failure")
+        if t.rev_failures + 1 >= self.cfg.reversal_max_attempts:
+            self._saf.pop(t.key, None)
+            t.rev_failures += 1
+            rec = self._record(t, Kind.NEEDS_MANUAL, {"reason": f"REVERSAL_UNCONFIRMED:{why}", "attempts": t.rev_attempts})
+            self.count("needs_manual")
+            self._finalized(t)
+            vrec, vreply = self._void_follow(t, TxnState.NEEDS_MANUAL)
+            return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
+        rec = self._record(t, Kind.REVERSAL_FAILED, {"why": why, "failures": t.rev_failures + 1})
+        t.rev_next_at = now + self._backoff(t.rev_failures)
+        return [Append([rec])]
+
+    def _reversal_fields(self, t: Txn, mti: str, f7: str) -> dict[str, str]:
+        """A reversal (or repeat) of ``t``: its own transmission time ``f7`` in field 7; the
+        original's MTI, STAN and field 7 in field 90, which is how the host finds the original
+        (a host may refuse a field 7 far from its clock, e.g. after a day-long outage)."""
+        original_mti = C.MTI_ADVICE if t.deferred else C.MTI_FIN_REQUEST
+        return {
+            "t": mti,
+            C.F_PROC_CODE: C.PROC_REFUND if t.kind is TxnKind.REFUND else C.PROC_PURCHASE,
+            C.F_AMOUNT: f"{t.amount:012d}",
+            C.F_TRANSMISSION_DT: f7,
+            C.F_STAN: f"{t.stan:06d}",
+            C.F_TERMINAL_ID: self.cfg.terminal_id,
+            C.F_MERCHANT_ID: self.cfg.merchant_id,
+            C.F_CURRENCY: t.currency,
+            C.F_ORIGINAL_DATA: field90(original_mti, t.stan, t.f7),
+        }
+
+    def _dispatch_reversals(self, now: float) -> list[Action]:
+        """Send due reversals, in journal order, up to the window; attempts are journaled first."""
+        if not self.host_up:
+            return []
+        inflight = sum(1 for k in self._saf if self.txns[k].rev_inflight_until is not None)
+        due: list[Txn] = []
+        for key in self._saf:
+            if inflight + len(due) >= self.cfg.saf_window:
+                break
+            t = self.txns[key]
+            if t.rev_inflight_until is None and t.rev_next_at <= now:
+                due.append(t)
+        if not due:
+            return []
+        recs: list[Record] = []
+        sends: list[Action] = []
+        for t in due:
+            mti = C.MTI_REVERSAL if t.rev_attempts == 0 else C.MTI_REVERSAL_REPEAT
+            f7 = self.f7(now)
+            recs.append(self._record(t, Kind.REVERSAL_ATTEMPT, {"n": t.rev_attempts + 1, "mti": mti, "f7": f7}))
+            t.rev_inflight_until = now + self.cfg.reversal_timeout_s
+            sends.append(SendHost(t.key, self._reversal_fields(t, mti, f7), card_ref=t.vault_ref))
+        self.count("reversal_sent", len(due))
+        return [Append(recs), *sends]
+
+    def deposit_checkpoint(self, checkpoint_json: str, now: float) -> list[Action]:
+        """Send a signed checkpoint to the host (0800, field 70 = 880, field 48 = the checkpoint):
+        an anchor held outside the terminal, against truncation or rollback of the journal."""
+        if not self.host_up:
+            return []
+        stan = self._next_stan()
+        self.deposit_stan, self.deposit_result = stan, None
+        fields = {
+            "t": C.MTI_NET_REQUEST,
+            C.F_TRANSMISSION_DT: self.f7(now),
+            C.F_STAN: f"{stan:06d}",
+            C.F_TERMINAL_ID: self.cfg.terminal_id,
+            C.F_MERCHANT_ID: self.cfg.merchant_id,
+            C.F_PRIVATE_DATA: checkpoint_json,
+            C.F_NET_MGMT_CODE: C.NET_CHECKPOINT,
+        }
+        return [Append([(Kind.STAN_USE, None, {"stan": stan, "purpose": "checkpoint"})]), SendHost(None, fields)]
+
+    def pending_work(self) -> int:
+        """Transactions the host still owes an answer for: queued reversals and unsent advices."""
+        return len(self._saf.keys() | self._stored.keys())
+
+    def _echo(self, now: float) -> list[Action]:
+        stan = self._next_stan()
+        self.echo_stan = stan
+        self.echo_deadline = now + self.cfg.host_timeout_s
+        self.last_host_activity = now
+        fields = {
+            "t": C.MTI_NET_REQUEST,
+            C.F_TRANSMISSION_DT: self.f7(now),
+            C.F_STAN: f"{stan:06d}",
+            C.F_TERMINAL_ID: self.cfg.terminal_id,
+            C.F_MERCHANT_ID: self.cfg.merchant_id,
+            C.F_NET_MGMT_CODE: C.NET_ECHO,
+        }
+        return [Append([(Kind.STAN_USE, None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
+

@@ -1,0 +1,240 @@
+"""The engine's state and the internals every kind of event shares: bounded memory of
+transactions, loading evicted ones as data the executor hands in, and the record-writing steps
+(finish, reverse) that change a transaction's state through ``txn.evolve``."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from random import Random  # the injected randomness's default type; never drawn from the OS here
+from typing import Any
+
+from guard.core import constants as C
+from guard.core.actions import Action, Append, EngineConfig, Randomness, Reply
+from guard.core.errors import JournalError
+from guard.core.fields import transmission_dt
+from guard.core.keyfilter import KeyFilter
+from guard.core.model import TxnKind, TxnState
+from guard.core.policies import History
+from guard.core.records import Kind, Record
+from guard.core.txn import CardCrypto, Txn, evolve, rebuild
+
+AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
+WATCHED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.HELD})  # states with a timer or a drain to wait for
+
+
+class NeedData(Exception):
+    """Raised inside the engine before any state change; entry points turn it into ``Load``."""
+
+    def __init__(self, keys: tuple[str, ...]) -> None:
+        super().__init__(keys)
+        self.keys = keys
+
+
+class EngineState:
+    """State shared by the reader-side and host-side events. Not thread-safe: one executor owns it."""
+
+    def __init__(self, cfg: EngineConfig, crypto: CardCrypto, rng: Randomness | None = None) -> None:
+        self.cfg = cfg
+        self.crypto = crypto
+        self.rng: Randomness = rng or Random(0)
+        self._evicted = KeyFilter()  # keys the journal holds but memory does not (evicted, archived)
+        self._loaded: dict[str, Txn | None] = {}  # handed in by ``load`` for the call being retried
+        self._finals: OrderedDict[str, None] = OrderedDict()
+        self.txns: dict[str, Txn] = {}
+        self.by_stan: dict[int, str] = {}
+        self.last_stan = 0
+        self.host_up = False
+        self.last_host_activity = 0.0
+        self.echo_stan: int | None = None
+        self.echo_deadline: float | None = None
+        self.deposit_stan: int | None = None
+        self.deposit_result: str | None = None  # the host's field 39 for the last checkpoint deposit
+        self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
+        self._adv: OrderedDict[str, None] = OrderedDict()  # deferred sales owing an 0220, journal order
+        self._stored: dict[str, int] = {}  # DEFERRED (not final) sales -> amount, for the offline limits
+        self._sig_due: dict[str, float] = {}  # approved sales awaiting a signature -> when it is missing
+        # Keys that may be in a WATCHED state (a superset, pruned lazily): timers and drains look at
+        # these instead of every transaction in memory (up to keep_final), once per loop round.
+        self._watch: dict[str, None] = {}
+        self.stats: dict[str, int] = {}
+        self.history = History(cfg.policy)
+        self._f7_sec = -1.0
+        self._f7 = ""
+        self._writes = 0  # records made: an entry point asking for data must not have made one
+
+    # ------------------------------------------------------------------ bounded memory
+
+    def load(self, key: str, entries: Iterable[Any]) -> None:
+        """The executor's answer to ``Load``: ``key``'s journal entries (none if it has none)."""
+        try:
+            self._loaded[key] = rebuild(key, entries)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise corrupt(f"of {key}", exc) from None
+
+    def _maybe_journaled(self, key: str) -> bool:
+        return bool(key) and key not in self.txns and key not in self._loaded and key in self._evicted
+
+    def _get(self, key: str) -> Txn | None:
+        """A transaction, brought back into memory if it was evicted (raises NeedData first)."""
+        t = self.txns.get(key)
+        if t is not None or not key:
+            return t
+        if self._maybe_journaled(key):
+            raise NeedData((key,))
+        t = self._loaded.get(key)
+        if t is None:
+            return None
+        self.count("reloaded")
+        self.txns[key] = t
+        self._watch[key] = None
+        # Findable by STAN again, like at its intent: a VOID or completion failure reverses it
+        # and the 0410 must find it (a VOID shares its sale's STAN and never owns the slot).
+        if t.kind is not TxnKind.VOID and self.by_stan.get(t.stan) not in self.txns:
+            self.by_stan[t.stan] = key
+        if t.state.final:
+            self._finalized(t)
+        return t
+
+    def _peek_many(self, keys: Sequence[str]) -> list[Txn | None]:
+        """Transactions to look at without bringing them back into memory (reading one back may
+        evict the one the caller holds). Raises NeedData for all missing ones at once."""
+        missing = tuple(k for k in keys if self._maybe_journaled(k))
+        if missing:
+            raise NeedData(missing)
+        return [self.txns.get(k) or self._loaded.get(k) for k in keys]
+
+    def _finalized(self, t: Txn) -> None:
+        """Final transactions stay in memory up to ``keep_final``; older ones are read back from
+        the journal when a reader asks about them (idempotency and STATUS never forget)."""
+        self._watch.pop(t.key, None)
+        self._adv.pop(t.key, None)
+        self._stored.pop(t.key, None)
+        self._finals[t.key] = None
+        self._finals.move_to_end(t.key)
+        while len(self._finals) > self.cfg.keep_final:
+            old, _ = self._finals.popitem(last=False)
+            o = self.txns.get(old)
+            if o is None or not o.state.final:
+                continue
+            self.forget(old)
+            self.count("evicted")
+
+    def note_archived(self, key_hashes: Iterable[int]) -> int:
+        """Ids (``txn_key_hash``) of transactions compaction archived: looked up if a reader re-uses one."""
+        n = 0
+        for n, h in enumerate(key_hashes, 1):
+            self._evicted.add_hash(h)
+        return n
+
+    def forget(self, key: str) -> None:
+        """Drop a transaction from memory; the executor can hand it back with ``load``."""
+        t = self.txns.pop(key, None)
+        self._evicted.add(key)
+        if t is not None and self.by_stan.get(t.stan) == key:
+            del self.by_stan[t.stan]
+
+    def _watched(self) -> list[Txn]:
+        """Transactions in a WATCHED state, in the order they were first watched; prunes the rest."""
+        out: list[Txn] = []
+        gone: list[str] = []
+        txns = self.txns
+        for key in self._watch:
+            t = txns.get(key)
+            if t is not None and t.state in WATCHED:
+                out.append(t)
+            else:
+                gone.append(key)
+        for key in gone:
+            del self._watch[key]
+        return out
+
+    # ------------------------------------------------------------------ shared steps
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.stats[name] = self.stats.get(name, 0) + n
+
+    def f7(self, now: float) -> str:
+        """Field 7 for ``now``; every message within one second shares it."""
+        sec = now // 1
+        if sec != self._f7_sec:
+            self._f7_sec, self._f7 = sec, transmission_dt(now)
+        return self._f7
+
+    def _next_stan(self) -> int:
+        self.last_stan = self.last_stan + 1 if self.last_stan < C.STAN_MAX else C.STAN_MIN
+        return self.last_stan
+
+    def _record(self, t: Txn, kind: Kind, payload: dict[str, Any]) -> Record:
+        """Apply a record to ``t`` (the same ``evolve`` restore uses) and return it for the commit."""
+        evolve(t, kind, payload)
+        self._writes += 1
+        return (kind, t.key, payload)
+
+    def _shred(self, t: Txn) -> list[str]:
+        ref, t.vault_ref = t.vault_ref, None
+        return [ref] if ref else []
+
+    def _finish(self, t: Txn, state: TxnState, *, approval: str = "", rrn: str = "", reason: str = "") -> list[Action]:
+        if state is TxnState.APPROVED:
+            self._sig_watch(t, required=True)
+        payload: dict[str, Any] = {"state": state.value, "rc": t.rc, "approval": approval, "rrn": rrn, "reason": reason}
+        if t.signature:
+            payload["signature"] = t.signature
+        rec = self._record(t, Kind.OUTCOME, payload)
+        self.count(state.value.lower())
+        self._finalized(t)
+        return [Append([rec], vault_shred=self._shred(t)), Reply(t.result())]
+
+    def _sig_watch(self, t: Txn, required: bool = False) -> None:
+        """Start the missing-signature clock for a sale shown as approved above the limit."""
+        lim = self.cfg.policy.signature_above
+        if required and t.kind is TxnKind.SALE and lim and t.amount > lim and not t.signature:
+            t.signature = "REQUIRED"
+        if t.signature == "REQUIRED":
+            self._sig_due[t.key] = t.created + self.cfg.policy.signature_timeout_s
+
+    def _to_reversal(self, t: Txn, reason: str, now: float, extra: dict[str, Any] | None = None) -> Record:
+        """UNKNOWN outcome or an undo: REVERSAL_PENDING, queued; returns the record to commit."""
+        rec = self._record(t, Kind.REVERSAL_PENDING, {"reason": reason, "stan": t.stan, **(extra or {})})
+        self.history.pending(t.card_token, t)
+        self._finals.pop(t.key, None)
+        t.rev_next_at = now
+        self._saf[t.key] = None
+        return rec
+
+    def _reverse_many(self, ts: Sequence[Txn], reason: str, now: float, extra: dict[str, Any] | None = None) -> list[Action]:
+        """Commit REVERSAL_PENDING before telling the reader anything."""
+        recs = [self._to_reversal(t, reason, now, extra) for t in ts]
+        self.count("reversal_pending", len(recs))
+        acts: list[Action] = [Append(recs)]
+        acts += [Reply(t.result()) for t in ts]
+        acts += self._dispatch_reversals(now)
+        return acts
+
+    def _dispatch_reversals(self, now: float) -> list[Action]:  # pragma: no cover - HostEvents
+        raise NotImplementedError
+
+    def tick(self, now: float) -> list[Action]:  # pragma: no cover - Engine
+        raise NotImplementedError
+
+    def _backoff(self, failures: int) -> float:
+        base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** max(0, failures - 1)))
+        return base * (0.5 + self.rng.random() / 2)
+
+    def _void_follow(self, o: Txn, state: TxnState) -> tuple[list[Record], list[Action]]:
+        """The VOID's outcome record and reply when the sale it voids is settled."""
+        v = self.txns.get(o.voided_by or "")
+        if v is None or v.state.final:
+            return [], []
+        reason = "" if state is TxnState.APPROVED else o.reason
+        rec = self._record(v, Kind.OUTCOME, {"state": state.value, "rc": "", "approval": "", "rrn": "", "reason": reason})
+        self._finalized(v)
+        return [rec], [Reply(v.result())]
+
+
+def corrupt(where: Any, exc: BaseException) -> JournalError:
+    """A journal entry the engine cannot replay (bit rot, or edited without the keys): a journal
+    failure naming where, never a traceback. The exception text is left out: it quotes payload."""
+    return JournalError(f"journal entry {where} cannot be replayed ({type(exc).__name__}); `posguard journal verify` "
+                        "names the first entry that changed", code="JOURNAL_CORRUPT")
