@@ -16,8 +16,7 @@ Lifecycle of a sale (ISO 8583:1987 reversal practice, see docs/HOST.md):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import wraps
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from guard.core.actions import Action, Append, EngineConfig, Load, Randomness, Record, Reply, SendHost
 from guard.core.errors import IdempotencyConflict, JournalError, PosguardError, RequestInvalid
@@ -26,33 +25,11 @@ from guard.core.model import CardData, Request, Result, TxnKind, TxnState, finge
 from guard.core.policies import Action as PolicyAction
 from guard.core.policies import decide
 from guard.core.records import Kind
-from guard.core.state import AWAITING, NeedData, corrupt
+from guard.core.state import AWAITING, NeedData, corrupt, entry
 from guard.core.txn import CardCrypto, Txn, card_from_plaintext, card_plaintext, evolve, from_intent, move, rebuild
 
 __all__ = ["Action", "Append", "CardCrypto", "Engine", "EngineConfig", "Load", "Reply", "SendHost", "Txn",
            "card_from_plaintext"]
-
-P = ParamSpec("P")
-E = TypeVar("E", bound="Engine")
-
-
-def entry(fn: Callable[Concatenate[E, P], list[Action]]) -> Callable[Concatenate[E, P], list[Action]]:
-    """An event entry point: a ``NeedData`` raised before any state change becomes ``[Load]``;
-    data handed in by ``load`` is dropped once the call has used it."""
-
-    @wraps(fn)
-    def call(self: E, *args: P.args, **kwargs: P.kwargs) -> list[Action]:
-        mark = self._mark()
-        try:
-            acts = fn(self, *args, **kwargs)
-        except NeedData as n:
-            assert self._mark() == mark, "the engine changed state before asking for data"
-            return [Load(n.keys)]
-        self._loaded.clear()
-        return acts
-
-    return call
-
 
 class Engine(HostEvents):
     """Sans-I/O transaction engine. Not thread-safe: one executor owns it."""
@@ -60,10 +37,6 @@ class Engine(HostEvents):
     def __init__(self, cfg: EngineConfig, crypto: CardCrypto, rng: Randomness | None = None) -> None:
         super().__init__(cfg, crypto, rng)
         self._applied = 0
-
-    def _mark(self) -> tuple[int, int, int]:
-        """What any state change moves (reading a transaction back into memory is not one)."""
-        return self.last_stan, len(self._saf), self._writes
 
     # ------------------------------------------------------------------ restore from the journal
 

@@ -10,18 +10,20 @@ from guard.core.actions import Action, Append, SendHost
 from guard.core.fields import echo_mismatches, field90
 from guard.core.model import TxnKind, TxnState, mask_pan
 from guard.core.records import Kind, Record
-from guard.core.state import EngineState
+from guard.core.state import EngineState, entry
 from guard.core.txn import Txn
 
 
 class HostEvents(EngineState):
     """What the host says or fails to say, and what the terminal owes it."""
 
+    @entry
     def on_host_up(self, now: float) -> list[Action]:
         self.host_up = True
         self.last_host_activity = now
         return self.tick(now)
 
+    @entry
     def on_host_down(self, now: float) -> list[Action]:
         """The connection is gone: no response can arrive for anything in flight on it."""
         self.host_up = False
@@ -40,6 +42,7 @@ class HostEvents(EngineState):
                 t.rev_next_at = now + self._backoff(t.rev_failures)
         return acts
 
+    @entry
     def send_failed(self, key: str | None, now: float) -> list[Action]:
         """The driver knows no byte of the message left the terminal."""
         self.host_up = False
@@ -61,11 +64,13 @@ class HostEvents(EngineState):
             t.rev_next_at = now + self._backoff(t.rev_failures)
         return []
 
+    @entry
     def host_garbage(self, code: str, detail: str, raw_len: int, digest: str, now: float) -> list[Action]:
         """Undecodable host input: journal it (no content, only its size and digest), carry on."""
         self.count("host_garbage")
         return [Append([(Kind.HOST_GARBAGE, None, {"code": code, "detail": detail[:200], "len": raw_len, "digest": digest})])]
 
+    @entry
     def host_message(self, fields: dict[str, str], now: float) -> list[Action]:
         """A decoded ISO 8583 message from the host."""
         self.last_host_activity = now
@@ -195,6 +200,7 @@ class HostEvents(EngineState):
         recs: list[Record] = []
         sends: list[Action] = []
         for t in due:
+            assert t.state is TxnState.DEFERRED, t.state
             del self._adv[t.key]
             recs.append(self._record(t, Kind.ADVICE_ATTEMPT, {"n": t.adv_failures + 1, "stan": self._next_stan(),
                                                                "f7": self.f7(now)}))
@@ -282,6 +288,7 @@ class HostEvents(EngineState):
         recs: list[Record] = []
         sends: list[Action] = []
         for t in due:
+            assert t.state in (TxnState.REVERSAL_PENDING, TxnState.DEFERRED), t.state
             mti = C.MTI_REVERSAL if t.rev_attempts == 0 else C.MTI_REVERSAL_REPEAT
             f7 = self.f7(now)
             recs.append(self._record(t, Kind.REVERSAL_ATTEMPT, {"n": t.rev_attempts + 1, "mti": mti, "f7": f7}))
@@ -290,6 +297,7 @@ class HostEvents(EngineState):
         self.count("reversal_sent", len(due))
         return [Append(recs), *sends]
 
+    @entry
     def deposit_checkpoint(self, checkpoint_json: str, now: float) -> list[Action]:
         """Send a signed checkpoint to the host (0800, field 70 = 880, field 48 = the checkpoint):
         an anchor held outside the terminal, against truncation or rollback of the journal."""

@@ -5,12 +5,13 @@ transactions, loading evicted ones as data the executor hands in, and the record
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from functools import wraps
 from random import Random  # the injected randomness's default type; never drawn from the OS here
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from guard.core import constants as C
-from guard.core.actions import Action, Append, EngineConfig, Randomness, Reply
+from guard.core.actions import Action, Append, EngineConfig, Load, Randomness, Reply, SendHost
 from guard.core.errors import JournalError
 from guard.core.fields import transmission_dt
 from guard.core.keyfilter import KeyFilter
@@ -29,6 +30,41 @@ class NeedData(Exception):
     def __init__(self, keys: tuple[str, ...]) -> None:
         super().__init__(keys)
         self.keys = keys
+
+
+P = ParamSpec("P")
+S = TypeVar("S", bound="EngineState")
+
+
+def entry(fn: Callable[Concatenate[S, P], list[Action]]) -> Callable[Concatenate[S, P], list[Action]]:
+    """An event entry point: a ``NeedData`` raised before any state change becomes ``[Load]``;
+    data handed in by ``load`` is dropped once the call has used it; write-ahead is asserted."""
+
+    @wraps(fn)
+    def call(self: S, *args: P.args, **kwargs: P.kwargs) -> list[Action]:
+        mark = self._mark()
+        try:
+            acts = fn(self, *args, **kwargs)
+        except NeedData as n:
+            assert self._mark() == mark, f"{fn.__name__} changed state before asking for data"
+            return [Load(n.keys)]
+        if self._loaded:
+            self._loaded.clear()
+        assert write_ahead(acts), f"{fn.__name__}: a send before the commit it depends on: {acts}"
+        return acts
+
+    return call
+
+
+def write_ahead(acts: Sequence[Action]) -> bool:
+    """No ``SendHost`` before the first ``Append`` of the same list: every message the engine
+    sends follows the commit of the intent or attempt it carries."""
+    for a in acts:
+        if isinstance(a, Append):
+            return True
+        if isinstance(a, SendHost):
+            return False
+    return True
 
 
 class EngineState:
@@ -62,6 +98,10 @@ class EngineState:
         self._f7_sec = -1.0
         self._f7 = ""
         self._writes = 0  # records made: an entry point asking for data must not have made one
+
+    def _mark(self) -> tuple[int, int, int]:
+        """What any state change moves (reading a transaction back into memory is not one)."""
+        return self.last_stan, len(self._saf), self._writes
 
     # ------------------------------------------------------------------ bounded memory
 
@@ -107,6 +147,7 @@ class EngineState:
     def _finalized(self, t: Txn) -> None:
         """Final transactions stay in memory up to ``keep_final``; older ones are read back from
         the journal when a reader asks about them (idempotency and STATUS never forget)."""
+        assert t.state.final, t.state
         self._watch.pop(t.key, None)
         self._adv.pop(t.key, None)
         self._stored.pop(t.key, None)
