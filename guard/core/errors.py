@@ -1,10 +1,13 @@
 """Exceptions with stable codes.
 
-Every error posguard raises carries a ``code`` (stable, machine-readable, documented) and a
-message a cashier or integrator can act on. Messages never contain card data.
+Every error posguard raises carries a ``code`` (stable, machine-readable, registered in
+``guard.core.codes.ErrorCode`` and listed in the doc its user reads) and a message a cashier or
+integrator can act on. Messages never contain card data.
 """
 
 from __future__ import annotations
+
+from guard.core.codes import ErrorCode, is_registered
 
 
 class PosguardError(Exception):
@@ -12,10 +15,11 @@ class PosguardError(Exception):
 
     code: str = "POSGUARD_ERROR"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | ErrorCode | None = None) -> None:
         super().__init__(message)
         if code is not None:
-            self.code = code
+            self.code = str(code)
+        assert is_registered(self.code), f"error code {self.code} is not in guard.core.codes.ErrorCode"
 
     def __str__(self) -> str:
         return f"[{self.code}] {self.args[0]}"
