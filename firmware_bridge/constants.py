@@ -2,7 +2,7 @@
 
 Everything a C integrator must match lives here, named, and is restated in
 firmware_bridge/PROTOCOL.md (tests check that the two agree). Sources:
-shared/design/reader-link.md ("the protocol we want"), ZVT PA00P016_04 (DLE framing, T1),
+firmware_bridge/PROTOCOL.md, ZVT PA00P016_04 (DLE framing, T1),
 Silicon Labs UG101 ASH (CRC'd ACK/NAK, RST/RSTACK resync), CRC RevEng catalogue
 (CRC-16/CCITT-FALSE), ISO 8583:1987 (field formats), EMV Book 3 (tag 9F02, n12 BCD amount).
 """
@@ -14,7 +14,7 @@ from typing import Final
 
 from guard.core.model import TxnState
 
-# --- Line settings (reader-link.md: 115200 8N1 default, configurable, no flow control) ---
+# --- Line settings (PROTOCOL.md 4.1: 115200 8N1 default, configurable, no flow control) ---
 DEFAULT_BAUDRATE: Final = 115200
 DEFAULT_BYTESIZE: Final = 8
 DEFAULT_PARITY: Final = "N"
@@ -42,7 +42,7 @@ MAX_PAYLOAD: Final = 512
 # Worst case on the wire: every body and CRC byte is DLE and gets doubled.
 MAX_WIRE_FRAME: Final = 2 + 2 * (HEADER_LEN + MAX_PAYLOAD) + 2 + 2 * CRC_LEN
 
-SEQ_MODULO: Final = 256  # 8-bit sequence numbers (reader-link.md)
+SEQ_MODULO: Final = 256  # 8-bit sequence numbers (PROTOCOL.md)
 EPOCH_NONE: Final = 0  # carried by SYNC frames; never chosen as a link epoch
 EPOCH_MAX: Final = 0xFFFF_FFFF
 SYNC_NONCE_LEN: Final = 4
@@ -61,7 +61,7 @@ class FrameType(enum.IntEnum):
 FLAG_RETRANSMISSION: Final = 0x01  # header byte 2, bit 0; bits 1-7 sent as 0, ignored on receipt
 FLAGS_KNOWN: Final = FLAG_RETRANSMISSION
 
-# --- Timers and retry policy (reader-link.md; ZVT uses the same T1) ---
+# --- Timers and retry policy (PROTOCOL.md 4.1; ZVT uses the same T1) ---
 T1_S: Final = 0.200  # a gap of T1 or more between two bytes of one frame drops the frame
 T2_S: Final = 1.000  # no ACK within T2 after sending a DATA frame: retransmit
 ACK_DEADLINE_S: Final = 0.100  # a receiver sends its ACK within this time, before processing
@@ -74,7 +74,7 @@ DOWN_RETX_EXHAUSTED: Final = "LINK_RETX_EXHAUSTED"
 DOWN_PEER_RESYNC: Final = "LINK_PEER_RESYNC"
 DOWN_LOCAL_RESYNC: Final = "LINK_LOCAL_RESYNC"
 
-# --- Reader application timer (reader-link.md: PROGRESS keeps it alive, 30 s, capped at 120 s) ---
+# --- Reader application timer (PROTOCOL.md 4.1: PROGRESS keeps it alive, 30 s, capped at 120 s) ---
 READER_APP_TIMEOUT_S: Final = 30
 READER_APP_TIMEOUT_CAP_S: Final = 120
 

@@ -25,7 +25,7 @@ from firmware_bridge.serial_port import SerialLink
 
 log = logging.getLogger("posguard.reader")
 
-PROGRESS_EVERY_S = 10.0  # well inside the reader's 30 s application timer (reader-link.md)
+PROGRESS_EVERY_S = 10.0  # well inside the reader's 30 s application timer (PROTOCOL.md)
 PROGRESS_WAIT_S = 30
 
 

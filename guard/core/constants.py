@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Final
 
-# --- ISO 8583 message type indicators (ISO 8583:1987; see shared/design/iso8583-reversals.md) ---
+# --- ISO 8583 message type indicators (ISO 8583:1987 message classes; docs/HOST.md) ---
 MTI_FIN_REQUEST: Final = "0200"
 MTI_FIN_REPEAT: Final = "0201"  # never sent by posguard: a timed-out sale is reversed, not repeated
 MTI_FIN_RESPONSE: Final = "0210"

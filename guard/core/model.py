@@ -17,7 +17,7 @@ class TxnKind(str, enum.Enum):
 
 
 class TxnState(str, enum.Enum):
-    """Terminal-side states (shared/design/iso8583-reversals.md, minimum state machine)."""
+    """Terminal-side states; the legal moves between them are ``guard.core.txn.TRANSITIONS``."""
 
     JOURNALED = "JOURNALED"  # intent durable, nothing sent yet
     SENT = "SENT"  # request handed to the uplink (in memory only: recovery treats as maybe-sent)

@@ -4,7 +4,7 @@
 message) and hands out ``FrameDecoder`` objects that turn a byte stream back into
 ``HostMessage`` / ``HostGarbage`` items. Nothing here touches sockets, files or clocks.
 
-Framing rules (shared/design/iso8583-reversals.md, "Framing to the host"):
+Framing rules (docs/HOST.md "Transport and framing"; jPOS channel conventions):
 
 - ``binary2``: 2-byte big-endian length; ``ascii4``: 4 ASCII decimal digits.
 - The length counts TPDU + message. A TPDU is ``0x60 + dest(2) + source(2)``; a response swaps

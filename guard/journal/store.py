@@ -1,4 +1,4 @@
-"""The journal: a durable, append-only, tamper-evident SQLite log (shared/design/journal.md).
+"""The journal: a durable, append-only, tamper-evident SQLite log (design and guarantees: docs/ARCHITECTURE.md and docs/OPERATIONS.md).
 
 Every entry is hash-chained and MACed with a forward-secure ratchet key that is overwritten in
 the same transaction (an attacker who steals today's key cannot re-seal yesterday's entries).
