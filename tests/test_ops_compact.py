@@ -424,3 +424,45 @@ def test_archived_ids_stay_taken_after_compaction(tmp_path: Path) -> None:
         svc.close()
     keys = load_keys(g.dir / "keys")
     assert verify_journal(g.path, k0=keys.k0, public_key=keys.public_key).ok, "the index is beside the chain, not in it"
+
+
+def test_void_of_an_archived_sale_survives_a_restart_before_its_reversal_is_answered(tmp_path: Path) -> None:
+    """A VOID of a sale compaction archived writes reversal_pending under the sale's key in the
+    live file. Before: at the next start restore skipped that record (archived ids were noted only
+    after restore, and the sale's entries were read from the live file alone), so the reversal was
+    never sent and the VOID never settled; the customer kept the debit of a voided sale."""
+    from guard.core.model import Request, TxnKind
+    from guard.runtime.service import open_guard
+
+    core = HostCore(seed=43, dup_detection=False)
+    g = Gen(tmp_path / "g", core, t=time.time() - 3 * 86400)
+    g.host_up()
+    sale = g.request(amount=4200)
+    g.tick_clock()
+    g.run(g.engine.submit(sale, g.t))
+    g.flush()
+    g._drain_sends(respond=True)
+    g.close()
+    assert core.total_net_debits() == 1
+    res = compact(g.path, g.keys, tmp_path / "arch", older_than_days=1, now=time.time())
+    assert res.archived_txns == 1
+
+    def guard() -> Any:  # no host listening: the reversal cannot be sent
+        return open_guard(g.path, g.keys, g.ecfg, Uplink("127.0.0.1", 9, HostCodec(), connect_timeout=0.2))
+
+    void = Request(sale.reader_id, bytes(range(16)), TxnKind.VOID, 4200, "978", None, sale.txn_id)
+    svc = guard()
+    try:
+        svc.submit(void)
+        assert svc.replies[void.key].in_progress
+        assert svc.engine.txns[sale.key].state.value == "REVERSAL_PENDING"
+    finally:
+        svc.close()  # the terminal goes down before the reversal was sent
+    svc = guard()
+    try:
+        assert sale.key in svc.engine.txns, "the archived sale's queued reversal is restored"
+        assert svc.engine.txns[sale.key].state.value == "REVERSAL_PENDING"
+        assert svc.engine.pending_reversals() == 1
+        assert svc.engine.txns[sale.key].voided_by == void.key
+    finally:
+        svc.close()

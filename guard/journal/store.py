@@ -657,11 +657,12 @@ class Journal:
         cur = self._db().execute(
             "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
         rows = [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
-        if rows or not self._archived_index():
+        if (rows and rows[0].kind == "intent") or not self._archived_index():
             return rows
+        # Archived, maybe with newer live records (a VOID of an old sale): its history is both.
         hit = self._db().execute("SELECT f.path FROM archived_txns a JOIN archive_files f ON f.id = a.archive "
                                  "WHERE a.h = ?", (txn_key_hash(txn),)).fetchone()
-        return self._archive_entries(hit[0], txn) if hit else []
+        return (self._archive_entries(hit[0], txn) if hit else []) + rows
 
     def _archived_index(self) -> bool:
         if self._has_archived is None:
