@@ -393,17 +393,6 @@ class Engine(HostEvents):
             return None
         return t.result(in_progress=t.state in AWAITING)
 
-    def _void_follow(self, o: Txn, state: TxnState) -> tuple[list[tuple[str, str | None, dict[str, Any]]], list[Action]]:
-        """The VOID's outcome record and reply when the sale it voids is settled."""
-        v = self.txns.get(o.voided_by or "")
-        if v is None or v.state.final:
-            return [], []
-        v.state = state
-        v.reason = "" if state is TxnState.APPROVED else o.reason
-        self._finalized(v)
-        rec = ("outcome", v.key, {"state": state.value, "rc": "", "approval": "", "rrn": "", "reason": v.reason})
-        return [rec], [Reply(v.result())]
-
     def last_for_reader(self, reader_id: str) -> Result | None:
         """STATUS(LAST): the newest transaction of this reader still in memory."""
         prefix = reader_id + ":"

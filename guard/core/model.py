@@ -184,4 +184,4 @@ def display_text(r: Result) -> str:
         return "FAILED - NOT CHARGED (REVERSED)"
     if s is TxnState.NEEDS_MANUAL:
         return "FAILED - CALL SUPPORT (REVERSAL NOT CONFIRMED)"
-    return s.value
+    return str(s.value)

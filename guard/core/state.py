@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from functools import wraps
 from random import Random  # the injected randomness's default type; never drawn from the OS here
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, TypeVar, cast
 
 from guard.core import constants as C
 from guard.core.actions import Action, Append, EngineConfig, Load, Randomness, Reply, SendHost
@@ -32,16 +31,14 @@ class NeedData(Exception):
         self.keys = keys
 
 
-P = ParamSpec("P")
-S = TypeVar("S", bound="EngineState")
+F = TypeVar("F", bound=Callable[..., list[Action]])
 
 
-def entry(fn: Callable[Concatenate[S, P], list[Action]]) -> Callable[Concatenate[S, P], list[Action]]:
+def entry(fn: F) -> F:
     """An event entry point: a ``NeedData`` raised before any state change becomes ``[Load]``;
     data handed in by ``load`` is dropped once the call has used it; write-ahead is asserted."""
 
-    @wraps(fn)
-    def call(self: S, *args: P.args, **kwargs: P.kwargs) -> list[Action]:
+    def call(self: EngineState, *args: Any, **kwargs: Any) -> list[Action]:
         mark = self._mark()
         try:
             acts = fn(self, *args, **kwargs)
@@ -53,7 +50,8 @@ def entry(fn: Callable[Concatenate[S, P], list[Action]]) -> Callable[Concatenate
         assert write_ahead(acts), f"{fn.__name__}: a send before the commit it depends on: {acts}"
         return acts
 
-    return call
+    call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return cast(F, call)
 
 
 def write_ahead(acts: Sequence[Action]) -> bool:
@@ -260,7 +258,7 @@ class EngineState:
         raise NotImplementedError
 
     def _backoff(self, failures: int) -> float:
-        base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** max(0, failures - 1)))
+        base: float = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * (2 ** max(0, failures - 1)))
         return base * (0.5 + self.rng.random() / 2)
 
     def _void_follow(self, o: Txn, state: TxnState) -> tuple[list[Record], list[Action]]:
