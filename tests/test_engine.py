@@ -165,35 +165,82 @@ def test_echo_mismatch_is_unknown_and_reversed(field: str, value: str) -> None:
     assert got[0].records[0][2]["reason"] == "ECHO_MISMATCH" and got[0].records[0][2]["fields"] == [field]
 
 
-def test_rc94_on_sale_is_not_a_decision_and_rc94_on_reversal_means_done() -> None:
+def test_rc94_to_a_fresh_sale_is_a_stan_collision_and_rc94_on_reversal_means_done() -> None:
+    """We never send a 0200 twice, so a 94 to one means the host holds its STAN for another
+    transaction: ours was not processed (DECLINED, STAN_COLLISION) and no reversal goes out that
+    could undo the other one. A 94 to a reversal still means "already reversed"."""
     e = engine()
     acts = e.submit(req(), NOW)
-    assert kinds(e.host_message(response(acts[1], "94"), NOW + 1)) == ["append:late_response"]
-    assert e.txns[req().key].state is TxnState.SENT
-    t = e.tick(NOW + 5)
-    assert kinds(e.host_message(response(t[-1], "94"), NOW + 6)) == ["append:reversed"]
+    out = e.host_message(response(acts[1], "94"), NOW + 1)
+    assert kinds(out) == ["append:outcome", "reply:DECLINED"]
+    assert out[1].result.reason == "STAN_COLLISION" and not e.pending_reversals()
+    assert not [a for a in e.tick(NOW + 60) if isinstance(a, SendHost) and a.fields["t"] != "0800"]
+    acts = e.submit(req(2), NOW + 61)
+    t = e.tick(NOW + 61 + CFG.host_timeout_s)
+    assert kinds(e.host_message(response(t[-1], "94"), NOW + 70)) == ["append:reversed"]
 
 
-def test_reversal_cap_goes_to_needs_manual_without_blocking_the_queue() -> None:
+def test_reversal_cap_counts_only_explicit_refusals_and_does_not_block_the_queue() -> None:
+    """Sale 1's reversal is refused (0410 with 12) at every attempt: NEEDS_MANUAL after
+    reversal_max_attempts refusals, with the reason and the host's last code; sale 2, queued
+    behind it, is reversed meanwhile."""
     e = engine()
     a1 = e.submit(req(1), NOW)
     a2 = e.submit(req(2), NOW)
     e.on_host_down(NOW + 1)  # both unknown, queued in order
     e.on_host_up(NOW + 1)
     now = NOW + 1
-    sent_for_2 = None
-    for _ in range(40):
+    for _ in range(60):
         now += 3
         for a in e.tick(now):
-            if isinstance(a, SendHost) and a.key == req(2).key and sent_for_2 is None:
-                sent_for_2 = a
-        if sent_for_2:
-            e.host_message(response(sent_for_2, "00"), now)
-            sent_for_2 = None
+            if isinstance(a, SendHost) and a.fields["t"] in ("0400", "0401"):
+                e.host_message(response(a, "12" if a.key == req(1).key else "00"), now)
     assert e.txns[req(2).key].state is TxnState.REVERSED
-    assert e.txns[req(1).key].state is TxnState.NEEDS_MANUAL
-    assert e.txns[req(1).key].rev_attempts == CFG.reversal_max_attempts
+    t1 = e.txns[req(1).key]
+    assert t1.state is TxnState.NEEDS_MANUAL and t1.rev_failures == CFG.reversal_max_attempts
+    assert t1.rev_attempts == CFG.reversal_max_attempts + 1, "the first 0400 went unanswered: not a refusal"
+    assert t1.reason == "REVERSAL_UNCONFIRMED:RC_12" and t1.rev_last_rc == "12"
     assert a1 and a2
+
+
+def test_a_host_silent_on_reversals_for_ten_minutes_loses_nothing_to_manual_work() -> None:
+    """Timeouts never count toward the cap: the reversal repeats (0401, backoff capped) until the
+    host answers again (jPOS-EE SAF: repeat until answered or expired)."""
+    e = engine()
+    for i in range(1, 6):
+        e.submit(req(i), NOW)
+    e.on_host_down(NOW + 1)
+    e.on_host_up(NOW + 1)
+    now, sends = NOW + 1, 0
+    while now < NOW + 600:  # ten minutes of silence, simulated time
+        now += 1
+        sends += sum(isinstance(a, SendHost) and a.fields["t"] in ("0400", "0401") for a in e.tick(now))
+    assert sends > 5 * CFG.reversal_max_attempts, "silence is repeated past the refusal cap"
+    assert not [t for t in e.txns.values() if t.state is TxnState.NEEDS_MANUAL]
+    for _ in range(200):  # the host is back
+        now += 1
+        for a in e.tick(now):
+            if isinstance(a, SendHost) and a.fields["t"] in ("0400", "0401"):
+                e.host_message(response(a, "00"), now)
+        if not e.pending_reversals():
+            break
+    assert all(e.txns[req(i).key].state is TxnState.REVERSED for i in range(1, 6))
+
+
+def test_an_unanswered_reversal_expires_to_needs_manual_after_its_horizon() -> None:
+    import dataclasses
+
+    e = Engine(dataclasses.replace(CFG, reversal_max_age_s=3600.0), FakeCrypto(), random.Random(1))
+    e.on_host_up(NOW)
+    e.submit(req(), NOW)
+    e.on_host_down(NOW + 1)
+    now = NOW + 1
+    while now < NOW + 3700 and e.pending_reversals():
+        now += 10
+        e.tick(now)
+    t = e.txns[req().key]
+    assert t.state is TxnState.NEEDS_MANUAL and t.reason == "REVERSAL_EXPIRED"
+    assert NOW + 3601 <= now <= NOW + 3611
 
 
 def test_host_down_at_submit_declines_cleanly_without_sending() -> None:

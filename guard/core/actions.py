@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
 from guard.core import constants as C
-from guard.core.errors import RequestInvalid
+from guard.core.errors import ConfigError, RequestInvalid
 from guard.core.model import CardData, Result
 from guard.core.policies import OfflineConfig, PolicyConfig
 from guard.core.records import Record
@@ -82,6 +82,16 @@ class EngineConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     offline: OfflineConfig = field(default_factory=OfflineConfig)
     keep_final: int = 5000  # final transactions kept in memory; older ones are read from the journal
+    reversal_max_age_s: float = C.REVERSAL_MAX_AGE_S  # an unanswered reversal repeats this long
+    # The host profile's field 39 classes of a 0210 (docs/HOST.md); anything in none is reversed.
+    rc_approved: frozenset[str] = C.RC_APPROVED_CLASS
+    rc_partial: frozenset[str] = C.RC_PARTIAL_CLASS
+    rc_declined: frozenset[str] = C.RC_DECLINED_CLASS
+    rc_duplicate: frozenset[str] = C.RC_DUPLICATE_CLASS
+    partial_amount_field: str = C.F_AMOUNT  # where a partial approval's amount comes: "4" or "54"
+    partial_approvals: bool = True  # the reader can show PARTIAL and send CONFIRM / CANCEL
+    partial_expiry_s: float = 120.0  # a PARTIAL neither accepted nor cancelled is reversed
+    stan_clock_floor: bool = False  # STANs never below the clock's floor (posguard run turns it on)
 
     def __post_init__(self) -> None:
         if len(self.terminal_id) != 8 or not (self.terminal_id.isascii() and self.terminal_id.isprintable()):
@@ -90,3 +100,24 @@ class EngineConfig:
         if len(self.merchant_id) != 15 or not (self.merchant_id.isascii() and self.merchant_id.isprintable()):
             raise RequestInvalid("merchant id (field 42) must be exactly 15 printable ASCII characters",
                                  code="CONFIG_MERCHANT_ID")
+        check_response_classes(self.rc_approved, self.rc_partial, self.rc_declined, self.rc_duplicate)
+        if self.partial_amount_field not in (C.F_AMOUNT, C.F_ADDITIONAL_AMOUNTS):
+            raise ConfigError("host.partial_amount_field", "must be 4 or 54")
+
+
+def check_response_classes(approved: frozenset[str], partial: frozenset[str], declined: frozenset[str],
+                           duplicate: frozenset[str]) -> None:
+    """A host profile must approve 00, and no code may be in two classes (ConfigError otherwise)."""
+    classes = {"approved": approved, "partial": partial, "declined": declined, "duplicate": duplicate}
+    for name, codes in classes.items():
+        bad = sorted(c for c in codes if not (isinstance(c, str) and len(c) == 2 and c.isascii() and c.isalnum()))
+        if bad:
+            raise ConfigError(f"host.response_codes.{name}", f"{bad[:3]} are not 2-character response codes")
+    if C.RC_APPROVED not in approved:
+        raise ConfigError("host.response_codes.approved", "must include 00")
+    names = list(classes)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            both = sorted(classes[a] & classes[b])
+            if both:
+                raise ConfigError(f"host.response_codes.{b}", f"{', '.join(both)} also in {a}: a code has one meaning")

@@ -35,6 +35,7 @@ F_RESPONSE_CODE: Final = "39"
 F_TERMINAL_ID: Final = "41"  # ans 8
 F_MERCHANT_ID: Final = "42"  # ans 15
 F_CURRENCY: Final = "49"
+F_ADDITIONAL_AMOUNTS: Final = "54"  # an..120: blocks of type(2)+code(2)+currency(3)+C/D(1)+amount(12)
 F_NET_MGMT_CODE: Final = "70"
 F_ORIGINAL_DATA: Final = "90"  # ISO 1987 n42: MTI(4)+STAN(6)+F7(10)+acq id(11)+fwd id(11)
 
@@ -75,10 +76,42 @@ RC_SYSTEM_MALFUNCTION: Final = "96"
 # A 0410 with one of these means the original no longer holds a debit.
 REVERSAL_DONE_CODES: Final = frozenset({RC_APPROVED, RC_ORIGINAL_NOT_FOUND, RC_DUPLICATE})
 
+# --- Response-code classes of a 0210 (the default host profile; [host.response_codes] overrides) ---
+# ISO 8583:1987 field 39: 00 approved, 08 honour with identification, 11 approved (VIP), 16
+# approved, update track 3 all move money; 10 approves a partial amount. The explicit declines
+# below are the ISO 8583:1987 table's "do not honour / refer / invalid / lost / insufficient"
+# family, as Nexi GICC and the PayEx IFSF host spec use them. Everything else (06, 09 "in
+# progress", 19 "re-enter", 68, 90, 91, 92, 96, codes no table lists) cannot be proven to leave
+# no debit: the sale is reversed (fail safe), and the reader is told "not charged".
+RC_APPROVED_CLASS: Final = frozenset({"00", "08", "11", "16"})
+RC_PARTIAL_CLASS: Final = frozenset({"10"})
+RC_DECLINED_CLASS: Final = frozenset({
+    "01", "02", "03", "04", "05", "07", "12", "13", "14", "15", "30", "41", "43", "51", "54", "55", "57", "58",
+    "61", "62", "65", "75",
+})
+RC_DUPLICATE_CLASS: Final = frozenset({RC_DUPLICATE})
+
+# --- Response MTI for each request MTI (third digit 0 -> 1, 2 -> 3; a 0401 may be answered 0411) ---
+RESPONSE_MTIS: Final = {
+    "0200": frozenset({"0210"}),
+    "0220": frozenset({"0230"}),
+    "0400": frozenset({"0410", "0411"}),
+    "0401": frozenset({"0410", "0411"}),
+    "0800": frozenset({"0810"}),
+}
+
+# --- STANs: unique per terminal and UTC day, even across a replaced or restored journal ---
+# A STAN is never below the clock's floor for the moment it is drawn: 1 + 11 per second since UTC
+# midnight (950,401 at 23:59:59). A journal started afresh begins at the floor, so it cannot
+# reuse a STAN its predecessor drew earlier that day unless that one ran more than 11 STANs a
+# second ahead of the clock (docs/HOST.md, "STANs").
+STAN_FLOOR_PER_SECOND: Final = 11
+
 # --- Timers and retry policy (defaults; all overridable in config) ---
 HOST_TIMEOUT_S: Final = 30.0  # typical acquirer response timeout for 0200
 REVERSAL_TIMEOUT_S: Final = 30.0
-REVERSAL_MAX_ATTEMPTS: Final = 6  # PayEx IFSF: 6 failures -> manual action
+REVERSAL_MAX_ATTEMPTS: Final = 6  # explicit refusals (0410 not done) before manual action (PayEx IFSF: 6)
+REVERSAL_MAX_AGE_S: Final = 86_400.0  # jPOS-EE SAF expire-after: repeat an unanswered reversal for a day
 REVERSAL_BACKOFF_BASE_S: Final = 1.0
 REVERSAL_BACKOFF_MAX_S: Final = 60.0
 SAF_WINDOW: Final = 8  # reversals in flight at once, matched by STAN

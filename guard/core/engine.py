@@ -111,6 +111,7 @@ class Engine(HostEvents):
             self._adv.pop(key, None)
         elif kind == Kind.ADVICE_REVERSAL_PENDING:
             self._saf[key] = None
+            t.rev_since = ts
         elif kind == Kind.ADVICE_REVERSED:
             self._saf.pop(key, None)
             self._adv[key] = None
@@ -122,6 +123,10 @@ class Engine(HostEvents):
             self.history.pending(t.card_token, t)
             self._finals.pop(key, None)
             self._saf[key] = None
+            t.rev_since = ts
+        elif kind == Kind.PARTIAL:
+            t.deadline = ts + self.cfg.partial_expiry_s
+            self._watch[key] = None
         elif kind in (Kind.REVERSED, Kind.NEEDS_MANUAL):
             self._saf.pop(key, None)
         if t.state.final and not was_final:
@@ -173,7 +178,7 @@ class Engine(HostEvents):
 
         self.history.prune(now)
         verdict = decide(req.kind, req.amount, now, self.history.for_card(token), self.history, token, self.cfg.policy)
-        stan = self._next_stan()
+        stan = self._next_stan(now)
         blob = self.crypto.seal(key, card_plaintext(req.card))
         t = Txn(
             key=key,
@@ -261,18 +266,23 @@ class Engine(HostEvents):
             raise PosguardError("a refund goes back to the card of the original sale", code="REFUND_CARD_MISMATCH")
         if req.currency != o.currency:
             raise PosguardError("refund currency must equal the original sale's", code="REFUND_NOT_ALLOWED")
-        refunded = sum(r.amount for r in self._peek_many(o.refunds)
+        refunded = sum(r.settled for r in self._peek_many(o.refunds)
                        if r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED))
-        if req.amount > o.amount - refunded:
-            raise PosguardError(f"refund exceeds what is left of the original sale ({o.amount - refunded})",
+        if req.amount > o.settled - refunded:
+            raise PosguardError(f"refund exceeds what is left of the original sale ({o.settled - refunded})",
                                 code="REFUND_EXCEEDS_ORIGINAL")
         return o
 
     @entry
     def confirm(self, key: str, now: float) -> list[Action]:
         """The operator's CONFIRM of a held request: re-check (a pending reversal still holds
-        refunds), then release it to the host. Raises NOTHING_HELD if it is not held."""
+        refunds), then release it to the host; or the operator's acceptance of a partial approval
+        (the sale completes for the approved amount). Raises NOTHING_HELD otherwise."""
         t = self._get(key)
+        if t is not None and t.state is TxnState.PARTIAL:
+            self.count("partial_accepted")
+            return self._finish(t, TxnState.APPROVED, approval=t.approval, rrn=t.rrn, reason="PARTIAL_ACCEPTED",
+                                approved_amount=t.settled)
         if t is None or t.state is not TxnState.HELD:
             raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
         self.history.prune(now)
@@ -293,8 +303,12 @@ class Engine(HostEvents):
 
     @entry
     def cancel(self, key: str, now: float) -> list[Action]:
-        """The operator's CANCEL of a held request (wrong amount, wrong card): DECLINED, never sent."""
+        """The operator's CANCEL of a held request (wrong amount, wrong card): DECLINED, never sent;
+        of a partial approval: it is reversed and the reader told "not charged"."""
         t = self._get(key)
+        if t is not None and t.state is TxnState.PARTIAL:
+            self.count("partial_cancelled")
+            return self._reverse_many([t], "PARTIAL_CANCELLED", now)
         if t is None or t.state is not TxnState.HELD:
             raise PosguardError("nothing is held for this transaction id", code="NOTHING_HELD")
         self.count("cancelled")
@@ -365,18 +379,18 @@ class Engine(HostEvents):
         if o is None or o.kind is not TxnKind.SALE or o.state is not TxnState.APPROVED:
             why = "unknown" if o is None else o.state.value
             raise PosguardError(f"only an APPROVED sale can be voided (original is {why})", code="VOID_NOT_ALLOWED")
-        if req.amount != o.amount or req.currency != o.currency:
+        if req.amount != o.settled or req.currency != o.currency:
             raise PosguardError("void amount and currency must equal the original sale's", code="VOID_NOT_ALLOWED")
         if any(r is not None and r.state not in (TxnState.DECLINED, TxnState.REVERSED) for r in self._peek_many(o.refunds)):
             raise PosguardError("this sale has a refund against it; it can no longer be voided", code="VOID_NOT_ALLOWED")
-        v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.amount, currency=o.currency, card_token=o.card_token,
+        v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.settled, currency=o.currency, card_token=o.card_token,
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
         self.txns[key] = v
         self._writes += 1
         self._watch[key] = None
         rec = self._to_reversal(o, "VOID", now, {"void": key})
         self.count("voids")
-        intent = {"kind": "VOID", "fp": fp, "amount": o.amount, "currency": o.currency, "card_token": o.card_token,
+        intent = {"kind": "VOID", "fp": fp, "amount": o.settled, "currency": o.currency, "card_token": o.card_token,
                   "masked_pan": o.masked_pan, "vault_ref": None, "stan": o.stan, "f7": o.f7, "original": orig_key,
                   "tid": self.cfg.terminal_id, "mid": self.cfg.merchant_id}
         return [Append([(Kind.INTENT, key, intent), rec]), Reply(v.result(in_progress=True)), *self._dispatch_reversals(now)]
@@ -415,10 +429,11 @@ class Engine(HostEvents):
 
     def next_deadline(self) -> float | None:
         watched = self._watched()
-        ds = [t.deadline for t in watched if t.state is TxnState.SENT and t.deadline is not None]
+        ds = [t.deadline for t in watched if t.state in (TxnState.SENT, TxnState.PARTIAL) and t.deadline is not None]
         for key in self._saf:
             t = self.txns[key]
-            ds.append(t.rev_inflight_until if t.rev_inflight_until is not None else t.rev_next_at)
+            ds.append(t.rev_inflight_until if t.rev_inflight_until is not None
+                      else min(t.rev_next_at, t.rev_since + self.cfg.reversal_max_age_s))
         if self.echo_deadline is not None:
             ds.append(self.echo_deadline)
         if self.cfg.policy.hold_expiry_s > 0:
@@ -447,6 +462,10 @@ class Engine(HostEvents):
             t = self.txns[key]
             if t.rev_inflight_until is not None and now >= t.rev_inflight_until:
                 acts += self._reversal_failed(t, now, "TIMEOUT")
+        acts += self._reversals_expired(now)
+        partials = [t for t in watched if t.state is TxnState.PARTIAL and t.deadline is not None and now >= t.deadline]
+        if partials:
+            acts += self._reverse_many(partials, "PARTIAL_EXPIRED", now)
         if self.cfg.policy.hold_expiry_s > 0:
             for t in [t for t in watched if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
                 acts += self._finish(t, TxnState.DECLINED, reason="HOLD_EXPIRED")

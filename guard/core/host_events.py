@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from guard.core import constants as C
-from guard.core.actions import Action, Append, SendHost
+from guard.core.actions import Action, Append, Reply, SendHost
 from guard.core.fields import echo_mismatches, field90
 from guard.core.model import TxnKind, TxnState, mask_pan
 from guard.core.records import Kind, Record
@@ -85,12 +85,15 @@ class HostEvents(EngineState):
         stan = int(stan_s)
         cls = mti[1]
         if cls == "8":
-            if self.echo_stan == stan:
+            if mti == C.MTI_NET_RESPONSE and self.echo_stan == stan:
                 self.echo_stan = self.echo_deadline = None
-            if self.deposit_stan == stan:
+                return []
+            if mti == C.MTI_NET_RESPONSE and self.deposit_stan == stan:
                 self.deposit_stan, self.deposit_result = None, fields.get(C.F_RESPONSE_CODE, "")
                 return [Append([(Kind.CHECKPOINT_DEPOSITED, None, {"stan": stan, "rc": self.deposit_result})])]
-            return []
+            if stan in self.by_stan:  # a network answer carrying a transaction's STAN: not its answer
+                return self._unmatched(fields, "MTI_MISMATCH")
+            return []  # a late echo answer
         key = self.by_stan.get(stan)
         t = self.txns.get(key) if key else None
         if t is None:
@@ -99,13 +102,16 @@ class HostEvents(EngineState):
             self.count("late_response")
             return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": mti, "rc": fields.get(C.F_RESPONSE_CODE, ""),
                                                       "note": "superseded_stan", "stan": stan})])]
-        if cls == "2":
-            if t.state is TxnState.DEFERRED:
-                return self._on_advice_response(t, fields, now)
+        # MTI pairing: 0200 -> 0210, 0220 -> 0230, 0400/0401 -> 0410 (or 0411). Any other answer is
+        # not this transaction's: journaled, and the sale is resolved by its timeout (reversal).
+        if mti == C.MTI_FIN_RESPONSE and not t.deferred:
             return self._on_fin_response(t, fields, now)
-        if cls == "4":
+        if mti == C.MTI_ADVICE_RESPONSE and t.deferred:
+            return self._on_advice_response(t, fields, now)
+        if mti in C.RESPONSE_MTIS[C.MTI_REVERSAL]:
             return self._on_reversal_response(t, fields, now)
-        return self._unmatched(fields, "UNEXPECTED_MTI")
+        self.count("mti_mismatch")
+        return self._unmatched(fields, "MTI_MISMATCH")
 
     def _on_fin_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
         rc = f.get(C.F_RESPONSE_CODE, "")
@@ -113,20 +119,61 @@ class HostEvents(EngineState):
             self.count("late_response")
             note = "after_reversal" if t.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED, TxnState.NEEDS_MANUAL) else "duplicate"
             return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": f.get("t"), "rc": rc, "note": note, "state": t.state.value})])]
-        bad = self._echo_mismatches(t, f)
+        cfg = self.cfg
+        partial = rc in cfg.rc_partial
+        bad = self._echo_mismatches(t, f, amount=not (partial and cfg.partial_amount_field == C.F_AMOUNT))
         if bad:
             self.count("echo_mismatch")
             return self._reverse_many([t], "ECHO_MISMATCH", now, extra={"fields": bad, "rc": rc})
-        if rc == C.RC_DUPLICATE:
-            self.count("dup_notice")
-            return [Append([(Kind.LATE_RESPONSE, t.key, {"mti": f.get("t"), "rc": rc, "note": "duplicate_notice"})])]
         if len(rc) != 2:
             self.count("bad_response")
             return self._reverse_many([t], "BAD_RESPONSE", now)
-        t.rc = rc
-        if rc == C.RC_APPROVED:
-            return self._finish(t, TxnState.APPROVED, approval=f.get(C.F_APPROVAL_CODE, ""), rrn=f.get(C.F_RRN, ""))
-        return self._finish(t, TxnState.DECLINED, rrn=f.get(C.F_RRN, ""), reason="HOST_DECLINED")
+        approval, rrn = f.get(C.F_APPROVAL_CODE, ""), f.get(C.F_RRN, "")
+        if rc in cfg.rc_approved:
+            t.rc = rc
+            return self._finish(t, TxnState.APPROVED, approval=approval, rrn=rrn)
+        if rc in cfg.rc_declined:
+            t.rc = rc
+            return self._finish(t, TxnState.DECLINED, rrn=rrn, reason="HOST_DECLINED")
+        if rc in cfg.rc_duplicate:
+            # We never send a 0200 twice (a timed-out sale is reversed, not repeated): "already
+            # processed" for a fresh 0200 can only mean the host holds this STAN for another
+            # transaction. Ours was not processed; a reversal naming this STAN could undo the other.
+            t.rc = rc
+            self.count("stan_collision")
+            return self._finish(t, TxnState.DECLINED, rrn=rrn, reason="STAN_COLLISION")
+        if partial:
+            amount = self._partial_amount(t, f)
+            if amount is None:
+                self.count("bad_response")
+                return self._reverse_many([t], "BAD_PARTIAL_AMOUNT", now, extra={"rc": rc})
+            rec = self._record(t, Kind.PARTIAL, {"rc": rc, "approved_amount": amount, "approval": approval, "rrn": rrn})
+            self.count("partial")
+            if not cfg.partial_approvals:  # the reader cannot offer it: undo it, never show a charge
+                acts = self._reverse_many([t], "PARTIAL_NOT_SUPPORTED", now)
+                first = acts[0]
+                assert isinstance(first, Append)
+                return [Append([rec, *first.records]), *acts[1:]]
+            t.deadline = now + cfg.partial_expiry_s
+            self._watch[t.key] = None
+            return [Append([rec]), Reply(t.result())]
+        # Not a code this host profile says is an approval, a decline or a duplicate: a wait code,
+        # a system error, a code no table lists. It may have moved money: undo it (fail safe).
+        self.count("unclassified_rc")
+        return self._reverse_many([t], "UNCLASSIFIED_RESPONSE", now, extra={"rc": rc})
+
+    def _partial_amount(self, t: Txn, f: dict[str, str]) -> int | None:
+        """The approved amount of a partial approval (field 4, or the first amount of field 54),
+        or None when it is missing or not strictly between 0 and the amount asked."""
+        if self.cfg.partial_amount_field == C.F_AMOUNT:
+            raw = f.get(C.F_AMOUNT, "")
+        else:
+            block = f.get(C.F_ADDITIONAL_AMOUNTS, "")[:20]
+            raw = block[8:20] if len(block) == 20 else ""
+        if not (raw.isascii() and raw.isdigit()):
+            return None
+        amount = int(raw)
+        return amount if 0 < amount < t.amount else None
 
     def _on_reversal_response(self, t: Txn, f: dict[str, str], now: float) -> list[Action]:
         rc = f.get(C.F_RESPONSE_CODE, "")
@@ -151,15 +198,19 @@ class HostEvents(EngineState):
             self._finalized(t)
             vrec, vreply = self._void_follow(t, TxnState.APPROVED)
             return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
-        return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}" if bad else f"RC_{rc or 'NONE'}")
+        if bad:  # not an answer to our reversal: like no answer, it does not count as a refusal
+            return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}")
+        return self._reversal_failed(t, now, f"RC_{rc or 'NONE'}", refused=rc)
 
-    def _echo_mismatches(self, t: Txn, f: dict[str, str]) -> list[str]:
-        """Echo fields (4, 11, 41, 42: C.ECHO_FIELDS) of the response that differ from the request."""
+    def _echo_mismatches(self, t: Txn, f: dict[str, str], amount: bool = True) -> list[str]:
+        """Echo fields (4, 11, 41, 42: C.ECHO_FIELDS) of the response that differ from the request;
+        field 4 is left out for a partial approval that carries its approved amount there."""
         get = f.get
-        if (get(C.F_AMOUNT) == f"{t.amount:012d}" and get(C.F_STAN) == f"{t.stan:06d}"
+        if ((not amount or get(C.F_AMOUNT) == f"{t.amount:012d}") and get(C.F_STAN) == f"{t.stan:06d}"
                 and get(C.F_TERMINAL_ID) == self.cfg.terminal_id and get(C.F_MERCHANT_ID) == self.cfg.merchant_id):
             return []
-        return echo_mismatches(t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id), f)
+        bad = echo_mismatches(t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id), f)
+        return bad if amount else [k for k in bad if k != C.F_AMOUNT]
 
     def _unmatched(self, f: dict[str, str], why: str) -> list[Action]:
         self.count("unmatched")
@@ -179,7 +230,7 @@ class HostEvents(EngineState):
         without duplicate detection never books an offline sale twice."""
         rec = self._record(t, Kind.ADVICE_REVERSAL_PENDING, {"reason": reason, "stan": t.stan})
         t.adv_inflight_until = None
-        t.rev_next_at = now
+        t.rev_next_at = t.rev_since = now
         self._saf[t.key] = None
         self.count("advice_reversal_pending")
         return rec
@@ -202,7 +253,7 @@ class HostEvents(EngineState):
         for t in due:
             assert t.state is TxnState.DEFERRED, t.state
             del self._adv[t.key]
-            recs.append(self._record(t, Kind.ADVICE_ATTEMPT, {"n": t.adv_failures + 1, "stan": self._next_stan(),
+            recs.append(self._record(t, Kind.ADVICE_ATTEMPT, {"n": t.adv_failures + 1, "stan": self._next_stan(now),
                                                                "f7": self.f7(now)}))
             t.adv_inflight_until = now + self.cfg.host_timeout_s
             self.by_stan[t.stan] = t.key
@@ -239,20 +290,41 @@ class HostEvents(EngineState):
             acts += self._finish(t, TxnState.NEEDS_MANUAL, reason="OFFLINE_EXPIRED")
         return acts
 
-    def _reversal_failed(self, t: Txn, now: float, why: str) -> list[Action]:
+    def _reversal_failed(self, t: Txn, now: float, why: str, refused: str | None = None) -> list[Action]:
+        """A reversal attempt that did not end it. Only an explicit refusal (a 0410 whose code is
+        not in the done set) counts toward ``reversal_max_attempts``; silence, disconnects and
+        answers that are not ours repeat it (0401, backoff capped) until ``reversal_max_age_s``."""
         t.rev_inflight_until = None
         self.count("reversal_failure")
-        if t.rev_failures + 1 >= self.cfg.reversal_max_attempts:
-            self._saf.pop(t.key, None)
-            t.rev_failures += 1
-            rec = self._record(t, Kind.NEEDS_MANUAL, {"reason": f"REVERSAL_UNCONFIRMED:{why}", "attempts": t.rev_attempts})
-            self.count("needs_manual")
-            self._finalized(t)
-            vrec, vreply = self._void_follow(t, TxnState.NEEDS_MANUAL)
-            return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
-        rec = self._record(t, Kind.REVERSAL_FAILED, {"why": why, "failures": t.rev_failures + 1})
-        t.rev_next_at = now + self._backoff(t.rev_failures)
+        failures = t.rev_failures + (refused is not None)
+        if failures >= self.cfg.reversal_max_attempts:
+            t.rev_failures = failures
+            return self._give_up(t, f"REVERSAL_UNCONFIRMED:{why}", refused if refused is not None else t.rev_last_rc)
+        payload: dict[str, Any] = {"why": why, "failures": failures}
+        if refused is not None:
+            payload["rc"] = refused
+        rec = self._record(t, Kind.REVERSAL_FAILED, payload)
+        t.rev_next_at = now + self._backoff(max(t.rev_failures, t.rev_attempts))
         return [Append([rec])]
+
+    def _give_up(self, t: Txn, reason: str, last_rc: str) -> list[Action]:
+        """NEEDS_MANUAL: the reversal could not be confirmed; the operator report says why."""
+        self._saf.pop(t.key, None)
+        rec = self._record(t, Kind.NEEDS_MANUAL, {"reason": reason, "attempts": t.rev_attempts, "last_rc": last_rc})
+        self.count("needs_manual")
+        self._finalized(t)
+        vrec, vreply = self._void_follow(t, TxnState.NEEDS_MANUAL)
+        return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
+
+    def _reversals_expired(self, now: float) -> list[Action]:
+        """Reversals unanswered for ``reversal_max_age_s`` (default a day) go to NEEDS_MANUAL."""
+        horizon = self.cfg.reversal_max_age_s
+        old = [self.txns[k] for k in self._saf
+               if self.txns[k].rev_inflight_until is None and now - self.txns[k].rev_since >= horizon]
+        acts: list[Action] = []
+        for t in old:
+            acts += self._give_up(t, "REVERSAL_EXPIRED", t.rev_last_rc)
+        return acts
 
     def _reversal_fields(self, t: Txn, mti: str, f7: str) -> dict[str, str]:
         """A reversal (or repeat) of ``t``: its own transmission time ``f7`` in field 7; the
@@ -262,7 +334,7 @@ class HostEvents(EngineState):
         return {
             "t": mti,
             C.F_PROC_CODE: C.PROC_REFUND if t.kind is TxnKind.REFUND else C.PROC_PURCHASE,
-            C.F_AMOUNT: f"{t.amount:012d}",
+            C.F_AMOUNT: f"{t.settled:012d}",
             C.F_TRANSMISSION_DT: f7,
             C.F_STAN: f"{t.stan:06d}",
             C.F_TERMINAL_ID: self.cfg.terminal_id,
@@ -303,7 +375,7 @@ class HostEvents(EngineState):
         an anchor held outside the terminal, against truncation or rollback of the journal."""
         if not self.host_up:
             return []
-        stan = self._next_stan()
+        stan = self._next_stan(now)
         self.deposit_stan, self.deposit_result = stan, None
         fields = {
             "t": C.MTI_NET_REQUEST,
@@ -321,7 +393,7 @@ class HostEvents(EngineState):
         return len(self._saf.keys() | self._stored.keys())
 
     def _echo(self, now: float) -> list[Action]:
-        stan = self._next_stan()
+        stan = self._next_stan(now)
         self.echo_stan = stan
         self.echo_deadline = now + self.cfg.host_timeout_s
         self.last_host_activity = now

@@ -29,6 +29,7 @@ class TxnState(str, enum.Enum):
     NEEDS_MANUAL = "NEEDS_MANUAL"
     HELD = "HELD"  # journaled, not sent: a counter rule wants the operator's CONFIRM first
     DEFERRED = "DEFERRED"  # approved offline within the configured limits; 0220 advice still owed
+    PARTIAL = "PARTIAL"  # the host approved less than asked (code 10): the operator accepts or cancels
 
     @property
     def final(self) -> bool:
@@ -158,6 +159,10 @@ def display_text(r: Result) -> str:
         if r.reason == "HOLD_CONFIRM_AMOUNT":
             return f"CONFIRM AMOUNT {format_amount(r.extra.get('amount', 0), r.extra.get('currency', ''))}"
         return "REVERSAL PENDING ON CARD - WAIT OR CONFIRM"
+    if s is TxnState.PARTIAL:
+        cur = r.extra.get("currency", "")
+        return (f"PARTIAL APPROVAL {format_amount(r.extra.get('approved_amount', 0), cur)} OF "
+                f"{format_amount(r.extra.get('amount', 0), cur)} - CONFIRM OR CANCEL")
     if s is TxnState.DEFERRED:
         return "APPROVED OFFLINE" + (" - SIGNATURE REQUIRED" if r.extra.get("signature") == "REQUIRED" else "")
     if s is TxnState.DECLINED:
@@ -171,6 +176,8 @@ def display_text(r: Result) -> str:
             return "HOST UNAVAILABLE - OFFLINE LIMIT - NOT CHARGED"
         if r.reason == "OPERATOR_CANCELLED":
             return "CANCELLED - NOT CHARGED"
+        if r.reason == "STAN_COLLISION":
+            return "HOST REJECTED AS DUPLICATE - NOT CHARGED - TRY AGAIN"
         if r.reason == "ADVICE_DECLINED":
             return "OFFLINE SALE DECLINED BY HOST - COLLECT PAYMENT"
         if r.response_code in ("03", "58"):

@@ -23,6 +23,7 @@ class Kind(str, enum.Enum):
     HELD = "held"
     RELEASED = "released"
     OUTCOME = "outcome"
+    PARTIAL = "partial"  # the host approved part of the amount; the operator accepts or cancels
     REFUND_OF = "refund_of"
     SIGNATURE = "signature"
     SIGNATURE_MISSING = "signature_missing"
@@ -61,7 +62,8 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
                             "f7", "tid", "mid"}),  # + original, verdict
     Kind.HELD: frozenset({"code", "detail"}),
     Kind.RELEASED: frozenset({"by"}),
-    Kind.OUTCOME: frozenset({"state", "rc", "approval", "rrn", "reason"}),  # + policy, signature
+    Kind.OUTCOME: frozenset({"state", "rc", "approval", "rrn", "reason"}),  # + policy, signature, approved_amount
+    Kind.PARTIAL: frozenset({"rc", "approved_amount", "approval", "rrn"}),
     Kind.REFUND_OF: frozenset({"refund", "amount"}),
     Kind.SIGNATURE: frozenset({"late"}),
     Kind.SIGNATURE_MISSING: frozenset({"after_s"}),
@@ -73,7 +75,7 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.REVERSAL_ATTEMPT: frozenset({"n", "mti", "f7"}),
     Kind.REVERSAL_FAILED: frozenset({"why", "failures"}),
     Kind.REVERSED: frozenset({"rc", "attempts"}),
-    Kind.NEEDS_MANUAL: frozenset({"reason", "attempts"}),
+    Kind.NEEDS_MANUAL: frozenset({"reason", "attempts"}),  # + last_rc
     Kind.LATE_RESPONSE: frozenset({"mti", "rc", "note"}),  # + state, stan
     Kind.UNMATCHED_RESPONSE: frozenset({"why"}),
     Kind.HOST_GARBAGE: frozenset({"code", "detail", "len", "digest"}),
@@ -86,7 +88,7 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
 }
 # Kinds that describe one transaction and must carry its key.
 PER_TXN = frozenset({
-    Kind.INTENT, Kind.HELD, Kind.RELEASED, Kind.OUTCOME, Kind.REFUND_OF, Kind.SIGNATURE, Kind.SIGNATURE_MISSING,
+    Kind.INTENT, Kind.HELD, Kind.RELEASED, Kind.OUTCOME, Kind.PARTIAL, Kind.REFUND_OF, Kind.SIGNATURE, Kind.SIGNATURE_MISSING,
     Kind.DEFERRED, Kind.ADVICE_ATTEMPT, Kind.ADVICE_REVERSAL_PENDING, Kind.ADVICE_REVERSED, Kind.REVERSAL_PENDING,
     Kind.REVERSAL_ATTEMPT, Kind.REVERSAL_FAILED, Kind.REVERSED, Kind.NEEDS_MANUAL, Kind.LATE_RESPONSE,
 })

@@ -20,7 +20,7 @@ from guard.core.records import Kind, Record
 from guard.core.txn import CardCrypto, Txn, evolve, rebuild
 
 AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
-WATCHED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.HELD})  # states with a timer or a drain to wait for
+WATCHED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.HELD, TxnState.PARTIAL})  # states with a timer or a drain to wait for
 
 
 class NeedData(Exception):
@@ -200,8 +200,14 @@ class EngineState:
             self._f7_sec, self._f7 = sec, transmission_dt(now)
         return self._f7
 
-    def _next_stan(self) -> int:
-        self.last_stan = self.last_stan + 1 if self.last_stan < C.STAN_MAX else C.STAN_MIN
+    def _next_stan(self, now: float) -> int:
+        """The next STAN: 000001-999999, wrapping; with ``stan_clock_floor`` never below the
+        clock's floor for ``now`` (1 + 11 per second since UTC midnight), so a journal replaced or
+        restored the same day cannot reuse a STAN its predecessor drew (constants: STANs)."""
+        nxt = self.last_stan + 1
+        if self.cfg.stan_clock_floor:
+            nxt = max(nxt, stan_floor(now))
+        self.last_stan = nxt if nxt <= C.STAN_MAX else (stan_floor(now) if self.cfg.stan_clock_floor else C.STAN_MIN)
         return self.last_stan
 
     def _record(self, t: Txn, kind: Kind, payload: dict[str, Any]) -> Record:
@@ -214,10 +220,13 @@ class EngineState:
         ref, t.vault_ref = t.vault_ref, None
         return [ref] if ref else []
 
-    def _finish(self, t: Txn, state: TxnState, *, approval: str = "", rrn: str = "", reason: str = "") -> list[Action]:
+    def _finish(self, t: Txn, state: TxnState, *, approval: str = "", rrn: str = "", reason: str = "",
+                approved_amount: int | None = None) -> list[Action]:
         if state is TxnState.APPROVED:
             self._sig_watch(t, required=True)
         payload: dict[str, Any] = {"state": state.value, "rc": t.rc, "approval": approval, "rrn": rrn, "reason": reason}
+        if approved_amount is not None:
+            payload["approved_amount"] = approved_amount
         if t.signature:
             payload["signature"] = t.signature
         rec = self._record(t, Kind.OUTCOME, payload)
@@ -238,7 +247,7 @@ class EngineState:
         rec = self._record(t, Kind.REVERSAL_PENDING, {"reason": reason, "stan": t.stan, **(extra or {})})
         self.history.pending(t.card_token, t)
         self._finals.pop(t.key, None)
-        t.rev_next_at = now
+        t.rev_next_at = t.rev_since = now
         self._saf[t.key] = None
         return rec
 
@@ -270,6 +279,11 @@ class EngineState:
         rec = self._record(v, Kind.OUTCOME, {"state": state.value, "rc": "", "approval": "", "rrn": "", "reason": reason})
         self._finalized(v)
         return [rec], [Reply(v.result())]
+
+
+def stan_floor(now: float) -> int:
+    """The lowest STAN drawn at ``now``: 1 + STAN_FLOOR_PER_SECOND per second since UTC midnight."""
+    return 1 + int(now % 86_400) * C.STAN_FLOOR_PER_SECOND
 
 
 def corrupt(where: Any, exc: BaseException) -> JournalError:

@@ -18,7 +18,8 @@ S = TxnState
 TRANSITIONS: Mapping[TxnState, frozenset[TxnState]] = {
     # VOIDs stay JOURNALED until the reversal of their sale settles them (APPROVED / NEEDS_MANUAL).
     S.JOURNALED: frozenset({S.SENT, S.HELD, S.DECLINED, S.DEFERRED, S.REVERSAL_PENDING, S.APPROVED, S.NEEDS_MANUAL}),
-    S.SENT: frozenset({S.APPROVED, S.DECLINED, S.REVERSAL_PENDING}),
+    S.SENT: frozenset({S.APPROVED, S.DECLINED, S.REVERSAL_PENDING, S.PARTIAL}),
+    S.PARTIAL: frozenset({S.APPROVED, S.REVERSAL_PENDING}),  # operator accepts / cancels, or it expires
     S.HELD: frozenset({S.JOURNALED, S.DECLINED}),
     S.DEFERRED: frozenset({S.APPROVED, S.DECLINED, S.NEEDS_MANUAL}),
     S.APPROVED: frozenset({S.REVERSAL_PENDING}),  # VOID, card/terminal could not complete
@@ -77,9 +78,19 @@ class Txn:
     adv_inflight_until: float | None = None
     adv_next_at: float = 0.0
     adv_failures: int = 0
+    approved: int | None = None  # a partial approval's amount (None: the whole amount)
+    rev_since: float = 0.0  # when its reversal was queued (the horizon counts from here)
+    rev_last_rc: str = ""  # the host's field 39 on the last 0410 that did not end the reversal
+
+    @property
+    def settled(self) -> int:
+        """The amount the host debited or credited on approval: a partial's approved amount."""
+        return self.amount if self.approved is None else self.approved
 
     def result(self, *, in_progress: bool = False) -> Result:
         extra: dict[str, Any] = {"amount": self.amount, "currency": self.currency}
+        if self.approved is not None:
+            extra["approved_amount"] = self.approved
         if self.signature:
             extra["signature"] = self.signature
         return Result(key=self.key, state=self.state, response_code=self.rc, approval_code=self.approval,
@@ -130,6 +141,12 @@ def evolve(t: Txn, kind: str, p: Mapping[str, Any]) -> None:
         t.rc, t.approval, t.rrn, t.reason = p.get("rc", ""), p.get("approval", ""), p.get("rrn", ""), p.get("reason", "")
         t.signature = p.get("signature", t.signature)
         t.deadline = None
+        if "approved_amount" in p:
+            t.approved = int(p["approved_amount"])
+    elif kind == Kind.PARTIAL:
+        move(t, S.PARTIAL)
+        t.rc, t.approval, t.rrn, t.reason = p["rc"], p.get("approval", ""), p.get("rrn", ""), "PARTIAL_APPROVAL"
+        t.approved, t.deadline = int(p["approved_amount"]), None
     elif kind == Kind.DEFERRED:
         move(t, S.DEFERRED)
         t.signature, t.deferred, t.reason = p.get("signature", ""), True, ""
@@ -158,11 +175,13 @@ def evolve(t: Txn, kind: str, p: Mapping[str, Any]) -> None:
         t.rev_attempts = int(p["n"])
     elif kind == Kind.REVERSAL_FAILED:
         t.rev_failures = int(p["failures"])
+        t.rev_last_rc = p.get("rc", t.rev_last_rc)
     elif kind == Kind.REVERSED:
         move(t, S.REVERSED)
     elif kind == Kind.NEEDS_MANUAL:
         move(t, S.NEEDS_MANUAL)
         t.reason = p.get("reason", t.reason)
+        t.rev_last_rc = p.get("last_rc", t.rev_last_rc)
 
 
 def rebuild(key: str, entries: Iterable[Any]) -> Txn | None:
