@@ -40,6 +40,12 @@ def _one_of(*xs: Any) -> Callable[[Any], str | None]:
     return lambda v: None if v in xs else f"must be one of {', '.join(map(str, xs))}"
 
 
+def _codes(v: list[Any]) -> str | None:
+    if not all(isinstance(c, str) and len(c) == 2 and c.isascii() and c.isalnum() for c in v):
+        return 'must be a list of 2-character response codes, e.g. ["00", "08"]'
+    return None
+
+
 def _hex(n: int) -> Callable[[Any], str | None]:
     def check(v: str) -> str | None:
         if v == "":
@@ -65,6 +71,9 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("reader", "parity"): (str, "N", _one_of("N", "E", "O"), "parity"),
     ("reader", "stopbits"): (int, 1, _one_of(1, 2), "stop bits"),
     ("reader", "reader_id"): (str, "READER01", lambda v: None if 0 < len(v) <= 32 and ":" not in v else "1-32 characters, no ':'", "id used in idempotency keys"),
+    ("reader", "partial_approvals"): (bool, True, None, "the reader shows PARTIAL and sends CONFIRM or CANCEL; "
+                                      "false: a partial approval is reversed at once"),
+    ("reader", "partial_expiry"): ((int, float), 120.0, _range(1, 3600), "seconds before an unanswered PARTIAL is reversed"),
     ("host", "address"): (str, ..., None, "acquirer host name or IP"),
     ("host", "port"): (int, ..., _range(1, 65535), "TCP port"),
     ("host", "header"): (str, C.HOST_HEADER_BINARY2, _one_of(*C.HOST_HEADERS), "length header: binary2 or ascii4"),
@@ -79,8 +88,20 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("host", "connect_timeout"): ((int, float), 3.0, _range(0.1, 60), "seconds"),
     ("host", "timeout"): ((int, float), C.HOST_TIMEOUT_S, _range(0.1, 300), "seconds to wait for a 0210"),
     ("host", "reversal_timeout"): ((int, float), C.REVERSAL_TIMEOUT_S, _range(0.1, 300), "seconds to wait for a 0410"),
-    ("host", "reversal_max_attempts"): (int, C.REVERSAL_MAX_ATTEMPTS, _range(1, 1000), "then NEEDS_MANUAL"),
+    ("host", "reversal_max_attempts"): (int, C.REVERSAL_MAX_ATTEMPTS, _range(1, 1000),
+                                        "explicit refusals (0410 not 00/25/94) before NEEDS_MANUAL"),
+    ("host", "reversal_max_age"): ((int, float), C.REVERSAL_MAX_AGE_S, _range(1, 30 * 86400),
+                                   "seconds an unanswered reversal is repeated after its first send, then NEEDS_MANUAL"),
+    ("host", "partial_amount_field"): (str, C.F_AMOUNT, _one_of(C.F_AMOUNT, C.F_ADDITIONAL_AMOUNTS),
+                                       "where a partial approval (code 10) carries the approved amount: 4 or 54"),
+    ("host", "stan_from_clock"): (bool, True, None, "STANs never below 1 + 11 per second since UTC midnight, so a "
+                                  "replaced or restored journal cannot reuse one the same day"),
     ("host", "echo_idle"): ((int, float), C.ECHO_IDLE_S, _range(1, 3600), "send 0800 echo after this idle time"),
+    ("response_codes", "approved"): (list, sorted(C.RC_APPROVED_CLASS), _codes, "field 39 codes that approve (must include 00)"),
+    ("response_codes", "partial"): (list, sorted(C.RC_PARTIAL_CLASS), _codes, "codes that approve part of the amount"),
+    ("response_codes", "declined"): (list, sorted(C.RC_DECLINED_CLASS), _codes, "codes that decline (no debit); "
+                                     "any code in no class is reversed"),
+    ("response_codes", "duplicate"): (list, sorted(C.RC_DUPLICATE_CLASS), _codes, "duplicate transmission"),
     ("journal", "path"): (str, ..., None, "SQLite journal file"),
     ("journal", "keys"): (str, ..., None, "directory with device keys (posguard keys init)"),
     ("journal", "checkpoint_every"): (int, C.CHECKPOINT_EVERY_ENTRIES, _range(1, 1_000_000), "entries between signed checkpoints"),
@@ -169,7 +190,9 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
             raise ConfigError("host.spec", "a path cannot contain a NUL character")
         values[("host", "spec")] = str((base / values[("host", "spec")]).resolve())
     load_spec(values[("host", "spec")])  # refuse a spec that cannot carry our messages now, not mid-sale
-    return Config(values, source)
+    config = Config(values, source)
+    host_profile(config)  # overlapping response-code classes are a config error at start
+    return config
 
 
 def make_uplink(cfg: Config) -> Any:
@@ -242,6 +265,19 @@ def policy_config(cfg: Config) -> "Any":
         signature_above=cfg["policy.signature_above"],
         signature_timeout_s=float(cfg["policy.signature_timeout"]),
     )
+
+
+def host_profile(cfg: Config) -> dict[str, Any]:
+    """EngineConfig keyword arguments for how this host answers (response-code classes, partial
+    approvals, reversal horizon, STANs). A profile whose classes overlap or omit 00 is refused."""
+    from guard.core.actions import check_response_classes
+
+    classes = {k: frozenset(cfg[f"response_codes.{k}"]) for k in ("approved", "partial", "declined", "duplicate")}
+    check_response_classes(classes["approved"], classes["partial"], classes["declined"], classes["duplicate"])
+    return {"rc_approved": classes["approved"], "rc_partial": classes["partial"], "rc_declined": classes["declined"],
+            "rc_duplicate": classes["duplicate"], "partial_amount_field": cfg["host.partial_amount_field"],
+            "partial_approvals": cfg["reader.partial_approvals"], "partial_expiry_s": float(cfg["reader.partial_expiry"]),
+            "reversal_max_age_s": float(cfg["host.reversal_max_age"]), "stan_clock_floor": cfg["host.stan_from_clock"]}
 
 
 def offline_config(cfg: Config) -> "Any":

@@ -443,7 +443,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
     from guard.journal.keys import load_keys
     from guard.ops.replay import open_replay
 
-    from posguard.config import make_uplink, offline_config, policy_config
+    from posguard.config import host_profile, make_uplink, offline_config, policy_config
 
     keys = load_keys(Path(cfg["journal.keys"]))
     uplink = make_uplink(cfg)
@@ -452,7 +452,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
         host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
         reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
         backoff_base_s=backoff_base, backoff_max_s=backoff_max, saf_window=window,
-        policy=policy_config(cfg), offline=offline_config(cfg),
+        policy=policy_config(cfg), offline=offline_config(cfg), **host_profile(cfg),
     )
     return open_replay(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
 

@@ -143,10 +143,16 @@ class Gen:
         return keys
 
     def exhaust_reversals(self, rounds: int = 200) -> None:
-        """Host up but every reversal is lost: attempts until the cap -> NEEDS_MANUAL."""
+        """Host up but every reversal is refused (0410 with 96, the debit stays): attempts until
+        the cap of explicit refusals -> NEEDS_MANUAL. (Silence alone never reaches the cap.)"""
         self.run(self.engine.on_host_up(self.t))
         for _ in range(rounds):
-            self.sends.clear()  # dropped on the floor
+            sends, self.sends = self.sends, []
+            for s in sends:
+                if s.fields["t"] in ("0400", "0401"):
+                    refusal = {k: s.fields[k] for k in ("11", "41", "42")} | {"t": "0410", "39": "96"}
+                    self.run(self.engine.host_message(refusal, self.t))
+            self.flush()
             if not self.engine.pending_reversals():
                 break
             self.tick_clock(self.ecfg.reversal_timeout_s + self.ecfg.backoff_max_s + 1)
@@ -235,7 +241,7 @@ def write_settlement(path: Path, rows: list[dict[str, str]]) -> None:
 
 
 def guard_toml(path: Path, *, journal: Path, keys: Path, port: int, reversal_timeout: float = 30.0,
-               max_attempts: int = 6, host_timeout: float = 30.0) -> Path:
+               max_attempts: int = 6, host_timeout: float = 30.0, reversal_max_age: float = 86_400.0) -> Path:
     """A guard.toml for the operator commands (the reader port is never opened by them)."""
     path.write_text(f"""[terminal]
 terminal_id = "{TID}"
@@ -248,6 +254,7 @@ port = {port}
 timeout = {host_timeout}
 reversal_timeout = {reversal_timeout}
 reversal_max_attempts = {max_attempts}
+reversal_max_age = {reversal_max_age}
 connect_timeout = 1.0
 [journal]
 path = "{journal}"

@@ -235,12 +235,18 @@ def test_an_unanswered_reversal_expires_to_needs_manual_after_its_horizon() -> N
     e.submit(req(), NOW)
     e.on_host_down(NOW + 1)
     now = NOW + 1
-    while now < NOW + 3700 and e.pending_reversals():
+    for _ in range(1000):  # the host stays away for days: a reversal never sent never expires
+        now += 3600
+        e.tick(now)
+    assert e.txns[req().key].state is TxnState.REVERSAL_PENDING
+    e.on_host_up(now)  # connected, but silent: the first 0400 goes out now and starts the horizon
+    first = now
+    while now < first + 3700 and e.pending_reversals():
         now += 10
         e.tick(now)
     t = e.txns[req().key]
     assert t.state is TxnState.NEEDS_MANUAL and t.reason == "REVERSAL_EXPIRED"
-    assert NOW + 3601 <= now <= NOW + 3611
+    assert first + 3600 <= now <= first + 3610 + CFG.reversal_timeout_s
 
 
 def test_host_down_at_submit_declines_cleanly_without_sending() -> None:

@@ -136,7 +136,7 @@ def test_a_0411_answers_a_reversal() -> None:
 def test_a_host_profile_whose_classes_overlap_or_omit_00_is_refused(over: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError) as ei:
         dataclasses.replace(CFG, **over)
-    assert ei.value.key == f"host.response_codes.{key}"
+    assert ei.value.key == f"response_codes.{key}"
 
 
 def test_stans_never_fall_below_the_clock_floor_so_a_new_journal_cannot_reuse_one() -> None:

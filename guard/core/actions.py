@@ -112,12 +112,12 @@ def check_response_classes(approved: frozenset[str], partial: frozenset[str], de
     for name, codes in classes.items():
         bad = sorted(c for c in codes if not (isinstance(c, str) and len(c) == 2 and c.isascii() and c.isalnum()))
         if bad:
-            raise ConfigError(f"host.response_codes.{name}", f"{bad[:3]} are not 2-character response codes")
+            raise ConfigError(f"response_codes.{name}", f"{bad[:3]} are not 2-character response codes")
     if C.RC_APPROVED not in approved:
-        raise ConfigError("host.response_codes.approved", "must include 00")
+        raise ConfigError("response_codes.approved", "must include 00")
     names = list(classes)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             both = sorted(classes[a] & classes[b])
             if both:
-                raise ConfigError(f"host.response_codes.{b}", f"{', '.join(both)} also in {a}: a code has one meaning")
+                raise ConfigError(f"response_codes.{b}", f"{', '.join(both)} also in {a}: a code has one meaning")

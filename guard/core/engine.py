@@ -111,7 +111,7 @@ class Engine(HostEvents):
             self._adv.pop(key, None)
         elif kind == Kind.ADVICE_REVERSAL_PENDING:
             self._saf[key] = None
-            t.rev_since = ts
+            t.rev_since = 0.0
         elif kind == Kind.ADVICE_REVERSED:
             self._saf.pop(key, None)
             self._adv[key] = None
@@ -123,7 +123,8 @@ class Engine(HostEvents):
             self.history.pending(t.card_token, t)
             self._finals.pop(key, None)
             self._saf[key] = None
-            t.rev_since = ts
+        elif kind == Kind.REVERSAL_ATTEMPT:
+            t.rev_since = t.rev_since or ts
         elif kind == Kind.PARTIAL:
             t.deadline = ts + self.cfg.partial_expiry_s
             self._watch[key] = None
@@ -429,11 +430,12 @@ class Engine(HostEvents):
 
     def next_deadline(self) -> float | None:
         watched = self._watched()
+        now_inf = float("inf")
         ds = [t.deadline for t in watched if t.state in (TxnState.SENT, TxnState.PARTIAL) and t.deadline is not None]
         for key in self._saf:
             t = self.txns[key]
             ds.append(t.rev_inflight_until if t.rev_inflight_until is not None
-                      else min(t.rev_next_at, t.rev_since + self.cfg.reversal_max_age_s))
+                      else min(t.rev_next_at, (t.rev_since or now_inf) + self.cfg.reversal_max_age_s))
         if self.echo_deadline is not None:
             ds.append(self.echo_deadline)
         if self.cfg.policy.hold_expiry_s > 0:

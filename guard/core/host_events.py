@@ -230,7 +230,7 @@ class HostEvents(EngineState):
         without duplicate detection never books an offline sale twice."""
         rec = self._record(t, Kind.ADVICE_REVERSAL_PENDING, {"reason": reason, "stan": t.stan})
         t.adv_inflight_until = None
-        t.rev_next_at = t.rev_since = now
+        t.rev_next_at, t.rev_since = now, 0.0
         self._saf[t.key] = None
         self.count("advice_reversal_pending")
         return rec
@@ -317,10 +317,12 @@ class HostEvents(EngineState):
         return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
 
     def _reversals_expired(self, now: float) -> list[Action]:
-        """Reversals unanswered for ``reversal_max_age_s`` (default a day) go to NEEDS_MANUAL."""
+        """Reversals unanswered for ``reversal_max_age_s`` (default a day) since their first send go
+        to NEEDS_MANUAL; one never sent (a terminal off for days) is sent before it can expire."""
         horizon = self.cfg.reversal_max_age_s
         old = [self.txns[k] for k in self._saf
-               if self.txns[k].rev_inflight_until is None and now - self.txns[k].rev_since >= horizon]
+               if self.txns[k].rev_inflight_until is None and self.txns[k].rev_since
+               and now - self.txns[k].rev_since >= horizon]
         acts: list[Action] = []
         for t in old:
             acts += self._give_up(t, "REVERSAL_EXPIRED", t.rev_last_rc)
@@ -364,6 +366,7 @@ class HostEvents(EngineState):
             mti = C.MTI_REVERSAL if t.rev_attempts == 0 else C.MTI_REVERSAL_REPEAT
             f7 = self.f7(now)
             recs.append(self._record(t, Kind.REVERSAL_ATTEMPT, {"n": t.rev_attempts + 1, "mti": mti, "f7": f7}))
+            t.rev_since = t.rev_since or now
             t.rev_inflight_until = now + self.cfg.reversal_timeout_s
             sends.append(SendHost(t.key, self._reversal_fields(t, mti, f7), card_ref=t.vault_ref))
         self.count("reversal_sent", len(due))

@@ -247,7 +247,7 @@ class EngineState:
         rec = self._record(t, Kind.REVERSAL_PENDING, {"reason": reason, "stan": t.stan, **(extra or {})})
         self.history.pending(t.card_token, t)
         self._finals.pop(t.key, None)
-        t.rev_next_at = t.rev_since = now
+        t.rev_next_at, t.rev_since = now, 0.0
         self._saf[t.key] = None
         return rec
 

@@ -79,7 +79,7 @@ class Txn:
     adv_next_at: float = 0.0
     adv_failures: int = 0
     approved: int | None = None  # a partial approval's amount (None: the whole amount)
-    rev_since: float = 0.0  # when its reversal was queued (the horizon counts from here)
+    rev_since: float = 0.0  # when its first reversal message was sent (the horizon counts from here; 0: none yet)
     rev_last_rc: str = ""  # the host's field 39 on the last 0410 that did not end the reversal
 
     @property
@@ -167,8 +167,8 @@ def evolve(t: Txn, kind: str, p: Mapping[str, Any]) -> None:
         requeue = t.state.final and p.get("reason") == REQUEUE_REASON
         move(t, S.REVERSAL_PENDING, requeue=requeue)
         t.reason, t.deadline = p.get("reason", ""), None
-        if requeue:  # re-queued by an operator: a fresh set of attempts
-            t.rev_failures = 0
+        if requeue:  # re-queued by an operator: a fresh set of attempts and a fresh horizon
+            t.rev_failures, t.rev_since = 0, 0.0
         if p.get("void"):  # the sale's own record names its VOID: a sale read back keeps the link
             t.voided_by = p["void"]
     elif kind == Kind.REVERSAL_ATTEMPT:
