@@ -1,37 +1,50 @@
 """Host link adapter: one TCP (optionally TLS / mTLS) connection to the acquirer.
 
-Connect blocks (bounded by ``connect_timeout``, TLS handshake included); afterwards the socket is
-non-blocking and the object is meant to be registered in the driver's ``selectors`` loop:
+Nothing here blocks the driver's loop, which also serves the card reader (ACK within 100 ms):
 
-- register the ``Uplink`` object itself (it has ``fileno()``) for EVENT_READ and call ``poll()``
-  when it is readable, and also after every ``send`` (TLS may buffer decrypted bytes);
-- when ``connected`` turns False (``poll`` returned ``Disconnected``, or ``send`` failed),
-  unregister it before reconnecting, because the new socket may reuse the descriptor number.
+- ``connect()`` starts a non-blocking TCP connect (then a non-blocking TLS handshake) and
+  returns at once; while ``connecting`` is True each later call makes progress, and it returns
+  True once the connection is fully established. The attempt fails after ``connect_timeout`` in
+  total (``last_error`` says why). A host name is resolved on a daemon thread (``_Resolver``).
+- ``send()`` writes what the kernel takes and queues the rest in a bounded outbox, written by
+  later ``send``/``flush``/``poll`` calls. A host that leaves the outbox over ``outbox_limit``
+  bytes, or unread for ``send_timeout`` seconds, is not reading: the connection is dropped.
+
+Register the ``Uplink`` object itself (it has ``fileno()``) for EVENT_READ once connected and call
+``poll()`` when it is readable, and also after every ``send`` (TLS may buffer decrypted bytes);
+call ``flush()`` every loop round. When ``connected`` turns False (``poll`` returned
+``Disconnected``, ``send`` failed, ``flush`` returned False) unregister it before reconnecting,
+because the new socket may reuse the descriptor number.
 
 Framing loss (``HOST_BAD_LENGTH``) makes ``poll`` close the connection: the next byte boundary is
 unknowable, so only a fresh connection can resynchronise.
 
 ``send`` is tri-state because "did the host maybe get it?" decides whether a reversal is owed:
-``NOT_SENT`` means no byte of the message left this process; ``MAYBE_SENT`` must be treated as
-sent (the engine reverses). Over TLS any write failure is ``MAYBE_SENT``: OpenSSL may have pushed
-part of a record to the kernel before reporting "want write" or an error.
+``NOT_SENT`` means no byte of the message left this process and no earlier queued message was cut
+by the same failure; ``MAYBE_SENT`` must be treated as sent (the engine reverses). Over TLS any
+write failure is ``MAYBE_SENT`` once a write covering the message was attempted: OpenSSL may have
+pushed part of a record to the kernel before reporting "want write" or an error.
 """
 
 from __future__ import annotations
 
 import enum
-import selectors
+import errno
+import select
 import socket
 import ssl
+import threading
 import time
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from guard.core.errors import KeyFileError
 from guard.hostlink.iso import FrameDecoder, HostCodec, HostGarbage, HostMessage
 
 RECV_CHUNK = 65536
 MAX_READS_PER_POLL = 16  # bounds one poll() to ~1 MiB so a chatty host cannot starve the loop
+OUTBOX_LIMIT = 256 * 1024  # queued bytes beyond what the kernel took; ISO messages are < 2 KiB
+TLS_WRITE_MAX = 16 * 1024  # one TLS record per write, so a "want write" retry repeats one slice
 
 # Stable reasons carried by Disconnected / Uplink.last_error.
 DISC_EOF = "EOF"
@@ -45,12 +58,16 @@ CONNECT_TIMEOUT = "CONNECT_TIMEOUT"
 CONNECT_FAILED = "CONNECT_FAILED"
 TLS_HANDSHAKE_FAILED = "TLS_HANDSHAKE_FAILED"
 
+_IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR})
+_SockAddr = tuple[Any, ...]
+_AddrInfo = tuple[int, int, int, _SockAddr]
+
 
 class SendOutcome(enum.Enum):
     """Result of ``Uplink.send``. Truthy unless NOT_SENT, so ``if not up.send(f)`` still reads well."""
 
     NOT_SENT = "NOT_SENT"  # nothing left the terminal: the sale can fail cleanly
-    SENT = "SENT"  # every byte accepted by the kernel
+    SENT = "SENT"  # every byte accepted by the kernel or queued in the outbox
     MAYBE_SENT = "MAYBE_SENT"  # failed part-way: treat as sent and reverse
 
     def __bool__(self) -> bool:
@@ -68,6 +85,55 @@ class Disconnected:
 PollItem = HostMessage | HostGarbage | Disconnected
 
 
+class _ConnectFailed(Exception):
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _Resolver:
+    """``getaddrinfo`` on a daemon thread, so a slow DNS server never blocks the loop.
+
+    A lookup outlives a timed-out attempt (getaddrinfo cannot be cancelled); the next attempt
+    reuses it instead of starting another, so at most one lookup thread exists per Uplink.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.result: list[_AddrInfo] = []
+        self.error = ""
+        self.done = threading.Event()
+        threading.Thread(target=self._run, args=(host, port), name="uplink-resolve", daemon=True).start()
+
+    def _run(self, host: str, port: int) -> None:
+        try:
+            self.result = [(f, t, p, sa) for f, t, p, _, sa in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
+        except (OSError, UnicodeError) as e:
+            self.error = type(e).__name__
+        finally:
+            self.done.set()
+
+
+@dataclass
+class _Attempt:
+    """One connection attempt: addresses to try, the socket being connected, its TLS wrapper."""
+
+    deadline: float
+    addrs: list[_AddrInfo] | None = None  # None until resolved
+    raw: socket.socket | None = None
+    tls: ssl.SSLSocket | None = None
+    tcp_up: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    def close(self) -> None:
+        sock = self.tls if self.tls is not None else self.raw
+        self.tls = self.raw = None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+
 class Uplink:
     """Client side of the host link. Not thread-safe: use it from the driver's loop only."""
 
@@ -80,6 +146,7 @@ class Uplink:
         server_hostname: str | None = None,
         connect_timeout: float = 3.0,
         send_timeout: float | None = None,
+        outbox_limit: int = OUTBOX_LIMIT,
     ) -> None:
         self.host = host
         self.port = port
@@ -88,9 +155,19 @@ class Uplink:
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
         self.send_timeout = connect_timeout if send_timeout is None else send_timeout
+        self.outbox_limit = outbox_limit
         self._sock: socket.socket | None = None
         self._decoder: FrameDecoder | None = None
         self._pending: list[PollItem] = []
+        self._attempt: _Attempt | None = None
+        self._resolver: _Resolver | None = None
+        self._literal = _numeric_addrs(host, port)
+        self._outbox = bytearray()
+        self._out_total = 0  # bytes ever queued on this connection
+        self._out_done = 0  # of them, handed to the kernel (or to OpenSSL, which wrote the record)
+        self._out_tried = 0  # end of the furthest write attempted (TLS: may have left part-way)
+        self._tls_retry = 0  # length of a TLS write that wants a retry with the same bytes
+        self._progress_at = 0.0  # last time the outbox was empty or shrank
         self.last_error = ""
         self.connections = 0
 
@@ -99,96 +176,225 @@ class Uplink:
         return self._sock is not None
 
     @property
+    def connecting(self) -> bool:
+        """An attempt is in progress: call ``connect()`` again soon (it does not block)."""
+        return self._attempt is not None
+
+    @property
     def tls(self) -> bool:
         return self.ssl_context is not None
+
+    @property
+    def queued(self) -> int:
+        """Bytes in the outbox, not yet taken by the kernel."""
+        return len(self._outbox)
 
     def fileno(self) -> int:
         """The socket's descriptor, or -1 when not connected."""
         return self._sock.fileno() if self._sock is not None else -1
 
+    # ------------------------------------------------------------------ connecting
+
     def connect(self) -> bool:
-        """Open TCP (+ TLS handshake) within ``connect_timeout``; True if connected afterwards."""
+        """Start or advance a connection attempt without blocking; True once fully connected.
+
+        False while in progress (``connecting``) or after a failure (``last_error``: one of the
+        CONNECT_* codes or TLS_HANDSHAKE_FAILED; the next call starts a new attempt).
+        """
         if self._sock is not None:
             return True
-        self._pending.clear()
-        deadline = time.monotonic() + self.connect_timeout
+        now = time.monotonic()
+        a = self._attempt
+        if a is None:
+            self._pending.clear()
+            a = self._attempt = _Attempt(now + self.connect_timeout)
         try:
-            raw = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except ConnectionRefusedError:
-            self.last_error = CONNECT_REFUSED
+            sock = self._advance(a)
+            if sock is None and now >= a.deadline:
+                raise _ConnectFailed(TLS_HANDSHAKE_FAILED if a.tcp_up else CONNECT_TIMEOUT)
+        except _ConnectFailed as e:
+            a.close()
+            self._attempt = None
+            self.last_error = e.code
             return False
-        except (socket.timeout, TimeoutError):
-            self.last_error = CONNECT_TIMEOUT
+        if sock is None:
             return False
-        except OSError:
-            self.last_error = CONNECT_FAILED
-            return False
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:
-            pass
-        sock: socket.socket = raw
-        if self.ssl_context is not None:
-            try:
-                raw.settimeout(max(deadline - time.monotonic(), 0.05))
-                sock = self.ssl_context.wrap_socket(
-                    raw, server_hostname=self.server_hostname or self.host, do_handshake_on_connect=True
-                )
-            except (ssl.SSLError, ssl.CertificateError, OSError):
-                raw.close()
-                self.last_error = TLS_HANDSHAKE_FAILED
-                return False
-        sock.setblocking(False)
+        self._attempt = None
         self._sock = sock
         self._decoder = self.codec.decoder("terminal")
+        self._reset_outbox()
         self.last_error = ""
         self.connections += 1
         return True
 
-    def send(self, fields: Mapping[str, str]) -> SendOutcome:
-        """Encode and write one message. Raises ``CodecError`` (nothing sent) on bad fields."""
-        data = self.codec.encode(fields)
-        sock = self._sock
-        if sock is None:
-            return SendOutcome.NOT_SENT
-        view = memoryview(data)
-        sent = 0
-        attempted = False
-        deadline = time.monotonic() + self.send_timeout
-        reason = DISC_SEND_FAILED
-        while sent < len(data):
+    def _advance(self, a: _Attempt) -> socket.socket | None:
+        """One non-blocking pass: resolve, TCP connect, TLS handshake, as far as each is done."""
+        if a.addrs is None:
+            a.addrs = self._resolved()
+            if a.addrs is None:
+                return None
+        if not a.tcp_up:
+            if not self._tcp_step(a):
+                return None
+            raw = a.raw
+            assert raw is not None
             try:
-                attempted = True
-                n = sock.send(view[sent:])
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as e:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                _wait(sock, want_read=isinstance(e, ssl.SSLWantReadError), timeout=min(remaining, 0.05))
-                continue
-            except ssl.SSLError:
-                reason = DISC_TLS
-                break
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             except OSError:
-                reason = DISC_RESET
-                break
-            if n <= 0:
-                break
-            sent += n
-        if sent == len(data):
-            return SendOutcome.SENT
-        self._drop(reason, f"write failed after {sent} of {len(data)} bytes")
-        if sent == 0 and not (self.tls and attempted):
+                pass
+            if self.ssl_context is None:
+                return raw
+            try:
+                a.tls = self.ssl_context.wrap_socket(
+                    raw, server_hostname=self.server_hostname or self.host, do_handshake_on_connect=False)
+            except (ssl.SSLError, ssl.CertificateError, OSError, ValueError):
+                raise _ConnectFailed(TLS_HANDSHAKE_FAILED) from None
+            a.raw = None
+        if a.tls is None:
+            return a.raw
+        try:
+            a.tls.do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        except (ssl.SSLError, ssl.CertificateError, OSError, ValueError):
+            raise _ConnectFailed(TLS_HANDSHAKE_FAILED) from None
+        return a.tls
+
+    def _resolved(self) -> list[_AddrInfo] | None:
+        """The addresses to try: a literal at once, a name from the resolver thread when ready."""
+        if self._literal:
+            return list(self._literal)
+        r = self._resolver
+        if r is None:
+            r = self._resolver = _Resolver(self.host, self.port)
+        if not r.done.is_set():
+            return None
+        self._resolver = None
+        if not r.result:
+            raise _ConnectFailed(CONNECT_FAILED)
+        return list(r.result)
+
+    def _tcp_step(self, a: _Attempt) -> bool:
+        """Advance the TCP connect; True once established. Tries the next address on failure."""
+        assert a.addrs is not None
+        while True:
+            if a.raw is None:
+                if not a.addrs:
+                    raise _ConnectFailed(a.errors[-1] if a.errors else CONNECT_FAILED)
+                family, type_, proto, sa = a.addrs.pop(0)
+                try:
+                    a.raw = socket.socket(family, type_, proto)
+                    a.raw.setblocking(False)
+                    err = a.raw.connect_ex(sa)
+                except OSError as e:
+                    err = e.errno or -1
+                if err not in _IN_PROGRESS:
+                    self._tcp_failed(a, err)
+                    continue
+                if err == 0:
+                    a.tcp_up = True
+                    return True
+            assert a.raw is not None
+            if not _writable(a.raw):
+                return False
+            err = a.raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0:
+                a.tcp_up = True
+                return True
+            self._tcp_failed(a, err)
+
+    @staticmethod
+    def _tcp_failed(a: _Attempt, err: int) -> None:
+        a.close()
+        a.errors.append(
+            CONNECT_REFUSED if err == errno.ECONNREFUSED
+            else CONNECT_TIMEOUT if err == errno.ETIMEDOUT
+            else CONNECT_FAILED)
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, fields: Mapping[str, str]) -> SendOutcome:
+        """Encode one message, write what the kernel takes, queue the rest; never blocks.
+
+        Raises ``CodecError`` (nothing sent) on bad fields.
+        """
+        data = self.codec.encode(fields)
+        if self._sock is None:
             return SendOutcome.NOT_SENT
-        return SendOutcome.MAYBE_SENT
+        now = time.monotonic()
+        start = self._out_total
+        cuts_earlier = bool(self._outbox)  # a failure now also cuts messages already queued
+        if not cuts_earlier:
+            self._progress_at = now
+        self._outbox += data
+        self._out_total += len(data)
+        failure = self._write(now)
+        if failure is None and len(self._outbox) > self.outbox_limit:
+            failure = DISC_SEND_FAILED, f"host not reading: {len(self._outbox)} bytes queued"
+            cuts_earlier = True  # the host is not reading: whatever is in flight is reversed
+        if failure is None:
+            return SendOutcome.SENT
+        left = (self._out_tried if self.tls else self._out_done) > start
+        self._drop(*failure)
+        return SendOutcome.MAYBE_SENT if left or cuts_earlier else SendOutcome.NOT_SENT
+
+    def flush(self) -> bool:
+        """Write queued bytes the kernel now takes; False if this dropped the connection (the
+        host stopped reading for ``send_timeout``, or the socket failed): ``poll()`` reports it."""
+        if self._sock is None or not self._outbox:
+            return True
+        failure = self._write(time.monotonic())
+        if failure is None:
+            return True
+        self._drop(*failure)
+        return False
+
+    def _write(self, now: float) -> tuple[str, str] | None:
+        """Move outbox bytes to the socket until it would block; the failure, if any."""
+        sock = self._sock
+        assert sock is not None
+        tls = self.tls
+        while self._outbox:
+            size = (self._tls_retry or min(len(self._outbox), TLS_WRITE_MAX)) if tls else len(self._outbox)
+            chunk = bytes(self._outbox[:size])
+            self._out_tried = max(self._out_tried, self._out_done + size)
+            try:
+                n = sock.send(chunk)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                self._tls_retry = size if tls else 0
+                break
+            except ssl.SSLError:
+                return DISC_TLS, self._lost_detail()
+            except OSError:
+                return DISC_RESET, self._lost_detail()
+            if n <= 0:
+                return DISC_SEND_FAILED, self._lost_detail()
+            self._tls_retry = 0
+            del self._outbox[:n]
+            self._out_done += n
+            self._progress_at = now
+        if self._outbox and now - self._progress_at > self.send_timeout:
+            return DISC_SEND_FAILED, f"host took no bytes for {self.send_timeout:g} s; " + self._lost_detail()
+        return None
+
+    def _lost_detail(self) -> str:
+        return f"write failed with {len(self._outbox)} of {self._out_total} queued bytes unwritten"
+
+    def _reset_outbox(self) -> None:
+        self._outbox.clear()
+        self._out_total = self._out_done = self._out_tried = self._tls_retry = 0
+
+    # ------------------------------------------------------------------ receiving
 
     def poll(self) -> list[PollItem]:
         """Everything readable now, without blocking: messages, garbage, then Disconnected if any.
 
-        Reads at most MAX_READS_PER_POLL chunks (plus whatever TLS already decrypted), so a
-        flooding host leaves the descriptor readable for the next loop turn instead of starving it.
+        Flushes the outbox first. Reads at most MAX_READS_PER_POLL chunks (plus whatever TLS
+        already decrypted), so a flooding host leaves the descriptor readable for the next loop
+        turn instead of starving it.
         """
+        self.flush()
         out: list[PollItem] = self._pending
         self._pending = []
         sock, dec = self._sock, self._decoder
@@ -226,7 +432,11 @@ class Uplink:
         return out
 
     def close(self) -> None:
-        """Close the connection (idempotent). A partial inbound frame is discarded silently."""
+        """Close the connection or abandon the attempt (idempotent). Queued and partial inbound
+        bytes are discarded silently."""
+        if self._attempt is not None:
+            self._attempt.close()
+            self._attempt = None
         self._close_socket()
         self._pending.clear()
 
@@ -245,6 +455,7 @@ class Uplink:
 
     def _close_socket(self) -> None:
         sock, self._sock, self._decoder = self._sock, None, None
+        self._reset_outbox()
         if sock is not None:
             try:
                 sock.close()
@@ -252,15 +463,27 @@ class Uplink:
                 pass
 
 
+def _numeric_addrs(host: str, port: int) -> list[_AddrInfo]:
+    """``host`` as a literal IP address (no lookup, never blocks), or [] for a name."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except (OSError, UnicodeError):
+        return []
+    return [(f, t, p, sa) for f, t, p, _, sa in infos]
+
+
+def _writable(sock: socket.socket) -> bool:
+    """Zero-timeout readiness check (poll(2): no FD_SETSIZE limit)."""
+    if hasattr(select, "poll"):
+        p = select.poll()
+        p.register(sock, select.POLLOUT)
+        return bool(p.poll(0))
+    return bool(select.select([], [sock], [], 0)[1])
+
+
 def _tls_pending(sock: socket.socket) -> bool:
     """Decrypted bytes buffered inside OpenSSL do not make the descriptor readable: drain them."""
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-
-
-def _wait(sock: socket.socket, *, want_read: bool, timeout: float) -> None:
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ if want_read else selectors.EVENT_WRITE)
-        sel.select(timeout)
 
 
 def make_client_context(
