@@ -315,7 +315,7 @@ def test_faults_apply_to_reversals() -> None:
 def connected(up: Uplink, timeout: float = 5.0) -> bool:
     """Drive the non-blocking ``connect()`` to its end (bounded); True if connected."""
     deadline = time.monotonic() + timeout
-    while not connected(up) and up.connecting and time.monotonic() < deadline:
+    while not up.connect() and up.connecting and time.monotonic() < deadline:
         time.sleep(0.002)
     return up.connected
 

@@ -23,11 +23,10 @@ from guard.simulation.hostsim import HostCore, HostServer, make_server_context
 from guard.hostlink.iso import HOST_BAD_LENGTH, HOST_FRAME_TRUNCATED, HostCodec, HostGarbage, HostMessage, echo_mismatches
 from guard.hostlink.uplink import (
     CONNECT_REFUSED,
-    CONNECT_TIMEOUT,
     DISC_EOF,
-    DISC_SEND_FAILED,
     DISC_FRAMING,
     TLS_HANDSHAKE_FAILED,
+    TLS_WRITE_MAX,
     Disconnected,
     SendOutcome,
     Uplink,
@@ -306,221 +305,10 @@ def test_send_outcome(accept: int, tls: bool, expected: SendOutcome) -> None:
     assert isinstance(items[-1], Disconnected)
 
 
-def _full_socketpair() -> tuple[socket.socket, socket.socket]:
-    """``a`` whose kernel send buffer is full because ``b`` does not read."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    try:
-        while True:
-            a.send(b"x" * 65536)
-    except BlockingIOError:
-        pass
-    return a, b
-
-
-def _drain(b: socket.socket, until: Callable[[bytes], bool], timeout: float = 3.0) -> bytes:
-    got = b""
-    b.settimeout(0.05)
-    deadline = time.monotonic() + timeout
-    while not until(got) and time.monotonic() < deadline:
-        try:
-            got += b.recv(1 << 20)
-        except (TimeoutError, socket.timeout):
-            pass
-    return got
-
-
-def test_send_never_blocks_and_a_host_that_stops_reading_is_dropped_after_send_timeout() -> None:
-    a, b = _full_socketpair()
-    with a, b:
-        up = Uplink(LOCAL, 1, HostCodec(), send_timeout=0.3)
-        _inject(up, a)  # type: ignore[arg-type]
-        t0 = time.monotonic()
-        assert up.send(sale()) is SendOutcome.SENT  # queued: the kernel takes nothing now
-        assert time.monotonic() - t0 < 0.2 and up.connected
-        assert up.queued == len(HostCodec().encode(sale()))
-        assert up.flush() and up.connected
-        while up.flush() and time.monotonic() - t0 < 3.0:
-            time.sleep(0.01)
-        assert not up.connected and 0.3 <= time.monotonic() - t0 < 3.0
-        items = up.poll()
-        assert isinstance(items[-1], Disconnected) and items[-1].reason == DISC_SEND_FAILED
-
-
-def test_outbox_is_flushed_in_order_once_the_host_reads() -> None:
-    a, b = _full_socketpair()
-    codec = HostCodec()
-    with a, b:
-        up = Uplink(LOCAL, 1, codec, send_timeout=5.0)
-        _inject(up, a)  # type: ignore[arg-type]
-        msgs = [sale(stan=f"{i:06d}") for i in range(1, 4)]
-        assert all(up.send(m) is SendOutcome.SENT for m in msgs)
-        assert up.queued == sum(len(codec.encode(m)) for m in msgs)
-        tail = b"".join(codec.encode(m) for m in msgs)
-        got = b""
-        deadline = time.monotonic() + 3.0
-        while not got.endswith(tail) and time.monotonic() < deadline:
-            got += _drain(b, lambda g: len(g) > 0, timeout=0.1)
-            assert up.flush()
-        assert got.endswith(tail) and up.queued == 0 and up.connected
-        assert up.send(sale(stan="000004")) is SendOutcome.SENT and up.queued == 0
-
-
-def test_outbox_over_its_bound_drops_the_connection_with_maybe_sent() -> None:
-    a, b = _full_socketpair()
-    with a, b:
-        up = Uplink(LOCAL, 1, HostCodec(), send_timeout=60.0, outbox_limit=1000)
-        _inject(up, a)  # type: ignore[arg-type]
-        outcomes = []
-        for i in range(1, 100):
-            outcomes.append(up.send(sale(stan=f"{i:06d}")))
-            if outcomes[-1] is not SendOutcome.SENT:
-                break
-        assert outcomes[-1] is SendOutcome.MAYBE_SENT and len(outcomes) > 2
-        assert all(o is SendOutcome.SENT for o in outcomes[:-1])
-        assert not up.connected and up.queued == 0
-        items = up.poll()
-        assert isinstance(items[-1], Disconnected) and items[-1].reason == DISC_SEND_FAILED
-        assert up.send(sale()) is SendOutcome.NOT_SENT
-
-
-def test_failure_behind_queued_bytes_is_maybe_sent() -> None:
-    """A write error that cuts messages already queued is not NOT_SENT: the engine must hear that
-    the messages in flight are gone (MAYBE_SENT runs on_host_down), even if this one never left."""
-    a, b = _full_socketpair()
-    with a, b:
-        up = Uplink(LOCAL, 1, HostCodec(), send_timeout=60.0)
-        _inject(up, a)  # type: ignore[arg-type]
-        assert up.send(sale()) is SendOutcome.SENT and up.queued > 0
-        b.close()
-        assert up.send(sale(stan="000002")) is SendOutcome.MAYBE_SENT and not up.connected
-
-
-# --- the connect state machine ---------------------------------------------------------------------
-
-
-class BlackHole:
-    """A listener with a full accept backlog: further connects stay in progress (Linux drops
-    the SYNs) until ``release()`` accepts the queued ones and the client's SYN retry gets in."""
-
-    def __init__(self) -> None:
-        self.lst = socket.socket()
-        self.lst.bind((LOCAL, 0))
-        self.lst.listen(0)
-        self.port = self.lst.getsockname()[1]
-        self.fillers = []
-        for _ in range(2):
-            f = socket.socket()
-            f.setblocking(False)
-            f.connect_ex((LOCAL, self.port))
-            self.fillers.append(f)
-        time.sleep(0.05)
-        self.accepted: list[socket.socket] = []
-
-    def release(self, timeout: float = 5.0) -> None:
-        self.lst.settimeout(0.05)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.accepted.append(self.lst.accept()[0])
-            except (TimeoutError, socket.timeout):
-                if len(self.accepted) >= 3:
-                    return
-
-    def close(self) -> None:
-        for s in self.fillers + self.accepted:
-            s.close()
-        self.lst.close()
-
-
-@pytest.fixture()
-def blackhole() -> Iterator[BlackHole]:
-    h = BlackHole()
-    yield h
-    h.close()
-
-
 def _timed_connect(up: Uplink) -> tuple[bool, float]:
     t0 = time.monotonic()
     ok = up.connect()
     return ok, time.monotonic() - t0
-
-
-def test_connect_in_progress_then_connected(blackhole: BlackHole) -> None:
-    up = Uplink(LOCAL, blackhole.port, HostCodec(), connect_timeout=8.0)
-    ok, took = _timed_connect(up)
-    assert not ok and up.connecting and not up.connected and took < 0.1
-    assert up.fileno() == -1 and up.poll() == [] and up.send(sale()) is SendOutcome.NOT_SENT
-    assert not up.connect() and up.connecting
-    releaser = threading.Thread(target=blackhole.release, daemon=True)
-    releaser.start()
-    worst = 0.0
-    deadline = time.monotonic() + 7.0
-    while time.monotonic() < deadline:
-        ok, took = _timed_connect(up)
-        worst = max(worst, took)
-        if ok:
-            break
-        time.sleep(0.01)
-    releaser.join(6.0)
-    assert ok and up.connected and not up.connecting and up.last_error == "" and up.connections == 1
-    assert worst < 0.1, f"connect() blocked for {worst:.3f}s"
-    up.close()
-    assert not up.connecting and not up.connected
-
-
-def test_connect_times_out_without_blocking(blackhole: BlackHole) -> None:
-    up = Uplink(LOCAL, blackhole.port, HostCodec(), connect_timeout=0.5)
-    t0 = time.monotonic()
-    worst, calls = 0.0, 0
-    while time.monotonic() - t0 < 3.0:
-        ok, took = _timed_connect(up)
-        worst, calls = max(worst, took), calls + 1
-        if not up.connecting:
-            break
-        time.sleep(0.01)
-    assert not ok and not up.connected and up.last_error == CONNECT_TIMEOUT
-    assert 0.5 <= time.monotonic() - t0 < 2.0 and calls > 5 and worst < 0.1
-    assert not up.connect() and up.connecting, "the next call starts a new attempt"
-    up.close()
-    assert not up.connecting
-
-
-def test_close_abandons_an_attempt(blackhole: BlackHole) -> None:
-    up = Uplink(LOCAL, blackhole.port, HostCodec(), connect_timeout=5.0)
-    assert not up.connect() and up.connecting
-    up.close()
-    assert not up.connecting and not up.connected and up.last_error == ""
-
-
-def test_host_name_is_resolved_off_the_loop(host: tuple[HostServer, int], monkeypatch: pytest.MonkeyPatch) -> None:
-    _, port = host
-    real = socket.getaddrinfo
-    lookups = []
-
-    def slow(h: str, *args: object, **kwargs: object) -> list:  # type: ignore[type-arg]
-        if not (kwargs.get("flags", 0) & socket.AI_NUMERICHOST):  # type: ignore[operator]
-            lookups.append(h)
-            time.sleep(0.5)
-        return real(h, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(socket, "getaddrinfo", slow)
-    up = Uplink("localhost", port, HostCodec(), connect_timeout=5.0)
-    ok, took = _timed_connect(up)
-    assert not ok and up.connecting and took < 0.1
-    assert connected(up) and lookups == ["localhost"]
-    assert up.send(sale()) is SendOutcome.SENT and has_message(collect(up, has_message))
-    up.close()
-
-
-def test_connect_refused_without_blocking() -> None:
-    s = socket.create_server((LOCAL, 0))
-    port = s.getsockname()[1]
-    s.close()
-    up = Uplink(LOCAL, port, HostCodec(), connect_timeout=5.0)
-    t0 = time.monotonic()
-    assert not connected(up, timeout=1.0) and up.last_error == CONNECT_REFUSED
-    assert time.monotonic() - t0 < 0.5 and not up.connecting
 
 
 # --- TLS ------------------------------------------------------------------------------------------------
@@ -592,6 +380,141 @@ def test_tls_close_mid_frame(tls_host: tuple[HostServer, int], pki: dict[str, st
     items = collect(up, has_disconnect)
     assert isinstance(items[0], HostGarbage) and items[0].code == HOST_FRAME_TRUNCATED
     assert isinstance(items[-1], Disconnected) and not up.connected
+
+
+def test_tls_handshake_advances_over_calls_without_blocking(tls_host: tuple[HostServer, int],
+                                                            pki: dict[str, str]) -> None:
+    _, port = tls_host
+    up = Uplink(LOCAL, port, HostCodec(), ssl_context=make_client_context(pki["ca"], pki["client"], None),
+                connect_timeout=5.0)
+    ok, worst = _timed_connect(up)
+    deadline = time.monotonic() + 5.0
+    while not ok and time.monotonic() < deadline:
+        assert up.connecting and not up.connected and up.fileno() == -1
+        time.sleep(0.002)
+        ok, took = _timed_connect(up)
+        worst = max(worst, took)
+    assert ok and up.connected and not up.connecting and worst < 0.2
+    assert up.send(sale()) is SendOutcome.SENT and has_message(collect(up, has_message))
+    up.close()
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a TLS handshake against it hangs."""
+
+    def __init__(self) -> None:
+        self.lst = socket.create_server((LOCAL, 0))
+        self.lst.settimeout(0.05)
+        self.port = self.lst.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.conns.append(self.lst.accept()[0])
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5.0)
+        for c in self.conns:
+            c.close()
+        self.lst.close()
+
+
+def test_tls_handshake_that_hangs_fails_after_connect_timeout(pki: dict[str, str]) -> None:
+    silent = SilentServer()
+    try:
+        up = Uplink(LOCAL, silent.port, HostCodec(), ssl_context=make_client_context(pki["ca"], None, None),
+                    connect_timeout=0.5)
+        t0 = time.monotonic()
+        worst, calls = 0.0, 0
+        while time.monotonic() - t0 < 3.0:
+            ok, took = _timed_connect(up)
+            worst, calls = max(worst, took), calls + 1
+            if not up.connecting:
+                break
+            time.sleep(0.01)
+        assert not ok and not up.connected and up.last_error == TLS_HANDSHAKE_FAILED
+        assert 0.5 <= time.monotonic() - t0 < 2.0 and calls > 5 and worst < 0.1
+        assert len(silent.conns) == 1, "TCP was up; the handshake is what hung"
+    finally:
+        silent.close()
+
+
+def test_tls_outbox_survives_want_write_retries(pki: dict[str, str]) -> None:
+    """Small socket buffers and a host that reads late: OpenSSL reports "want write" and the
+    outbox retries the same record slice; the host then decrypts every message, in order, once."""
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lst.bind((LOCAL, 0))
+    lst.listen(1)
+    go, received = threading.Event(), bytearray()
+    expected: list[int] = []
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            _serve()
+        except BaseException as e:
+            errors.append(e)
+
+    def _serve() -> None:
+        lst.settimeout(5.0)
+        conn, _ = lst.accept()
+        with make_server_context(pki["server"]).wrap_socket(conn, server_side=True) as tls:
+            go.wait(10.0)
+            tls.settimeout(0.2)
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and (not expected or len(received) < expected[0]):
+                try:
+                    chunk = tls.recv(65536)
+                except (TimeoutError, socket.timeout):
+                    continue
+                if not chunk:
+                    break
+                received.extend(chunk)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    codec = HostCodec()
+    up = Uplink(LOCAL, lst.getsockname()[1], codec, ssl_context=make_client_context(pki["ca"], None, None),
+                send_timeout=30.0, outbox_limit=1 << 24)
+    try:
+        assert connected(up), up.last_error
+        up._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]  # noqa: SLF001
+        sent = b""
+        for i in range(1, 20_000):
+            msg = sale(stan=f"{i % 1_000_000:06d}")
+            assert up.send(msg) is SendOutcome.SENT
+            sent += codec.encode(msg)
+            if up.queued > 2 * TLS_WRITE_MAX:
+                break
+        assert up.queued > 0 and up._tls_retry > 0  # noqa: SLF001 - a write is waiting for its retry
+        for i in range(3):  # appended behind a pending retry
+            msg = sale(stan=f"99999{i}")
+            assert up.send(msg) is SendOutcome.SENT
+            sent += codec.encode(msg)
+        expected.append(len(sent))
+        go.set()
+        deadline = time.monotonic() + 10.0
+        while up.queued and time.monotonic() < deadline:
+            assert up.flush(), (errors, len(received), len(sent))
+            time.sleep(0.002)
+        assert up.queued == 0 and up.connected
+        server.join(10.0)
+        assert not errors and bytes(received) == sent
+    finally:
+        up.close()
+        go.set()
+        server.join(5.0)
+        lst.close()
 
 
 def test_context_file_errors(tmp_path: Path) -> None:

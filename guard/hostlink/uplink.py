@@ -5,7 +5,7 @@ Nothing here blocks the driver's loop, which also serves the card reader (ACK wi
 - ``connect()`` starts a non-blocking TCP connect (then a non-blocking TLS handshake) and
   returns at once; while ``connecting`` is True each later call makes progress, and it returns
   True once the connection is fully established. The attempt fails after ``connect_timeout`` in
-  total (``last_error`` says why). A host name is resolved on a daemon thread (``_Resolver``).
+  total (``last_error`` says why). A host name is resolved on a daemon thread (guard.hostlink.connect).
 - ``send()`` writes what the kernel takes and queues the rest in a bounded outbox, written by
   later ``send``/``flush``/``poll`` calls. A host that leaves the outbox over ``outbox_limit``
   bytes, or unread for ``send_timeout`` seconds, is not reading: the connection is dropped.
@@ -29,16 +29,22 @@ pushed part of a record to the kernel before reporting "want write" or an error.
 from __future__ import annotations
 
 import enum
-import errno
-import select
 import socket
 import ssl
-import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Mapping
 
 from guard.core.errors import KeyFileError
+from guard.hostlink.connect import (
+    CONNECT_FAILED,
+    CONNECT_REFUSED,
+    CONNECT_TIMEOUT,
+    TLS_HANDSHAKE_FAILED,
+    Addresses,
+    ConnectAttempt,
+    ConnectFailed,
+)
 from guard.hostlink.iso import FrameDecoder, HostCodec, HostGarbage, HostMessage
 
 RECV_CHUNK = 65536
@@ -53,14 +59,7 @@ DISC_TLS = "TLS_ERROR"
 DISC_FRAMING = "FRAMING_LOST"
 DISC_SEND_FAILED = "SEND_FAILED"
 DISC_CLOSED = "CLOSED"
-CONNECT_REFUSED = "CONNECT_REFUSED"
-CONNECT_TIMEOUT = "CONNECT_TIMEOUT"
-CONNECT_FAILED = "CONNECT_FAILED"
-TLS_HANDSHAKE_FAILED = "TLS_HANDSHAKE_FAILED"
-
-_IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR})
-_SockAddr = tuple[Any, ...]
-_AddrInfo = tuple[int, int, int, _SockAddr]
+# CONNECT_REFUSED, CONNECT_TIMEOUT, CONNECT_FAILED, TLS_HANDSHAKE_FAILED: from guard.hostlink.connect.
 
 
 class SendOutcome(enum.Enum):
@@ -83,55 +82,6 @@ class Disconnected:
 
 
 PollItem = HostMessage | HostGarbage | Disconnected
-
-
-class _ConnectFailed(Exception):
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
-
-
-class _Resolver:
-    """``getaddrinfo`` on a daemon thread, so a slow DNS server never blocks the loop.
-
-    A lookup outlives a timed-out attempt (getaddrinfo cannot be cancelled); the next attempt
-    reuses it instead of starting another, so at most one lookup thread exists per Uplink.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.result: list[_AddrInfo] = []
-        self.error = ""
-        self.done = threading.Event()
-        threading.Thread(target=self._run, args=(host, port), name="uplink-resolve", daemon=True).start()
-
-    def _run(self, host: str, port: int) -> None:
-        try:
-            self.result = [(f, t, p, sa) for f, t, p, _, sa in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
-        except (OSError, UnicodeError) as e:
-            self.error = type(e).__name__
-        finally:
-            self.done.set()
-
-
-@dataclass
-class _Attempt:
-    """One connection attempt: addresses to try, the socket being connected, its TLS wrapper."""
-
-    deadline: float
-    addrs: list[_AddrInfo] | None = None  # None until resolved
-    raw: socket.socket | None = None
-    tls: ssl.SSLSocket | None = None
-    tcp_up: bool = False
-    errors: list[str] = field(default_factory=list)
-
-    def close(self) -> None:
-        sock = self.tls if self.tls is not None else self.raw
-        self.tls = self.raw = None
-        if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
 
 
 class Uplink:
@@ -159,9 +109,8 @@ class Uplink:
         self._sock: socket.socket | None = None
         self._decoder: FrameDecoder | None = None
         self._pending: list[PollItem] = []
-        self._attempt: _Attempt | None = None
-        self._resolver: _Resolver | None = None
-        self._literal = _numeric_addrs(host, port)
+        self._attempt: ConnectAttempt | None = None
+        self._addresses = Addresses(host, port)
         self._outbox = bytearray()
         self._out_total = 0  # bytes ever queued on this connection
         self._out_done = 0  # of them, handed to the kernel (or to OpenSSL, which wrote the record)
@@ -207,13 +156,11 @@ class Uplink:
         a = self._attempt
         if a is None:
             self._pending.clear()
-            a = self._attempt = _Attempt(now + self.connect_timeout)
+            a = self._attempt = ConnectAttempt(self._addresses, self.ssl_context, self.server_hostname or self.host,
+                                               now + self.connect_timeout)
         try:
-            sock = self._advance(a)
-            if sock is None and now >= a.deadline:
-                raise _ConnectFailed(TLS_HANDSHAKE_FAILED if a.tcp_up else CONNECT_TIMEOUT)
-        except _ConnectFailed as e:
-            a.close()
+            sock = a.advance(now)
+        except ConnectFailed as e:
             self._attempt = None
             self.last_error = e.code
             return False
@@ -226,91 +173,6 @@ class Uplink:
         self.last_error = ""
         self.connections += 1
         return True
-
-    def _advance(self, a: _Attempt) -> socket.socket | None:
-        """One non-blocking pass: resolve, TCP connect, TLS handshake, as far as each is done."""
-        if a.addrs is None:
-            a.addrs = self._resolved()
-            if a.addrs is None:
-                return None
-        if not a.tcp_up:
-            if not self._tcp_step(a):
-                return None
-            raw = a.raw
-            assert raw is not None
-            try:
-                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except OSError:
-                pass
-            if self.ssl_context is None:
-                return raw
-            try:
-                a.tls = self.ssl_context.wrap_socket(
-                    raw, server_hostname=self.server_hostname or self.host, do_handshake_on_connect=False)
-            except (ssl.SSLError, ssl.CertificateError, OSError, ValueError):
-                raise _ConnectFailed(TLS_HANDSHAKE_FAILED) from None
-            a.raw = None
-        if a.tls is None:
-            return a.raw
-        try:
-            a.tls.do_handshake()
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return None
-        except (ssl.SSLError, ssl.CertificateError, OSError, ValueError):
-            raise _ConnectFailed(TLS_HANDSHAKE_FAILED) from None
-        return a.tls
-
-    def _resolved(self) -> list[_AddrInfo] | None:
-        """The addresses to try: a literal at once, a name from the resolver thread when ready."""
-        if self._literal:
-            return list(self._literal)
-        r = self._resolver
-        if r is None:
-            r = self._resolver = _Resolver(self.host, self.port)
-        if not r.done.is_set():
-            return None
-        self._resolver = None
-        if not r.result:
-            raise _ConnectFailed(CONNECT_FAILED)
-        return list(r.result)
-
-    def _tcp_step(self, a: _Attempt) -> bool:
-        """Advance the TCP connect; True once established. Tries the next address on failure."""
-        assert a.addrs is not None
-        while True:
-            if a.raw is None:
-                if not a.addrs:
-                    raise _ConnectFailed(a.errors[-1] if a.errors else CONNECT_FAILED)
-                family, type_, proto, sa = a.addrs.pop(0)
-                try:
-                    a.raw = socket.socket(family, type_, proto)
-                    a.raw.setblocking(False)
-                    err = a.raw.connect_ex(sa)
-                except OSError as e:
-                    err = e.errno or -1
-                if err not in _IN_PROGRESS:
-                    self._tcp_failed(a, err)
-                    continue
-                if err == 0:
-                    a.tcp_up = True
-                    return True
-            assert a.raw is not None
-            if not _writable(a.raw):
-                return False
-            err = a.raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err == 0:
-                a.tcp_up = True
-                return True
-            self._tcp_failed(a, err)
-
-    @staticmethod
-    def _tcp_failed(a: _Attempt, err: int) -> None:
-        a.close()
-        a.errors.append(
-            CONNECT_REFUSED if err == errno.ECONNREFUSED
-            else CONNECT_TIMEOUT if err == errno.ETIMEDOUT
-            else CONNECT_FAILED)
 
     # ------------------------------------------------------------------ sending
 
@@ -463,24 +325,6 @@ class Uplink:
                 pass
 
 
-def _numeric_addrs(host: str, port: int) -> list[_AddrInfo]:
-    """``host`` as a literal IP address (no lookup, never blocks), or [] for a name."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
-    except (OSError, UnicodeError):
-        return []
-    return [(f, t, p, sa) for f, t, p, _, sa in infos]
-
-
-def _writable(sock: socket.socket) -> bool:
-    """Zero-timeout readiness check (poll(2): no FD_SETSIZE limit)."""
-    if hasattr(select, "poll"):
-        p = select.poll()
-        p.register(sock, select.POLLOUT)
-        return bool(p.poll(0))
-    return bool(select.select([], [sock], [], 0)[1])
-
-
 def _tls_pending(sock: socket.socket) -> bool:
     """Decrypted bytes buffered inside OpenSSL do not make the descriptor readable: drain them."""
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
@@ -519,6 +363,10 @@ def make_client_context(
 
 
 __all__ = [
+    "CONNECT_FAILED",
+    "CONNECT_REFUSED",
+    "CONNECT_TIMEOUT",
+    "TLS_HANDSHAKE_FAILED",
     "Disconnected",
     "SendOutcome",
     "Uplink",
