@@ -312,6 +312,14 @@ def test_faults_apply_to_reversals() -> None:
 # --- end to end through HostServer + Uplink -------------------------------------------------------
 
 
+def connected(up: Uplink, timeout: float = 5.0) -> bool:
+    """Drive the non-blocking ``connect()`` to its end (bounded); True if connected."""
+    deadline = time.monotonic() + timeout
+    while not up.connect() and up.connecting and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return up.connected
+
+
 def collect(up: Uplink, done: Callable[[list], bool], timeout: float = 3.0) -> list:
     items: list = []
     deadline = time.monotonic() + timeout
@@ -338,7 +346,7 @@ def served() -> Iterator[tuple[HostCore, Uplink, HostServer]]:
     server = HostServer(core, codec, linger=1.0)
     port = server.start()
     up = Uplink("127.0.0.1", port, codec)
-    assert up.connect()
+    assert connected(up)
     yield core, up, server
     up.close()
     assert server.stop()
@@ -384,7 +392,7 @@ def test_e2e_close_mid_frame(served: tuple[HostCore, Uplink, HostServer]) -> Non
     assert [type(i) for i in items] == [HostGarbage, Disconnected]
     assert items[0].code == HOST_FRAME_TRUNCATED and not up.connected
     assert core.net_debits(TID, MID, 1, "1122") == 1
-    assert up.connect()
+    assert connected(up)
     up.send(reversal())
     assert messages(collect(up, messages))[0].fields["39"] == "00"
     assert server.counters["closed_mid_frame"] == 1
@@ -427,7 +435,7 @@ def test_e2e_terminal_that_never_resends_leaves_no_debit_without_dup_detection()
     server = HostServer(core, codec)
     up = Uplink("127.0.0.1", server.start(), codec)
     try:
-        assert up.connect()
+        assert connected(up)
         core.force("debit_drop_response")
         up.send(sale())
         assert collect(up, never, timeout=0.3) == []
@@ -452,7 +460,7 @@ def test_server_closes_on_client_garbage_and_serves_many(served: tuple[HostCore,
     others = [Uplink("127.0.0.1", server.port, HostCodec()) for _ in range(3)]
     try:
         for i, o in enumerate(others, start=10):
-            assert o.connect() and o.send(sale(stan=i))
+            assert connected(o) and o.send(sale(stan=i))
         for i, o in enumerate(others, start=10):
             assert messages(collect(o, messages))[0].fields["11"] == f"{i:06d}"
         assert up.send(sale(stan=1)) and messages(collect(up, messages))
@@ -504,7 +512,7 @@ def test_main_serves_and_dumps_ledger_on_sigterm(tmp_path: Path) -> None:
         assert line.startswith("hostsim listening on 127.0.0.1:"), line
         port = int(line.rsplit(":", 1)[1])
         up = Uplink("127.0.0.1", port, HostCodec())
-        assert up.connect() and up.send(sale())
+        assert connected(up) and up.send(sale())
         assert messages(collect(up, messages))
         up.close()
         proc.send_signal(signal.SIGTERM)

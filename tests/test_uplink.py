@@ -26,6 +26,7 @@ from guard.hostlink.uplink import (
     DISC_EOF,
     DISC_FRAMING,
     TLS_HANDSHAKE_FAILED,
+    TLS_WRITE_MAX,
     Disconnected,
     SendOutcome,
     Uplink,
@@ -41,6 +42,14 @@ def sale(stan: str = "000001") -> dict[str, str]:
         "t": "0200", "2": PAN, "3": "000000", "4": "000000001000", "7": "1122153000", "11": stan,
         "41": "TERM0001", "42": "MERCHANT0000001", "49": "978",
     }
+
+
+def connected(up: Uplink, timeout: float = 5.0) -> bool:
+    """Drive the non-blocking ``connect()`` to its end (bounded); True if connected."""
+    deadline = time.monotonic() + timeout
+    while not up.connect() and up.connecting and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return up.connected
 
 
 def collect(up: Uplink, done: Callable[[list], bool], timeout: float = 3.0) -> list:
@@ -173,7 +182,7 @@ def test_send_not_sent_when_not_connected(host: tuple[HostServer, int]) -> None:
     up = Uplink(LOCAL, port, HostCodec())
     assert up.send(sale()) is SendOutcome.NOT_SENT and not up.send(sale())
     assert up.fileno() == -1 and up.poll() == []
-    assert up.connect() and up.connected
+    assert connected(up) and up.connected
     up.close()
     assert up.send(sale()) is SendOutcome.NOT_SENT
     time.sleep(0.1)
@@ -185,13 +194,13 @@ def test_connect_refused() -> None:
     port = s.getsockname()[1]
     s.close()
     up = Uplink(LOCAL, port, HostCodec(), connect_timeout=1.0)
-    assert not up.connect() and up.last_error == CONNECT_REFUSED and not up.connected
+    assert not connected(up) and up.last_error == CONNECT_REFUSED and not up.connected
 
 
 def test_round_trip_and_host_close(host: tuple[HostServer, int]) -> None:
     server, port = host
     up = Uplink(LOCAL, port, HostCodec())
-    assert up.connect() and up.fileno() >= 0
+    assert connected(up) and up.fileno() >= 0
     assert up.connect()
     req = sale()
     assert up.send(req) is SendOutcome.SENT
@@ -208,7 +217,7 @@ def test_round_trip_and_host_close(host: tuple[HostServer, int]) -> None:
 def test_bad_length_from_host_closes_connection() -> None:
     raw = RawServer(struct.pack(">H", 0) + b"rest of the stream", close=False)
     up = Uplink(LOCAL, raw.port, HostCodec())
-    assert up.connect()
+    assert connected(up)
     assert up.send(sale()) is SendOutcome.SENT
     items = collect(up, has_disconnect)
     raw.join()
@@ -221,7 +230,7 @@ def test_truncated_frame_at_close() -> None:
     codec = HostCodec(header="ascii4")
     raw = RawServer(b"0099" + b"0210", close=True)
     up = Uplink(LOCAL, raw.port, codec)
-    assert up.connect() and up.send(sale())
+    assert connected(up) and up.send(sale())
     items = collect(up, has_disconnect)
     raw.join()
     assert isinstance(items[0], HostGarbage) and items[0].code == HOST_FRAME_TRUNCATED
@@ -232,10 +241,10 @@ def test_truncated_frame_at_close() -> None:
 def test_reconnect_gets_fresh_decoder(host: tuple[HostServer, int]) -> None:
     _, port = host
     up = Uplink(LOCAL, port, HostCodec())
-    assert up.connect()
+    assert connected(up)
     up._decoder.feed(b"\x00")  # noqa: SLF001 - simulate a half-read header before a drop
     up.close()
-    assert up.connect() and up.connections == 2
+    assert connected(up) and up.connections == 2
     assert up.send(sale()) is SendOutcome.SENT
     assert has_message(collect(up, has_message))
     up.close()
@@ -296,20 +305,10 @@ def test_send_outcome(accept: int, tls: bool, expected: SendOutcome) -> None:
     assert isinstance(items[-1], Disconnected)
 
 
-def test_send_times_out_when_buffer_stays_full() -> None:
-    a, b = socket.socketpair()
-    with a, b:
-        a.setblocking(False)
-        try:
-            while True:
-                a.send(b"x" * 65536)
-        except BlockingIOError:
-            pass
-        up = Uplink(LOCAL, 1, HostCodec(), send_timeout=0.2)
-        _inject(up, a)  # type: ignore[arg-type]
-        t0 = time.monotonic()
-        assert up.send(sale()) is SendOutcome.NOT_SENT
-        assert time.monotonic() - t0 < 2.0 and not up.connected
+def _timed_connect(up: Uplink) -> tuple[bool, float]:
+    t0 = time.monotonic()
+    ok = up.connect()
+    return ok, time.monotonic() - t0
 
 
 # --- TLS ------------------------------------------------------------------------------------------------
@@ -330,7 +329,7 @@ def test_tls_server_auth_round_trip(pki: dict[str, str]) -> None:
     port = server.start()
     try:
         up = Uplink(LOCAL, port, HostCodec(), ssl_context=make_client_context(pki["ca"], None, None))
-        assert up.connect(), up.last_error
+        assert connected(up), up.last_error
         assert up.send(sale()) is SendOutcome.SENT
         assert has_message(collect(up, has_message))
         up.close()
@@ -343,7 +342,7 @@ def test_mtls_round_trip(tls_host: tuple[HostServer, int], pki: dict[str, str]) 
     ctx = make_client_context(pki["ca"], pki["client"], None)
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
     up = Uplink(LOCAL, port, HostCodec(), ssl_context=ctx, server_hostname="localhost")
-    assert up.connect(), up.last_error
+    assert connected(up), up.last_error
     for i in (1, 2):
         assert up.send(sale(stan=f"{i:06d}")) is SendOutcome.SENT
     items = collect(up, lambda xs: sum(isinstance(x, HostMessage) for x in xs) >= 2)
@@ -355,7 +354,7 @@ def test_mtls_round_trip(tls_host: tuple[HostServer, int], pki: dict[str, str]) 
 def test_mtls_rejects_client_without_certificate(tls_host: tuple[HostServer, int], pki: dict[str, str]) -> None:
     server, port = tls_host
     up = Uplink(LOCAL, port, HostCodec(), ssl_context=make_client_context(pki["ca"], None, None))
-    if up.connect():  # TLS 1.3: the client learns of the rejection only after its handshake ends
+    if connected(up):  # TLS 1.3: the client learns of the rejection only after its handshake ends
         up.send(sale())
         items = collect(up, has_disconnect)
         assert not has_message(items) and has_disconnect(items)
@@ -369,18 +368,153 @@ def test_mtls_rejects_client_without_certificate(tls_host: tuple[HostServer, int
 def test_tls_rejects_untrusted_server(tls_host: tuple[HostServer, int], pki: dict[str, str]) -> None:
     _, port = tls_host
     up = Uplink(LOCAL, port, HostCodec(), ssl_context=make_client_context(pki["other_ca"], pki["client"], None))
-    assert not up.connect() and up.last_error == TLS_HANDSHAKE_FAILED
+    assert not connected(up) and up.last_error == TLS_HANDSHAKE_FAILED
 
 
 def test_tls_close_mid_frame(tls_host: tuple[HostServer, int], pki: dict[str, str]) -> None:
     server, port = tls_host
     up = Uplink(LOCAL, port, HostCodec(), ssl_context=make_client_context(pki["ca"], pki["client"], None))
-    assert up.connect()
+    assert connected(up)
     server.core.force("close_mid_frame")
     assert up.send(sale())
     items = collect(up, has_disconnect)
     assert isinstance(items[0], HostGarbage) and items[0].code == HOST_FRAME_TRUNCATED
     assert isinstance(items[-1], Disconnected) and not up.connected
+
+
+def test_tls_handshake_advances_over_calls_without_blocking(tls_host: tuple[HostServer, int],
+                                                            pki: dict[str, str]) -> None:
+    _, port = tls_host
+    up = Uplink(LOCAL, port, HostCodec(), ssl_context=make_client_context(pki["ca"], pki["client"], None),
+                connect_timeout=5.0)
+    ok, worst = _timed_connect(up)
+    deadline = time.monotonic() + 5.0
+    while not ok and time.monotonic() < deadline:
+        assert up.connecting and not up.connected and up.fileno() == -1
+        time.sleep(0.002)
+        ok, took = _timed_connect(up)
+        worst = max(worst, took)
+    assert ok and up.connected and not up.connecting and worst < 0.2
+    assert up.send(sale()) is SendOutcome.SENT and has_message(collect(up, has_message))
+    up.close()
+
+
+class SilentServer:
+    """Accepts TCP connections and never answers: a TLS handshake against it hangs."""
+
+    def __init__(self) -> None:
+        self.lst = socket.create_server((LOCAL, 0))
+        self.lst.settimeout(0.05)
+        self.port = self.lst.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.conns.append(self.lst.accept()[0])
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5.0)
+        for c in self.conns:
+            c.close()
+        self.lst.close()
+
+
+def test_tls_handshake_that_hangs_fails_after_connect_timeout(pki: dict[str, str]) -> None:
+    silent = SilentServer()
+    try:
+        up = Uplink(LOCAL, silent.port, HostCodec(), ssl_context=make_client_context(pki["ca"], None, None),
+                    connect_timeout=0.5)
+        t0 = time.monotonic()
+        worst, calls = 0.0, 0
+        while time.monotonic() - t0 < 3.0:
+            ok, took = _timed_connect(up)
+            worst, calls = max(worst, took), calls + 1
+            if not up.connecting:
+                break
+            time.sleep(0.01)
+        assert not ok and not up.connected and up.last_error == TLS_HANDSHAKE_FAILED
+        assert 0.5 <= time.monotonic() - t0 < 2.0 and calls > 5 and worst < 0.1
+        assert len(silent.conns) == 1, "TCP was up; the handshake is what hung"
+    finally:
+        silent.close()
+
+
+def test_tls_outbox_survives_want_write_retries(pki: dict[str, str]) -> None:
+    """Small socket buffers and a host that reads late: OpenSSL reports "want write" and the
+    outbox retries the same record slice; the host then decrypts every message, in order, once."""
+    lst = socket.socket()
+    lst.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lst.bind((LOCAL, 0))
+    lst.listen(1)
+    go, received = threading.Event(), bytearray()
+    expected: list[int] = []
+    errors: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            _serve()
+        except BaseException as e:
+            errors.append(e)
+
+    def _serve() -> None:
+        lst.settimeout(5.0)
+        conn, _ = lst.accept()
+        with make_server_context(pki["server"]).wrap_socket(conn, server_side=True) as tls:
+            go.wait(10.0)
+            tls.settimeout(0.2)
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline and (not expected or len(received) < expected[0]):
+                try:
+                    chunk = tls.recv(65536)
+                except (TimeoutError, socket.timeout):
+                    continue
+                if not chunk:
+                    break
+                received.extend(chunk)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    codec = HostCodec()
+    up = Uplink(LOCAL, lst.getsockname()[1], codec, ssl_context=make_client_context(pki["ca"], None, None),
+                send_timeout=30.0, outbox_limit=1 << 24)
+    try:
+        assert connected(up), up.last_error
+        up._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]  # noqa: SLF001
+        sent = b""
+        for i in range(1, 20_000):
+            msg = sale(stan=f"{i % 1_000_000:06d}")
+            assert up.send(msg) is SendOutcome.SENT
+            sent += codec.encode(msg)
+            if up.queued > 2 * TLS_WRITE_MAX:
+                break
+        assert up.queued > 0 and up._tls_retry > 0  # noqa: SLF001 - a write is waiting for its retry
+        for i in range(3):  # appended behind a pending retry
+            msg = sale(stan=f"99999{i}")
+            assert up.send(msg) is SendOutcome.SENT
+            sent += codec.encode(msg)
+        expected.append(len(sent))
+        go.set()
+        deadline = time.monotonic() + 10.0
+        while up.queued and time.monotonic() < deadline:
+            assert up.flush(), (errors, len(received), len(sent))
+            time.sleep(0.002)
+        assert up.queued == 0 and up.connected
+        server.join(10.0)
+        assert not errors and bytes(received) == sent
+    finally:
+        up.close()
+        go.set()
+        server.join(5.0)
+        lst.close()
 
 
 def test_context_file_errors(tmp_path: Path) -> None:

@@ -1,26 +1,34 @@
 """Host link adapter: one TCP (optionally TLS / mTLS) connection to the acquirer.
 
-Connect blocks (bounded by ``connect_timeout``, TLS handshake included); afterwards the socket is
-non-blocking and the object is meant to be registered in the driver's ``selectors`` loop:
+Nothing here blocks the driver's loop, which also serves the card reader (ACK within 100 ms):
 
-- register the ``Uplink`` object itself (it has ``fileno()``) for EVENT_READ and call ``poll()``
-  when it is readable, and also after every ``send`` (TLS may buffer decrypted bytes);
-- when ``connected`` turns False (``poll`` returned ``Disconnected``, or ``send`` failed),
-  unregister it before reconnecting, because the new socket may reuse the descriptor number.
+- ``connect()`` starts a non-blocking TCP connect (then a non-blocking TLS handshake) and
+  returns at once; while ``connecting`` is True each later call makes progress, and it returns
+  True once the connection is fully established. The attempt fails after ``connect_timeout`` in
+  total (``last_error`` says why). A host name is resolved on a daemon thread (guard.hostlink.connect).
+- ``send()`` writes what the kernel takes and queues the rest in a bounded outbox, written by
+  later ``send``/``flush``/``poll`` calls. A host that leaves the outbox over ``outbox_limit``
+  bytes, or unread for ``send_timeout`` seconds, is not reading: the connection is dropped.
+
+Register the ``Uplink`` object itself (it has ``fileno()``) for EVENT_READ once connected and call
+``poll()`` when it is readable, and also after every ``send`` (TLS may buffer decrypted bytes);
+call ``flush()`` every loop round. When ``connected`` turns False (``poll`` returned
+``Disconnected``, ``send`` failed, ``flush`` returned False) unregister it before reconnecting,
+because the new socket may reuse the descriptor number.
 
 Framing loss (``HOST_BAD_LENGTH``) makes ``poll`` close the connection: the next byte boundary is
 unknowable, so only a fresh connection can resynchronise.
 
 ``send`` is tri-state because "did the host maybe get it?" decides whether a reversal is owed:
-``NOT_SENT`` means no byte of the message left this process; ``MAYBE_SENT`` must be treated as
-sent (the engine reverses). Over TLS any write failure is ``MAYBE_SENT``: OpenSSL may have pushed
-part of a record to the kernel before reporting "want write" or an error.
+``NOT_SENT`` means no byte of the message left this process and no earlier queued message was cut
+by the same failure; ``MAYBE_SENT`` must be treated as sent (the engine reverses). Over TLS any
+write failure is ``MAYBE_SENT`` once a write covering the message was attempted: OpenSSL may have
+pushed part of a record to the kernel before reporting "want write" or an error.
 """
 
 from __future__ import annotations
 
 import enum
-import selectors
 import socket
 import ssl
 import time
@@ -28,10 +36,21 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from guard.core.errors import KeyFileError
+from guard.hostlink.connect import (
+    CONNECT_FAILED,
+    CONNECT_REFUSED,
+    CONNECT_TIMEOUT,
+    TLS_HANDSHAKE_FAILED,
+    Addresses,
+    ConnectAttempt,
+    ConnectFailed,
+)
 from guard.hostlink.iso import FrameDecoder, HostCodec, HostGarbage, HostMessage
 
 RECV_CHUNK = 65536
 MAX_READS_PER_POLL = 16  # bounds one poll() to ~1 MiB so a chatty host cannot starve the loop
+OUTBOX_LIMIT = 256 * 1024  # queued bytes beyond what the kernel took; ISO messages are < 2 KiB
+TLS_WRITE_MAX = 16 * 1024  # one TLS record per write, so a "want write" retry repeats one slice
 
 # Stable reasons carried by Disconnected / Uplink.last_error.
 DISC_EOF = "EOF"
@@ -40,17 +59,14 @@ DISC_TLS = "TLS_ERROR"
 DISC_FRAMING = "FRAMING_LOST"
 DISC_SEND_FAILED = "SEND_FAILED"
 DISC_CLOSED = "CLOSED"
-CONNECT_REFUSED = "CONNECT_REFUSED"
-CONNECT_TIMEOUT = "CONNECT_TIMEOUT"
-CONNECT_FAILED = "CONNECT_FAILED"
-TLS_HANDSHAKE_FAILED = "TLS_HANDSHAKE_FAILED"
+# CONNECT_REFUSED, CONNECT_TIMEOUT, CONNECT_FAILED, TLS_HANDSHAKE_FAILED: from guard.hostlink.connect.
 
 
 class SendOutcome(enum.Enum):
     """Result of ``Uplink.send``. Truthy unless NOT_SENT, so ``if not up.send(f)`` still reads well."""
 
     NOT_SENT = "NOT_SENT"  # nothing left the terminal: the sale can fail cleanly
-    SENT = "SENT"  # every byte accepted by the kernel
+    SENT = "SENT"  # every byte accepted by the kernel or queued in the outbox
     MAYBE_SENT = "MAYBE_SENT"  # failed part-way: treat as sent and reverse
 
     def __bool__(self) -> bool:
@@ -80,6 +96,7 @@ class Uplink:
         server_hostname: str | None = None,
         connect_timeout: float = 3.0,
         send_timeout: float | None = None,
+        outbox_limit: int = OUTBOX_LIMIT,
     ) -> None:
         self.host = host
         self.port = port
@@ -88,9 +105,18 @@ class Uplink:
         self.server_hostname = server_hostname
         self.connect_timeout = connect_timeout
         self.send_timeout = connect_timeout if send_timeout is None else send_timeout
+        self.outbox_limit = outbox_limit
         self._sock: socket.socket | None = None
         self._decoder: FrameDecoder | None = None
         self._pending: list[PollItem] = []
+        self._attempt: ConnectAttempt | None = None
+        self._addresses = Addresses(host, port)
+        self._outbox = bytearray()
+        self._out_total = 0  # bytes ever queued on this connection
+        self._out_done = 0  # of them, handed to the kernel (or to OpenSSL, which wrote the record)
+        self._out_tried = 0  # end of the furthest write attempted (TLS: may have left part-way)
+        self._tls_retry = 0  # length of a TLS write that wants a retry with the same bytes
+        self._progress_at = 0.0  # last time the outbox was empty or shrank
         self.last_error = ""
         self.connections = 0
 
@@ -99,96 +125,138 @@ class Uplink:
         return self._sock is not None
 
     @property
+    def connecting(self) -> bool:
+        """An attempt is in progress: call ``connect()`` again soon (it does not block)."""
+        return self._attempt is not None
+
+    @property
     def tls(self) -> bool:
         return self.ssl_context is not None
+
+    @property
+    def queued(self) -> int:
+        """Bytes in the outbox, not yet taken by the kernel."""
+        return len(self._outbox)
 
     def fileno(self) -> int:
         """The socket's descriptor, or -1 when not connected."""
         return self._sock.fileno() if self._sock is not None else -1
 
+    # ------------------------------------------------------------------ connecting
+
     def connect(self) -> bool:
-        """Open TCP (+ TLS handshake) within ``connect_timeout``; True if connected afterwards."""
+        """Start or advance a connection attempt without blocking; True once fully connected.
+
+        False while in progress (``connecting``) or after a failure (``last_error``: one of the
+        CONNECT_* codes or TLS_HANDSHAKE_FAILED; the next call starts a new attempt).
+        """
         if self._sock is not None:
             return True
-        self._pending.clear()
-        deadline = time.monotonic() + self.connect_timeout
+        now = time.monotonic()
+        a = self._attempt
+        if a is None:
+            self._pending.clear()
+            a = self._attempt = ConnectAttempt(self._addresses, self.ssl_context, self.server_hostname or self.host,
+                                               now + self.connect_timeout)
         try:
-            raw = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-        except ConnectionRefusedError:
-            self.last_error = CONNECT_REFUSED
+            sock = a.advance(now)
+        except ConnectFailed as e:
+            self._attempt = None
+            self.last_error = e.code
             return False
-        except (socket.timeout, TimeoutError):
-            self.last_error = CONNECT_TIMEOUT
+        if sock is None:
             return False
-        except OSError:
-            self.last_error = CONNECT_FAILED
-            return False
-        try:
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        except OSError:
-            pass
-        sock: socket.socket = raw
-        if self.ssl_context is not None:
-            try:
-                raw.settimeout(max(deadline - time.monotonic(), 0.05))
-                sock = self.ssl_context.wrap_socket(
-                    raw, server_hostname=self.server_hostname or self.host, do_handshake_on_connect=True
-                )
-            except (ssl.SSLError, ssl.CertificateError, OSError):
-                raw.close()
-                self.last_error = TLS_HANDSHAKE_FAILED
-                return False
-        sock.setblocking(False)
+        self._attempt = None
         self._sock = sock
         self._decoder = self.codec.decoder("terminal")
+        self._reset_outbox()
         self.last_error = ""
         self.connections += 1
         return True
 
+    # ------------------------------------------------------------------ sending
+
     def send(self, fields: Mapping[str, str]) -> SendOutcome:
-        """Encode and write one message. Raises ``CodecError`` (nothing sent) on bad fields."""
+        """Encode one message, write what the kernel takes, queue the rest; never blocks.
+
+        Raises ``CodecError`` (nothing sent) on bad fields.
+        """
         data = self.codec.encode(fields)
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             return SendOutcome.NOT_SENT
-        view = memoryview(data)
-        sent = 0
-        attempted = False
-        deadline = time.monotonic() + self.send_timeout
-        reason = DISC_SEND_FAILED
-        while sent < len(data):
-            try:
-                attempted = True
-                n = sock.send(view[sent:])
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError) as e:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                _wait(sock, want_read=isinstance(e, ssl.SSLWantReadError), timeout=min(remaining, 0.05))
-                continue
-            except ssl.SSLError:
-                reason = DISC_TLS
-                break
-            except OSError:
-                reason = DISC_RESET
-                break
-            if n <= 0:
-                break
-            sent += n
-        if sent == len(data):
+        now = time.monotonic()
+        start = self._out_total
+        cuts_earlier = bool(self._outbox)  # a failure now also cuts messages already queued
+        if not cuts_earlier:
+            self._progress_at = now
+        self._outbox += data
+        self._out_total += len(data)
+        failure = self._write(now)
+        if failure is None and len(self._outbox) > self.outbox_limit:
+            failure = DISC_SEND_FAILED, f"host not reading: {len(self._outbox)} bytes queued"
+            cuts_earlier = True  # the host is not reading: whatever is in flight is reversed
+        if failure is None:
             return SendOutcome.SENT
-        self._drop(reason, f"write failed after {sent} of {len(data)} bytes")
-        if sent == 0 and not (self.tls and attempted):
-            return SendOutcome.NOT_SENT
-        return SendOutcome.MAYBE_SENT
+        left = (self._out_tried if self.tls else self._out_done) > start
+        self._drop(*failure)
+        return SendOutcome.MAYBE_SENT if left or cuts_earlier else SendOutcome.NOT_SENT
+
+    def flush(self) -> bool:
+        """Write queued bytes the kernel now takes; False if this dropped the connection (the
+        host stopped reading for ``send_timeout``, or the socket failed): ``poll()`` reports it."""
+        if self._sock is None or not self._outbox:
+            return True
+        failure = self._write(time.monotonic())
+        if failure is None:
+            return True
+        self._drop(*failure)
+        return False
+
+    def _write(self, now: float) -> tuple[str, str] | None:
+        """Move outbox bytes to the socket until it would block; the failure, if any."""
+        sock = self._sock
+        assert sock is not None
+        tls = self.tls
+        while self._outbox:
+            size = (self._tls_retry or min(len(self._outbox), TLS_WRITE_MAX)) if tls else len(self._outbox)
+            chunk = bytes(self._outbox[:size])
+            self._out_tried = max(self._out_tried, self._out_done + size)
+            try:
+                n = sock.send(chunk)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                self._tls_retry = size if tls else 0
+                break
+            except ssl.SSLError:
+                return DISC_TLS, self._lost_detail()
+            except OSError:
+                return DISC_RESET, self._lost_detail()
+            if n <= 0:
+                return DISC_SEND_FAILED, self._lost_detail()
+            self._tls_retry = 0
+            del self._outbox[:n]
+            self._out_done += n
+            self._progress_at = now
+        if self._outbox and now - self._progress_at > self.send_timeout:
+            return DISC_SEND_FAILED, f"host took no bytes for {self.send_timeout:g} s; " + self._lost_detail()
+        return None
+
+    def _lost_detail(self) -> str:
+        return f"write failed with {len(self._outbox)} of {self._out_total} queued bytes unwritten"
+
+    def _reset_outbox(self) -> None:
+        self._outbox.clear()
+        self._out_total = self._out_done = self._out_tried = self._tls_retry = 0
+
+    # ------------------------------------------------------------------ receiving
 
     def poll(self) -> list[PollItem]:
         """Everything readable now, without blocking: messages, garbage, then Disconnected if any.
 
-        Reads at most MAX_READS_PER_POLL chunks (plus whatever TLS already decrypted), so a
-        flooding host leaves the descriptor readable for the next loop turn instead of starving it.
+        Flushes the outbox first. Reads at most MAX_READS_PER_POLL chunks (plus whatever TLS
+        already decrypted), so a flooding host leaves the descriptor readable for the next loop
+        turn instead of starving it.
         """
+        self.flush()
         out: list[PollItem] = self._pending
         self._pending = []
         sock, dec = self._sock, self._decoder
@@ -226,7 +294,11 @@ class Uplink:
         return out
 
     def close(self) -> None:
-        """Close the connection (idempotent). A partial inbound frame is discarded silently."""
+        """Close the connection or abandon the attempt (idempotent). Queued and partial inbound
+        bytes are discarded silently."""
+        if self._attempt is not None:
+            self._attempt.close()
+            self._attempt = None
         self._close_socket()
         self._pending.clear()
 
@@ -245,6 +317,7 @@ class Uplink:
 
     def _close_socket(self) -> None:
         sock, self._sock, self._decoder = self._sock, None, None
+        self._reset_outbox()
         if sock is not None:
             try:
                 sock.close()
@@ -255,12 +328,6 @@ class Uplink:
 def _tls_pending(sock: socket.socket) -> bool:
     """Decrypted bytes buffered inside OpenSSL do not make the descriptor readable: drain them."""
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-
-
-def _wait(sock: socket.socket, *, want_read: bool, timeout: float) -> None:
-    with selectors.DefaultSelector() as sel:
-        sel.register(sock, selectors.EVENT_READ if want_read else selectors.EVENT_WRITE)
-        sel.select(timeout)
 
 
 def make_client_context(
@@ -296,6 +363,10 @@ def make_client_context(
 
 
 __all__ = [
+    "CONNECT_FAILED",
+    "CONNECT_REFUSED",
+    "CONNECT_TIMEOUT",
+    "TLS_HANDSHAKE_FAILED",
     "Disconnected",
     "SendOutcome",
     "Uplink",

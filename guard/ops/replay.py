@@ -67,6 +67,10 @@ class ReversalOnlyUplink:
     def connected(self) -> bool:
         return self.inner.connected
 
+    @property
+    def connecting(self) -> bool:
+        return self.inner.connecting
+
     def connect(self) -> bool:
         self._corked = False
         return self.inner.connect()

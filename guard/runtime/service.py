@@ -24,6 +24,7 @@ from guard.hostlink.iso import HostGarbage, HostMessage
 
 log = logging.getLogger("posguard.service")
 REPLIES_KEPT = 1024  # latest results kept for callers polling by key; older ones: engine.status(key)
+CONNECT_POLL_S = 0.02  # while the uplink is connecting, call connect() again this often
 
 
 class JournalCrypto:
@@ -158,6 +159,8 @@ class GuardService:
             self._registered_fd = fd
             log.info("host connected")
             self.execute(self.engine.on_host_up(self.clock()))
+        elif getattr(self.uplink, "connecting", False):
+            self._next_connect = now + CONNECT_POLL_S  # non-blocking attempt: advance it soon
         else:
             self._next_connect = now + self.reconnect_s
 
@@ -178,6 +181,9 @@ class GuardService:
         """One loop round: reconnect if due, wait for input up to the next deadline, fire timers."""
         now = self.clock()
         self._ensure_connected(now)
+        flush = getattr(self.uplink, "flush", None)
+        if self._registered_fd is not None and flush is not None and not flush():
+            self._on_host_readable()  # the outbox stalled or failed: poll() reports the Disconnected
         deadline = self.engine.next_deadline()
         wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
         if not self.uplink.connected:
