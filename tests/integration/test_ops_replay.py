@@ -17,20 +17,17 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from guard.ops.export import load_view
+from guard.simulation.hostsim import HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.store import Journal
+from guard.journal.keys import load_keys
+from guard.ops.replay import ReplayError, ReversalOnlyUplink
+from guard.hostlink.uplink import Uplink
+from guard.journal.verify import verify_journal
+from tests.support import ROOT
+from tests.support.ops_support import TID, Gen, guard_toml, net_invariant
 
-from ops_support import TID, Gen, guard_toml, net_invariant  # noqa: E402
-
-from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
-from guard.hostlink.iso import HostCodec  # noqa: E402
-from guard.journal.store import Journal  # noqa: E402
-from guard.journal.keys import load_keys  # noqa: E402
-from guard.ops.replay import ReplayError, ReversalOnlyUplink  # noqa: E402
-from guard.hostlink.uplink import Uplink  # noqa: E402
-from guard.journal.verify import verify_journal  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("POSGUARD_REPLAY_KILLS", "50"))
 
 

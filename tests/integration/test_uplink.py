@@ -10,7 +10,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography import x509
@@ -31,6 +31,7 @@ from guard.hostlink.uplink import (
     Uplink,
     make_client_context,
 )
+from tests.support import collect
 
 PAN = "4111111111111111"
 LOCAL = "127.0.0.1"
@@ -41,18 +42,6 @@ def sale(stan: str = "000001") -> dict[str, str]:
         "t": "0200", "2": PAN, "3": "000000", "4": "000000001000", "7": "1122153000", "11": stan,
         "41": "TERM0001", "42": "MERCHANT0000001", "49": "978",
     }
-
-
-def collect(up: Uplink, done: Callable[[list], bool], timeout: float = 3.0) -> list:
-    """Poll until ``done(items)`` or the deadline; never loops unbounded."""
-    items: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        items += up.poll()
-        if done(items):
-            break
-        time.sleep(0.005)
-    return items
 
 
 def has_message(items: list) -> bool:
@@ -126,9 +115,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture()
-def host() -> Iterator[tuple[HostServer, int]]:
-    server = HostServer(HostCore(seed=7, dup_detection=True), HostCodec())
-    port = server.start()
+def host(host_server: Callable[..., tuple[HostServer, int]]) -> Iterator[tuple[HostServer, int]]:
+    server, port = host_server(HostCore(seed=7, dup_detection=True))
     yield server, port
     assert server.stop()
 

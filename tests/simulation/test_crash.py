@@ -21,6 +21,7 @@ from guard.journal.keys import init_keys, load_keys
 from guard.core.model import TxnState
 from guard.runtime.service import JournalCrypto
 from guard.journal.verify import verify_journal
+from tests.support import subprocess_env
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TID, MID = "CRASHT01", "CRASHMERCHANT01"
@@ -40,7 +41,7 @@ RANDOM_KILLS = int(os.environ.get("POSGUARD_RANDOM_KILLS", "64"))
 def run_child(d: Path, port: int, start: int, count: int, point: str, nth: int, kill_after: float | None = None) -> int:
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), str(d), str(port), str(start), str(count), point, str(nth)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env(),
     )
     if kill_after is not None:
         try:

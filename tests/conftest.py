@@ -1,0 +1,104 @@
+"""Shared test harness: fixtures for the set-ups several test files repeat, and isolation of the
+logging configuration between tests. The repository root is on sys.path through
+``[tool.pytest.ini_options] pythonpath`` in pyproject.toml, so ``tests.support`` imports anywhere."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from guard.journal.keys import DeviceKeys, init_keys
+from guard.journal.store import Journal
+from tests.support import guard_config, write_guard_toml
+
+T0 = 1_700_000_000.0
+"""The creation time of the ``journal`` fixture."""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Put back the handlers, level, propagation and disabled flag of the root logger and every
+    named logger after each test. ``posguard.run.setup_logging`` gives the "posguard" logger a
+    handler on the sys.stderr of the moment (pytest's capture stream in an in-process test) and
+    stops propagation: left in place, later tests' log records go to a closed stream
+    ("ValueError: I/O operation on closed file") and never reach caplog."""
+    manager = logging.Logger.manager
+    loggers: list[logging.Logger] = [logging.getLogger()]
+    loggers += [lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    saved = {id(lg): (lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers}
+    yield
+    for lg in [logging.getLogger(), *(x for x in manager.loggerDict.values() if isinstance(x, logging.Logger))]:
+        if id(lg) in saved:
+            _, handlers, level, propagate, disabled = saved[id(lg)]
+        else:  # created during the test: leave it as a fresh logger would be
+            handlers, level, propagate, disabled = [], logging.NOTSET, True, False
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+        lg.disabled = disabled
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> DeviceKeys:
+    """Fresh device keys in ``tmp_path / "keys"`` (the directory a guard.toml names)."""
+    return init_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def journal(tmp_path: Path, keys: DeviceKeys) -> Path:
+    """An empty, closed journal ``tmp_path / "j.db"`` for terminal TERM0001, signed with ``keys``."""
+    path = tmp_path / "j.db"
+    Journal.create(path, keys, terminal_id="TERM0001", now=T0).close()
+    return path
+
+
+@pytest.fixture
+def guard_toml(tmp_path: Path) -> Callable[..., Path]:
+    """``guard_toml(port=..., **kw)`` writes ``tmp_path / "guard.toml"`` from
+    ``tests.support.guard_config(**kw)`` (extra [host] keys as keywords; ``sections=`` merges more
+    sections or keys) and returns its path; call again to rewrite it."""
+
+    def write(*, sections: dict[str, dict[str, Any]] | None = None, name: str = "guard.toml", **kw: Any) -> Path:
+        cfg = guard_config(**kw)
+        for section, body in (sections or {}).items():
+            cfg.setdefault(section, {}).update(body)
+        return write_guard_toml(tmp_path / name, cfg)
+
+    return write
+
+
+@pytest.fixture
+def host_server() -> Iterator[Callable[..., tuple[Any, int]]]:
+    """``host_server(core=None, **kw)`` starts ``HostServer(core, HostCodec(), **kw)`` on a
+    loopback port (a ``HostCore(seed=7, dup_detection=True)`` if no core is given) and returns
+    (server, port); every server started is stopped after the test."""
+    from guard.hostlink.iso import HostCodec
+    from guard.simulation.hostsim import HostCore, HostServer
+
+    started: list[HostServer] = []
+
+    def start(core: HostCore | None = None, codec: HostCodec | None = None, **kw: Any) -> tuple[HostServer, int]:
+        server = HostServer(core if core is not None else HostCore(seed=7, dup_detection=True),
+                            codec if codec is not None else HostCodec(), **kw)
+        port = server.start()
+        started.append(server)
+        return server, port
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.fixture
+def null_modem() -> Iterator[Any]:
+    """A pty null-modem cable (``firmware_bridge.nullmodem.NullModem``): open ``.a`` for the guard
+    and ``.b`` for the reader; closed after the test."""
+    from firmware_bridge.nullmodem import NullModem
+
+    cable = NullModem()
+    yield cable
+    cable.close()
