@@ -314,11 +314,10 @@ def status_after(r: ReaderSim, txn: bytes, state: TxnState, deadline: float) -> 
     return final
 
 
-def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path) -> None:
+def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path, keys: DeviceKeys) -> None:
     """Field problem 5 with deferred authorization on: the host is down, the reader gets APPROVED
     OFFLINE within the limits and a clean decline above them; when the host is back the guard
     forwards the stored sale as an 0220 and the host holds exactly one debit for it."""
-    init_keys(tmp_path / "keys")
     core = HostCore(seed=7, dup_detection=False)
     probe = HostServer(core, HostCodec())
     port = probe.start()

@@ -17,7 +17,7 @@ from guard.core.engine import Engine, EngineConfig
 from guard.simulation.hostsim import HostCore, HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
-from guard.journal.keys import init_keys, load_keys
+from guard.journal.keys import DeviceKeys, load_keys
 from guard.core.model import TxnState
 from guard.runtime.service import JournalCrypto
 from guard.journal.verify import verify_journal
@@ -83,8 +83,7 @@ def check_invariant(d: Path, core: HostCore) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dup_detection", [True, False], ids=["host-dedup", "host-no-dedup"])
-def test_sigkill_at_every_named_point_and_at_random(tmp_path: Path, dup_detection: bool) -> None:
-    init_keys(tmp_path / "keys")
+def test_sigkill_at_every_named_point_and_at_random(tmp_path: Path, keys: DeviceKeys, dup_detection: bool) -> None:
     faults = {"drop_request": 0.05, "delay_response": 0.05, "debit_drop_response": 0.05}
     core = HostCore(seed=11, dup_detection=dup_detection, faults=faults, late_delay=0.8)
     server = HostServer(core, HostCodec())

@@ -1,13 +1,15 @@
 """Helpers shared by test files: repository paths, subprocess environment, guard.toml writing,
-the CLI runner and the uplink polling loop. Fixtures built on them live in ``tests/conftest.py``;
+the CLI runner, the uplink polling loop and a key-less crypto port for engine tests. Fixtures built on them live in ``tests/conftest.py``;
 ``ops_support`` makes engine-written journals for the operator-tool tests."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +87,21 @@ def collect(up: Any, done: Callable[[list[Any]], bool], timeout: float = 3.0) ->
             break
         time.sleep(0.005)
     return items
+
+
+@dataclass
+class Blob:
+    """A sealed vault blob as the engine sees it: only its reference."""
+
+    ref: str
+
+
+class FakeCrypto:
+    """The engine's crypto port without keys or a journal: deterministic card tokens and blob refs,
+    so a pure engine test needs no files."""
+
+    def token(self, pan: str) -> str:
+        return hashlib.sha256(b"k" + pan.encode()).hexdigest()[:32]
+
+    def seal(self, txn: str, plaintext: bytes) -> Blob:
+        return Blob(hashlib.sha256(txn.encode()).hexdigest())
