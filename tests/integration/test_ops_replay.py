@@ -109,6 +109,7 @@ def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path
     assert not rolled_back.ok and rolled_back.reason == "TRUNCATED", "the host's anchor exposes a rolled-back journal"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
     """SIGKILL the real `posguard replay` process KILLS times at random moments (while host faults
     force 0401 repeats), then let it finish: APPROVED <=> one net debit, otherwise none."""

@@ -502,6 +502,7 @@ def test_sqlite_syncs_through_libc(shim: Path, tmp_path: Path) -> None:
     print(f"\nsyncs on the journal dir, 6 sales: strace {len(seen)} = shim {len(shim_calls)}: {kinds}")
 
 
+@pytest.mark.slow
 def test_power_loss_full_keeps_every_acknowledged_outcome(zygote: Zygote, tmp_path: Path) -> None:
     """WAL + synchronous=FULL (the product setting): the invariants hold after every cut."""
     rig = make_rig(tmp_path / "full")
