@@ -11,32 +11,41 @@ from typing import Any
 
 import pytest
 
+from firmware_bridge.nullmodem import NullModem
+from guard.hostlink.iso import HostCodec
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.store import Journal
+from guard.simulation.hostsim import HostCore, HostServer
 from tests.support import guard_config, write_guard_toml
 
 T0 = 1_700_000_000.0
 """The creation time of the ``journal`` fixture."""
 
 
+def _loggers() -> list[logging.Logger]:
+    named = [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    return [logging.getLogger(), *named]
+
+
+def _own(handlers: list[logging.Handler]) -> list[logging.Handler]:
+    """The handlers not installed by pytest's logging plugin (it adds and removes its own per phase)."""
+    return [h for h in handlers if not type(h).__module__.startswith("_pytest")]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_logging() -> Iterator[None]:
     """Put back the handlers, level, propagation and disabled flag of the root logger and every
-    named logger after each test. ``posguard.run.setup_logging`` gives the "posguard" logger a
-    handler on the sys.stderr of the moment (pytest's capture stream in an in-process test) and
-    stops propagation: left in place, later tests' log records go to a closed stream
-    ("ValueError: I/O operation on closed file") and never reach caplog."""
-    manager = logging.Logger.manager
-    loggers: list[logging.Logger] = [logging.getLogger()]
-    loggers += [lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger)]
-    saved = {id(lg): (lg, list(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in loggers}
+    named logger (and ``logging.disable``) after each test. ``posguard.run.setup_logging`` gives
+    the "posguard" logger a handler on the sys.stderr of the moment (pytest's capture stream in an
+    in-process test) and stops propagation: left in place, later tests' records go to a closed
+    stream ("ValueError: I/O operation on closed file") and never reach caplog."""
+    saved = {lg.name: (_own(lg.handlers), lg.level, lg.propagate, lg.disabled) for lg in _loggers()}
+    disabled_below = logging.root.manager.disable
     yield
-    for lg in [logging.getLogger(), *(x for x in manager.loggerDict.values() if isinstance(x, logging.Logger))]:
-        if id(lg) in saved:
-            _, handlers, level, propagate, disabled = saved[id(lg)]
-        else:  # created during the test: leave it as a fresh logger would be
-            handlers, level, propagate, disabled = [], logging.NOTSET, True, False
-        lg.handlers[:] = handlers
+    logging.disable(disabled_below)
+    for lg in _loggers():
+        handlers, level, propagate, disabled = saved.get(lg.name, ([], logging.NOTSET, True, False))
+        lg.handlers[:] = [h for h in lg.handlers if h not in _own(lg.handlers)] + handlers
         lg.setLevel(level)
         lg.propagate = propagate
         lg.disabled = disabled
@@ -72,13 +81,10 @@ def guard_toml(tmp_path: Path) -> Callable[..., Path]:
 
 
 @pytest.fixture
-def host_server() -> Iterator[Callable[..., tuple[Any, int]]]:
+def host_server() -> Iterator[Callable[..., tuple[HostServer, int]]]:
     """``host_server(core=None, **kw)`` starts ``HostServer(core, HostCodec(), **kw)`` on a
     loopback port (a ``HostCore(seed=7, dup_detection=True)`` if no core is given) and returns
     (server, port); every server started is stopped after the test."""
-    from guard.hostlink.iso import HostCodec
-    from guard.simulation.hostsim import HostCore, HostServer
-
     started: list[HostServer] = []
 
     def start(core: HostCore | None = None, codec: HostCodec | None = None, **kw: Any) -> tuple[HostServer, int]:
@@ -94,11 +100,9 @@ def host_server() -> Iterator[Callable[..., tuple[Any, int]]]:
 
 
 @pytest.fixture
-def null_modem() -> Iterator[Any]:
+def null_modem() -> Iterator[NullModem]:
     """A pty null-modem cable (``firmware_bridge.nullmodem.NullModem``): open ``.a`` for the guard
     and ``.b`` for the reader; closed after the test."""
-    from firmware_bridge.nullmodem import NullModem
-
     cable = NullModem()
     yield cable
     cable.close()
