@@ -66,8 +66,8 @@ def journal(tmp_path: Path, keys: DeviceKeys) -> Path:
 
 
 @pytest.fixture
-def guard_toml(tmp_path: Path) -> Callable[..., Path]:
-    """``guard_toml(port=..., **kw)`` writes ``tmp_path / "guard.toml"`` from
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """``write_config(port=..., **kw)`` writes ``tmp_path / "guard.toml"`` from
     ``tests.support.guard_config(**kw)`` (extra [host] keys as keywords; ``sections=`` merges more
     sections or keys) and returns its path; call again to rewrite it."""
 

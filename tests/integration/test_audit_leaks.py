@@ -135,10 +135,10 @@ def test_journal_create_and_open_failures_have_codes(tmp_path, keys, monkeypatch
     assert "cannot be opened" in str(ei.value)
 
 
-def test_posguard_run_with_journal_in_missing_directory_exits_2(tmp_path, keys, guard_toml, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_posguard_run_with_journal_in_missing_directory_exits_2(tmp_path, keys, write_config, capsys) -> None:  # type: ignore[no-untyped-def]
     from posguard.run import run
 
-    cfg = guard_toml(port=1, journal=tmp_path / "missing" / "j.db", keys=tmp_path / "keys")
+    cfg = write_config(port=1, journal=tmp_path / "missing" / "j.db", keys=tmp_path / "keys")
     assert run(cfg, max_seconds=0.1) == 2
     err = capsys.readouterr().err
     assert "JOURNAL_CREATE_FAILED" in err and "Traceback" not in err

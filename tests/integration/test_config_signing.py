@@ -19,11 +19,11 @@ def run(config: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_unsigned_config_may_not_change_silently(tmp_path: Path, keys: DeviceKeys, guard_toml: Callable[..., Path]) -> None:
-    cfg = guard_toml(port=free_port())
+def test_unsigned_config_may_not_change_silently(tmp_path: Path, keys: DeviceKeys, write_config: Callable[..., Path]) -> None:
+    cfg = write_config(port=free_port())
     assert run(cfg).returncode == 0
     assert run(cfg).returncode == 0, "the same config again is fine"
-    guard_toml(port=free_port(), mid="OTHERMERCHANT01")
+    write_config(port=free_port(), mid="OTHERMERCHANT01")
     r = run(cfg)
     assert r.returncode == 2 and "CONFIG_CHANGED_UNSIGNED" in r.stderr
     j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id="TERM0001")
@@ -33,10 +33,10 @@ def test_unsigned_config_may_not_change_silently(tmp_path: Path, keys: DeviceKey
 
 
 def test_signed_config_required_once_the_terminal_has_the_public_key(tmp_path: Path, keys: DeviceKeys,
-                                                                      guard_toml: Callable[..., Path]) -> None:
+                                                                      write_config: Callable[..., Path]) -> None:
     init_signer(tmp_path / "signer")
     (tmp_path / "keys" / "config.pub").write_text((tmp_path / "signer" / "config.pub").read_text())
-    cfg = guard_toml(port=free_port())
+    cfg = write_config(port=free_port())
     r = run(cfg)
     assert r.returncode == 2 and "CONFIG_SIGNATURE_INVALID" in r.stderr and "missing" in r.stderr
     sign(cfg, tmp_path / "signer" / "config-signer.key")
