@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from guard.journal.keys import load_keys
 from guard.ops.replay import ReplayError, ReversalOnlyUplink
 from guard.hostlink.uplink import Uplink
 from guard.journal.verify import verify_journal
-from tests.support import ROOT
+from tests.support import ROOT, free_port
 from tests.support.ops_support import TID, Gen, guard_toml, net_invariant
 
 KILLS = int(os.environ.get("POSGUARD_REPLAY_KILLS", "50"))
@@ -196,10 +195,7 @@ def test_text_summary_lists_needs_manual(tmp_path: Path) -> None:
 def test_host_unreachable_leaves_items_pending_exit_3(tmp_path: Path) -> None:
     core = HostCore(seed=26, dup_detection=True)
     g = backlog(tmp_path, core, debited=4, unprocessed=0, approved=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
-    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=free_port())
     code, rep = replay(cfg, "--timeout", "1.5")
     assert code == 3 and len(rep["pending"]) == 4 and rep["sent"] == {}
 
