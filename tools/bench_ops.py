@@ -34,9 +34,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-from ops_support import MID, TID, Gen, bulk_journal  # noqa: E402
+from tests.support.ops_support import MID, TID, Gen, bulk_journal  # noqa: E402
 
 from guard.core import constants as C  # noqa: E402
 from guard.core.engine import EngineConfig  # noqa: E402

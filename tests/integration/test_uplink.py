@@ -10,7 +10,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography import x509
@@ -32,6 +32,7 @@ from guard.hostlink.uplink import (
     Uplink,
     make_client_context,
 )
+from tests.support import collect, connected
 
 PAN = "4111111111111111"
 LOCAL = "127.0.0.1"
@@ -42,26 +43,6 @@ def sale(stan: str = "000001") -> dict[str, str]:
         "t": "0200", "2": PAN, "3": "000000", "4": "000000001000", "7": "1122153000", "11": stan,
         "41": "TERM0001", "42": "MERCHANT0000001", "49": "978",
     }
-
-
-def connected(up: Uplink, timeout: float = 5.0) -> bool:
-    """Drive the non-blocking ``connect()`` to its end (bounded); True if connected."""
-    deadline = time.monotonic() + timeout
-    while not up.connect() and up.connecting and time.monotonic() < deadline:
-        time.sleep(0.002)
-    return up.connected
-
-
-def collect(up: Uplink, done: Callable[[list], bool], timeout: float = 3.0) -> list:
-    """Poll until ``done(items)`` or the deadline; never loops unbounded."""
-    items: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        items += up.poll()
-        if done(items):
-            break
-        time.sleep(0.005)
-    return items
 
 
 def has_message(items: list) -> bool:
@@ -135,9 +116,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture()
-def host() -> Iterator[tuple[HostServer, int]]:
-    server = HostServer(HostCore(seed=7, dup_detection=True), HostCodec())
-    port = server.start()
+def host(host_server: Callable[..., tuple[HostServer, int]]) -> Iterator[tuple[HostServer, int]]:
+    server, port = host_server(HostCore(seed=7, dup_detection=True))
     yield server, port
     assert server.stop()
 

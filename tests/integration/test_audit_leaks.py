@@ -3,15 +3,11 @@ error (stable code, exit 2/3) instead of a traceback for bad input. Fast, loopba
 
 from __future__ import annotations
 
-import sys
 import traceback
-from pathlib import Path
 
 import pytest
 
 from guard.hostlink.iso import CodecError, HostCodec
-
-sys.path.insert(0, str(Path(__file__).parent))  # ops_support
 
 PAN = "4761739001010119"
 
@@ -70,13 +66,6 @@ def test_engine_refuses_ids_the_host_codec_cannot_carry(tid: str, mid: str) -> N
 
 
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture
-def keys(tmp_path):  # type: ignore[no-untyped-def]
-    from guard.journal.keys import init_keys
-
-    return init_keys(tmp_path / "keys")
 
 
 def test_full_journal_is_a_journal_error_not_an_internal_one(tmp_path, keys) -> None:  # type: ignore[no-untyped-def]
@@ -146,22 +135,10 @@ def test_journal_create_and_open_failures_have_codes(tmp_path, keys, monkeypatch
     assert "cannot be opened" in str(ei.value)
 
 
-def test_posguard_run_with_journal_in_missing_directory_exits_2(tmp_path, keys, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_posguard_run_with_journal_in_missing_directory_exits_2(tmp_path, keys, write_config, capsys) -> None:  # type: ignore[no-untyped-def]
     from posguard.run import run
 
-    cfg = tmp_path / "guard.toml"
-    cfg.write_text(f"""[terminal]
-terminal_id = "TERM0001"
-merchant_id = "MERCHANT0000001"
-[reader]
-url = "loop://"
-[host]
-address = "127.0.0.1"
-port = 1
-[journal]
-path = "{tmp_path / 'missing' / 'j.db'}"
-keys = "{tmp_path / 'keys'}"
-""")
+    cfg = write_config(port=1, journal=tmp_path / "missing" / "j.db", keys=tmp_path / "keys")
     assert run(cfg, max_seconds=0.1) == 2
     err = capsys.readouterr().err
     assert "JOURNAL_CREATE_FAILED" in err and "Traceback" not in err
@@ -217,14 +194,6 @@ def _cli(*args: object) -> tuple[int, str]:
     r = CliRunner().invoke(main, [str(a) for a in args])
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     return r.exit_code, r.output
-
-
-@pytest.fixture
-def journal(tmp_path, keys):  # type: ignore[no-untyped-def]
-    from guard.journal.store import Journal
-
-    Journal.create(tmp_path / "j.db", keys, terminal_id="TERM0001", now=T0).close()
-    return tmp_path / "j.db"
 
 
 @pytest.mark.parametrize("anchor", [b"garbage", b"\xff\xfe\x00", b""])
@@ -341,7 +310,7 @@ def test_demo_unusable_dir_exits_2(tmp_path) -> None:  # type: ignore[no-untyped
 
 
 def _edited_journal(tmp_path, keys, old: bytes, new: bytes):  # type: ignore[no-untyped-def]
-    from ops_support import bulk_journal
+    from tests.support.ops_support import bulk_journal
 
     path = tmp_path / "j.db"
     bulk_journal(path, keys, 3)
@@ -357,7 +326,7 @@ def _edited_journal(tmp_path, keys, old: bytes, new: bytes):  # type: ignore[no-
 def test_daemon_start_on_an_edited_payload_is_journal_corrupt(tmp_path, keys, old: bytes, new: bytes) -> None:  # type: ignore[no-untyped-def]
     """open_guard (posguard run, replay) died with a ValueError/JSONDecodeError traceback; journal
     export --per entry and show --per entry did too on a payload that is not JSON."""
-    from ops_support import MID, TID
+    from tests.support.ops_support import MID, TID
 
     from guard.core.engine import EngineConfig
     from guard.core.errors import JournalError

@@ -22,6 +22,7 @@ from guard.journal.keys import DeviceKeys, init_keys
 from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF
 from guard.runtime.service import JournalCrypto
+from tests.support import guard_config, write_guard_toml
 
 TID, MID = "OPSTEST1", "OPSMERCHANT0001"
 PANS = ("4761739001010119", "5413330089020011", "4111111111111111", "5555555555554444", "6011111111111117")
@@ -243,24 +244,10 @@ def write_settlement(path: Path, rows: list[dict[str, str]]) -> None:
 def guard_toml(path: Path, *, journal: Path, keys: Path, port: int, reversal_timeout: float = 30.0,
                max_attempts: int = 6, host_timeout: float = 30.0, reversal_max_age: float = 86_400.0) -> Path:
     """A guard.toml for the operator commands (the reader port is never opened by them)."""
-    path.write_text(f"""[terminal]
-terminal_id = "{TID}"
-merchant_id = "{MID}"
-[reader]
-url = "loop://"
-[host]
-address = "127.0.0.1"
-port = {port}
-timeout = {host_timeout}
-reversal_timeout = {reversal_timeout}
-reversal_max_attempts = {max_attempts}
-reversal_max_age = {reversal_max_age}
-connect_timeout = 1.0
-[journal]
-path = "{journal}"
-keys = "{keys}"
-""")
-    return path
+    return write_guard_toml(path, guard_config(tid=TID, mid=MID, port=port, journal=journal, keys=keys,
+                                              timeout=host_timeout, reversal_timeout=reversal_timeout,
+                                              reversal_max_attempts=max_attempts, reversal_max_age=reversal_max_age,
+                                              connect_timeout=1.0))
 
 
 def cached_bulk(base: Path, n: int = 100_000) -> tuple[Path, Path, Path]:

@@ -17,10 +17,11 @@ from guard.core.engine import Engine, EngineConfig
 from guard.simulation.hostsim import HostCore, HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
-from guard.journal.keys import init_keys, load_keys
+from guard.journal.keys import DeviceKeys, load_keys
 from guard.core.model import TxnState
 from guard.runtime.service import JournalCrypto
 from guard.journal.verify import verify_journal
+from tests.support import subprocess_env
 
 CHILD = Path(__file__).with_name("crash_child.py")
 TID, MID = "CRASHT01", "CRASHMERCHANT01"
@@ -40,7 +41,7 @@ RANDOM_KILLS = int(os.environ.get("POSGUARD_RANDOM_KILLS", "64"))
 def run_child(d: Path, port: int, start: int, count: int, point: str, nth: int, kill_after: float | None = None) -> int:
     proc = subprocess.Popen(
         [sys.executable, str(CHILD), str(d), str(port), str(start), str(count), point, str(nth)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=subprocess_env(),
     )
     if kill_after is not None:
         try:
@@ -82,8 +83,7 @@ def check_invariant(d: Path, core: HostCore) -> dict[str, int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dup_detection", [True, False], ids=["host-dedup", "host-no-dedup"])
-def test_sigkill_at_every_named_point_and_at_random(tmp_path: Path, dup_detection: bool) -> None:
-    init_keys(tmp_path / "keys")
+def test_sigkill_at_every_named_point_and_at_random(tmp_path: Path, keys: DeviceKeys, dup_detection: bool) -> None:
     faults = {"drop_request": 0.05, "delay_response": 0.05, "debit_drop_response": 0.05}
     core = HostCore(seed=11, dup_detection=dup_detection, faults=faults, late_delay=0.8)
     server = HostServer(core, HostCodec())

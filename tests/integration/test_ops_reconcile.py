@@ -8,33 +8,23 @@ import json
 import random
 import shutil
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ops_support import MID, TID, cached_bulk, guard_toml, mixed_journal, net_invariant, write_settlement  # noqa: E402
-
-from guard.core.engine import EngineConfig  # noqa: E402
-from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import SETTLEMENT_COLUMNS, HostCore, HostServer  # noqa: E402
-from guard.hostlink.iso import HostCodec  # noqa: E402
-from guard.journal.keys import DeviceKeys  # noqa: E402
-from guard.core.policies import OFF  # noqa: E402
-from guard.ops.reconcile import read_settlement, reconcile  # noqa: E402
-from guard.ops.replay import open_replay, run_replay  # noqa: E402
-from guard.hostlink.uplink import Uplink  # noqa: E402
-from posguard.cli import main  # noqa: E402
-
-
-def cli(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.stdout, r.stderr
+from guard.core.engine import EngineConfig
+from guard.ops.export import load_view
+from guard.simulation.hostsim import SETTLEMENT_COLUMNS, HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.keys import DeviceKeys
+from guard.core.policies import OFF
+from guard.ops.reconcile import read_settlement, reconcile
+from guard.ops.replay import open_replay, run_replay
+from guard.hostlink.uplink import Uplink
+from tests.support import cli
+from tests.support.ops_support import MID, TID, cached_bulk, guard_toml, mixed_journal, net_invariant, write_settlement
 
 
 def drain(path: Path, keys: DeviceKeys, core: HostCore) -> None:

@@ -12,7 +12,7 @@ import pytest
 from guard.core.codes import ErrorCode, is_registered
 from guard.core.errors import PosguardError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = [p for top in ("guard", "firmware_bridge", "posguard") for p in sorted((ROOT / top).rglob("*.py"))]
 
 

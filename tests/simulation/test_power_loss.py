@@ -41,10 +41,6 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from guard.core.engine import Engine, EngineConfig
 from guard.simulation.hostsim import HostCore
 from guard.hostlink.iso import HostCodec, HostMessage
@@ -55,6 +51,7 @@ from guard.core.policies import OFF
 from guard.runtime.service import JournalCrypto, open_guard
 from guard.hostlink.uplink import SendOutcome
 from guard.journal.verify import verify_journal
+from tests.support import subprocess_env
 
 SHIM_SRC = Path(__file__).with_name("powerloss_shim.c")
 TID, MID = "PWRLOSS1", "PWRLOSSMERCHANT"
@@ -205,8 +202,8 @@ class Zygote:
     """A python process under LD_PRELOAD that forks one child per cut."""
 
     def __init__(self, shim: Path, shadow: Path, watch: Path, extra_env: dict[str, str] | None = None) -> None:
-        env = dict(os.environ, LD_PRELOAD=str(shim), POSGUARD_SHADOW_DIR=str(shadow),
-                   POSGUARD_SHADOW_WATCH=str(watch), PYTHONPATH=str(ROOT), **(extra_env or {}))
+        env = subprocess_env(LD_PRELOAD=str(shim), POSGUARD_SHADOW_DIR=str(shadow), POSGUARD_SHADOW_WATCH=str(watch),
+                             **(extra_env or {}))
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "zygote"], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._buf = b""
@@ -478,7 +475,7 @@ def test_sqlite_syncs_through_libc(shim: Path, tmp_path: Path) -> None:
     rig = make_rig(tmp_path / "strace")
     trace = tmp_path / "strace.out"
     cmd = command(rig, count=6, checkpoint_every=8, seed=1)
-    env = dict(os.environ, LD_PRELOAD=str(shim), PYTHONPATH=str(ROOT))
+    env = subprocess_env(LD_PRELOAD=str(shim))
     argv = [sys.executable, str(Path(__file__).resolve()), "child", json.dumps(cmd)]
     if strace:
         argv = [strace, "-f", "-y", "-qq", "-o", str(trace), "-e",
@@ -505,6 +502,7 @@ def test_sqlite_syncs_through_libc(shim: Path, tmp_path: Path) -> None:
     print(f"\nsyncs on the journal dir, 6 sales: strace {len(seen)} = shim {len(shim_calls)}: {kinds}")
 
 
+@pytest.mark.slow
 def test_power_loss_full_keeps_every_acknowledged_outcome(zygote: Zygote, tmp_path: Path) -> None:
     """WAL + synchronous=FULL (the product setting): the invariants hold after every cut."""
     rig = make_rig(tmp_path / "full")

@@ -17,8 +17,9 @@ from firmware_bridge.constants import FLAG_RETRANSMISSION, STATE_CODES, FrameTyp
 from firmware_bridge.frame import Frame, FrameError, FrameParser, crc16, encode_frame, stuff
 from firmware_bridge.messages import MESSAGE_CLASSES, Auth, Message, Ping, ResultMessage, Status, decode_message, encode_message
 from guard.core.model import TxnState
+from tests.support import ROOT
 
-DOC = Path(__file__).resolve().parents[1] / "firmware_bridge" / "PROTOCOL.md"
+DOC = ROOT / "firmware_bridge" / "PROTOCOL.md"
 TEXT = DOC.read_text(encoding="utf-8")
 
 EPOCH = 0x1B2C3D4E

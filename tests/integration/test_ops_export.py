@@ -8,24 +8,19 @@ import io
 import json
 import shutil
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ops_support import MID, PANS, TID, cached_bulk, mixed_journal  # noqa: E402
-
-from guard.core.engine import Engine, EngineConfig  # noqa: E402
-from guard.ops.export import build_view, load_view, parse_since  # noqa: E402
-from guard.simulation.hostsim import HostCore  # noqa: E402
-from guard.journal.store import Journal, looks_like_pan  # noqa: E402
-from guard.journal.keys import load_keys  # noqa: E402
-from guard.runtime.service import JournalCrypto  # noqa: E402
-from posguard.cli import main  # noqa: E402
+from guard.core.engine import Engine, EngineConfig
+from guard.ops.export import build_view, load_view, parse_since
+from guard.simulation.hostsim import HostCore
+from guard.journal.store import Journal, looks_like_pan
+from guard.journal.keys import load_keys
+from guard.runtime.service import JournalCrypto
+from tests.support import cli
+from tests.support.ops_support import MID, PANS, TID, cached_bulk, mixed_journal
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +28,6 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("mixed")
     g = mixed_journal(d, HostCore(seed=2, dup_detection=True), needs_manual=5)
     return g.path
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def test_view_states_are_the_engines(mixed: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from guard.core.engine import EngineConfig
 from guard.simulation.hostsim import HostCore
 from guard.hostlink.iso import HostCodec, HostMessage
-from guard.journal.keys import init_keys
+from guard.journal.keys import DeviceKeys
 from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF
 from guard.runtime.service import open_guard
@@ -95,10 +95,10 @@ CASES: dict[str, tuple[Answer, bool, str]] = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_host_bytes_are_journaled_the_sale_reversed_and_the_guard_carries_on(tmp_path: Path, case: str) -> None:
+def test_bad_host_bytes_are_journaled_the_sale_reversed_and_the_guard_carries_on(tmp_path: Path, keys: DeviceKeys,
+                                                                                  case: str) -> None:
     bad, close, code = CASES[case]
     host = ScriptedHost(bad, close)
-    keys = init_keys(tmp_path / "keys")
     ecfg = EngineConfig(TID, MID, host_timeout_s=0.5, reversal_timeout_s=0.5, backoff_base_s=0.05, backoff_max_s=0.2, policy=OFF)
     svc = open_guard(tmp_path / "j.db", keys, ecfg, Uplink("127.0.0.1", host.port, HostCodec()), rng=random.Random(1),
                      reconnect_s=0.05)

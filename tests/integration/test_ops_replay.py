@@ -8,7 +8,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,20 +16,17 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from guard.ops.export import load_view
+from guard.simulation.hostsim import HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.store import Journal
+from guard.journal.keys import load_keys
+from guard.ops.replay import ReplayError, ReversalOnlyUplink
+from guard.hostlink.uplink import Uplink
+from guard.journal.verify import verify_journal
+from tests.support import ROOT, free_port
+from tests.support.ops_support import TID, Gen, guard_toml, net_invariant
 
-from ops_support import TID, Gen, guard_toml, net_invariant  # noqa: E402
-
-from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
-from guard.hostlink.iso import HostCodec  # noqa: E402
-from guard.journal.store import Journal  # noqa: E402
-from guard.journal.keys import load_keys  # noqa: E402
-from guard.ops.replay import ReplayError, ReversalOnlyUplink  # noqa: E402
-from guard.hostlink.uplink import Uplink  # noqa: E402
-from guard.journal.verify import verify_journal  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 KILLS = int(os.environ.get("POSGUARD_REPLAY_KILLS", "50"))
 
 
@@ -112,6 +108,7 @@ def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path
     assert not rolled_back.ok and rolled_back.reason == "TRUNCATED", "the host's anchor exposes a rolled-back journal"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_rerun(tmp_path: Path) -> None:
     """SIGKILL the real `posguard replay` process KILLS times at random moments (while host faults
     force 0401 repeats), then let it finish: APPROVED <=> one net debit, otherwise none."""
@@ -199,10 +196,7 @@ def test_text_summary_lists_needs_manual(tmp_path: Path) -> None:
 def test_host_unreachable_leaves_items_pending_exit_3(tmp_path: Path) -> None:
     core = HostCore(seed=26, dup_detection=True)
     g = backlog(tmp_path, core, debited=4, unprocessed=0, approved=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens there once closed
-    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=free_port())
     code, rep = replay(cfg, "--timeout", "1.5")
     assert code == 3 and len(rep["pending"]) == 4 and rep["sent"] == {}
 

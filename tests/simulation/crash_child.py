@@ -16,16 +16,14 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from guard.core.engine import EngineConfig  # noqa: E402
-from guard.core.errors import PosguardError  # noqa: E402
-from guard.hostlink.iso import HostCodec  # noqa: E402
-from guard.journal.keys import load_keys  # noqa: E402
-from guard.core.policies import OFF  # noqa: E402
-from guard.core.model import CardData, Request, TxnKind  # noqa: E402
-from guard.runtime.service import open_guard  # noqa: E402
-from guard.hostlink.uplink import SendOutcome, Uplink  # noqa: E402
+from guard.core.engine import EngineConfig
+from guard.core.errors import PosguardError
+from guard.hostlink.iso import HostCodec
+from guard.journal.keys import load_keys
+from guard.core.policies import OFF
+from guard.core.model import CardData, Request, TxnKind
+from guard.runtime.service import open_guard
+from guard.hostlink.uplink import SendOutcome, Uplink
 
 TID = "CRASHT01"
 MID = "CRASHMERCHANT01"

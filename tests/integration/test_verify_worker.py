@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 from hypothesis import given, note
-from test_fuzz_parsers import fuzz, journal_ops, journal_template, mutate_journal  # noqa: F401 (fixture)
-from test_journal_tamper import *  # noqa: F403  (the tamper tests, collected again under the worker)
-from test_journal_tamper import T0, TID, _rec, attacker, jf, template  # noqa: F401 (fixtures)
 
 import guard.journal.verify as verify_mod
 from guard.journal.store import Journal
-from guard.journal.keys import DeviceKeys, init_keys
+from guard.journal.keys import DeviceKeys
 from guard.journal.verify import VerifyReport, verify_journal
+from tests.fuzz.test_fuzz_parsers import fuzz, journal_ops, journal_template, mutate_journal  # noqa: F401 (fixture)
+from tests.integration.test_journal_tamper import *  # noqa: F403  (the tamper tests, collected again under the worker)
+from tests.integration.test_journal_tamper import T0, TID, _rec, attacker, jf, template  # noqa: F401 (fixtures)
 
 STARTS: list[int] = []
 
@@ -126,9 +126,8 @@ def test_no_interpreter_to_start(jf: tuple[Path, DeviceKeys], monkeypatch: pytes
     assert verify_journal(path, k0=keys.k0, mac_worker=True).ok
 
 
-def test_segment_progress_and_ratchet_state_with_worker(tmp_path: Path) -> None:
+def test_segment_progress_and_ratchet_state_with_worker(tmp_path: Path, keys: DeviceKeys) -> None:
     """A longer journal: progress is reported, the ratchet row is compared with the worker's key."""
-    keys = init_keys(tmp_path / "keys")
     p = tmp_path / "j.db"
     with Journal.create(p, keys, terminal_id=TID, now=T0, checkpoint_every=50) as j:
         for b in range(0, 600, 100):

@@ -8,40 +8,30 @@ import json
 import random
 import shutil
 import sqlite3
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ops_support import MID, TID, Gen, cached_bulk, mixed_journal  # noqa: E402
-
-from guard.runtime import restore  # noqa: E402
-from guard.ops.compact import archives_in, compact, verify_chain  # noqa: E402
-from guard.core.engine import Engine, EngineConfig  # noqa: E402
-from guard.core.errors import JournalError  # noqa: E402
-from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
-from guard.hostlink.iso import HostCodec  # noqa: E402
-from guard.journal.store import Journal  # noqa: E402
-from guard.journal.keys import DeviceKeys, load_keys  # noqa: E402
-from guard.core.policies import OFF  # noqa: E402
-from guard.ops.replay import open_replay, run_replay  # noqa: E402
-from guard.runtime.service import JournalCrypto  # noqa: E402
-from guard.hostlink.uplink import Uplink  # noqa: E402
-from guard.journal.verify import verify_journal  # noqa: E402
-from posguard.cli import main  # noqa: E402
+from guard.runtime import restore
+from guard.ops.compact import archives_in, compact, verify_chain
+from guard.core.engine import Engine, EngineConfig
+from guard.core.errors import JournalError
+from guard.ops.export import load_view
+from guard.simulation.hostsim import HostCore, HostServer
+from guard.hostlink.iso import HostCodec
+from guard.journal.store import Journal
+from guard.journal.keys import DeviceKeys, load_keys
+from guard.core.policies import OFF
+from guard.ops.replay import open_replay, run_replay
+from guard.runtime.service import JournalCrypto
+from guard.hostlink.uplink import Uplink
+from guard.journal.verify import verify_journal
+from tests.support import cli
+from tests.support.ops_support import MID, TID, Gen, cached_bulk, mixed_journal
 
 NOW = 1_800_000_000.0  # long after the generated sales
-
-
-def cli(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.stdout, r.stderr
 
 
 def engine_state(path: Path, keys: DeviceKeys) -> tuple[dict[str, tuple[Any, ...]], int]:
@@ -120,7 +110,7 @@ def test_guard_carries_on_after_compaction(mixed: tuple[Path, DeviceKeys, HostCo
         rep = run_replay(svc, timeout=30)
         assert rep.exit_code == 0 and len(rep.reversed) == 70, rep.to_json()
         svc.close()
-        from ops_support import PANS
+        from tests.support.ops_support import PANS
 
         from guard.core.model import CardData, Request, TxnKind
         from guard.runtime.service import open_guard

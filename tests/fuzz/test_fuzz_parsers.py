@@ -20,7 +20,6 @@ POSGUARD_FUZZ_SCALE. Run: ``python -m pytest tests/test_fuzz_parsers.py -q``.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import itertools
 import json
 import math
@@ -33,7 +32,6 @@ import string
 import tempfile
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +60,7 @@ from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF
 from guard.journal.verify import verify_journal
 from posguard.config import SCHEMA, Config, load, parse
+from tests.support import FakeCrypto
 
 SCALE = float(os.environ.get("POSGUARD_FUZZ_SCALE", "1"))
 
@@ -270,19 +269,6 @@ def test_well_framed_random_payloads(cfg: tuple[str, bytes | None], side: str, m
 # Engine.host_message
 
 
-@dataclass
-class _Blob:
-    ref: str
-
-
-class _Crypto:
-    def token(self, pan: str) -> str:
-        return hashlib.sha256(b"k" + pan.encode()).hexdigest()[:32]
-
-    def seal(self, txn: str, plaintext: bytes) -> _Blob:
-        return _Blob(hashlib.sha256(txn.encode()).hexdigest())
-
-
 NOW = 1_760_000_000.0
 ECFG = EngineConfig(TID, MID, host_timeout_s=5, reversal_timeout_s=5, reversal_max_attempts=3, backoff_base_s=1,
                     backoff_max_s=2, saf_window=2, echo_idle_s=1e9, policy=OFF)
@@ -306,7 +292,7 @@ def _answer(e: Engine, acts: list[Any], rc: str = "00") -> list[Any]:
 def build_engine(busy: bool) -> Engine:
     """Sales in every state: APPROVED, DECLINED, REVERSED, REVERSAL_PENDING (0400 in flight), and if
     ``busy`` also a SENT sale and a VOID awaiting its reversal."""
-    e = Engine(ECFG, _Crypto(), random.Random(1))
+    e = Engine(ECFG, FakeCrypto(), random.Random(1))
     e.on_host_up(NOW)
     _answer(e, e.submit(_req(1), NOW))  # stan 1 APPROVED
     _answer(e, e.submit(_req(2), NOW), rc="05")  # stan 2 DECLINED

@@ -13,7 +13,7 @@ import pytest
 from guard.core.engine import Engine, EngineConfig, SendHost
 from guard.core.errors import ConfigError
 from guard.core.model import TxnState
-from test_engine import CFG, NOW, FakeCrypto, kinds, req, response
+from tests.unit.test_engine import CFG, NOW, FakeCrypto, kinds, req, response
 
 
 def sale(e: Engine, i: int = 1, amount: int = 1000) -> SendHost:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import pytest
 
@@ -41,13 +40,13 @@ from guard.hostlink.iso import (
     field90,
 )
 from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
+from tests.support import collect, connected, subprocess_env
 
 PAN = "4111111111111111"
 PAN2 = "5500000000000004"
 TID, MID = "TERM0001", "MERCHANT0000001"
 F7 = "1122153000"
 NOW = 1_795_300_000.0
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sale(stan: int = 1, amount: int = 1000, pan: str = PAN, f7: str = F7, tid: str = TID, mti: str = "0200") -> dict[str, str]:
@@ -312,25 +311,6 @@ def test_faults_apply_to_reversals() -> None:
 # --- end to end through HostServer + Uplink -------------------------------------------------------
 
 
-def connected(up: Uplink, timeout: float = 5.0) -> bool:
-    """Drive the non-blocking ``connect()`` to its end (bounded); True if connected."""
-    deadline = time.monotonic() + timeout
-    while not up.connect() and up.connecting and time.monotonic() < deadline:
-        time.sleep(0.002)
-    return up.connected
-
-
-def collect(up: Uplink, done: Callable[[list], bool], timeout: float = 3.0) -> list:
-    items: list = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        items += up.poll()
-        if done(items):
-            break
-        time.sleep(0.005)
-    return items
-
-
 def messages(items: list) -> list[HostMessage]:
     return [i for i in items if isinstance(i, HostMessage)]
 
@@ -500,7 +480,7 @@ def test_arg_parser() -> None:
 
 def test_main_serves_and_dumps_ledger_on_sigterm(tmp_path: Path) -> None:
     ledger, settle = tmp_path / "ledger.json", tmp_path / "settle.csv"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = subprocess_env()
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from guard.simulation.hostsim import main; sys.exit(main())",
          "--port", "0", "--seed", "3", "--ledger", str(ledger), "--settlement", str(settle)],

@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from ops_support import TID, mixed_journal  # noqa: E402
-
-import guard.journal.keys as keys_mod  # noqa: E402
-from guard.core.errors import JournalError  # noqa: E402
-from guard.simulation.hostsim import HostCore  # noqa: E402
-from guard.journal.store import Journal  # noqa: E402
-from guard.journal.keys import (  # noqa: E402
+import guard.journal.keys as keys_mod
+from guard.core.errors import JournalError
+from guard.simulation.hostsim import HostCore
+from guard.journal.store import Journal
+from guard.journal.keys import (
     NEXT_SIGNING_FILE,
     PUBLIC_CHAIN_FILE,
     load_k0,
@@ -29,16 +23,12 @@ from guard.journal.keys import (  # noqa: E402
     load_public_keys,
     public_key_hex,
 )
-from guard.ops.rotation import rotate_keys  # noqa: E402
-from guard.journal.verify import verify_journal  # noqa: E402
-from posguard.cli import main  # noqa: E402
+from guard.ops.rotation import rotate_keys
+from guard.journal.verify import verify_journal
+from tests.support import cli
+from tests.support.ops_support import TID, mixed_journal
 
 T = 1_720_000_000.0
-
-
-def cli(*args: object) -> tuple[int, str, str]:
-    r = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    return r.exit_code, r.stdout, r.stderr
 
 
 @pytest.fixture

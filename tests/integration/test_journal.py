@@ -39,16 +39,11 @@ from guard.journal.store import (
 )
 from guard.journal.keys import DeviceKeys, init_keys, load_keys
 from guard.journal.verify import verify_journal
+from tests.support import subprocess_env
 
-ROOT = Path(__file__).resolve().parents[1]
 TID = "TERM0001"
 T0 = 1_700_000_000.0
 PAN = "4111111111111111"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> DeviceKeys:
-    return init_keys(tmp_path / "keys")
 
 
 @pytest.fixture
@@ -304,8 +299,7 @@ def test_sigkill_before_commit_loses_the_whole_append(jpath: Path, keys: DeviceK
         j.append([_rec(1)], now=T0)
     before = _state(jpath)
     child = f"""
-import os, signal, sys
-sys.path.insert(0, {str(ROOT)!r})
+import os, signal
 from pathlib import Path
 from guard.journal.store import Journal
 from guard.journal.keys import load_keys
@@ -314,7 +308,7 @@ j._commit = lambda cur: os.kill(os.getpid(), signal.SIGKILL)
 b = j.seal_vault("R1:z", b"card")
 j.append([("intent", "R1:z", {{"vault_ref": b.ref}}), ("stan_use", None, {{"stan": 9}})], now={T0 + 5}, vault_put=[b])
 """
-    r = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60, check=False)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60, check=False, env=subprocess_env())
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
     assert _state(jpath) == before
     with Journal.open(jpath, keys, terminal_id=TID) as j:

@@ -3,37 +3,15 @@ config; a bad signature, or an unsigned change since the last run, stops the dae
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from guard.journal.keys import DeviceKeys, load_keys
 from guard.journal.store import Journal
-from guard.journal.keys import init_keys, load_keys
 from posguard.config_signing import init_signer, sign
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(tmp: Path, merchant: str = "MERCHANT0000001") -> Path:
-    p = tmp / "guard.toml"
-    p.write_text(f"""[terminal]
-terminal_id = "TERM0001"
-merchant_id = "{merchant}"
-[reader]
-url = "loop://"
-[host]
-address = "127.0.0.1"
-port = {free_port()}
-[journal]
-path = "journal.db"
-keys = "keys"
-""")
-    return p
+from tests.support import free_port
 
 
 def run(config: Path) -> subprocess.CompletedProcess[str]:
@@ -41,12 +19,11 @@ def run(config: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_unsigned_config_may_not_change_silently(tmp_path: Path) -> None:
-    init_keys(tmp_path / "keys")
-    cfg = write_config(tmp_path)
+def test_unsigned_config_may_not_change_silently(tmp_path: Path, keys: DeviceKeys, write_config: Callable[..., Path]) -> None:
+    cfg = write_config(port=free_port())
     assert run(cfg).returncode == 0
     assert run(cfg).returncode == 0, "the same config again is fine"
-    write_config(tmp_path, merchant="OTHERMERCHANT01")
+    write_config(port=free_port(), mid="OTHERMERCHANT01")
     r = run(cfg)
     assert r.returncode == 2 and "CONFIG_CHANGED_UNSIGNED" in r.stderr
     j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id="TERM0001")
@@ -55,11 +32,11 @@ def test_unsigned_config_may_not_change_silently(tmp_path: Path) -> None:
     assert len(loaded) == 2 and loaded[0]["mid"] == "MERCHANT0000001" and not loaded[0]["signed"]
 
 
-def test_signed_config_required_once_the_terminal_has_the_public_key(tmp_path: Path) -> None:
-    init_keys(tmp_path / "keys")
+def test_signed_config_required_once_the_terminal_has_the_public_key(tmp_path: Path, keys: DeviceKeys,
+                                                                      write_config: Callable[..., Path]) -> None:
     init_signer(tmp_path / "signer")
     (tmp_path / "keys" / "config.pub").write_text((tmp_path / "signer" / "config.pub").read_text())
-    cfg = write_config(tmp_path)
+    cfg = write_config(port=free_port())
     r = run(cfg)
     assert r.returncode == 2 and "CONFIG_SIGNATURE_INVALID" in r.stderr and "missing" in r.stderr
     sign(cfg, tmp_path / "signer" / "config-signer.key")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -15,24 +14,12 @@ from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
 from guard.core.errors import IdempotencyConflict
 from guard.core.policies import OFF
 from guard.core.model import CardData, Request, TxnKind, TxnState
+from tests.support import FakeCrypto
 
 NOW = 1_760_000_000.0
 CFG = EngineConfig("TERM0001", "MERCHANT0000001", host_timeout_s=5, reversal_timeout_s=5,
                    reversal_max_attempts=3, backoff_base_s=1, backoff_max_s=2, saf_window=2, echo_idle_s=1e9,
                    policy=OFF)
-
-
-@dataclass
-class Blob:
-    ref: str
-
-
-class FakeCrypto:
-    def token(self, pan: str) -> str:
-        return hashlib.sha256(b"k" + pan.encode()).hexdigest()[:32]
-
-    def seal(self, txn: str, plaintext: bytes) -> Blob:
-        return Blob(hashlib.sha256(txn.encode()).hexdigest())
 
 
 @dataclass

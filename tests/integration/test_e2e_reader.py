@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,10 +24,11 @@ from guard.simulation.readersim import LinkFaults, ReaderSim
 from firmware_bridge.serial_port import open_port
 from guard.simulation.hostsim import HostCore, HostServer
 from guard.hostlink.iso import HostCodec
-from guard.journal.keys import init_keys
+from guard.journal.keys import DeviceKeys, init_keys
 from guard.core.model import TxnState
 from posguard.config import parse
 from posguard.run import build
+from tests.support import write_guard_toml
 
 TID, MID = "E2ETERM1", "E2EMERCHANT0001"
 PAN = "4761739001010119"
@@ -75,12 +77,11 @@ class Guard:
 
 
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    init_keys(tmp_path / "keys")
+def rig(tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]],
+        null_modem: NullModem) -> Iterator[dict[str, Any]]:
     core = HostCore(seed=3, dup_detection=False)  # a host that would charge a resent 0200 again
-    server = HostServer(core, HostCodec())
-    port = server.start()
-    cable = NullModem()
+    _, port = host_server(core)
+    cable = null_modem
     guard = Guard(config(tmp_path, cable.a, port))
     readers: list[ReaderSim] = []
 
@@ -94,8 +95,6 @@ def rig(tmp_path: Path) -> Iterator[dict[str, Any]]:
     for r in readers:
         r.close()
     guard.stop()
-    cable.close()
-    server.stop()
 
 
 def assert_one_authorization_per_txn(core: HostCore, results: dict[bytes, Any]) -> None:
@@ -183,19 +182,12 @@ def test_unknown_txn_status_and_garbage_messages_get_specific_errors(rig: dict[s
     assert rig["guard"].error is None
 
 
-def test_daemon_process_runs_from_config_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
-    init_keys(tmp_path / "keys")
+def test_daemon_process_runs_from_config_and_stops_cleanly_on_sigterm(
+        tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]], null_modem: NullModem) -> None:
     core = HostCore(seed=4, dup_detection=True)
-    server = HostServer(core, HostCodec())
-    port = server.start()
-    cable = NullModem()
-    cfg = config(tmp_path, cable.a, port)
-    lines = []
-    for section, body in cfg.items():
-        lines.append(f"[{section}]")
-        for k, v in body.items():
-            lines.append(f"{k} = " + (f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)))
-    (tmp_path / "guard.toml").write_text("\n".join(lines) + "\n")
+    _, port = host_server(core)
+    cable = null_modem
+    write_guard_toml(tmp_path / "guard.toml", config(tmp_path, cable.a, port))
     proc = subprocess.Popen([sys.executable, "-m", "posguard.cli", "run", "--config", str(tmp_path / "guard.toml")],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -210,8 +202,6 @@ def test_daemon_process_runs_from_config_and_stops_cleanly_on_sigterm(tmp_path: 
     finally:
         if proc.poll() is None:
             proc.kill()
-        cable.close()
-        server.stop()
     assert proc.returncode == 0, err[-2000:]
     assert '"msg": "stopped' in err and PAN not in err
     assert core.total_net_debits() == 1
@@ -324,11 +314,10 @@ def status_after(r: ReaderSim, txn: bytes, state: TxnState, deadline: float) -> 
     return final
 
 
-def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path) -> None:
+def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path, keys: DeviceKeys) -> None:
     """Field problem 5 with deferred authorization on: the host is down, the reader gets APPROVED
     OFFLINE within the limits and a clean decline above them; when the host is back the guard
     forwards the stored sale as an 0220 and the host holds exactly one debit for it."""
-    init_keys(tmp_path / "keys")
     core = HostCore(seed=7, dup_detection=False)
     probe = HostServer(core, HostCodec())
     port = probe.start()

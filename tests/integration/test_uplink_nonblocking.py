@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from guard.hostlink.iso import HostCodec, HostMessage
+from tests.support import connected
 from guard.hostlink.uplink import CONNECT_REFUSED, CONNECT_TIMEOUT, DISC_SEND_FAILED, Disconnected, SendOutcome, Uplink
 from guard.simulation.hostsim import HostCore, HostServer
 
@@ -24,14 +25,6 @@ def sale(stan: str = "000001") -> dict[str, str]:
         "t": "0200", "2": "4111111111111111", "3": "000000", "4": "000000001000", "7": "1122153000", "11": stan,
         "41": "TERM0001", "42": "MERCHANT0000001", "49": "978",
     }
-
-
-def connected(up: Uplink, timeout: float = 5.0) -> bool:
-    """Drive the non-blocking ``connect()`` to its end (bounded); True if connected."""
-    deadline = time.monotonic() + timeout
-    while not up.connect() and up.connecting and time.monotonic() < deadline:
-        time.sleep(0.002)
-    return up.connected
 
 
 def has_message(items: list[object]) -> bool:
