@@ -121,6 +121,7 @@ class Tag(enum.IntEnum):
     IN_PROGRESS = 0x27  # 1 byte 0x00 / 0x01
     STAN = 0x28  # 4 bytes big-endian, 1..999999 (field 11)
     WAIT_S = 0x29  # 2 bytes big-endian, 1..120: seconds the reader should keep waiting
+    APPROVED_AMOUNT = 0x2A  # 6 bytes BCD like AMOUNT: what a partial approval (PARTIAL) approved
 
 
 # TxnState <-> 1-byte code on the wire. 0x00 is never used, so a zeroed buffer is not a state.
@@ -135,6 +136,7 @@ STATE_CODES: Final[dict[TxnState, int]] = {
     TxnState.NEEDS_MANUAL: 0x08,
     TxnState.HELD: 0x09,
     TxnState.DEFERRED: 0x0A,
+    TxnState.PARTIAL: 0x0B,
 }
 STATE_BY_CODE: Final[dict[int, TxnState]] = {v: k for k, v in STATE_CODES.items()}
 

@@ -236,6 +236,7 @@ class _TagCodec:
 TAG_CODECS: dict[Tag, _TagCodec] = {
     Tag.TXN_ID: _TagCodec(_check_txn_id, bytes, _dec_fixed(TXN_ID_LEN)),
     Tag.AMOUNT: _TagCodec(_check_amount, _enc_bcd, _dec_bcd),
+    Tag.APPROVED_AMOUNT: _TagCodec(_check_amount, _enc_bcd, _dec_bcd),
     Tag.CURRENCY: _TagCodec(_check_currency, _ascii, _dec_ascii),
     Tag.PAN: _TagCodec(_check_pan, _ascii, _dec_ascii),
     Tag.EXPIRY: _TagCodec(_check_expiry, _ascii, _dec_ascii),
@@ -445,6 +446,7 @@ class ResultMessage(_Message):
         (Tag.ERROR_CODE, "error_code", False),
         (Tag.IN_PROGRESS, "in_progress", True),
         (Tag.STAN, "stan", False),
+        (Tag.APPROVED_AMOUNT, "approved_amount", False),
     )
     txn_id: bytes
     state: TxnState
@@ -458,6 +460,7 @@ class ResultMessage(_Message):
     masked_pan: str | None = None
     error_code: str | None = None
     stan: int | None = None
+    approved_amount: int | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -603,6 +606,7 @@ def result_message(result: Result) -> ResultMessage:
     amount and currency are taken from ``result.extra`` when the engine put them there."""
     amount = result.extra.get("amount")
     currency = result.extra.get("currency")
+    approved = result.extra.get("approved_amount")
     return ResultMessage(
         txn_id=_txn_id_from_key(result.key),
         state=result.state,
@@ -616,6 +620,7 @@ def result_message(result: Result) -> ResultMessage:
         masked_pan=result.masked_pan or None,
         error_code=result.reason or None,
         stan=result.stan or None,
+        approved_amount=approved if isinstance(approved, int) and approved > 0 else None,
     )
 
 

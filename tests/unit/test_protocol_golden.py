@@ -30,6 +30,11 @@ RESULT = ResultMessage(
     TXN, TxnState.APPROVED, "APPROVED 123456", in_progress=False, amount=1250, currency="978", response_code="00",
     approval_code="123456", rrn="123456789012", masked_pan="476173******0119", stan=42,
 )
+PARTIAL = ResultMessage(
+    TXN, TxnState.PARTIAL, "PARTIAL APPROVAL 8.00 OF 12.50 - CONFIRM OR CANCEL", in_progress=False, amount=1250,
+    currency="978", response_code="10", approval_code="123456", rrn="123456789012", masked_pan="476173******0119",
+    error_code="PARTIAL_APPROVAL", stan=42, approved_amount=800,
+)
 PING = Ping(bytes.fromhex("00000000000000070000000000000027"))
 
 # name -> (frame, message carried or None); written here independently of the document
@@ -41,6 +46,7 @@ EXPECTED: dict[str, tuple[Frame, Message | None]] = {
     "ack": (Frame(FrameType.ACK, 0, EPOCH), None),
     "nak": (Frame(FrameType.NAK, 1, EPOCH), None),
     "result": (Frame(FrameType.DATA, 0, EPOCH, encode_message(RESULT)), RESULT),
+    "result_partial": (Frame(FrameType.DATA, 1, EPOCH, encode_message(PARTIAL)), PARTIAL),
     "status_last": (Frame(FrameType.DATA, 1, EPOCH, encode_message(Status(last=True))), Status(last=True)),
     "ping": (Frame(FrameType.DATA, 2, EPOCH, encode_message(PING)), PING),
 }
