@@ -22,7 +22,8 @@ from ops_support import MID, PANS, TID, cached_bulk, mixed_journal  # noqa: E402
 from guard.core.engine import Engine, EngineConfig  # noqa: E402
 from guard.ops.export import build_view, load_view, parse_since  # noqa: E402
 from guard.simulation.hostsim import HostCore  # noqa: E402
-from guard.journal.store import Journal, looks_like_pan  # noqa: E402
+from guard.journal.records import looks_like_pan  # noqa: E402
+from guard.journal.store import Journal  # noqa: E402
 from guard.journal.keys import load_keys  # noqa: E402
 from guard.runtime.service import JournalCrypto  # noqa: E402
 from posguard.cli import main  # noqa: E402

@@ -46,11 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
 from guard.core.errors import JournalError
-from guard.journal.store import (
-    _PAD5C,
-    _PAD36,
-    _XOR5C,
-    _XOR36,
+from guard.journal.format import (
     CHECKPOINT_FIELDS,
     CHECKPOINT_KIND,
     ROLE_ARCHIVE,
@@ -58,17 +54,20 @@ from guard.journal.store import (
     ROTATION_KIND,
     SEGMENT_FIELDS,
     SEGMENT_KIND,
-    _connect,
     archive_ratchet_commitment,
     checkpoint_message,
     entry_body,
     entry_hash,
-    mac_and_next,
-    ratchet_forward,
     rotation_message,
     segment_message,
 )
 from guard.journal.keys import public_key_hex
+from guard.journal.mac import PAD5C as _PAD5C
+from guard.journal.mac import PAD36 as _PAD36
+from guard.journal.mac import XOR5C as _XOR5C
+from guard.journal.mac import XOR36 as _XOR36
+from guard.journal.mac import mac_and_next, ratchet_forward
+from guard.journal.schema import _connect
 
 PROGRESS_EVERY = 16_384
 _SELECT = "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries"

@@ -29,7 +29,8 @@ from typing import IO, Any, NamedTuple
 
 from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import JournalError, PosguardError
-from guard.journal.store import CHECKPOINT_KIND, _connect, canonical_json
+from guard.journal.format import CHECKPOINT_KIND, canonical_json
+from guard.journal.schema import _connect
 from guard.core.model import TxnKind, TxnState
 from guard.core.policies import OFF
 
