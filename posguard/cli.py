@@ -56,7 +56,7 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
 @click.pass_context
 def hostsim(ctx: click.Context) -> None:
     """Stateful acquirer simulator on 127.0.0.1 with seeded faults (`posguard hostsim --help`)."""
-    from guard.simulation.hostsim import main as host_main
+    from guard.simulation.hostcli import main as host_main
 
     sys.exit(host_main(ctx.args))
 

@@ -106,7 +106,8 @@ def test_a_sale_over_a_hex_bitmap_spec_end_to_end(tmp_path: Path) -> None:
     import time
 
     from guard.core.engine import EngineConfig
-    from guard.simulation.hostsim import HostCore, HostServer
+    from guard.simulation.hostsim import HostCore
+    from guard.simulation.hostserver import HostServer
     from guard.hostlink.iso import HostCodec, load_spec
     from guard.journal.keys import init_keys
     from guard.core.model import CardData, Request, TxnKind, TxnState

@@ -24,7 +24,8 @@ from guard.ops.compact import archives_in, compact, verify_chain  # noqa: E402
 from guard.core.engine import Engine, EngineConfig  # noqa: E402
 from guard.core.errors import JournalError  # noqa: E402
 from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.simulation.hostserver import HostServer  # noqa: E402
 from guard.hostlink.iso import HostCodec  # noqa: E402
 from guard.journal.store import Journal  # noqa: E402
 from guard.journal.keys import DeviceKeys, load_keys  # noqa: E402

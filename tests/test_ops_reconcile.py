@@ -22,7 +22,9 @@ from ops_support import MID, TID, cached_bulk, guard_toml, mixed_journal, net_in
 
 from guard.core.engine import EngineConfig  # noqa: E402
 from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import SETTLEMENT_COLUMNS, HostCore, HostServer  # noqa: E402
+from guard.core.constants import SETTLEMENT_COLUMNS  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.simulation.hostserver import HostServer  # noqa: E402
 from guard.hostlink.iso import HostCodec  # noqa: E402
 from guard.journal.keys import DeviceKeys  # noqa: E402
 from guard.core.policies import OFF  # noqa: E402
@@ -170,7 +172,7 @@ def test_header_may_name_columns_by_iso_field_number(settled: tuple[Path, Path, 
 def test_settlement_columns_are_the_host_simulators() -> None:
     from guard.ops import reconcile as R
 
-    assert R.SETTLEMENT_COLUMNS == SETTLEMENT_COLUMNS == ["date", "tid", "mid", "stan", "rrn", "amount", "type", "response"]
+    assert R.SETTLEMENT_COLUMNS == SETTLEMENT_COLUMNS == ("date", "tid", "mid", "stan", "rrn", "amount", "type", "response")
 
 
 def test_apply_queues_reversals_that_replay_sends(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ops_support import TID, Gen, guard_toml, net_invariant  # noqa: E402
 
 from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.simulation.hostserver import HostServer  # noqa: E402
 from guard.hostlink.iso import HostCodec  # noqa: E402
 from guard.journal.store import Journal  # noqa: E402
 from guard.journal.keys import load_keys  # noqa: E402

@@ -35,7 +35,8 @@ from guard.simulation.readersim import LinkFaults, ReaderSim
 from firmware_bridge.serial_port import open_port
 from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import PosguardError
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
 from guard.journal.keys import init_keys, load_keys
