@@ -168,7 +168,7 @@ def config_sign(config_file: Path, key_file: Path) -> None:
 @click.pass_context
 def readersim(ctx: click.Context) -> None:
     """Reference card reader (firmware side) with link fault injection (`posguard readersim --help`)."""
-    from guard.simulation.readersim import main as reader_main
+    from guard.simulation.readercli import main as reader_main
 
     sys.exit(reader_main(ctx.args))
 

@@ -316,7 +316,7 @@ def test_hostsim_ledger_write_failure_at_exit_is_reported(tmp_path, monkeypatch,
 
 
 def test_readersim_boot_counter_out_of_range_is_a_usage_error() -> None:
-    from guard.simulation.readersim import main
+    from guard.simulation.readercli import main
 
     for bad in ("-1", str(2**64)):
         with pytest.raises(SystemExit) as ei:

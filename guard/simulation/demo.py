@@ -31,7 +31,8 @@ from rich.table import Table
 
 from firmware_bridge import messages as M
 from firmware_bridge.nullmodem import NullModem
-from guard.simulation.readersim import LinkFaults, ReaderSim
+from guard.simulation.linkfaults import LinkFaults
+from guard.simulation.readersim import ReaderSim
 from firmware_bridge.serial_port import open_port
 from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import PosguardError
