@@ -1,4 +1,4 @@
-"""fsync helpers for files written then renamed or linked into place (journals, archives, key files)."""
+"""fsync for files written then renamed or linked into place (journals, archives, key files)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,9 @@ import os
 from pathlib import Path
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a closed file's contents to the medium."""
+def fsync_path(path: Path) -> None:
+    """fsync a closed file (its contents) or a directory (the entries created, linked or renamed into it)."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(dir: Path) -> None:
-    """Make a directory entry (a file created, linked or renamed into ``dir``) durable."""
-    fd = os.open(dir, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from guard.core.errors import KeyFileError
-from guard.journal.fsync import fsync_dir
+from guard.journal.fsync import fsync_path
 from guard.journal.mac import hmac_sha256
 
 SIGNING_FILE = "signing.key"
@@ -98,7 +98,7 @@ def init_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> DeviceK
         for path, text, mode in files:
             _write_new(path, text, mode)
             written.append(path)
-        fsync_dir(dir)
+        fsync_path(dir)
     except OSError as e:  # read-only or full file system: leave no half-provisioned set behind
         for path in written:
             path.unlink(missing_ok=True)
@@ -245,7 +245,7 @@ def rotation_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> tup
     pub_next = dir / NEXT_PUBLIC_FILE
     if not os.path.lexists(pub_next):
         _write_new(pub_next, public_key_hex(new.public_key()) + "\n", _PUBLIC_MODE)
-    fsync_dir(dir)
+    fsync_path(dir)
     return current, new
 
 
@@ -270,7 +270,7 @@ def finish_rotation(dir: Path) -> str:
         _replace(dir / PUBLIC_FILE, new_hex + "\n", _PUBLIC_MODE)
     os.chmod(nxt, _SECRET_MODE)
     os.replace(nxt, dir / SIGNING_FILE)
-    fsync_dir(dir)
+    fsync_path(dir)
     return new_hex
 
 
@@ -301,7 +301,7 @@ def export_verifier(dir: Path, outdir: Path) -> list[Path]:
     if k0 is not None:
         _write_new(outdir / K0_FILE, k0.hex() + "\n", _SECRET_MODE)
     _write_new(outdir / VERIFIER_README, _README.format(n=len(chain)), _PUBLIC_MODE)
-    fsync_dir(outdir)
+    fsync_path(outdir)
     return [outdir / n for n in names]
 
 

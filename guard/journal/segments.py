@@ -26,7 +26,7 @@ from guard.journal.format import (
     rotation_message,
     segment_message,
 )
-from guard.journal.fsync import fsync_dir, fsync_file
+from guard.journal.fsync import fsync_path
 from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next
 from guard.journal.records import _check_now, _prepare
@@ -38,8 +38,6 @@ class SegmentOps:
 
     if TYPE_CHECKING:
         terminal_id: str
-        commit_count: int
-        _failed: bool
         _last_seq: int
         _last_hash: bytes
         _key: bytes
@@ -49,8 +47,12 @@ class SegmentOps:
         _clean_txns: dict[str, None]
 
         def _db(self) -> sqlite3.Connection: ...
+        def _db_for_write(self) -> sqlite3.Connection: ...
+        @staticmethod
+        def _set_ratchet(cur: sqlite3.Cursor, next_seq: int, key: bytes) -> None: ...
+        def _abort(self, conn: sqlite3.Connection, *, committing: bool) -> None: ...
+        def _commit_or_fail(self, conn: sqlite3.Connection, cur: sqlite3.Cursor) -> None: ...
         def seal_wal(self) -> bool: ...
-        def _commit(self, cur: sqlite3.Cursor) -> None: ...
         def _after_checkpoint(self) -> None: ...
         def _set_state(self, last_seq: int, last_hash: bytes, key: bytes, cp_seq: int, cp: dict[str, Any]) -> None: ...
         def _checkpoint_row(self, seq: int, prev: bytes, key: bytes, ts: float,
@@ -84,9 +86,7 @@ class SegmentOps:
         of possession ``pop``), a checkpoint signed by the OLD key that covers it, and a checkpoint
         signed by the NEW key. Verifiers follow the chain: each key vouches for its successor.
         """
-        conn = self._db()
-        if self._failed:
-            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        conn = self._db_for_write()
         ts = _check_now(now)
         old = self._signing_key
         old_pub, new_pub = public_key_hex(old.public_key()), public_key_hex(new_key.public_key())
@@ -146,10 +146,10 @@ class SegmentOps:
             tmp.unlink(missing_ok=True)
             raise
         a.close()
-        fsync_file(tmp)
+        fsync_path(tmp)
         os.chmod(tmp, 0o400)
         os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         return int(first), self._last_seq
 
     def restart_segment(self, carry_txns: Collection[str], *, records: Sequence[tuple[str, str | None, dict[str, Any]]] = (),
@@ -164,9 +164,7 @@ class SegmentOps:
         ``archive`` (the archive file's path) is recorded for every transaction not carried in the
         ``archived_txns`` index, so their ids stay taken: ``entries_for`` reads them from there.
         """
-        conn = self._db()
-        if self._failed:
-            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        conn = self._db_for_write()
         ts = _check_now(now)
         prepared = _prepare(records, self._clean_txns) if records else []
         history = self.key_history()
@@ -201,7 +199,6 @@ class SegmentOps:
         rows.append(row)
         trigger = cur.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = 'entries_no_delete'"
                               ).fetchone()
-        committing = False
         cur.execute("BEGIN IMMEDIATE")
         try:
             if trigger is not None:
@@ -221,23 +218,13 @@ class SegmentOps:
                 cur.execute(trigger[0])
             cur.execute("DELETE FROM vault WHERE txn NOT IN (SELECT txn FROM carry_txn)")
             cur.executemany(INSERT_ENTRY, rows)
-            cur.execute("UPDATE ratchet SET next_seq = ?, key = ? WHERE id = 1", (seq + 1, key))
-            if cur.rowcount != 1:
-                raise JournalError("ratchet row missing", code="JOURNAL_RATCHET_MISMATCH")
+            self._set_ratchet(cur, seq + 1, key)
             cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
             cur.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('segment_first_seq', ?)", (str(rows[0][0]),))
-            committing = True
-            self._commit(cur)
         except BaseException:
-            if committing:
-                self._failed = True
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                self._failed = True
+            self._abort(conn, committing=False)
             raise
-        self.commit_count += 1
+        self._commit_or_fail(conn, cur)
         self._has_archived = None
         self._set_state(seq, row[6], key, seq, cp)
         self._after_checkpoint()

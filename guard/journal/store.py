@@ -57,7 +57,7 @@ from guard.journal.format import (
     entry_hash,
     vault_ref,
 )
-from guard.journal.fsync import fsync_dir, fsync_file
+from guard.journal.fsync import fsync_path
 from guard.journal.keys import DeviceKeys
 from guard.journal.mac import mac_and_next
 from guard.journal.records import _check_blob, _check_now, _check_terminal, _payload, _prepare
@@ -141,9 +141,9 @@ class Journal(SegmentOps):
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             conn.close()  # the last connection: the WAL is folded into the file (synced) and removed
             conn = None
-            fsync_file(tmp)
+            fsync_path(tmp)
             os.link(tmp, path)  # atomic, and never replaces a journal that appeared meanwhile
-            fsync_dir(path.parent)
+            fsync_path(path.parent)
         except FileExistsError:
             raise JournalError(f"journal {path} already exists", code="JOURNAL_EXISTS") from None
         except OSError as e:  # no such directory, read-only, disk full, no hard links on this file system
@@ -262,9 +262,7 @@ class Journal(SegmentOps):
     def append(self, records: Sequence[tuple[str, str | None, dict[str, Any]]], *, now: float,
                vault_put: Sequence[VaultBlob] = (), vault_shred: Sequence[str] = ()) -> AppendResult:
         """Append records, vault inserts/shreds, the ratchet step and any due checkpoint in ONE durable commit."""
-        conn = self._db()
-        if self._failed:
-            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        conn = self._db_for_write()
         ts = now if type(now) is float and math.isfinite(now) else _check_now(now)
         prepared = _prepare(records, self._clean_txns)
         blobs = [(b.ref, b.txn, b.nonce, b.ct) if b is self._sealed else _check_blob(b) for b in vault_put]
@@ -300,9 +298,7 @@ class Journal(SegmentOps):
 
     def checkpoint(self, now: float) -> int:
         """Commit a signed checkpoint now; returns its seq."""
-        conn = self._db()
-        if self._failed:
-            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        conn = self._db_for_write()
         seq = self._last_seq + 1
         row, cp, key = self._checkpoint_row(seq, self._last_hash, self._key, _check_now(now), self._cp["counter"] + 1)
         self._write(conn, [row], [], [], seq, key, cp)
@@ -336,7 +332,6 @@ class Journal(SegmentOps):
                    blobs: list[tuple[str, str, bytes, bytes]], shred: list[tuple[str]], last_seq: int, key: bytes,
                    cp: dict[str, Any] | None) -> None:
         cur = conn.cursor()
-        committing = False
         t0, c0 = time.perf_counter(), time.process_time()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -348,25 +343,49 @@ class Journal(SegmentOps):
                 cur.executemany("INSERT INTO vault (ref, txn, nonce, ct) VALUES (?, ?, ?, ?)", blobs)
             if shred:
                 cur.executemany("DELETE FROM vault WHERE ref = ?", shred)
-            cur.execute("UPDATE ratchet SET next_seq = ?, key = ? WHERE id = 1", (last_seq + 1, key))
-            if cur.rowcount != 1:
-                raise JournalError("ratchet row missing", code="JOURNAL_RATCHET_MISMATCH")
+            self._set_ratchet(cur, last_seq + 1, key)
             if cp is not None:
                 cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
-            committing = True
-            self._commit(cur)
         except BaseException:
-            if committing:  # durable or not is unknown (e.g. fsync error): fail-stop, reopen from disk
-                self._failed = True
-            try:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                self._failed = True
+            self._abort(conn, committing=False)
             raise
-        self.commit_count += 1
+        self._commit_or_fail(conn, cur)
         self.commit_seconds += time.perf_counter() - t0
         self.commit_cpu_seconds += time.process_time() - c0
+
+    def _db_for_write(self) -> sqlite3.Connection:
+        """The connection, unless an earlier commit failed (its durability is unknown: reopen from disk)."""
+        conn = self._db()
+        if self._failed:
+            raise JournalError("an earlier commit failed; reopen the journal", code="JOURNAL_FAILED")
+        return conn
+
+    @staticmethod
+    def _set_ratchet(cur: sqlite3.Cursor, next_seq: int, key: bytes) -> None:
+        """Overwrite the ratchet key in the write transaction (the superseded key leaves with the WAL)."""
+        cur.execute("UPDATE ratchet SET next_seq = ?, key = ? WHERE id = 1", (next_seq, key))
+        if cur.rowcount != 1:
+            raise JournalError("ratchet row missing", code="JOURNAL_RATCHET_MISMATCH")
+
+    def _commit_or_fail(self, conn: sqlite3.Connection, cur: sqlite3.Cursor) -> None:
+        """COMMIT the open write transaction; if that fails, roll back and fail-stop."""
+        try:
+            self._commit(cur)
+        except BaseException:
+            self._abort(conn, committing=True)
+            raise
+        self.commit_count += 1
+
+    def _abort(self, conn: sqlite3.Connection, *, committing: bool) -> None:
+        """Roll back a failed write transaction. Fail-stop (reopen from disk) when the COMMIT itself
+        failed (durable or not is unknown, e.g. an fsync error) or the rollback did."""
+        if committing:
+            self._failed = True
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            self._failed = True
 
     def _commit(self, cur: sqlite3.Cursor) -> None:
         """The durable point: WAL append + fsync (synchronous=FULL)."""
