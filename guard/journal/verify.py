@@ -41,7 +41,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
+from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN
 from guard.core.errors import JournalError
 from guard.journal.format import (
     CHECKPOINT_KIND,
@@ -56,10 +56,6 @@ from guard.journal.format import (
 )
 from guard.journal.keychain import CP_KEYS, KeyChain, anchor_problem, pub_key, rotation_ok, sig_ok
 from guard.journal.keys import public_key_hex
-from guard.journal.mac import PAD5C as _PAD5C
-from guard.journal.mac import PAD36 as _PAD36
-from guard.journal.mac import XOR5C as _XOR5C
-from guard.journal.mac import XOR36 as _XOR36
 from guard.journal.mac import mac_and_next, ratchet_forward
 from guard.journal.mac_worker import _MacWorker, _WorkerLost
 from guard.journal.schema import _connect
@@ -208,7 +204,7 @@ class _Verifier:
         or is the failing entry and reached its MAC check).
         """
         sha, enc = hashlib.sha256, json.encoder.encode_basestring_ascii
-        dom, label, x36, x5c, p36, p5c = JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL, _XOR36, _XOR5C, _PAD36, _PAD5C
+        dom, mac_next = JOURNAL_HASH_DOMAIN, mac_and_next
         key = self.k0
         a_seq, a_hash = (self.anchor[0], self.anchor[1]) if self.anchor else (-1, b"")
         expect, prev_ok = 1, GENESIS_HASH
@@ -250,11 +246,10 @@ class _Verifier:
                     except (TypeError, ValueError, OverflowError):
                         ok = False
                     if ok:
-                        if key is not None:  # mac_and_next() inlined
-                            ki = key.translate(x36) + p36
-                            ko = key.translate(x5c) + p5c
-                            if sha(ko + sha(ki + h).digest()).digest() == mac:
-                                key = sha(ko + sha(ki + label).digest()).digest()
+                        if key is not None:
+                            expected, next_key = mac_next(key, h)
+                            if expected == mac:
+                                key = next_key
                             else:
                                 ok = False
                         elif ship is not None:
