@@ -208,7 +208,7 @@ def recorded_archives(path: Path) -> list[str]:
 def build_view(meta: dict[str, str], entries: Iterable[Any], progress: Callable[[int, int], None] | None = None,
                total: int = 0) -> JournalView:
     """The engine's restore for states plus (seq, kind, ts) per transaction, in one pass over
-    ``entries`` (objects with seq, ts, kind, txn, payload: ``Rec`` or ``guard.journal.store.Entry``)."""
+    ``entries`` (objects with seq, ts, kind, txn, payload: ``Rec`` or ``guard.journal.format.Entry``)."""
     hist: dict[str, list[tuple[int, str, float]]] = {}
     ids: dict[str, tuple[str, str]] = {}
     count, lo, hi = 0, 0, 0
