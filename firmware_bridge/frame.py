@@ -112,6 +112,17 @@ _HUNT, _HUNT_DLE, _BODY, _BODY_DLE, _CRC, _CRC_DLE = range(6)
 _IN_FRAME = frozenset({_BODY, _BODY_DLE, _CRC, _CRC_DLE})
 
 
+def _stray_escape(b: int, body: bytearray, out: list[Frame | FrameError]) -> int:
+    """Inside a frame, DLE then ``b`` (not DLE, not ETX in the body): DLE STX aborts the frame and
+    starts a new one; anything else is a bad escape. Returns the parser's next state."""
+    if b == STX:
+        out.append(FrameError("new frame started inside a frame", code="FRAME_ABORTED"))
+        body.clear()
+        return _BODY
+    out.append(FrameError(f"DLE followed by 0x{b:02x}", code="FRAME_BAD_ESCAPE"))
+    return _HUNT
+
+
 class FrameParser:
     """Sans-I/O frame parser: bytes and their arrival time in, frames and rejections out.
 
@@ -203,13 +214,8 @@ class FrameParser:
                 elif b == ETX:
                     crc.clear()
                     st = _CRC
-                elif b == STX:
-                    out.append(FrameError("new frame started inside a frame", code="FRAME_ABORTED"))
-                    body.clear()
-                    st = _BODY
                 else:
-                    out.append(FrameError(f"DLE followed by 0x{b:02x}", code="FRAME_BAD_ESCAPE"))
-                    st = _HUNT
+                    st = _stray_escape(b, body, out)
             elif st == _CRC:
                 b = data[i]
                 i += 1
@@ -230,13 +236,8 @@ class FrameParser:
                         st = _HUNT
                     else:
                         st = _CRC
-                elif b == STX:
-                    out.append(FrameError("new frame started inside a frame", code="FRAME_ABORTED"))
-                    body.clear()
-                    st = _BODY
                 else:
-                    out.append(FrameError(f"DLE followed by 0x{b:02x}", code="FRAME_BAD_ESCAPE"))
-                    st = _HUNT
+                    st = _stray_escape(b, body, out)
         self._state = st
         return out
 

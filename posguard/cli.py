@@ -56,7 +56,7 @@ def demo(directory: Path, seed: int, host_timeout: float) -> None:
 @click.pass_context
 def hostsim(ctx: click.Context) -> None:
     """Stateful acquirer simulator on 127.0.0.1 with seeded faults (`posguard hostsim --help`)."""
-    from guard.simulation.hostsim import main as host_main
+    from guard.simulation.hostcli import main as host_main
 
     sys.exit(host_main(ctx.args))
 
@@ -168,7 +168,7 @@ def config_sign(config_file: Path, key_file: Path) -> None:
 @click.pass_context
 def readersim(ctx: click.Context) -> None:
     """Reference card reader (firmware side) with link fault injection (`posguard readersim --help`)."""
-    from guard.simulation.readersim import main as reader_main
+    from guard.simulation.readercli import main as reader_main
 
     sys.exit(reader_main(ctx.args))
 

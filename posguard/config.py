@@ -10,10 +10,13 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from guard.core import constants as C
 from guard.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from guard.core.engine import EngineConfig
 
 
 def _len(n: int) -> Callable[[Any], str | None]:
@@ -287,3 +290,16 @@ def offline_config(cfg: Config) -> "Any":
     return OfflineConfig(enabled=cfg["offline.enabled"], max_sale_amount=cfg["offline.max_sale_amount"],
                          max_total_amount=cfg["offline.max_total_amount"], max_count=cfg["offline.max_count"],
                          max_age_s=float(cfg["offline.max_age"]))
+
+
+def engine_config(cfg: Config, **overrides: Any) -> EngineConfig:
+    """The engine's settings from [terminal], [host], [policy] and [offline]; ``overrides`` (EngineConfig
+    fields, e.g. replay's ``saf_window``) win. The one place a config becomes an EngineConfig."""
+    from guard.core.engine import EngineConfig
+
+    settings: dict[str, Any] = {
+        "host_timeout_s": float(cfg["host.timeout"]), "reversal_timeout_s": float(cfg["host.reversal_timeout"]),
+        "reversal_max_attempts": cfg["host.reversal_max_attempts"], "echo_idle_s": float(cfg["host.echo_idle"]),
+        "policy": policy_config(cfg), "offline": offline_config(cfg), **host_profile(cfg),
+    }
+    return EngineConfig(cfg["terminal.terminal_id"], cfg["terminal.merchant_id"], **{**settings, **overrides})

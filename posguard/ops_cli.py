@@ -1,27 +1,24 @@
-"""Operator and auditor commands: replay, reconcile, journal show/export/anchor/compact/verify-chain,
-keys rotate/export-verifier. Thin click wrappers around guard.ops.replay, guard.ops.reconcile,
-guard.ops.export, guard.ops.compact and guard.ops.rotation; registered by ``posguard.cli``."""
+"""Operator and auditor commands: replay, reconcile, keys rotate/export-verifier (thin click wrappers
+around guard.ops.replay, guard.ops.reconcile and guard.ops.rotation), and ``register``, which adds
+them and the journal commands (posguard.journal_cli) to the groups of ``posguard.cli``."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from guard.core.errors import PosguardError
-
-PATH_FILE = click.Path(dir_okay=False, path_type=Path)
-PATH_DIR = click.Path(file_okay=False, path_type=Path)
+from posguard.cli_helpers import PATH_DIR, PATH_FILE, die, load_cfg, progress, wide_console
+from posguard.journal_cli import journal_anchor, journal_compact, journal_export, journal_show, journal_verify_chain
 
 
 def register(main: click.Group, journal: click.Group, keys: click.Group) -> None:
@@ -32,335 +29,6 @@ def register(main: click.Group, journal: click.Group, keys: click.Group) -> None
         journal.add_command(cmd)
     keys.add_command(keys_rotate)
     keys.add_command(keys_export_verifier)
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def _die(code: int, err: BaseException | str) -> NoReturn:
-    click.echo(f"posguard: {err}", err=True)
-    sys.exit(code)
-
-
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)
-
-
-@contextlib.contextmanager
-def _progress(label: str, quiet: bool = False) -> Iterator[Callable[..., None]]:
-    """A rich progress bar on stderr (only on a terminal); yields ``update(done, total[, label])``."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = _stderr_console()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True, disable=quiet or not console.is_terminal) as p:
-        task = p.add_task(label, total=None)
-
-        def update(done: int, total: int, what: str | None = None) -> None:
-            if what:
-                p.update(task, description=what)
-            p.update(task, completed=done, total=total or None)
-
-        yield update
-
-
-def _load_cfg(config_path: Path) -> Any:
-    from posguard.config import load
-
-    try:
-        return load(config_path)
-    except PosguardError as e:
-        _die(2, e)
-
-
-def _atomic_text_out(out: Path | None) -> Any:
-    """stdout, or a temp file renamed over ``out`` on success (0600: exports name card tokens)."""
-    if out is None:
-        return contextlib.nullcontext(sys.stdout)
-
-    @contextlib.contextmanager
-    def cm() -> Iterator[Any]:
-        tmp = out.with_name(out.name + f".tmp.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, out)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    return cm()
-
-
-# --- journal anchor / show / export ----------------------------------------------------------
-
-
-@click.command("anchor")
-@click.argument("journal_path", metavar="JOURNAL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-def journal_anchor(journal_path: Path) -> None:
-    """Print the newest signed checkpoint of JOURNAL as JSON (an anchor).
-
-    Keep it away from the terminal; later `posguard journal verify JOURNAL --anchor anchor.json
-    --pubkey verify.pub` proves the journal still holds, unchanged, everything up to it
-    (detects truncation and rollback). Needs no keys; the daemon may keep running.
-
-    Exit status: 0 printed; 2 the file is not a readable journal.
-    """
-    from guard.ops.export import latest_checkpoint
-
-    try:
-        cp = latest_checkpoint(journal_path)
-    except PosguardError as e:
-        _die(2, e)
-    click.echo(json.dumps(cp, sort_keys=True))
-
-
-_FILTER_HELP = {
-    "since": "Only entries with seq >= N, or at/after an ISO 8601 date/time (UTC unless an offset is given); "
-             "per transaction: transactions with such an entry.",
-    "state": "Only transactions in this state (repeatable or comma-separated): JOURNALED (no outcome), APPROVED, "
-             "DECLINED, REVERSAL_PENDING, REVERSED, NEEDS_MANUAL, HELD.",
-    "per": "One row per transaction (state, stan, amount, rc, approval, rrn, reason, history of (seq, kind, ts)) "
-           "or per journal entry.",
-}
-
-
-def _filters(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--per", type=click.Choice(["txn", "entry"]), default="txn", show_default=True,
-                     help=_FILTER_HELP["per"])(f)
-    f = click.option("--state", "states", multiple=True, metavar="STATE", help=_FILTER_HELP["state"])(f)
-    f = click.option("--since", metavar="ISO-DATE|SEQ", help=_FILTER_HELP["since"])(f)
-    return click.argument("journal_path", metavar="JOURNAL",
-                          type=click.Path(exists=True, dir_okay=False, path_type=Path))(f)
-
-
-def _rows(journal_path: Path, per: str, since: str | None, states: tuple[str, ...], quiet: bool) -> Iterator[dict[str, Any]]:
-    from guard.ops.export import entry_rows, load_view, parse_since, parse_states, txn_rows
-
-    try:
-        s, st = parse_since(since), parse_states(states)
-        view = None
-        if per == "txn" or st:
-            with _progress("reading journal", quiet) as update:
-                view = load_view(journal_path, progress=update)
-    except PosguardError as e:
-        _die(2, e)
-    if per == "txn":
-        assert view is not None
-        return txn_rows(view, s, st)
-    return entry_rows(journal_path, view, s, st)
-
-
-@click.command("show")
-@_filters
-@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True,
-              help="Show the last N rows (0: all).")
-def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[str, ...], limit: int) -> None:
-    """Print a table of JOURNAL's transactions (or entries), newest last.
-
-    Read-only: needs no keys, never opens the vault (masked PANs only); the daemon may keep
-    running. For scripts use `posguard journal export`.
-
-    Exit status: 0 shown; 2 bad filter or unreadable journal.
-    """
-    from collections import deque
-
-    from rich.table import Table
-
-    from guard.ops.export import iso
-
-    rows = _rows(journal_path, per, since, states, quiet=False)
-    total = 0
-    tail: deque[dict[str, Any]] = deque(maxlen=limit or None)
-    try:
-        for r in rows:
-            total += 1
-            tail.append(r)
-    except PosguardError as e:
-        _die(2, e)
-    if per == "txn":
-        table = Table(title=f"{journal_path.name}: {len(tail)} of {total} transactions")
-        for col in ("created", "txn", "state", "stan", "amount", "masked_pan", "rc", "approval", "rrn", "reason",
-                    "entries"):
-            table.add_column(col, justify="right" if col in ("stan", "amount", "entries") else "left")
-        for r in tail:
-            table.add_row(r["created"], r["txn"], r["state"], f"{r['stan']:06d}", f"{r['amount']} {r['currency']}",
-                          r["masked_pan"], r["rc"], r["approval"], r["rrn"], r["reason"], str(r["entries"]))
-    else:
-        table = Table(title=f"{journal_path.name}: {len(tail)} of {total} entries")
-        for col in ("seq", "time", "kind", "txn", "state", "payload"):
-            table.add_column(col)
-        for r in tail:
-            p = json.dumps(r["payload"], sort_keys=True)
-            table.add_row(str(r["seq"]), iso(r["ts"]), r["kind"], r["txn"] or "", r["state"],
-                          p if len(p) <= 80 else p[:77] + "...")
-    _wide_console().print(table)
-
-
-def _wide_console() -> Any:
-    """stdout console; piped output gets a wide fixed width instead of 80 columns."""
-    from rich.console import Console
-
-    c = Console()
-    return c if c.is_terminal else Console(width=220)
-
-
-@click.command("export")
-@_filters
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), required=True,
-              help="jsonl: one JSON object per line; csv: a header, history as seq/kind/time items joined by ';'.")
-@click.option("--out", type=PATH_FILE, default=None, help="Write here (atomically, mode 0600) instead of stdout.")
-def journal_export(journal_path: Path, per: str, since: str | None, states: tuple[str, ...], fmt: str,
-                   out: Path | None) -> None:
-    """Export JOURNAL's transactions (or entries) as JSON lines or CSV.
-
-    Per transaction: txn, kind, state, stan, date (MMDD), amount, currency, masked_pan, rc,
-    approval, rrn, reason, created, updated, entries, history ([seq, kind, ts] list).
-    Per entry: seq, time, ts, kind, txn, state (of its transaction), payload.
-    Read-only: needs no keys, never opens the vault; only masked PANs and keyed card tokens appear.
-
-    Exit status: 0 exported; 2 bad filter, unreadable journal or unwritable --out; 141 when the
-    reading end of a pipe closed early (`| head`).
-    """
-    from guard.ops.export import ENTRY_COLUMNS, TXN_COLUMNS, write_csv, write_jsonl
-
-    rows = _rows(journal_path, per, since, states, quiet=out is None)
-    try:
-        with _atomic_text_out(out) as f:
-            n = write_jsonl(rows, f) if fmt == "jsonl" else write_csv(rows, TXN_COLUMNS if per == "txn" else ENTRY_COLUMNS, f)
-    except BrokenPipeError:  # `... | head`: the reader left; end quietly, as `cat` would (128 + SIGPIPE)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(128 + signal.SIGPIPE)
-    except OSError as e:
-        _die(2, f"cannot write {out}: {e.strerror}")
-    except PosguardError as e:
-        _die(2, e)
-    if out is not None:
-        click.echo(f"{n} rows written to {out}", err=True)
-
-
-# --- compaction and chain verification --------------------------------------------------------
-
-
-def _keys_dir(keys_dir: Path | None, config_path: Path | None) -> Path:
-    if keys_dir is not None:
-        return keys_dir
-    if config_path is not None:
-        return Path(_load_cfg(config_path)["journal.keys"])
-    _die(2, "give --keys DIR or --config guard.toml (the device keys sign the seal and the segment record)")
-
-
-@click.command("compact")
-@click.argument("journal_path", metavar="JOURNAL", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--older-than", "older_than", type=click.FloatRange(min=0), required=True, metavar="DAYS",
-              help="Archive final transactions whose last entry is older than this many days.")
-@click.option("--archive", "archive_dir", type=PATH_DIR, required=True, help="Directory for the archive file.")
-@click.option("--keys", "keys_dir", type=PATH_DIR, default=None, help="Device key directory (or --config).")
-@click.option("--config", "config_path", type=PATH_FILE, default=None, help="guard.toml naming journal.keys.")
-@click.option("--archive-needs-manual", is_flag=True, help="Also archive NEEDS_MANUAL transactions (kept by default).")
-@click.option("--no-vacuum", is_flag=True, help="Do not shrink the file (free pages are reused by later appends).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def journal_compact(journal_path: Path, older_than: float, archive_dir: Path, keys_dir: Path | None,
-                    config_path: Path | None, archive_needs_manual: bool, no_vacuum: bool, as_json: bool) -> None:
-    """Move old final transactions of JOURNAL into a sealed archive in DIR.
-
-    \b
-    Design: the journal is one chain (seq, hash chain, MAC ratchet from k0) cut into files.
-    1. seal the live journal with a signed checkpoint (seq C);
-    2. copy entries first..C VERBATIM to DIR/<stem>.<first>-<C>.archive.db (0400): it verifies
-       on its own: posguard journal verify ARCHIVE --k0 k0.escrow --pubkey verify.pub
-       (its ratchet row holds a commitment to k_{C+1}, not the key);
-    3. in ONE transaction restart the live file: a signed `segment` record at C+1 (covers C,
-       carries the checkpoint counter, the signing key and the key rotations), verbatim copies of
-       every entry of the transactions that stay (non-final, younger than DAYS, NEEDS_MANUAL
-       unless --archive-needs-manual, VOIDs with their sale), the last STAN, a checkpoint;
-    4. VACUUM. The live file then verifies from its segment record; `posguard journal
-       verify-chain ARCHIVE... JOURNAL` checks the links and the carry-over.
-    Copies of carried entries also stay in the archive: compact rarely relative to DAYS.
-    The journal is opened exclusively: stop the guard daemon first. Archives are meant to leave
-    the terminal; what stays is bounded by what is live and young.
-
-    Exit status: 0 compacted (or nothing old enough); 2 bad arguments or key files; 3 journal
-    in use, unreadable or the write failed (nothing changed unless the result was printed).
-    """
-    from guard.ops.compact import compact
-    from guard.core.errors import JournalError
-    from guard.journal.keys import load_keys
-
-    kd = _keys_dir(keys_dir, config_path)
-    try:
-        keys = load_keys(kd)
-    except PosguardError as e:
-        _die(2, e)
-    if older_than < 1:
-        click.echo("warning: transactions younger than a day feed idempotency (reader re-sends) and the counter "
-                   "rules; archived ones are forgotten by the guard", err=True)
-    try:
-        with _progress("compacting", as_json) as update:
-            res = compact(journal_path, keys, archive_dir, older_than_days=older_than, now=time.time(),
-                          vacuum=not no_vacuum, archive_needs_manual=archive_needs_manual,
-                          progress=lambda what, d, t: update(d, t, what))
-    except JournalError as e:
-        _die(3, e)
-    except PosguardError as e:
-        _die(2, e)
-    except (OSError, sqlite3.Error) as e:
-        _die(3, f"compaction failed: {e}")
-    if as_json:
-        click.echo(json.dumps(res.to_json(), sort_keys=True))
-    elif res.archive is None:
-        click.echo(f"nothing to compact: no final transaction older than {older_than:g} days "
-                   f"({res.kept_txns} transactions stay live)")
-    else:
-        click.echo(f"archived {res.archived_txns} transactions (entries {res.first_seq}..{res.last_seq}) to "
-                   f"{res.archive}\n{res.kept_txns} transactions ({res.carried_entries} entries) carried into the "
-                   f"live journal, which now starts at seq {res.segment_seq}; "
-                   f"{res.bytes_before:,} -> {res.bytes_after:,} bytes")
-
-
-@click.command("verify-chain")
-@click.argument("paths", metavar="ARCHIVE... JOURNAL", nargs=-1, required=True,
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--k0", "k0_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Escrowed initial MAC key (checks every MAC and where each file ends).")
-@click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Public key file(s): verify.pub or verify.pubs (one key per line); any key of the chain will do.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def journal_verify_chain(paths: tuple[Path, ...], k0_file: Path | None, pubkeys: tuple[Path, ...], as_json: bool) -> None:
-    """Verify archives and the live journal as one chain.
-
-    Each file is verified on its own (as `posguard journal verify`), then: the files follow each
-    other without gap, each segment record covers the previous file's last entry, carried
-    entries are verbatim copies of complete transaction histories, and no transaction that was
-    not final was dropped. Files may be given in any order.
-
-    Exit status: 0 all holds; 1 a check failed (reported); 2 bad input (key files, not journals).
-    """
-    from guard.ops.compact import verify_chain
-    from guard.journal.keys import load_k0, load_public_keys
-
-    try:
-        k0 = load_k0(k0_file) if k0_file else None
-        pubs = [k for p in pubkeys for k in load_public_keys(p)]
-        with _progress("verifying", as_json) as update:
-            rep = verify_chain(paths, k0=k0, public_keys=pubs, progress=lambda what, d, t: update(d, t, what))
-    except PosguardError as e:
-        _die(2, e)
-    if as_json:
-        click.echo(json.dumps(rep.to_json(), default=str, sort_keys=True))
-    else:
-        for f in rep.files:
-            click.echo(f"{'OK  ' if f.report.ok else 'FAIL'} {f.path} [{f.role}] seq {f.first}..{f.last}: {f.report.detail}")
-        for p in rep.problems:
-            click.echo(f"PROBLEM: {p}")
-        click.echo("chain OK" + ("" if k0 else " (MACs not checked: no --k0)") + ("" if pubs else " (signatures not "
-                   "checked: no --pubkey)") if rep.ok else "chain FAILED")
-    sys.exit(0 if rep.ok else 1)
 
 
 # --- keys ------------------------------------------------------------------------------------
@@ -396,9 +64,9 @@ def keys_rotate(directory: Path, journal_path: Path, as_json: bool) -> None:
     try:
         res = rotate_keys(directory, journal_path, now=time.time())
     except JournalError as e:
-        _die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED") else 2, e)
+        die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED") else 2, e)
     except PosguardError as e:
-        _die(2, e)
+        die(2, e)
     if as_json:
         click.echo(json.dumps(res.__dict__, sort_keys=True))
     else:
@@ -424,9 +92,9 @@ def keys_export_verifier(directory: Path, outdir: Path) -> None:
     try:
         written = export_verifier(directory, outdir)
     except PosguardError as e:
-        _die(2, e)
+        die(2, e)
     except OSError as e:
-        _die(2, f"cannot write to {outdir}: {e.strerror}")
+        die(2, f"cannot write to {outdir}: {e.strerror}")
     for p in written:
         click.echo(str(p))
     if not any(p.name == K0_FILE for p in written):
@@ -439,21 +107,14 @@ def keys_export_verifier(directory: Path, outdir: Path) -> None:
 
 def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float) -> Any:
     """Like posguard.run.build, minus the reader port: keys, uplink, EngineConfig(saf_window=window)."""
-    from guard.core.engine import EngineConfig
     from guard.journal.keys import load_keys
     from guard.ops.replay import open_replay
 
-    from posguard.config import host_profile, make_uplink, offline_config, policy_config
+    from posguard.config import engine_config, make_uplink
 
     keys = load_keys(Path(cfg["journal.keys"]))
     uplink = make_uplink(cfg)
-    ecfg = EngineConfig(
-        cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
-        host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
-        reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
-        backoff_base_s=backoff_base, backoff_max_s=backoff_max, saf_window=window,
-        policy=policy_config(cfg), offline=offline_config(cfg), **host_profile(cfg),
-    )
+    ecfg = engine_config(cfg, backoff_base_s=backoff_base, backoff_max_s=backoff_max, saf_window=window)
     return open_replay(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
 
 
@@ -492,11 +153,11 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     """
     from guard.ops.replay import EXIT_JOURNAL, EXIT_USAGE
 
-    cfg = _load_cfg(config_path)
+    cfg = load_cfg(config_path)
     try:
         svc = _open_replay(cfg, window, backoff_base, backoff_max)
     except PosguardError as e:
-        _die(EXIT_USAGE, e)
+        die(EXIT_USAGE, e)
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -508,12 +169,12 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     from guard.ops.replay import run_replay
 
     try:
-        with _progress("reversing", as_json) as update:
+        with progress("reversing", as_json) as update:
             rep = run_replay(svc, timeout=timeout, progress=update, stop=lambda: stop["flag"])
     except (PosguardError, sqlite3.Error, OSError) as e:  # fail-stop: the journal holds what was done
         with contextlib.suppress(Exception):
             svc.close()
-        _die(EXIT_JOURNAL, e)
+        die(EXIT_JOURNAL, e)
     svc.close()
     if as_json:
         click.echo(json.dumps(rep.to_json(), sort_keys=True))
@@ -525,7 +186,7 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
 def _print_replay(rep: Any) -> None:
     from rich.table import Table
 
-    console = _wide_console()
+    console = wide_console()
     t = Table(title=f"replay: {rep.started_pending} pending at start, {rep.seconds:.1f} s, {rep.rate:.0f} items/s")
     t.add_column("outcome")
     t.add_column("items", justify="right")
@@ -609,12 +270,12 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
 
     for d in dates:
         if not (len(d) == 4 and d.isdigit()):
-            _die(2, f"--date {d!r} is not MMDD")
+            die(2, f"--date {d!r} is not MMDD")
     if do_apply and config_path is None:
-        _die(2, "--apply needs --config guard.toml (the device keys)")
+        die(2, "--apply needs --config guard.toml (the device keys)")
     try:
         rows = read_settlement(settlement)
-        with _progress("reading journal", as_json) as update:
+        with progress("reading journal", as_json) as update:
             view = load_view(journal_path, progress=update)
             given = {str(p.resolve()) for p in archive_paths}
             recorded = set(recorded_archives(journal_path))
@@ -624,18 +285,18 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
                 update(0, 0, f"reading {Path(a).name}")
                 archives.append((a, load_view(Path(a), progress=update)))
     except PosguardError as e:
-        _die(2, e)
+        die(2, e)
     missing = sorted(p for p in recorded if p not in readable and Path(p).name not in {Path(g).name for g in given})
     rep = compare(view, rows, dates=dates, archives=archives, missing_archives=missing)
     if do_apply and rep.discrepancies:
         from guard.journal.store import Journal
         from guard.journal.keys import load_keys
 
-        cfg = _load_cfg(config_path)  # type: ignore[arg-type]
+        cfg = load_cfg(config_path)  # type: ignore[arg-type]
         try:
             keys = load_keys(Path(cfg["journal.keys"]))
         except PosguardError as e:
-            _die(2, e)
+            die(2, e)
         try:
             j = Journal.open_exclusive(journal_path, keys, terminal_id=view.meta.get("terminal_id", ""))
             try:
@@ -643,7 +304,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
             finally:
                 j.close()
         except (JournalError, sqlite3.Error, OSError) as e:  # one commit: nothing or everything applied
-            _die(3, e)
+            die(3, e)
     if as_json:
         click.echo(json.dumps(rep.to_json(), sort_keys=True))
     else:
@@ -654,7 +315,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
 def _print_reconcile(rep: Any, applied: bool) -> None:
     from rich.table import Table
 
-    console = _wide_console()
+    console = wide_console()
     console.print(f"terminal {rep.terminal}, dates {', '.join(rep.dates) or '-'}: {rep.sales_compared} sales compared "
                   f"with {rep.rows_used} settlement rows ({rep.rows_other_terminals} rows of other terminals ignored)")
     if rep.archives:

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from guard.core.engine import EngineConfig
 from guard.core.errors import PosguardError
 from guard.journal.keys import load_keys
 from guard.runtime.service import GuardService, open_guard
 
 from posguard import config_signing
-from posguard.config import Config, host_profile, load, make_uplink, offline_config, policy_config
+from posguard.config import Config, engine_config, load, make_uplink
 
 log = logging.getLogger("posguard.daemon")
 
@@ -58,12 +57,7 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
 
     keys = load_keys(Path(cfg["journal.keys"]))
     uplink = make_uplink(cfg)
-    ecfg = EngineConfig(
-        cfg["terminal.terminal_id"], cfg["terminal.merchant_id"],
-        host_timeout_s=float(cfg["host.timeout"]), reversal_timeout_s=float(cfg["host.reversal_timeout"]),
-        reversal_max_attempts=cfg["host.reversal_max_attempts"], echo_idle_s=float(cfg["host.echo_idle"]),
-        policy=policy_config(cfg), offline=offline_config(cfg), **host_profile(cfg),
-    )
+    ecfg = engine_config(cfg)
     signature = config_signing.check(cfg.source, Path(cfg["journal.keys"])) if cfg.source else None
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
     if signature is not None:

@@ -15,7 +15,8 @@ from firmware_bridge.nullmodem import NullModem
 from guard.hostlink.iso import HostCodec
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.store import Journal
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from tests.support import guard_config, write_guard_toml
 
 T0 = 1_700_000_000.0

@@ -40,7 +40,8 @@ from tests.support.ops_support import MID, TID, Gen, bulk_journal  # noqa: E402
 from guard.core import constants as C  # noqa: E402
 from guard.core.engine import EngineConfig  # noqa: E402
 from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore, HostServer  # noqa: E402
+from guard.simulation.hostsim import HostCore  # noqa: E402
+from guard.simulation.hostserver import HostServer  # noqa: E402
 from guard.hostlink.iso import HostCodec, field90  # noqa: E402
 from guard.journal.keys import init_keys, load_keys  # noqa: E402
 from guard.core.policies import OFF  # noqa: E402

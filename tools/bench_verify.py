@@ -28,7 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guard.core.constants import JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
-from guard.journal.store import Journal, entry_body
+from guard.journal.format import entry_body
+from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.verify import verify_journal
 

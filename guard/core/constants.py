@@ -138,3 +138,9 @@ GENESIS_HASH: Final = bytes(32)
 # --- Card data (PCI DSS v4.0.1 3.4.1: show at most BIN + last 4) ---
 MASK_KEEP_FIRST: Final = 6
 MASK_KEEP_LAST: Final = 4
+
+# --- Settlement report (the acquirer's CSV: guard.ops.reconcile reads it, the host simulator writes it) ---
+SETTLEMENT_COLUMNS: Final = ("date", "tid", "mid", "stan", "rrn", "amount", "type", "response")
+SETTLE_SALE: Final = "SALE"  # a 0200/0201/0220/0221 the host processed, whatever the answer
+SETTLE_REFUND: Final = "REFUND"  # the same with processing code 20xxxx: a credit
+SETTLE_REVERSAL: Final = "REVERSAL"  # carries the original sale's STAN and date

@@ -11,8 +11,6 @@ KEY_WRITE_FAILED.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import stat
 from collections.abc import Callable
@@ -26,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from guard.core.errors import KeyFileError
+from guard.journal.fsync import fsync_path
+from guard.journal.mac import hmac_sha256
 
 SIGNING_FILE = "signing.key"
 TOKEN_FILE = "token.key"
@@ -71,7 +71,7 @@ def public_key_hex(key: Ed25519PublicKey) -> str:
 
 def card_token(token_key: bytes, pan: str) -> str:
     """Keyed hash of the full PAN (PCI DSS 3.5.1.1): stable per card, useless without the key."""
-    return hmac.digest(token_key, pan.encode("utf-8"), hashlib.sha256).hex()[:CARD_TOKEN_HEX_LEN]
+    return hmac_sha256(token_key, pan.encode("utf-8")).hex()[:CARD_TOKEN_HEX_LEN]
 
 
 def init_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> DeviceKeys:
@@ -98,7 +98,7 @@ def init_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> DeviceK
         for path, text, mode in files:
             _write_new(path, text, mode)
             written.append(path)
-        _fsync_dir(dir)
+        fsync_path(dir)
     except OSError as e:  # read-only or full file system: leave no half-provisioned set behind
         for path in written:
             path.unlink(missing_ok=True)
@@ -192,14 +192,6 @@ def _write_new(path: Path, text: str, mode: int) -> None:
         os.close(fd)
 
 
-def _fsync_dir(dir: Path) -> None:
-    fd = os.open(dir, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- rotation and auditor export (guard.ops.rotation drives the journal side) ---------------------
 #
 # A rotation in progress is visible on disk: ``signing.key.next`` (0600) and ``verify.pub.next``
@@ -253,7 +245,7 @@ def rotation_keys(dir: Path, *, rng: Callable[[int], bytes] = os.urandom) -> tup
     pub_next = dir / NEXT_PUBLIC_FILE
     if not os.path.lexists(pub_next):
         _write_new(pub_next, public_key_hex(new.public_key()) + "\n", _PUBLIC_MODE)
-    _fsync_dir(dir)
+    fsync_path(dir)
     return current, new
 
 
@@ -278,7 +270,7 @@ def finish_rotation(dir: Path) -> str:
         _replace(dir / PUBLIC_FILE, new_hex + "\n", _PUBLIC_MODE)
     os.chmod(nxt, _SECRET_MODE)
     os.replace(nxt, dir / SIGNING_FILE)
-    _fsync_dir(dir)
+    fsync_path(dir)
     return new_hex
 
 
@@ -309,7 +301,7 @@ def export_verifier(dir: Path, outdir: Path) -> list[Path]:
     if k0 is not None:
         _write_new(outdir / K0_FILE, k0.hex() + "\n", _SECRET_MODE)
     _write_new(outdir / VERIFIER_README, _README.format(n=len(chain)), _PUBLIC_MODE)
-    _fsync_dir(outdir)
+    fsync_path(outdir)
     return [outdir / n for n in names]
 
 

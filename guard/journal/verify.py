@@ -20,7 +20,7 @@ RATCHET_MISMATCH the stored ratchet state is not k_{last+1} / next_seq = last+1
 UNREADABLE       SQLite cannot read the file or the journal tables
 ANCHOR_ELSEWHERE the anchor covers an entry before this file's segment start (it lies in an archive)
 
-Segments (guard.journal.store, guard.ops.compact): a file whose first entry is a ``segment`` record at
+Segments (guard.journal.segments, guard.ops.compact): a file whose first entry is a ``segment`` record at
 seq S > 1 is verified from there: its prev_hash must be the record's ``covers_hash``, its MAC
 uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's.
 An archive (meta ``segment_role`` = archive) stores a commitment to k_{last+1} in its ratchet row.
@@ -34,47 +34,35 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
+from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN
 from guard.core.errors import JournalError
-from guard.journal.store import (
-    _PAD5C,
-    _PAD36,
-    _XOR5C,
-    _XOR36,
-    CHECKPOINT_FIELDS,
+from guard.journal.format import (
     CHECKPOINT_KIND,
     ROLE_ARCHIVE,
-    ROTATION_FIELDS,
     ROTATION_KIND,
     SEGMENT_FIELDS,
     SEGMENT_KIND,
-    _connect,
     archive_ratchet_commitment,
-    checkpoint_message,
     entry_body,
     entry_hash,
-    mac_and_next,
-    ratchet_forward,
-    rotation_message,
     segment_message,
 )
+from guard.journal.keychain import CP_KEYS, KeyChain, anchor_problem, pub_key, rotation_ok, sig_ok
 from guard.journal.keys import public_key_hex
+from guard.journal.mac import mac_and_next, ratchet_forward
+from guard.journal.mac_worker import _MacWorker, _WorkerLost
+from guard.journal.schema import _connect
 
 PROGRESS_EVERY = 16_384
 _SELECT = "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries"
-_CP_KEYS = frozenset((*CHECKPOINT_FIELDS, "sig"))
 _SEG_KEYS = frozenset((*SEGMENT_FIELDS, "sig"))
-_ROT_KEYS = frozenset((*ROTATION_FIELDS, "sig", "pop"))
 _SPECIAL_KINDS = frozenset({SEGMENT_KIND, ROTATION_KIND})
 _NO_LIMIT = 1 << 62
 _RECORD_KINDS = frozenset({CHECKPOINT_KIND, SEGMENT_KIND, ROTATION_KIND})  # kinds whose payload is checked
@@ -122,7 +110,7 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         raise ValueError("k0 must be 32 bytes")
     anchor_at: tuple[int, bytes, str] | None = None
     if anchor is not None:
-        problem = _anchor_problem(anchor, None)  # the signature is checked against the key chain below
+        problem = anchor_problem(anchor, None)  # the signature is checked against the key chain below
         if problem:
             return VerifyReport(False, 0, 0, None, "ANCHOR_INVALID", problem)
         anchor_at = (anchor["covers_seq"], bytes.fromhex(anchor["covers_hash"]), anchor["terminal"])
@@ -132,7 +120,7 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("BEGIN")  # one snapshot for the ratchet row and every entry
-        chain = _KeyChain.load(conn, trusted)
+        chain = KeyChain.load(conn, trusted)
         if chain.problem:
             return VerifyReport(False, 0, 0, None, "CHECKPOINT_INVALID", chain.problem)
         if anchor is not None and trusted and not chain.signed_by_chain(anchor):
@@ -146,129 +134,9 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
             conn.close()
 
 
-def _anchor_problem(a: Any, pub: Ed25519PublicKey | None) -> str:
-    if not isinstance(a, dict) or set(a) != _CP_KEYS:
-        return "anchor must be a checkpoint dict with fields " + ", ".join(sorted(_CP_KEYS))
-    seq, h = a["covers_seq"], a["covers_hash"]
-    if not (type(seq) is int and seq >= 0 and isinstance(h, str) and len(h) == 64 and isinstance(a["terminal"], str)):
-        return "anchor covers_seq/covers_hash/terminal malformed"
-    try:
-        bytes.fromhex(h)
-        sig = bytes.fromhex(a["sig"])
-    except (TypeError, ValueError):
-        return "anchor covers_hash/sig is not hex"
-    if pub is not None:
-        try:
-            pub.verify(sig, checkpoint_message(a))
-        except (InvalidSignature, TypeError, ValueError):
-            return "anchor signature does not verify with the given public key"
-    return ""
-
-
-class _KeyChain:
-    """Which key must have signed each checkpoint: the trusted keys, extended along the rotations
-    the journal records (segment ``keys`` + ``key_rotation`` entries). ``active`` is False when no
-    key was given (signatures are then not checked, as before)."""
-
-    def __init__(self, trusted: list[Ed25519PublicKey]) -> None:
-        self.trusted = trusted
-        self.active = bool(trusted)
-        self.problem = ""
-        self.chain: list[str] = []  # hex, oldest first; [] = no rotation known (key in force: a trusted key)
-        self.index = 0  # position of the key in force in ``chain``
-        self.current: Ed25519PublicKey | None = trusted[0] if len(trusted) == 1 else None
-        self.pending: Ed25519PublicKey | None = None
-
-    @classmethod
-    def load(cls, conn: sqlite3.Connection, trusted: list[Ed25519PublicKey]) -> _KeyChain:
-        kc = cls(trusted)
-        if not kc.active:
-            return kc
-        first = conn.execute("SELECT kind, payload FROM entries ORDER BY seq LIMIT 1").fetchone()
-        carried: list[Any] = []
-        start_pub = None
-        if first is not None and first[0] == SEGMENT_KIND:
-            try:
-                seg = json.loads(first[1])
-                carried, start_pub = list(seg["keys"]), str(seg["signing_pub"])
-            except (ValueError, KeyError, TypeError):
-                return kc  # the scan reports the malformed segment record at its seq
-        in_file = []
-        for (payload,) in conn.execute("SELECT payload FROM entries WHERE kind = ? ORDER BY seq", (ROTATION_KIND,)):
-            try:
-                in_file.append(json.loads(payload))
-            except ValueError:
-                break
-        for st in carried + in_file:
-            if not _rotation_ok(st) or (kc.chain and st["old_pub"] != kc.chain[-1]):
-                break  # the scan (or the segment check) reports it
-            kc.chain = kc.chain or [st["old_pub"]]
-            kc.chain.append(st["new_pub"])
-        if not kc.chain and start_pub is not None:
-            kc.chain = [start_pub]
-        if kc.chain:
-            known = {public_key_hex(k) for k in trusted}
-            if not known & set(kc.chain):
-                kc.problem = ("none of the given public keys is in this journal's signing key chain "
-                              f"({', '.join(k[:16] + '...' for k in kc.chain)})")
-                return kc
-            kc.index = min(len(carried), len(kc.chain) - 1)
-            kc.current = _pub(kc.chain[kc.index])
-        return kc
-
-    def signed_by_chain(self, cp: dict[str, Any]) -> bool:
-        keys = [_pub(h) for h in self.chain] if self.chain else self.trusted
-        return any(_sig_ok(k, cp["sig"], checkpoint_message(cp)) for k in keys if k is not None)
-
-    def check_checkpoint(self, cp: dict[str, Any]) -> bool:
-        """Verify a checkpoint with the key in force; a pending rotation takes effect after it."""
-        msg = checkpoint_message(cp)
-        if self.current is None:  # several trusted keys, no rotation: the first checkpoint decides
-            self.current = next((k for k in self.trusted if _sig_ok(k, cp["sig"], msg)), None)
-            if self.current is None:
-                return False
-        elif not _sig_ok(self.current, cp["sig"], msg):
-            return False
-        if self.pending is not None:
-            self.current, self.pending = self.pending, None
-            self.index += 1
-        return True
-
-    def current_hex(self) -> str | None:
-        return public_key_hex(self.current) if self.current is not None else None
-
-
-def _pub(h: str) -> Ed25519PublicKey | None:
-    try:
-        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(h))
-    except (TypeError, ValueError):
-        return None
-
-
-def _sig_ok(key: Ed25519PublicKey, sig_hex: Any, msg: bytes) -> bool:
-    try:
-        key.verify(bytes.fromhex(sig_hex), msg)
-        return True
-    except (InvalidSignature, TypeError, ValueError):
-        return False
-
-
-def _rotation_ok(st: Any) -> bool:
-    """A rotation statement: its fields, the old key's signature and the new key's proof of possession."""
-    if not isinstance(st, dict) or set(st) != _ROT_KEYS:
-        return False
-    try:
-        msg = rotation_message(st)
-    except (TypeError, ValueError):
-        return False
-    old, new = _pub(st["old_pub"]) if isinstance(st["old_pub"], str) else None, \
-        _pub(st["new_pub"]) if isinstance(st["new_pub"], str) else None
-    return (old is not None and new is not None and st["old_pub"] != st["new_pub"]
-            and _sig_ok(old, st["sig"], msg) and _sig_ok(new, st["pop"], msg))
-
 
 class _Verifier:
-    def __init__(self, conn: sqlite3.Connection, k0: bytes | None, chain: _KeyChain,
+    def __init__(self, conn: sqlite3.Connection, k0: bytes | None, chain: KeyChain,
                  anchor: tuple[int, bytes, str] | None, progress: Callable[[int, int], None] | None,
                  mac_worker: bool | None = None) -> None:
         self.conn, self.k0, self.chain, self.anchor, self.progress = conn, k0, chain, anchor, progress
@@ -336,7 +204,7 @@ class _Verifier:
         or is the failing entry and reached its MAC check).
         """
         sha, enc = hashlib.sha256, json.encoder.encode_basestring_ascii
-        dom, label, x36, x5c, p36, p5c = JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL, _XOR36, _XOR5C, _PAD36, _PAD5C
+        dom, mac_next = JOURNAL_HASH_DOMAIN, mac_and_next
         key = self.k0
         a_seq, a_hash = (self.anchor[0], self.anchor[1]) if self.anchor else (-1, b"")
         expect, prev_ok = 1, GENESIS_HASH
@@ -378,11 +246,10 @@ class _Verifier:
                     except (TypeError, ValueError, OverflowError):
                         ok = False
                     if ok:
-                        if key is not None:  # mac_and_next() inlined
-                            ki = key.translate(x36) + p36
-                            ko = key.translate(x5c) + p5c
-                            if sha(ko + sha(ki + h).digest()).digest() == mac:
-                                key = sha(ko + sha(ki + label).digest()).digest()
+                        if key is not None:
+                            expected, next_key = mac_next(key, h)
+                            if expected == mac:
+                                key = next_key
                             else:
                                 ok = False
                         elif ship is not None:
@@ -487,7 +354,7 @@ class _Verifier:
             cp = json.loads(payload)
         except ValueError:
             raise _Failure("checkpoint", seq, "payload is not JSON") from None
-        if not isinstance(cp, dict) or set(cp) != _CP_KEYS:
+        if not isinstance(cp, dict) or set(cp) != CP_KEYS:
             raise _Failure("checkpoint", seq, "payload fields are not the checkpoint fields")
         if cp["covers_seq"] != seq - 1 or cp["covers_hash"] != prev_ok.hex():
             raise _Failure("checkpoint", seq, f"does not cover entry {seq - 1} with its hash")
@@ -516,14 +383,14 @@ class _Verifier:
         except ValueError:
             raise _Failure("checkpoint", seq, f"{kind} payload is not JSON") from None
         if kind == ROTATION_KIND:
-            if not _rotation_ok(rec) or rec["seq"] != seq:
+            if not rotation_ok(rec) or rec["seq"] != seq:
                 raise _Failure("checkpoint", seq, "key rotation is malformed or its signatures do not verify")
             if self.terminal is not None and rec["terminal"] != self.terminal:
                 raise _Failure("checkpoint", seq, "key rotation names another terminal")
             if self.chain.active:
                 if rec["old_pub"] != self.chain.current_hex():
                     raise _Failure("checkpoint", seq, "key rotation does not start from the key in force")
-                self.chain.pending = _pub(rec["new_pub"])
+                self.chain.pending = pub_key(rec["new_pub"])
             return
         if seq != self.first_seq or seq == 1:
             raise _Failure("checkpoint", seq, "a segment record may only start a file")
@@ -535,7 +402,7 @@ class _Verifier:
             raise _Failure("checkpoint", seq, "segment record counter/keys malformed")
         prev_new = None
         for st in rec["keys"]:
-            if not _rotation_ok(st) or (prev_new is not None and st["old_pub"] != prev_new):
+            if not rotation_ok(st) or (prev_new is not None and st["old_pub"] != prev_new):
                 raise _Failure("checkpoint", seq, "segment record carries a malformed key rotation")
             prev_new = st["new_pub"]
         if prev_new is not None and rec["signing_pub"] != prev_new:
@@ -547,12 +414,12 @@ class _Verifier:
             pub = self.chain.current_hex()
             if pub is not None and rec["signing_pub"] != pub:
                 raise _Failure("checkpoint", seq, "segment record names another signing key than the key chain")
-            key = _pub(rec["signing_pub"]) if isinstance(rec["signing_pub"], str) else None
+            key = pub_key(rec["signing_pub"]) if isinstance(rec["signing_pub"], str) else None
             try:
                 msg = segment_message(rec)
             except (TypeError, ValueError):
                 msg = b""
-            if key is None or not _sig_ok(key, rec["sig"], msg) or not (
+            if key is None or not sig_ok(key, rec["sig"], msg) or not (
                     self.chain.current is not None or any(public_key_hex(k) == rec["signing_pub"]
                                                           for k in self.chain.trusted)):
                 raise _Failure("checkpoint", seq, "segment record signature does not verify")
@@ -640,118 +507,3 @@ class _Verifier:
     def _row(self, seq: int) -> Row | None:
         row: Row | None = self.conn.execute(_SELECT + " WHERE seq = ?", (seq,)).fetchone()
         return row
-
-
-# --- the MAC worker: a second process checks the MACs while this one reads and hashes -------------
-
-_WORKER_SRC = r"""
-import hashlib, sys
-def main():
-    rd, wr = sys.stdin.buffer, sys.stdout.buffer
-    def exact(n):
-        b = rd.read(n)
-        if len(b) != n:
-            raise SystemExit(3)
-        return b
-    key = exact(32)
-    label = exact(exact(1)[0])
-    x36, x5c = bytes(b ^ 0x36 for b in range(256)), bytes(b ^ 0x5C for b in range(256))
-    p36, p5c = b"\x36" * 32, b"\x5c" * 32
-    sha = hashlib.sha256
-    done, bad = 0, -1
-    while True:
-        n = int.from_bytes(exact(4), "big")
-        if not n:
-            break
-        buf = exact(64 * n)
-        if bad >= 0:
-            continue
-        for off in range(0, 64 * n, 64):
-            ki = key.translate(x36) + p36
-            ko = key.translate(x5c) + p5c
-            if sha(ko + sha(ki + buf[off:off + 32]).digest()).digest() != buf[off + 32:off + 64]:
-                bad = done + off // 64
-                break
-            key = sha(ko + sha(ki + label).digest()).digest()
-        done += n
-    wr.write((bad + 1).to_bytes(8, "big") + key)
-    wr.flush()
-main()
-"""
-
-
-class _WorkerLost(Exception):
-    """The MAC worker died or answered short: the scan is redone in this process."""
-
-
-class _MacWorker:
-    """A child process checking mac == HMAC-SHA256(k_seq, entry_hash) along the ratchet (RFC 2104 with
-    SHA-256 one-shots, as ``mac_and_next``). It gets exactly the bytes this process read (one SQLite
-    snapshot), in seq order, and answers once: the index of the first bad MAC and the key there, or
-    none and the key after the last entry. The key goes through a pipe, never argv or a file.
-    """
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        self.proc, self.stdin, self.stdout = proc, proc.stdin, proc.stdout
-        self.batch: list[bytes] = []  # entry_hash, mac, entry_hash, mac, ...
-        self.running = True
-
-    @classmethod
-    def start(cls, key: bytes) -> _MacWorker | None:
-        """The worker, or None where no child interpreter can be started (the caller checks in-process)."""
-        if not sys.executable or getattr(sys, "frozen", False):  # no interpreter to run ``-c`` with
-            return None
-        try:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _WORKER_SRC], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        except (OSError, ValueError):
-            return None
-        w = cls(proc)
-        try:
-            import fcntl  # a 1 MiB pipe: this process keeps going while the worker starts up
-            fcntl.fcntl(w.stdin.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
-        except (ImportError, AttributeError, OSError):
-            pass
-        try:
-            w.stdin.write(key + bytes([len(JOURNAL_RATCHET_LABEL)]) + JOURNAL_RATCHET_LABEL)
-        except OSError:
-            w.close()
-            return None
-        return w
-
-    def flush(self) -> None:
-        """Send the batch shipped so far."""
-        if self.batch:
-            try:
-                self.stdin.write((len(self.batch) // 2).to_bytes(4, "big") + b"".join(self.batch))
-            except (OSError, ValueError) as e:
-                raise _WorkerLost("MAC worker gone") from e
-            self.batch.clear()
-
-    def finish(self) -> tuple[int | None, bytes]:
-        """(index of the first bad MAC among the shipped entries or None, k at it or after the last)."""
-        self.flush()
-        self.running = False
-        try:
-            self.stdin.write(bytes(4))
-            self.stdin.close()
-            out = self.stdout.read(40)
-        except (OSError, ValueError) as e:
-            raise _WorkerLost("MAC worker gone") from e
-        if len(out) != 40 or self.proc.wait() != 0:
-            raise _WorkerLost(f"MAC worker answered {len(out)} bytes, exit {self.proc.returncode}")
-        n = int.from_bytes(out[:8], "big")
-        return (n - 1 if n else None), out[8:]
-
-    def close(self) -> None:
-        """Stop the worker if it is still running and reap it."""
-        self.running = False
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for f in (self.stdin, self.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass

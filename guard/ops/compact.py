@@ -60,7 +60,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from guard.core.errors import JournalError
 from guard.ops.export import JournalView, build_view, iter_entries, open_readonly, read_meta
-from guard.journal.store import CHECKPOINT_KIND, ROLE_ARCHIVE, ROTATION_KIND, SEGMENT_KIND, Journal
+from guard.journal.format import CHECKPOINT_KIND, ROLE_ARCHIVE, ROTATION_KIND, SEGMENT_KIND
+from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys
 from guard.core.model import TxnState
 from guard.journal.verify import VerifyReport, verify_journal

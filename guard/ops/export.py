@@ -29,7 +29,8 @@ from typing import IO, Any, NamedTuple
 
 from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import JournalError, PosguardError
-from guard.journal.store import CHECKPOINT_KIND, _connect, canonical_json
+from guard.journal.format import CHECKPOINT_KIND, canonical_json
+from guard.journal.schema import _connect
 from guard.core.model import TxnKind, TxnState
 from guard.core.policies import OFF
 
@@ -207,7 +208,7 @@ def recorded_archives(path: Path) -> list[str]:
 def build_view(meta: dict[str, str], entries: Iterable[Any], progress: Callable[[int, int], None] | None = None,
                total: int = 0) -> JournalView:
     """The engine's restore for states plus (seq, kind, ts) per transaction, in one pass over
-    ``entries`` (objects with seq, ts, kind, txn, payload: ``Rec`` or ``guard.journal.store.Entry``)."""
+    ``entries`` (objects with seq, ts, kind, txn, payload: ``Rec`` or ``guard.journal.format.Entry``)."""
     hist: dict[str, list[tuple[int, str, float]]] = {}
     ids: dict[str, tuple[str, str]] = {}
     count, lo, hi = 0, 0, 0

@@ -1,6 +1,6 @@
 """Reconcile the journal with the acquirer's settlement report.
 
-Settlement CSV (exactly ``guard.simulation.hostsim.write_settlement_csv``): a header line naming at least
+Settlement CSV (``guard.core.constants.SETTLEMENT_COLUMNS``; what ``HostCore.write_settlement_csv`` writes): a header line naming at least
 ``date,tid,mid,stan,rrn,amount,type,response`` (any order; other columns are ignored), then one
 row per host event in arrival order:
 
@@ -52,9 +52,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guard.core.constants import SETTLE_REFUND, SETTLE_REVERSAL, SETTLE_SALE, SETTLEMENT_COLUMNS
 from guard.core.errors import PosguardError
 from guard.ops.export import JournalView, TxnView, build_view, is_void
-from guard.simulation.hostsim import SETTLEMENT_COLUMNS
 
 # Header names a host report may use instead: the ISO 8583 field numbers (41, 42, 11, 37, 39, 4).
 COLUMN_ALIASES = {"41": "tid", "42": "mid", "11": "stan", "37": "rrn", "39": "response", "4": "amount"}
@@ -204,7 +204,7 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
             raise SettlementError(path, line, "rrn", f"{_shown(v['rrn'])} is not empty or up to 12 letters/digits")
         if not (v["amount"].isascii() and v["amount"].isdigit() and len(v["amount"]) <= 12):
             raise SettlementError(path, line, "amount", f"{_shown(v['amount'])} is not a whole number of minor units")
-        if v["type"] not in ("SALE", "REFUND", "REVERSAL"):
+        if v["type"] not in (SETTLE_SALE, SETTLE_REFUND, SETTLE_REVERSAL):
             raise SettlementError(path, line, "type", f"{_shown(v['type'])} is not SALE, REFUND or REVERSAL")
         r = v["response"]
         if not (len(r) == 2 and r.isascii() and r.isalnum()):
@@ -259,7 +259,7 @@ def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterab
         used += 1
         seen_dates.add(r.date)
         h = host.setdefault(r.key, _Host())
-        if r.type in ("SALE", "REFUND"):
+        if r.type in (SETTLE_SALE, SETTLE_REFUND):
             if r.response == "00":
                 h.debits.append(r)
         elif h.first_reversal is None:

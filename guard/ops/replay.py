@@ -38,7 +38,8 @@ from typing import Any
 from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost
 from guard.core.errors import PosguardError
 from guard.hostlink.iso import HostGarbage, HostMessage
-from guard.journal.store import Journal, canonical_json
+from guard.journal.format import canonical_json
+from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys
 from guard.core.model import TxnState
 from guard.runtime.restore import restore_engine

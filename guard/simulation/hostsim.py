@@ -2,12 +2,13 @@
 
 Three layers:
 
-- ``HostCore``: pure (no sockets, files during ``handle``, clocks or global randomness). It keeps
-  a ledger of debits, reversals and tombstones and turns each request into ``Reply`` actions,
-  shaped by seeded or forced network faults. The deterministic simulator drives it directly.
-- ``HostServer``: a TCP/TLS adapter in a background thread (``selectors`` loop + timer heap)
-  that executes those actions on real sockets.
-- ``main``: the ``posguard hostsim`` entry point.
+- ``HostCore`` (this module): pure (no sockets, files during ``handle``, clocks or global
+  randomness). It keeps a ledger of debits, reversals and tombstones and turns each request into
+  ``Reply`` actions (guard.simulation.hosttypes), shaped by seeded or forced network faults. The
+  deterministic simulator drives it directly.
+- ``HostServer`` (guard.simulation.hostserver): a TCP/TLS adapter in a background thread
+  (``selectors`` loop + timer heap) that executes those actions on real sockets.
+- ``main`` (guard.simulation.hostcli): the ``posguard hostsim`` entry point.
 
 Ledger rules (the "no double debit, no silent debit" oracle):
 
@@ -47,28 +48,17 @@ Every applied fault is counted in ``stats()["faults"]`` and logged in ``fault_lo
 
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import csv
-import hashlib
-import heapq
-import hmac
 import io
 import itertools
 import json
 import os
 import random
-import selectors
-import signal
-import socket
-import ssl
-import sys
 import threading
-import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from dataclasses import asdict
+from typing import Any, Iterable, Mapping
 
 from guard.core.constants import (
     F_AMOUNT,
@@ -80,164 +70,53 @@ from guard.core.constants import (
     F_STAN,
     F_TERMINAL_ID,
     F_TRANSMISSION_DT,
-    HOST_HEADERS,
-    HOST_TIMEOUT_S,
     NET_CHECKPOINT,
     NET_ECHO,
     NET_SIGN_ON,
     RC_APPROVED,
-    RC_DO_NOT_HONOUR,
     RC_DUPLICATE,
-    RC_INSUFFICIENT_FUNDS,
     RC_INVALID_MERCHANT,
     RC_NOT_PERMITTED_TERMINAL,
     RC_ORIGINAL_NOT_FOUND,
-    RC_TOO_LATE,
+    SETTLE_REFUND,
+    SETTLE_REVERSAL,
+    SETTLE_SALE,
+    SETTLEMENT_COLUMNS,
 )
-from guard.core.errors import ConfigError, HostProtocolError, KeyFileError
-from guard.hostlink.iso import (
-    CodecError,
-    FrameDecoder,
-    HostCodec,
-    HostGarbage,
-    HostMessage,
-    is_request_mti,
-    load_spec,
-    mti_class,
-    parse_field90,
-    response_mti,
-    swap_tpdu,
-    transmission_dt,
-)
+from guard.core.errors import ConfigError, HostProtocolError
+from guard.hostlink.iso import is_request_mti, mti_class, parse_field90, response_mti, transmission_dt
 from guard.core.model import mask_pan
-
-# Response codes used only by the simulator (not in guard.core.constants).
-RC_INVALID_TRANSACTION = "12"  # MTI we do not process
-RC_FORMAT_ERROR = "30"  # a required field is missing or malformed
-RC_TOMBSTONED = RC_TOO_LATE  # original arrived after its own reversal
-
-FAULT_DROP_REQUEST = "drop_request"
-FAULT_DEBIT_DROP_RESPONSE = "debit_drop_response"
-FAULT_DELAY_RESPONSE = "delay_response"
-FAULT_CLOSE_MID_FRAME = "close_mid_frame"
-FAULT_DUPLICATE_RESPONSE = "duplicate_response"
-FAULT_WRONG_ECHO = "wrong_echo"
-FAULT_GARBAGE = "garbage"
-FAULT_KINDS: tuple[str, ...] = (
-    FAULT_DROP_REQUEST,
+from guard.journal.mac import hmac_sha256
+from guard.simulation.hosttypes import (
+    ACTION_CLOSE_MID_FRAME,
+    ACTION_DROP,
+    ACTION_GARBAGE,
+    DEFAULT_FAULT_CLASSES,
+    DEFAULT_LATE_DELAY_S,
+    FAULT_CLOSE_MID_FRAME,
     FAULT_DEBIT_DROP_RESPONSE,
     FAULT_DELAY_RESPONSE,
-    FAULT_CLOSE_MID_FRAME,
+    FAULT_DROP_REQUEST,
     FAULT_DUPLICATE_RESPONSE,
-    FAULT_WRONG_ECHO,
     FAULT_GARBAGE,
+    FAULT_KINDS,
+    RC_FORMAT_ERROR,
+    RC_INVALID_TRANSACTION,
+    RC_TOMBSTONED,
+    ApproveRule,
+    Debit,
+    FaultRecord,
+    LedgerKey,
+    Reply,
+    ReversalRecord,
+    SaleRecord,
+    default_approve_rule,
 )
 
-ACTION_SEND = "send"
-ACTION_DROP = "drop"
-ACTION_CLOSE_MID_FRAME = "close_mid_frame"
-ACTION_GARBAGE = "garbage"
-
-DEFAULT_LATE_DELAY_S = HOST_TIMEOUT_S + 15.0
-DEFAULT_FAULT_CLASSES = ("02", "04")  # keepalives (08) are left alone so forced faults hit sales
 _SALE_MTIS = frozenset({"0200", "0201", "0220", "0221"})  # financial requests and advices book alike
 _REVERSAL_MTIS = frozenset({"0400", "0401", "0420", "0421"})
 _NET_CODES = frozenset({NET_SIGN_ON, "002", NET_ECHO, NET_CHECKPOINT})
 _ECHOED = ("3", F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID, "49")
-
-ApproveRule = Callable[[Mapping[str, str]], str]
-LedgerKey = tuple[str, str, str, str]
-
-
-def default_approve_rule(fields: Mapping[str, str]) -> str:
-    """00, except amounts ending in 51 (insufficient funds) or 05 (do not honour)."""
-    amount = fields.get(F_AMOUNT, "")
-    if amount.endswith("51"):
-        return RC_INSUFFICIENT_FUNDS
-    if amount.endswith("05"):
-        return RC_DO_NOT_HONOUR
-    return RC_APPROVED
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One thing the adapter must do in answer to a request.
-
-    ``action``: ``send`` the fields; ``drop`` (nothing goes out; ``fields`` shows what would
-    have); ``close_mid_frame`` (send the first half of the framed fields, then close);
-    ``garbage`` (send ``garbage`` as one well-framed but undecodable message). ``delay`` is
-    seconds after the request. ``fault`` names the fault that shaped the reply, if any.
-    """
-
-    fields: dict[str, str] | None
-    delay: float = 0.0
-    action: str = ACTION_SEND
-    garbage: bytes = b""
-    fault: str | None = None
-
-
-@dataclass
-class Debit:
-    id: int
-    tid: str
-    mid: str
-    stan: str
-    date: str
-    mti: str
-    card: str
-    masked_pan: str
-    amount: int
-    currency: str
-    rrn: str
-    approval_code: str
-    at: float
-    reversed: bool = False
-    reversal_id: int | None = None
-    type: str = "SALE"  # SALE (a debit, from 0200 or an 0220 advice) or REFUND (a credit, processing code 20)
-
-
-@dataclass
-class ReversalRecord:
-    id: int
-    mti: str
-    stan: str
-    tid: str
-    mid: str
-    orig_mti: str
-    orig_stan: str
-    orig_date: str
-    amount: int
-    response: str
-    effect: str  # "reversed", "not_found" (tombstoned) or "repeat" (no change)
-    debit_id: int | None
-    rrn: str  # the original's RRN; "" when the original was not found
-    at: float
-
-
-@dataclass
-class SaleRecord:
-    tid: str
-    mid: str
-    stan: str
-    date: str
-    mti: str
-    amount: int
-    rrn: str
-    response: str
-    debit_id: int | None
-    at: float
-    type: str = "SALE"
-
-
-@dataclass
-class FaultRecord:
-    kind: str
-    mti: str
-    stan: str
-    tid: str
-    processed: bool
-    forced: bool
-    at: float
 
 
 def _fixed_digits(v: str | None, n: int) -> bool:
@@ -432,7 +311,7 @@ class HostCore:
         if bad is not None:
             self._counters["terminal_rejects"] += 1
             return self._respond(fields, now, bad)
-        kind = "REFUND" if fields.get("3", "").startswith("20") else "SALE"
+        kind = SETTLE_REFUND if fields.get("3", "").startswith("20") else SETTLE_SALE
         if self.dup_detection and key in self._seen:
             if mti[3] == "1":
                 self._counters["repeats_answered"] += 1
@@ -546,7 +425,7 @@ class HostCore:
             return [dict(c["checkpoint"]) for c in self._checkpoints]
 
     def _card_token(self, pan: str) -> str:
-        return hmac.new(self._card_key, pan.encode(), hashlib.sha256).hexdigest()[:16]
+        return hmac_sha256(self._card_key, pan.encode()).hex()[:16]
 
     # --- queries ------------------------------------------------------------------------------------
 
@@ -582,7 +461,7 @@ class HostCore:
                     c["reversed"] += 1
                 else:
                     c["net"] += 1
-                    c["net_amount"] += -d.amount if d.type == "REFUND" else d.amount
+                    c["net_amount"] += -d.amount if d.type == SETTLE_REFUND else d.amount
             return {
                 "seed": self.seed,
                 "dup_detection": self.dup_detection,
@@ -597,8 +476,8 @@ class HostCore:
                     "debits": len(self._debits),
                     "reversed": sum(1 for d in self._debits if d.reversed),
                     "net_debits": sum(1 for d in self._debits if not d.reversed),
-                    "net_amount": sum(-d.amount if d.type == "REFUND" else d.amount for d in self._debits if not d.reversed),
-                    "refunds": sum(1 for d in self._debits if d.type == "REFUND" and not d.reversed),
+                    "net_amount": sum(-d.amount if d.type == SETTLE_REFUND else d.amount for d in self._debits if not d.reversed),
+                    "refunds": sum(1 for d in self._debits if d.type == SETTLE_REFUND and not d.reversed),
                 },
                 "faults": [asdict(f) for f in self.fault_log],
                 "checkpoints": [dict(c) for c in self._checkpoints],
@@ -635,7 +514,7 @@ class HostCore:
                 events.append((r.at, 2 * i + 1, {
                     "date": r.orig_date, "tid": r.tid, "mid": r.mid, "stan": r.orig_stan,
                     "rrn": r.rrn, "amount": str(r.amount),
-                    "type": "REVERSAL", "response": r.response}))
+                    "type": SETTLE_REVERSAL, "response": r.response}))
             events.sort(key=lambda e: (e[0], e[1]))
             return [e[2] for e in events]
 
@@ -646,9 +525,6 @@ class HostCore:
         w.writeheader()
         w.writerows(self.settlement_rows())
         _atomic_write(path, buf.getvalue().encode())
-
-
-SETTLEMENT_COLUMNS = ["date", "tid", "mid", "stan", "rrn", "amount", "type", "response"]
 
 
 def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
@@ -664,524 +540,3 @@ def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
             os.unlink(tmp)
         raise
 
-
-# --- TCP / TLS adapter ----------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class _Conn:
-    id: int
-    sock: socket.socket
-    decoder: FrameDecoder
-    handshaking: bool
-    out: bytearray = field(default_factory=bytearray)
-    close_after_flush: bool = False
-    draining: bool = False
-    drain_deadline: float = 0.0
-    events: int = selectors.EVENT_READ
-    closed: bool = False
-
-
-class HostServer:
-    """Runs ``HostCore`` behind a real listening socket in one background thread.
-
-    Each decoded request is handled on arrival (``time.time()`` as ``now``); replies are written
-    on the connection they came from, immediately or from a timer heap when delayed. Garbage
-    from a client closes that connection. ``close_mid_frame`` sends half a frame, half-closes
-    (FIN) and discards input until the client hangs up or ``linger`` seconds pass.
-    """
-
-    def __init__(
-        self,
-        core: HostCore,
-        codec: HostCodec,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        ssl_context: ssl.SSLContext | None = None,
-        linger: float = 2.0,
-    ) -> None:
-        self.core = core
-        self.codec = codec
-        self.host = host
-        self.port = port
-        self.ssl_context = ssl_context
-        self.linger = linger
-        self.counters: collections.Counter[str] = collections.Counter()
-        self._sel: selectors.BaseSelector | None = None
-        self._listener: socket.socket | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._conns: dict[int, _Conn] = {}
-        self._ids = itertools.count(1)
-        self._timers: list[tuple[float, int, int, Reply, bytes | None]] = []
-        self._timer_seq = itertools.count()
-
-    def start(self) -> int:
-        """Bind, listen and start the loop thread; returns the bound port."""
-        if self._thread is not None:
-            return self.port
-        lst = socket.create_server((self.host, self.port), reuse_port=False)
-        lst.setblocking(False)
-        self.port = lst.getsockname()[1]
-        self._listener = lst
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(lst, selectors.EVENT_READ, "listen")
-        self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"hostsim:{self.port}", daemon=True)
-        self._thread.start()
-        return self.port
-
-    def stop(self, timeout: float = 5.0) -> bool:
-        """Stop the loop and close every socket; True if the thread ended within ``timeout``."""
-        t = self._thread
-        if t is None:
-            return True
-        self._stop.set()
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"x")
-            except OSError:
-                pass
-        t.join(timeout)
-        self._thread = None
-        return not t.is_alive()
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._conns)
-
-    def write_settlement_csv(self, path: str | os.PathLike[str]) -> None:
-        self.core.write_settlement_csv(path)
-
-    def dump_ledger(self, path: str | os.PathLike[str]) -> None:
-        self.core.dump_ledger(path)
-
-    # --- loop -------------------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        sel = self._sel
-        assert sel is not None
-        try:
-            while not self._stop.is_set():
-                for key, mask in sel.select(self._next_timeout()):
-                    if key.data == "listen":
-                        self._accept()
-                    elif key.data == "wake":
-                        self._drain_wake()
-                    else:
-                        self._service(key.data, mask)
-                self._run_timers()
-                self._expire_drains()
-        finally:
-            for conn in list(self._conns.values()):
-                self._close(conn)
-            for s in (self._listener, self._wake_r, self._wake_w):
-                if s is not None:
-                    s.close()
-            sel.close()
-
-    def _next_timeout(self) -> float:
-        now = time.monotonic()
-        t = 0.5
-        if self._timers:
-            t = min(t, self._timers[0][0] - now)
-        for c in self._conns.values():
-            if c.draining:
-                t = min(t, c.drain_deadline - now)
-        return max(t, 0.0)
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r is not None and self._wake_r.recv(512):
-                pass
-        except OSError:
-            pass
-
-    def _accept(self) -> None:
-        assert self._listener is not None and self._sel is not None
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.counters["accept_errors"] += 1
-                return
-            tls = self.ssl_context is not None
-            try:
-                sock.setblocking(False)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if self.ssl_context is not None:
-                    sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-            except OSError:
-                self.counters["accept_errors"] += 1
-                sock.close()
-                continue
-            conn = _Conn(next(self._ids), sock, self.codec.decoder("host"), handshaking=tls)
-            self._conns[conn.id] = conn
-            self._sel.register(sock, selectors.EVENT_READ, conn)
-            self.counters["connections"] += 1
-            if tls:
-                self._handshake(conn)
-
-    def _set_events(self, conn: _Conn, events: int) -> None:
-        if conn.closed or events == conn.events or self._sel is None:
-            return
-        conn.events = events
-        self._sel.modify(conn.sock, events, conn)
-
-    def _handshake(self, conn: _Conn) -> None:
-        assert isinstance(conn.sock, ssl.SSLSocket)
-        try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._set_events(conn, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._set_events(conn, selectors.EVENT_WRITE)
-            return
-        except (ssl.SSLError, OSError):
-            self.counters["tls_failures"] += 1
-            self._close(conn)
-            return
-        conn.handshaking = False
-        self._set_events(conn, selectors.EVENT_READ)
-        self._read(conn)
-
-    def _service(self, conn: _Conn, mask: int) -> None:
-        if conn.closed:
-            return
-        try:
-            if conn.handshaking:
-                self._handshake(conn)
-                return
-            if mask & selectors.EVENT_WRITE:
-                self._flush(conn)
-            if mask & selectors.EVENT_READ and not conn.closed:
-                if conn.draining:
-                    self._discard(conn)
-                else:
-                    self._read(conn)
-        except Exception:  # noqa: BLE001 - one bad connection must not kill the simulator
-            self.counters["internal_errors"] += 1
-            self._close(conn)
-
-    def _read(self, conn: _Conn) -> None:
-        reads = 0
-        while reads < 16 or (isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending() > 0):
-            reads += 1
-            try:
-                chunk = conn.sock.recv(65536)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                return
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                chunk = b""
-            except OSError:
-                self._close(conn)
-                return
-            if not chunk:
-                self._close(conn)
-                return
-            items = conn.decoder.feed(chunk)
-            for n, item in enumerate(items):
-                if conn.closed or conn.close_after_flush:
-                    self.counters["requests_lost_at_close"] += len(items) - n
-                    return
-                if isinstance(item, HostGarbage):
-                    self.counters["client_garbage"] += 1
-                    self.counters[f"client_garbage.{item.code}"] += 1
-                    self._close(conn)
-                    return
-                self._dispatch(conn, item)
-            if conn.closed or conn.close_after_flush:
-                return
-
-    def _discard(self, conn: _Conn) -> None:
-        try:
-            data = socket.socket.recv(conn.sock, 65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._close(conn)
-
-    def _dispatch(self, conn: _Conn, msg: HostMessage) -> None:
-        replies = self.core.handle(msg.fields, time.time())
-        tpdu = swap_tpdu(msg.tpdu) if msg.tpdu is not None else None
-        for r in replies:
-            if r.delay > 0:
-                due = time.monotonic() + r.delay
-                heapq.heappush(self._timers, (due, next(self._timer_seq), conn.id, r, tpdu))
-            else:
-                self._perform(conn, r, tpdu)
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, cid, r, tpdu = heapq.heappop(self._timers)
-            conn = self._conns.get(cid)
-            if conn is None:
-                self.counters["delayed_reply_no_connection"] += 1
-                continue
-            try:
-                self._perform(conn, r, tpdu)
-            except Exception:  # noqa: BLE001
-                self.counters["internal_errors"] += 1
-                self._close(conn)
-
-    def _perform(self, conn: _Conn, r: Reply, tpdu: bytes | None) -> None:
-        if conn.closed or conn.close_after_flush or conn.draining:
-            self.counters["reply_after_close"] += 1
-            return
-        if r.action == ACTION_DROP:
-            self.counters["replies_dropped"] += 1
-            return
-        try:
-            if r.action == ACTION_GARBAGE:
-                data = self.codec.frame(r.garbage, tpdu=tpdu)
-            else:
-                assert r.fields is not None
-                data = self.codec.encode(r.fields, tpdu=tpdu)
-        except CodecError:
-            self.counters["encode_errors"] += 1
-            return
-        if r.action == ACTION_CLOSE_MID_FRAME:
-            data = data[: max(1, len(data) // 2)]
-            conn.close_after_flush = True
-        conn.out += data
-        self.counters["replies_sent"] += 1
-        self._flush(conn)
-
-    def _flush(self, conn: _Conn) -> None:
-        while conn.out:
-            try:
-                n = conn.sock.send(conn.out)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                self._set_events(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
-                return
-            except OSError:
-                self._close(conn)
-                return
-            del conn.out[:n]
-        self._set_events(conn, selectors.EVENT_READ)
-        if conn.close_after_flush and not conn.draining:
-            try:
-                socket.socket.shutdown(conn.sock, socket.SHUT_WR)
-            except OSError:
-                self._close(conn)
-                return
-            conn.draining = True
-            conn.drain_deadline = time.monotonic() + self.linger
-            self.counters["closed_mid_frame"] += 1
-
-    def _expire_drains(self) -> None:
-        now = time.monotonic()
-        for conn in [c for c in self._conns.values() if c.draining and c.drain_deadline <= now]:
-            self._close(conn)
-
-    def _close(self, conn: _Conn) -> None:
-        if conn.closed:
-            return
-        conn.closed = True
-        self._conns.pop(conn.id, None)
-        if self._sel is not None:
-            try:
-                self._sel.unregister(conn.sock)
-            except (KeyError, ValueError):
-                pass
-        try:
-            conn.sock.close()
-        except OSError:
-            pass
-
-
-def make_server_context(certfile: str, keyfile: str | None = None, client_cafile: str | None = None) -> ssl.SSLContext:
-    """TLS >= 1.2 server context; with ``client_cafile`` clients must present a certificate (mTLS)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(certfile, keyfile)
-        if client_cafile:
-            ctx.load_verify_locations(cafile=client_cafile)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError):
-        raise KeyFileError("hostsim TLS certificate/key/CA cannot be loaded", code="KEY_FILE_INVALID") from None
-    return ctx
-
-
-# --- CLI ----------------------------------------------------------------------------------------
-
-
-def _fault_arg(s: str) -> tuple[str, float]:
-    kind, sep, rate = s.partition("=")
-    if not sep or kind not in FAULT_KINDS:
-        raise argparse.ArgumentTypeError(f"expected KIND=RATE with KIND in {', '.join(FAULT_KINDS)}")
-    try:
-        r = float(rate)
-    except ValueError:
-        raise argparse.ArgumentTypeError("RATE must be a number between 0 and 1") from None
-    if not 0.0 <= r <= 1.0:
-        raise argparse.ArgumentTypeError("RATE must be between 0 and 1")
-    return kind, r
-
-
-def _port_arg(s: str) -> int:
-    try:
-        port = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError("PORT must be a number 0-65535 (0: any free port)") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError("PORT must be 0-65535 (0: any free port)")
-    return port
-
-
-def _out_path_problem(path: str | None) -> str | None:
-    """Why the ledger or settlement file could not be written at exit, checked before serving."""
-    if path is None:
-        return None
-    p = Path(path)
-    if p.is_dir():
-        return f"{path} is a directory"
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        return f"directory {parent} does not exist"
-    if not os.access(parent, os.W_OK):
-        return f"directory {parent} is not writable"
-    return None
-
-
-def _tpdu_arg(s: str) -> bytes:
-    try:
-        b = bytes.fromhex(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError("TPDU must be 10 hex digits, e.g. 6000010000") from None
-    if len(b) != 5 or b[0] != 0x60:
-        raise argparse.ArgumentTypeError("TPDU must be 5 bytes starting with 60")
-    return b
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="posguard hostsim", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Stateful ISO 8583 acquirer simulator: answers 0200/0220/0400/0401/0800, keeps a ledger of "
-                    "net debits per (41, 42, 11, date of field 7), and injects seeded faults.",
-        epilog="fault kinds (--fault KIND=RATE, rate 0..1, repeatable; at most one fault per request):\n"
-               "  drop_request         not processed, no reply\n"
-               "  debit_drop_response  processed (a sale debits), reply dropped\n"
-               "  delay_response       processed, reply sent --late-delay seconds later\n"
-               "  close_mid_frame      processed, half the reply sent, then the connection closes\n"
-               "  duplicate_response   processed, the reply sent twice\n"
-               "  wrong_echo           processed, the reply's 41, 42 or 4 altered\n"
-               "  garbage              processed or not, an undecodable frame instead of the reply\n"
-               "amounts ending in 51 are declined 51, in 05 declined 05; everything else is approved.\n"
-               "exit status: 0 stopped cleanly (SIGINT/SIGTERM or --duration); 2 bad arguments, TLS files, or "
-               "the port cannot be listened on; 3 the ledger or settlement file could not be written at exit.")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=_port_arg, default=8583, help="TCP port; 0 picks a free one and prints it (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=1, help="seed for faults, approval codes and RRNs (default: %(default)s)")
-    p.add_argument("--dup-detection", action=argparse.BooleanOptionalAction, default=True,
-                   help="answer a repeated 0200 with 94 instead of debiting it again (default: on)")
-    p.add_argument("--fault", action="append", type=_fault_arg, default=[], metavar="KIND=RATE",
-                   help="inject a fault kind at this rate (see below)")
-    p.add_argument("--late-delay", type=float, default=DEFAULT_LATE_DELAY_S, help="seconds for delay_response")
-    p.add_argument("--ledger", metavar="PATH", help="ledger JSON, written on SIGINT/SIGTERM and at exit")
-    p.add_argument("--settlement", metavar="PATH", help="settlement CSV, written at exit")
-    p.add_argument("--header", choices=HOST_HEADERS, default=HOST_HEADERS[0])
-    p.add_argument("--tpdu", type=_tpdu_arg, metavar="HEX")
-    p.add_argument("--spec", default="default", metavar="NAME|FILE",
-                   help="ISO 8583 spec: default, default_ascii or a pyiso8583 spec JSON file (as host.spec)")
-    p.add_argument("--terminal-id", help="accept only this field 41 (others get 58)")
-    p.add_argument("--merchant-id", help="accept only this field 42 (others get 03)")
-    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (with --tls-key)")
-    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
-    p.add_argument("--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA")
-    p.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0: until signalled)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``posguard hostsim``: serve until SIGINT/SIGTERM (or --duration), then dump the ledger."""
-    parser = build_arg_parser()
-    args = parser.parse_args(argv)
-    for opt, path in (("--ledger", args.ledger), ("--settlement", args.settlement)):
-        if (why := _out_path_problem(path)) is not None:
-            parser.error(f"{opt}: {why}")
-    try:
-        core = HostCore(
-            seed=args.seed, dup_detection=args.dup_detection, faults=dict(args.fault),
-            terminal_id=args.terminal_id, merchant_id=args.merchant_id, late_delay=args.late_delay,
-        )
-        codec = HostCodec(load_spec(args.spec), header=args.header, tpdu=args.tpdu)
-        ctx = make_server_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    except (ConfigError, KeyFileError) as e:
-        print(f"hostsim: {e}", file=sys.stderr)
-        return 2
-    server = HostServer(core, codec, args.host, args.port, ssl_context=ctx)
-    try:
-        port = server.start()
-    except OSError as e:
-        print(f"hostsim: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
-        return 2
-    print(f"hostsim listening on {args.host}:{port}", flush=True)
-
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: object) -> None:
-        stop.set()
-
-    previous: dict[signal.Signals, Any] = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _on_signal)
-    deadline = time.monotonic() + args.duration if args.duration > 0 else None
-    try:
-        while not stop.wait(0.2):
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-    finally:
-        server.stop()
-        for sig_, handler in previous.items():
-            signal.signal(sig_, handler)
-        rc = 0
-        for path, write in ((args.ledger, core.dump_ledger), (args.settlement, core.write_settlement_csv)):
-            if path:
-                try:
-                    write(path)
-                except OSError as e:
-                    print(f"hostsim: cannot write {path}: {e.strerror or e}", file=sys.stderr)
-                    rc = 3
-        totals = core.ledger()["totals"]
-        print(
-            f"hostsim stopped: {core.stats().get('requests', 0)} requests, "
-            f"{totals['debits']} debits, {totals['reversed']} reversed, {totals['net_debits']} net",
-            flush=True,
-        )
-    return rc
-
-
-__all__ = [
-    "ACTION_CLOSE_MID_FRAME",
-    "ACTION_DROP",
-    "ACTION_GARBAGE",
-    "ACTION_SEND",
-    "Debit",
-    "FAULT_KINDS",
-    "HostCore",
-    "HostServer",
-    "RC_FORMAT_ERROR",
-    "RC_INVALID_TRANSACTION",
-    "RC_TOMBSTONED",
-    "Reply",
-    "ReversalRecord",
-    "SETTLEMENT_COLUMNS",
-    "build_arg_parser",
-    "default_approve_rule",
-    "main",
-    "make_server_context",
-]

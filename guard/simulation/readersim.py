@@ -11,41 +11,35 @@ an example of what PROTOCOL.md asks of a reader beyond the link layer:
   after the request) ends in STATUS(TXN_ID), never in "approved" (section 7.6).
 * Clear card data is only ever put on the wire; nothing here prints or logs it.
 
-``LinkFaults`` damages what the reader writes (duplicate, truncate, bit flip, garbage, split and
+``LinkFaults`` (guard.simulation.linkfaults) damages what the reader writes (duplicate, truncate, bit flip, garbage, split and
 concatenated writes) and can drop ACK frames it reads, so the guard's and the reader's link
-layers are both exercised over a real port (pty, socket://, a USB adapter).
+layers are both exercised over a real port (pty, socket://, a USB adapter). The command line:
+guard.simulation.readercli.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import select
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Self
 
 import serial
 
 from guard.core.errors import LinkError
-from guard.core.model import TxnState, mask_pan
+from guard.core.model import TxnState
 
 from firmware_bridge.constants import (
-    DEFAULT_BAUDRATE,
-    DLE,
     ERR_TXN_UNKNOWN,
     MAX_RETRANSMISSIONS,
     READER_APP_TIMEOUT_CAP_S,
     READER_APP_TIMEOUT_S,
-    T1_S,
     T2_S,
-    FrameType,
     Tag,
 )
-from firmware_bridge.frame import Frame, FrameError, FrameParser, encode_frame
 from firmware_bridge.link import Acked, Delivered, LinkDown, LinkEndpoint, LinkEvent, LinkState, LinkUp, SendFailed
 from firmware_bridge.messages import (
     TAG_CODECS,
@@ -66,7 +60,7 @@ from firmware_bridge.messages import (
     decode_message,
     encode_message,
 )
-from firmware_bridge.serial_port import open_port
+from guard.simulation.linkfaults import LinkFaults, _AckDropper, split_frames
 
 log = logging.getLogger("posguard.readersim")
 
@@ -78,180 +72,6 @@ class ReaderTimeout(LinkError):
     """A wait ran out before the expected answer arrived (the request may still be processed)."""
 
     code = "READER_TIMEOUT"
-
-
-# ---------------------------------------------------------------------------- fault injection
-
-
-@dataclass
-class FaultCounts:
-    """How many times each fault was applied."""
-
-    acks_dropped: int = 0
-    duplicated: int = 0
-    truncated: int = 0
-    bitflipped: int = 0
-    garbage: int = 0
-    split_writes: int = 0  # writes cut into pieces
-    concatenated: int = 0  # writes carrying two or more frames
-
-    def as_dict(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass
-class LinkFaults:
-    """Seeded link damage. Rates are per frame, 0..1; all default to off.
-
-    Written frames (decided per frame, in this order): ``garbage_rate`` writes 1-16 random bytes
-    before the frame; ``bitflip_rate`` flips one bit anywhere in the frame's wire bytes;
-    ``truncate_rate`` writes only a prefix (the link's T2/NAK retransmission sends it whole
-    later); ``duplicate_rate`` writes the (possibly damaged) frame bytes a second time.
-    ``split_writes`` writes in chunks of 1-4 bytes, each flushed, ``split_gap_s`` apart (well
-    under T1); ``concatenate`` holds a lone frame up to ``concat_hold_s`` (under the 100 ms ACK
-    deadline) so that it leaves in one write with the next frame.
-
-    Read side: ``drop_ack_rate`` removes whole valid ACK frames from the incoming bytes, as if
-    they were lost on the line, so the reader's T2 retransmission runs (see ``_AckDropper``).
-    """
-
-    seed: int = 0
-    drop_ack_rate: float = 0.0
-    duplicate_rate: float = 0.0
-    truncate_rate: float = 0.0
-    bitflip_rate: float = 0.0
-    garbage_rate: float = 0.0
-    split_writes: bool = False
-    concatenate: bool = False
-    split_gap_s: float = 0.001
-    concat_hold_s: float = 0.02
-    counts: FaultCounts = field(default_factory=FaultCounts)
-
-    def __post_init__(self) -> None:
-        for name in ("drop_ack_rate", "duplicate_rate", "truncate_rate", "bitflip_rate", "garbage_rate"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be within 0..1, not {v}")
-        if not 0.0 <= self.split_gap_s < T1_S / 2:
-            raise ValueError(f"split_gap_s must be below T1/2 ({T1_S / 2} s)")
-        if not 0.0 <= self.concat_hold_s < 0.1:
-            raise ValueError("concat_hold_s must stay below the 100 ms ACK deadline")
-        self.rng = random.Random(self.seed)
-
-    def hit(self, rate: float) -> bool:
-        return rate > 0.0 and self.rng.random() < rate
-
-    @property
-    def damages_writes(self) -> bool:
-        return bool(
-            self.duplicate_rate or self.truncate_rate or self.bitflip_rate or self.garbage_rate
-            or self.split_writes or self.concatenate
-        )
-
-    def mangle(self, frame: bytes) -> list[tuple[bytes, bool]]:
-        """Wire pieces for one encoded frame: (bytes, counts_as_a_frame)."""
-        c = self.counts
-        pieces: list[tuple[bytes, bool]] = []
-        if self.hit(self.garbage_rate):
-            # Random bytes may contain DLE STX and start a bogus frame: the CRC rejects it, and the
-            # real frame's own DLE STX aborts it (FRAME_ABORTED), as with real line noise.
-            pieces.append((self.rng.randbytes(self.rng.randint(1, 16)), False))
-            c.garbage += 1
-        wire = bytearray(frame)
-        if self.hit(self.bitflip_rate):
-            bit = self.rng.randrange(8 * len(wire))
-            wire[bit // 8] ^= 1 << (bit % 8)
-            c.bitflipped += 1
-        if self.hit(self.truncate_rate):
-            del wire[self.rng.randint(1, len(wire) - 1):]
-            c.truncated += 1
-        pieces.append((bytes(wire), True))
-        if self.hit(self.duplicate_rate):
-            pieces.append((bytes(wire), True))
-            c.duplicated += 1
-        return pieces
-
-    def chunks(self, data: bytes) -> list[bytes]:
-        """``data`` cut into 1-4 byte pieces, short ones likelier, so every boundary gets split."""
-        out: list[bytes] = []
-        i = 0
-        while i < len(data):
-            n = self.rng.choice((1, 1, 2, 3, 4))
-            out.append(data[i:i + n])
-            i += n
-        return out
-
-
-def split_frames(data: bytes) -> list[bytes]:
-    """Cut a LinkEndpoint's output (always whole frames) into one bytes object per frame.
-
-    The encoder is deterministic, so re-encoding the parsed frames gives the original bytes; if
-    that ever stopped being true the data is kept in one piece rather than altered.
-    """
-    parsed = FrameParser().feed(data, 0.0)
-    frames = [encode_frame(f) for f in parsed if isinstance(f, Frame)]
-    if len(frames) != len(parsed) or b"".join(frames) != data:
-        return [data]
-    return frames
-
-
-class _AckDropper:
-    """Cuts chosen ACK frames out of the incoming byte stream and passes every other byte on
-    unchanged, so the reader's endpoint sees the line it would see had those ACKs been lost.
-
-    Why at the byte level: filtering ``Acked`` events would be too late, since the endpoint has
-    already retired the outstanding frame, so nothing would be retransmitted. A private parser (the
-    tap) is fed the same bytes one at a time to find frame boundaries; bytes that may belong to a
-    frame are held until the tap says what they were. Held bytes keep the time of their last
-    byte, so a T1 gap still reaches the endpoint's own parser as a gap.
-    """
-
-    def __init__(self, faults: LinkFaults, *, t1: float = T1_S) -> None:
-        self._faults = faults
-        self._t1 = t1
-        self._tap = FrameParser(t1=t1)
-        self._held = bytearray()
-        self._held_at = 0.0
-
-    def deadline(self) -> float | None:
-        return self._held_at + self._t1 if self._held else None
-
-    def poll(self, now: float) -> list[tuple[bytes, float]]:
-        """Segments (bytes, arrival time) to forward after a T1 gap without new bytes."""
-        out: list[tuple[bytes, float]] = []
-        if self._held and now >= self._held_at + self._t1:
-            out.append((bytes(self._held), self._held_at))
-            self._held.clear()
-        self._tap.poll(now)
-        return out
-
-    def feed(self, data: bytes, now: float) -> list[tuple[bytes, float]]:
-        """Segments (bytes, arrival time) of ``data`` and earlier held bytes to forward now."""
-        out = self.poll(now)
-        for b in data:
-            was_in_frame = self._tap.in_frame
-            items = self._tap.feed(bytes([b]), now)
-            self._held.append(b)
-            self._held_at = now
-            frame = next((i for i in items if isinstance(i, Frame)), None)
-            aborted = any(isinstance(i, FrameError) and i.code == "FRAME_ABORTED" for i in items)
-            if frame is not None:
-                if frame.kind is FrameType.ACK and self._faults.hit(self._faults.drop_ack_rate):
-                    self._held.clear()
-                    self._faults.counts.acks_dropped += 1
-                else:
-                    self._release(out, now)
-            elif aborted or (self._tap.in_frame and not was_in_frame):
-                # b is the STX of a new frame: pass on what came before its DLE STX.
-                out.append((bytes(self._held[:-2]), now))
-                del self._held[:-2]
-            elif not self._tap.in_frame and b != DLE:
-                self._release(out, now)  # line noise, or the last byte of a rejected frame
-        return [(seg, t) for seg, t in out if seg]
-
-    def _release(self, out: list[tuple[bytes, float]], now: float) -> None:
-        out.append((bytes(self._held), now))
-        self._held.clear()
 
 
 # ---------------------------------------------------------------------------- the reader
@@ -696,171 +516,3 @@ class ReaderSim:
             self.port.flush()
             if i + 1 < len(pieces) and f.split_gap_s:
                 time.sleep(f.split_gap_s)  # let the peer read the pieces one by one
-
-
-# ---------------------------------------------------------------------------- CLI
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="posguard readersim",
-        description="Reference card reader: SYNC, then N sales against a guard, with optional link faults. "
-        "Exit 0 when every sale got a final RESULT.",
-    )
-    p.add_argument("--port", required=True, help="pyserial URL: /dev/ttyUSB0, a pty slave path, socket://127.0.0.1:PORT")
-    p.add_argument("--reader-id", default="READER01", help="READER_ID sent with every request (must match the guard)")
-    p.add_argument("--sales", type=int, default=1, help="number of sales (default 1)")
-    p.add_argument("--amount", type=int, default=1250, help="amount in minor units (default 1250 = 12.50)")
-    p.add_argument("--currency", default="978", help="ISO 4217 numeric currency (default 978, EUR)")
-    p.add_argument("--pan", default=TEST_PAN, help="card number (default: the public EMV test PAN); never printed")
-    p.add_argument("--expiry", default=None, help="card expiry YYMM (default: omitted)")
-    p.add_argument("--seed", type=int, default=0, help="seed for nonces and faults (default 0)")
-    p.add_argument("--boot-counter", type=int, default=None,
-                   help="first 8 bytes of every TXN_ID, +1 per reboot (default: Unix time in microseconds, so that "
-                   "runs never reuse an id; set it only to a value above every earlier run's last)")
-    p.add_argument("--drop-ack", type=float, default=0.0, metavar="P", help="drop incoming ACK frames")
-    p.add_argument("--dup", type=float, default=0.0, metavar="P", help="write frames twice")
-    p.add_argument("--truncate", type=float, default=0.0, metavar="P", help="write only a prefix of frames")
-    p.add_argument("--bitflip", type=float, default=0.0, metavar="P", help="flip one bit in written frames")
-    p.add_argument("--garbage", type=float, default=0.0, metavar="P", help="write random bytes before frames")
-    p.add_argument("--split", action="store_true", help="write frames in 1-4 byte pieces")
-    p.add_argument("--concat", action="store_true", help="join frames into one write when possible")
-    p.add_argument("--reboot-after-send", action="store_true", help="reboot right after writing each AUTH")
-    p.add_argument("--after-reboot", choices=("status", "last", "resend"), default="status",
-                   help="after the reboot: STATUS(TXN_ID), STATUS(LAST), or re-send the AUTH with the same TXN_ID")
-    p.add_argument("--confirm-holds", action="store_true",
-                   help="when the guard HOLDs a sale (e.g. double swipe), CONFIRM it as an operator would")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per sale (default 60)")
-    p.add_argument("--baud", type=int, default=DEFAULT_BAUDRATE, help="line speed (default 115200)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log link events and messages (PAN masked) to stderr")
-    p.add_argument("--t2", type=float, default=T2_S,
-                   help="link retransmission timer, seconds (default 1.0; scale up below 19200 baud, PROTOCOL 4.6)")
-    return p
-
-
-def _faults_from(args: argparse.Namespace) -> LinkFaults | None:
-    faults = LinkFaults(
-        seed=args.seed,
-        drop_ack_rate=args.drop_ack,
-        duplicate_rate=args.dup,
-        truncate_rate=args.truncate,
-        bitflip_rate=args.bitflip,
-        garbage_rate=args.garbage,
-        split_writes=args.split,
-        concatenate=args.concat,
-    )
-    return faults if faults.drop_ack_rate or faults.damages_writes else None
-
-
-def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes) -> ResultMessage | ErrorMessage:
-    deadline: float = sim.clock() + args.timeout
-
-    def left() -> float:
-        return max(0.0, deadline - sim.clock())
-
-    r = _sale_through_reboot(sim, args, txn_id, left)
-    if args.confirm_holds and isinstance(r, ResultMessage) and r.state is TxnState.HELD and not r.in_progress:
-        r = sim.confirm(txn_id, left())
-    return r
-
-
-def _sale_through_reboot(
-    sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float]
-) -> ResultMessage | ErrorMessage:
-    auth = Auth(txn_id, args.amount, args.currency, args.pan, args.expiry, sim.reader_id)
-    if not args.reboot_after_send:
-        return sim.transact(auth, left())
-    sim.send(auth, left())
-    sim.reboot()
-    sim.sync(left())
-    if args.after_reboot == "resend":
-        return sim.transact(auth, left())
-    r = sim.status(txn_id if args.after_reboot == "status" else None, left())
-    if (isinstance(r, ErrorMessage) and r.error_code == ERR_TXN_UNKNOWN) or (
-        isinstance(r, ResultMessage) and r.txn_id != txn_id
-    ):
-        # The AUTH never reached the guard (lost in the power cut): re-sending the same id is safe.
-        sim.stats.resends += 1
-        return sim.transact(auth, left())
-    if isinstance(r, ResultMessage) and r.in_progress:
-        return sim.await_final(txn_id, left())
-    return r
-
-
-def _describe(outcome: ResultMessage | ErrorMessage | None) -> str:
-    if outcome is None:
-        return "NO FINAL RESULT (timeout)"
-    if isinstance(outcome, ErrorMessage):
-        return f"ERROR {outcome.error_code} {outcome.display_text or ''!r}"
-    return f"{outcome.state.value} rc={outcome.response_code or '--'} {outcome.display_text!r}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``posguard readersim``: exit 0 if every sale got a final RESULT (IN_PROGRESS 00, not HELD),
-    1 if not, 2 on bad use."""
-    p = _parser()
-    args = p.parse_args(argv)
-    if args.sales < 0 or args.timeout <= 0 or args.t2 <= 0:
-        p.error("--sales must be >= 0, --timeout and --t2 > 0")
-    if args.boot_counter is not None and not 0 <= args.boot_counter < 2**64:
-        p.error("--boot-counter must be 0 .. 2^64-1 (the first 8 bytes of every TXN_ID)")
-    try:
-        faults = _faults_from(args)
-        Auth(bytes(16), args.amount, args.currency, args.pan, args.expiry, args.reader_id)
-    except (ValueError, MessageError) as e:
-        p.error(str(e))  # MessageError texts never contain the value itself
-    if args.verbose:
-        logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)8.1f ms %(name)s %(message)s")
-    # Stands in for a persisted boot counter: microseconds advance faster than any run reboots.
-    boot = args.boot_counter if args.boot_counter is not None else time.time_ns() // 1000
-    try:
-        port = open_port(args.port, baudrate=args.baud)
-    except (serial.SerialException, ValueError) as e:
-        print(f"readersim: cannot open {args.port}: {e}", file=sys.stderr)
-        return 2
-    with ReaderSim(port, reader_id=args.reader_id, rng=random.Random(args.seed), faults=faults, t2=args.t2,
-                   boot_counter=boot) as sim:
-        try:
-            return _run_sales(sim, args, faults)
-        except serial.SerialException as e:
-            print(f"readersim: port {args.port} failed: {e}", file=sys.stderr)
-            return 1
-
-
-def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | None) -> int:
-    """SYNC, then one line per sale and a summary line; the exit code of ``main``."""
-    try:
-        epoch = sim.sync(args.timeout)
-    except ReaderTimeout:
-        print(f"readersim: no SYNC_ACK from the guard on {args.port} within {args.timeout} s", file=sys.stderr)
-        return 1
-    print(f"reader {sim.reader_id} boot {sim.boot_counter} card {mask_pan(args.pan)} link up, epoch 0x{epoch:08x}")
-    finals = 0
-    for i in range(args.sales):
-        txn_id = sim.new_txn_id()
-        retx, resends, confirms, t0 = sim.retransmissions, sim.stats.resends, sim.stats.confirms, time.monotonic()
-        applied = faults.counts.as_dict() if faults else {}
-        outcome: ResultMessage | ErrorMessage | None
-        try:
-            outcome = _one_sale(sim, args, txn_id)
-        except ReaderTimeout:
-            outcome = None
-        if isinstance(outcome, ResultMessage) and not outcome.in_progress and outcome.state is not TxnState.HELD:
-            finals += 1
-        now_applied = faults.counts.as_dict() if faults else {}
-        hit = ",".join(f"{k}={now_applied[k] - v}" for k, v in applied.items() if now_applied[k] > v) or "none"
-        held = " (held, confirmed)" if sim.stats.confirms > confirms else ""
-        print(
-            f"sale {i + 1}/{args.sales} txn {txn_id.hex()} {_describe(outcome)}{held} "
-            f"{time.monotonic() - t0:.2f}s retx={sim.retransmissions - retx} "
-            f"resends={sim.stats.resends - resends} faults={hit}"
-        )
-    s = sim.stats
-    print(
-        f"done: {finals}/{args.sales} final, retransmissions={sim.retransmissions} resends={s.resends} "
-        f"link_downs={s.link_downs} status_polls={s.status_polls} epochs={len(sim.epochs)}"
-    )
-    return 0 if finals == args.sales else 1
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -54,7 +54,8 @@ from guard.hostlink.iso import (
     HostMessage,
     swap_tpdu,
 )
-from guard.journal.store import Journal, _prepare
+from guard.journal.records import _prepare
+from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF

@@ -251,7 +251,7 @@ def test_config_signature_files_that_are_directories_are_config_errors(tmp_path,
                                   ["--port", "0", "--ledger", "/nonexistent-dir/ledger.json"],
                                   ["--port", "0", "--settlement", "/"]])
 def test_hostsim_bad_arguments_exit_2_before_serving(argv: list[str], capsys) -> None:  # type: ignore[no-untyped-def]
-    from guard.simulation.hostsim import main
+    from guard.simulation.hostcli import main
 
     with pytest.raises(SystemExit) as ei:
         main([*argv, "--duration", "0.1"])
@@ -264,13 +264,14 @@ def test_hostsim_ledger_write_failure_at_exit_is_reported(tmp_path, monkeypatch,
     stray temp file), after the whole run."""
     import errno
 
+    import guard.simulation.hostcli as hostcli
     import guard.simulation.hostsim as hs
 
     def full(self, path):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(hs.HostCore, "dump_ledger", full)
-    rc = hs.main(["--port", "0", "--duration", "0.1", "--ledger", str(tmp_path / "ledger.json"),
+    rc = hostcli.main(["--port", "0", "--duration", "0.1", "--ledger", str(tmp_path / "ledger.json"),
                   "--settlement", str(tmp_path / "s.csv")])
     err = capsys.readouterr().err
     assert rc == 3 and "No space left" in err and "Traceback" not in err
@@ -284,7 +285,7 @@ def test_hostsim_ledger_write_failure_at_exit_is_reported(tmp_path, monkeypatch,
 
 
 def test_readersim_boot_counter_out_of_range_is_a_usage_error() -> None:
-    from guard.simulation.readersim import main
+    from guard.simulation.readercli import main
 
     for bad in ("-1", str(2**64)):
         with pytest.raises(SystemExit) as ei:

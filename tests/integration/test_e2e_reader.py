@@ -20,9 +20,11 @@ import pytest
 
 from firmware_bridge import messages as M
 from firmware_bridge.nullmodem import NullModem
-from guard.simulation.readersim import LinkFaults, ReaderSim
+from guard.simulation.linkfaults import LinkFaults
+from guard.simulation.readersim import ReaderSim
 from firmware_bridge.serial_port import open_port
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.core.model import TxnState

@@ -15,20 +15,18 @@ from typing import Iterator
 
 import pytest
 
-from guard.core.constants import REVERSAL_DONE_CODES
+from guard.core.constants import REVERSAL_DONE_CODES, SETTLEMENT_COLUMNS
 from guard.core.errors import ConfigError
-from guard.simulation.hostsim import (
+from guard.simulation.hostcli import build_arg_parser, main
+from guard.simulation.hostserver import HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hosttypes import (
     ACTION_CLOSE_MID_FRAME,
     ACTION_DROP,
     ACTION_GARBAGE,
     ACTION_SEND,
     FAULT_KINDS,
-    SETTLEMENT_COLUMNS,
-    HostCore,
-    HostServer,
     Reply,
-    build_arg_parser,
-    main,
 )
 from guard.hostlink.iso import (
     HOST_FRAME_TRUNCATED,
@@ -224,7 +222,7 @@ def test_settlement_csv(tmp_path: Path) -> None:
     core.write_settlement_csv(str(path))
     with path.open() as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0].keys()) == SETTLEMENT_COLUMNS
+    assert tuple(rows[0].keys()) == SETTLEMENT_COLUMNS
     assert [(r["stan"], r["type"], r["response"], r["amount"]) for r in rows] == [
         ("000001", "SALE", "00", "1000"), ("000002", "SALE", "51", "2051"),
         ("000001", "REVERSAL", "00", "1000"), ("000003", "REVERSAL", "25", "1000")]
@@ -482,7 +480,7 @@ def test_main_serves_and_dumps_ledger_on_sigterm(tmp_path: Path) -> None:
     ledger, settle = tmp_path / "ledger.json", tmp_path / "settle.csv"
     env = subprocess_env()
     proc = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from guard.simulation.hostsim import main; sys.exit(main())",
+        [sys.executable, "-c", "import sys; from guard.simulation.hostcli import main; sys.exit(main())",
          "--port", "0", "--seed", "3", "--ledger", str(ledger), "--settlement", str(settle)],
         stdout=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path),
     )

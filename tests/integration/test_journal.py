@@ -20,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import guard.journal.schema as schema_mod
 import guard.journal.store as journal_mod
 from guard.core.constants import (
     CHECKPOINT_DOMAIN,
@@ -28,15 +29,9 @@ from guard.core.constants import (
     JOURNAL_RATCHET_LABEL,
 )
 from guard.core.errors import JournalDurabilityError, JournalError
-from guard.journal.store import (
-    AppendResult,
-    Journal,
-    VaultBlob,
-    canonical_json,
-    entry_body,
-    mac_and_next,
-    seal_vault,
-)
+from guard.journal.format import AppendResult, VaultBlob, canonical_json, entry_body, seal_vault
+from guard.journal.mac import HmacSha256, hmac_sha256, mac_and_next
+from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys, load_keys
 from guard.journal.verify import verify_journal
 from tests.support import subprocess_env
@@ -176,14 +171,14 @@ def test_migrate_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         conn.execute("CREATE TABLE half (x)")
         raise RuntimeError("step failed")
 
-    monkeypatch.setitem(journal_mod.MIGRATIONS, 1, broken)
+    monkeypatch.setitem(schema_mod.MIGRATIONS, 1, broken)
     with pytest.raises(RuntimeError):
-        journal_mod.migrate(c)
+        schema_mod.migrate(c)
     assert c.execute("SELECT name FROM sqlite_master").fetchall() == []
     monkeypatch.undo()
-    assert journal_mod.migrate(c) == 0
-    assert journal_mod.schema_version(c) == 1
-    assert journal_mod.migrate(c) == 1
+    assert schema_mod.migrate(c) == 0
+    assert schema_mod.schema_version(c) == 1
+    assert schema_mod.migrate(c) == 1
 
 
 def test_open_refuses_non_journal(tmp_path: Path, keys: DeviceKeys) -> None:
@@ -340,6 +335,16 @@ def test_payload_with_card_number_is_refused_without_echoing_it(jpath: Path, key
         assert j.last_seq == 1 and j.commit_count == 0
 
 
+def test_clean_txn_cache_is_per_journal(tmp_path: Path, keys: DeviceKeys) -> None:
+    """A txn key scanned clean by one journal is not trusted by another (no process-global state)."""
+    with _new(tmp_path / "a.db", keys) as a, _new(tmp_path / "b.db", keys) as b:
+        a.append([("intent", "R1:shared", {"ok": 1})], now=T0)
+        assert "R1:shared" in a._clean_txns and not b._clean_txns
+        with pytest.raises(JournalError) as e:
+            b.append([("intent", f"R1:{PAN}", {})], now=T0)
+        assert e.value.code == "JOURNAL_BAD_RECORD" and PAN not in b._clean_txns
+
+
 @pytest.mark.parametrize("payload", [
     {"masked_pan": "411111******1111", "card_token": "0123456789abcdef0123456789abcdef"},
     {"rrn": "123456789012", "stan": 999999, "f7": "1122120000", "amount": 999999999999},
@@ -435,6 +440,15 @@ def test_old_ratchet_keys_linger_in_wal_until_sealed(jpath: Path, keys: DeviceKe
 @given(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32))
 def test_mac_and_next_is_hmac_sha256(key: bytes, h: bytes) -> None:
     assert mac_and_next(key, h) == (hmac.digest(key, h, "sha256"), hmac.digest(key, JOURNAL_RATCHET_LABEL, "sha256"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=150), st.binary(max_size=100))
+def test_hmac_sha256_and_prepared_key_equal_hmac_digest(key: bytes, msg: bytes) -> None:
+    """Any key length (empty, < block, = block, > block: hashed first) gives ``hmac.digest``'s value."""
+    ref = hmac.digest(key, msg, "sha256")
+    assert hmac_sha256(key, msg) == ref
+    assert HmacSha256(key).digest(msg) == ref
 
 
 _json = st.recursive(

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from guard.journal.store import (
-    Journal,
+from guard.journal.format import (
     canonical_json,
     checkpoint_message,
     entry_body,
     entry_hash,
 )
+from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.verify import VerifyReport, verify_journal
 

@@ -19,7 +19,8 @@ from guard.ops.compact import archives_in, compact, verify_chain
 from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import JournalError
 from guard.ops.export import load_view
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, load_keys

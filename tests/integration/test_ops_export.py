@@ -16,7 +16,8 @@ import pytest
 from guard.core.engine import Engine, EngineConfig
 from guard.ops.export import build_view, load_view, parse_since
 from guard.simulation.hostsim import HostCore
-from guard.journal.store import Journal, looks_like_pan
+from guard.journal.records import looks_like_pan
+from guard.journal.store import Journal
 from guard.journal.keys import load_keys
 from guard.runtime.service import JournalCrypto
 from tests.support import cli

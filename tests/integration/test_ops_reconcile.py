@@ -16,7 +16,9 @@ import pytest
 
 from guard.core.engine import EngineConfig
 from guard.ops.export import load_view
-from guard.simulation.hostsim import SETTLEMENT_COLUMNS, HostCore, HostServer
+from guard.core.constants import SETTLEMENT_COLUMNS
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.keys import DeviceKeys
 from guard.core.policies import OFF
@@ -160,7 +162,7 @@ def test_header_may_name_columns_by_iso_field_number(settled: tuple[Path, Path, 
 def test_settlement_columns_are_the_host_simulators() -> None:
     from guard.ops import reconcile as R
 
-    assert R.SETTLEMENT_COLUMNS == SETTLEMENT_COLUMNS == ["date", "tid", "mid", "stan", "rrn", "amount", "type", "response"]
+    assert R.SETTLEMENT_COLUMNS == SETTLEMENT_COLUMNS == ("date", "tid", "mid", "stan", "rrn", "amount", "type", "response")
 
 
 def test_apply_queues_reversals_that_replay_sends(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from guard.ops.export import load_view
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
 from guard.journal.keys import load_keys

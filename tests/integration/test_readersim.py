@@ -39,15 +39,9 @@ from firmware_bridge.messages import (
     decode_message,
     encode_message,
 )
-from guard.simulation.readersim import (
-    TEST_PAN,
-    LinkFaults,
-    ReaderSim,
-    ReaderTimeout,
-    _AckDropper,
-    main,
-    split_frames,
-)
+from guard.simulation.linkfaults import LinkFaults, _AckDropper, split_frames
+from guard.simulation.readercli import main
+from guard.simulation.readersim import TEST_PAN, ReaderSim, ReaderTimeout
 from firmware_bridge.serial_port import open_port
 from guard.core.model import TxnState, mask_pan
 

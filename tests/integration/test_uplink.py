@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from guard.core.errors import KeyFileError
-from guard.simulation.hostsim import HostCore, HostServer, make_server_context
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer, make_server_context
 from guard.hostlink.iso import HOST_BAD_LENGTH, HOST_FRAME_TRUNCATED, HostCodec, HostGarbage, HostMessage, echo_mismatches
 from guard.hostlink.uplink import (
     CONNECT_REFUSED,

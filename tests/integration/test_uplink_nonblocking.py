@@ -15,7 +15,8 @@ import pytest
 from guard.hostlink.iso import HostCodec, HostMessage
 from tests.support import connected
 from guard.hostlink.uplink import CONNECT_REFUSED, CONNECT_TIMEOUT, DISC_SEND_FAILED, Disconnected, SendOutcome, Uplink
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 
 LOCAL = "127.0.0.1"
 

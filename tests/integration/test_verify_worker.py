@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import given, note
 
+import guard.journal.mac_worker as worker_mod
 import guard.journal.verify as verify_mod
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys
@@ -33,13 +34,13 @@ def worker_always(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every verification with k0 in this module uses the worker, with 3-entry batches."""
     monkeypatch.setattr(verify_mod, "MAC_WORKER_MIN_ENTRIES", 0)
     monkeypatch.setattr(verify_mod, "_SHIP_EVERY", 3)
-    real = verify_mod._MacWorker.start.__func__  # type: ignore[attr-defined]
+    real = worker_mod._MacWorker.start.__func__  # type: ignore[attr-defined]
 
-    def counted(cls: type[verify_mod._MacWorker], key: bytes) -> verify_mod._MacWorker | None:
+    def counted(cls: type[worker_mod._MacWorker], key: bytes) -> worker_mod._MacWorker | None:
         STARTS.append(1)
         return real(cls, key)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(verify_mod._MacWorker, "start", classmethod(counted))
+    monkeypatch.setattr(worker_mod._MacWorker, "start", classmethod(counted))
     yield
 
 
@@ -113,7 +114,7 @@ def test_dead_worker_leaves_it_to_this_process(jf: tuple[Path, DeviceKeys], monk
     good = verify_journal(path, k0=keys.k0, public_key=keys.public_key, mac_worker=False)
     for src in ("raise SystemExit(0)", "import sys; sys.stdin.buffer.read(100); sys.stdout.buffer.write(b'x')",
                 "import sys; sys.stdout.buffer.write(bytes(40)); sys.stdout.flush(); raise SystemExit(1)"):
-        monkeypatch.setattr(verify_mod, "_WORKER_SRC", src)
+        monkeypatch.setattr(worker_mod, "_WORKER_SRC", src)
         assert verify_journal(path, k0=keys.k0, public_key=keys.public_key, mac_worker=True) == good
     attacker(path).execute("UPDATE entries SET mac = zeroblob(32) WHERE seq = 7")
     rep = verify_journal(path, k0=keys.k0, public_key=keys.public_key, mac_worker=True)

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from guard.core.engine import Engine, EngineConfig
-from guard.simulation.hostsim import HostCore, HostServer
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, load_keys

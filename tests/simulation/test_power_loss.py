@@ -108,7 +108,7 @@ def child_run(cmd: dict[str, Any]) -> None:
     """One child: open (and recover) the journal, run sales, report ACK/SENT lines on fd 1."""
     for k, v in cmd["env"].items():
         os.environ[k] = v  # putenv: the shim re-reads its settings in this new pid
-    import guard.journal.store as gj
+    import guard.journal.schema as gj
     import guard.runtime.service as gs
 
     if cmd["sync"] != "FULL":  # the deliberately broken journal, patched here only

@@ -233,7 +233,7 @@ def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: 
 def write_settlement(path: Path, rows: list[dict[str, str]]) -> None:
     import csv
 
-    from guard.simulation.hostsim import SETTLEMENT_COLUMNS
+    from guard.core.constants import SETTLEMENT_COLUMNS
 
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=SETTLEMENT_COLUMNS, lineterminator="\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from guard.core.errors import ConfigError
-from posguard.config import documented_example, load, parse
+from posguard.config import documented_example, engine_config, load, parse, policy_config
 
 GOOD = {
     "terminal": {"terminal_id": "TERM0001", "merchant_id": "MERCHANT0000001"},
@@ -22,6 +22,19 @@ def with_(section: str, key: str, value: object) -> dict:
     d = {s: dict(v) for s, v in GOOD.items()}
     d.setdefault(section, {})[key] = value
     return d
+
+
+def test_engine_config_comes_from_the_config_and_overrides_win(tmp_path: Path) -> None:
+    """posguard run and posguard replay build the engine's settings in one place."""
+    data = {**with_("host", "timeout", 12.5), "policy": {"card_max_count": 3}}
+    data["host"]["reversal_max_attempts"] = 4
+    cfg = parse(data, tmp_path / "guard.toml")
+    e = engine_config(cfg)
+    assert (e.terminal_id, e.merchant_id, e.host_timeout_s, e.reversal_max_attempts) == ("TERM0001", "MERCHANT0000001",
+                                                                                        12.5, 4)
+    assert e.policy == policy_config(cfg) and e.policy.card_limits[0].max_count == 3
+    r = engine_config(cfg, saf_window=7, backoff_base_s=0.5)
+    assert (r.saf_window, r.backoff_base_s, r.host_timeout_s) == (7, 0.5, 12.5)
 
 
 def test_good_config_gets_defaults_and_resolves_paths(tmp_path: Path) -> None:
@@ -106,7 +119,8 @@ def test_a_sale_over_a_hex_bitmap_spec_end_to_end(tmp_path: Path) -> None:
     import time
 
     from guard.core.engine import EngineConfig
-    from guard.simulation.hostsim import HostCore, HostServer
+    from guard.simulation.hostsim import HostCore
+    from guard.simulation.hostserver import HostServer
     from guard.hostlink.iso import HostCodec, load_spec
     from guard.journal.keys import init_keys
     from guard.core.model import CardData, Request, TxnKind, TxnState
