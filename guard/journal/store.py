@@ -487,9 +487,10 @@ class Journal:
 
     # -- writing --
 
-    def seal_vault(self, txn: str, plaintext: bytes) -> VaultBlob:
-        """Encrypt card data for ``txn`` before the append that references its ``ref``."""
-        nonce = os.urandom(VAULT_NONCE_LEN)
+    def seal_vault(self, txn: str, plaintext: bytes, *, rng: Callable[[int], bytes] = os.urandom) -> VaultBlob:
+        """Encrypt card data for ``txn`` before the append that references its ``ref``; the nonce
+        comes from ``rng`` (the runtime's randomness port)."""
+        nonce = rng(VAULT_NONCE_LEN)
         ct = self._aead.encrypt(nonce, plaintext, txn.encode())
         blob = VaultBlob(vault_ref(nonce, ct), txn, nonce, ct)
         self._sealed = blob
