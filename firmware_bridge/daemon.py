@@ -3,8 +3,9 @@
 `ReaderBridge` joins a `SerialLink` to the guard's reader facade (`GuardFacade`) and shares the
 service's loop and clock. A delivered AUTH becomes an engine request (journaled before anything
 goes to the host); every engine `Reply` for this reader is sent back as a RESULT; while a sale
-waits for the host a PROGRESS keeps the reader's application timer alive. Bad input from the reader (undecodable TLV, invalid values, reused txn id) is answered
-with an ERROR carrying the stable code; nothing the reader sends can stop the daemon.
+waits for the host a PROGRESS keeps the reader's application timer alive. Bad input from the
+reader (undecodable TLV, invalid values, reused txn id) is answered with an ERROR carrying the
+stable code; nothing the reader sends can stop the daemon.
 """
 
 from __future__ import annotations
