@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from guard.core import constants as C
-from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import IdempotencyConflict, PosguardError
 from guard.ops.export import load_view
 from guard.simulation.hostsim import HostCore
@@ -23,6 +24,9 @@ from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF, OfflineConfig, PolicyConfig
 from guard.runtime.service import JournalCrypto
 from guard.journal.verify import verify_journal
+
+sys.path.insert(0, str(Path(__file__).parent))
+from executor_support import CoreHost, Shown, executor  # noqa: E402
 
 TID, MID = "OPRULES1", "OPRULESMERCHANT"
 NOW = 1_760_000_000.0
@@ -39,36 +43,27 @@ class World:
         self.journal = Journal.create(self.path, self.keys, terminal_id=TID, now=NOW)
         self.cfg = EngineConfig(TID, MID, host_timeout_s=5, reversal_timeout_s=5, backoff_base_s=1, backoff_max_s=2,
                                 policy=policy, offline=offline or OfflineConfig(), keep_final=keep_final)
-        self.engine = self._engine(Engine)
         self.host = HostCore(seed=1, dup_detection=dup_detection)
         self.now = NOW
-        self.shown: dict[str, Any] = {}
-        self.sent: list[dict[str, str]] = []
-        self.up = True
-        self.run(self.engine.on_host_up(self.now))
+        self.reader = Shown()
+        self.shown: dict[str, Any] = self.reader.results
+        self.link = CoreHost(self.host, lambda: self.now)
+        self.sent: list[dict[str, str]] = self.link.sent
+        self.engine = self._engine(Engine)
+        self.ex.call(self.engine.on_host_up)
 
     def _engine(self, factory: Any) -> Engine:
+        """A fresh engine (``Engine``) or one restored from the journal, with its executor."""
         crypto = JournalCrypto(self.journal, self.keys.token_key)
         if factory is Engine:
-            return Engine(self.cfg, crypto, random.Random(1), lookup=self.journal.entries_for)
-        return Engine.restore(self.cfg, crypto, self.journal.entries(), random.Random(2), lookup=self.journal.entries_for)
+            e = Engine(self.cfg, crypto, random.Random(1), lookup=self.journal.entries_for)
+        else:
+            e = Engine.restore(self.cfg, crypto, self.journal.entries(), random.Random(2), lookup=self.journal.entries_for)
+        self.ex = executor(e, self.journal, self.link, self.reader, lambda: self.now)
+        return e
 
     def run(self, acts: list[Any]) -> None:
-        for a in acts:
-            if isinstance(a, Append):
-                self.journal.append(a.records, now=self.now, vault_put=a.vault_put, vault_shred=a.vault_shred)
-            elif isinstance(a, SendHost):
-                fields = dict(a.fields)
-                if a.card is not None:
-                    fields["2"] = a.card.pan
-                elif a.card_ref:
-                    fields["2"] = (self.journal.vault_open(a.card_ref) or b"").decode().split("|")[0]
-                self.sent.append(fields)
-                for r in self.host.handle(fields, self.now):
-                    if r.fields is not None and r.action == "send":
-                        self.run(self.engine.host_message(r.fields, self.now))
-            elif isinstance(a, Reply):
-                self.shown[a.result.key] = a.result
+        self.ex.run(acts)
 
     def request(self, i: int, amount: int = 1000, pan: str = PAN_A, kind: TxnKind = TxnKind.SALE,
                 original: int | None = None) -> Request:
@@ -77,7 +72,7 @@ class World:
 
     def submit(self, req: Request, dt: float = 1.0) -> Any:
         self.now += dt
-        self.run(self.engine.submit(req, self.now))
+        self.ex.call(self.engine.submit, req)
         return self.shown.get(req.key)
 
     def sale(self, i: int, amount: int = 1000, pan: str = PAN_A, dt: float = 1.0) -> Any:
@@ -90,18 +85,18 @@ class World:
         end = self.now + seconds
         while self.now < end:
             self.now = min(end, self.now + step)
-            self.run(self.engine.tick(self.now))
+            self.ex.call(self.engine.tick)
 
     def down(self) -> None:
-        self.run(self.engine.on_host_down(self.now))
+        self.ex.call(self.engine.on_host_down)
 
     def back_up(self) -> None:
-        self.run(self.engine.on_host_up(self.now))
+        self.ex.call(self.engine.on_host_up)
 
     def restart(self) -> None:
         self.engine = self._engine(None)
-        self.run(self.engine.recover(self.now))
-        self.run(self.engine.on_host_up(self.now))
+        self.ex.call(self.engine.recover)
+        self.ex.call(self.engine.on_host_up)
 
     def records(self, kind: str, txn: str | None = None) -> list[Any]:
         return [e for e in self.journal.entries() if e.kind == kind and (txn is None or e.txn == txn)]
