@@ -1,9 +1,10 @@
 """Deterministic fault simulation of the whole terminal (TigerBeetle VOPR-style).
 
 One seed drives everything: readers (sales, re-sends after silence or reboot, STATUS), the network
-(latency, closed connections), the host (``HostCore`` with seeded faults) and terminal crashes at
-any action boundary. Time is simulated; the journal is a real SQLite file, so restarts exercise
-the real recovery path. After a fault-free drain the invariants are checked:
+(latency, closed connections, sends that fail or may have left), the host (``HostCore`` with seeded
+faults) and terminal crashes at any action boundary. The terminal runs the daemon's ``Executor``
+over simulated ports (``simports``). Time is simulated; the journal is a real SQLite file, so
+restarts exercise the real recovery path, and a seed's journal is byte-identical run after run. After a fault-free drain the invariants are checked:
 
 - every sale: final APPROVED iff the host holds exactly one net debit for it, otherwise none;
 - every debit the host holds belongs to a sale the terminal journaled as APPROVED;
