@@ -360,3 +360,29 @@ def test_sim_seed_leaves_a_byte_identical_journal(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, "-m", "posguard.cli", "sim", "--seed", "11", "--keep-dir", str(dirs[0])],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "already holds a journal" in again.stderr
+
+
+def test_reader_bridge_subscribes_to_the_facade_and_shares_the_service_clock(tmp_path: Path) -> None:
+    from firmware_bridge.daemon import ReaderBridge
+
+    class Link:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def send_message(self, payload: bytes) -> None:
+            self.sent.append(payload)
+
+    up = FakeUplink(rounds=1)
+    ticks = iter(range(10**6))
+    svc = _guard(tmp_path, up, clock=lambda: NOW + next(ticks))
+    try:
+        before = svc.on_reply
+        link = Link()
+        bridge = ReaderBridge(svc, link, "R1")  # type: ignore[arg-type]
+        assert svc.on_reply is before and bridge.clock is svc.clock is svc.executor.clock
+        svc.guard.deliver(Result("R1:" + "11" * 16, TxnState.APPROVED, stan=1))
+        svc.guard.deliver(Result("R2:" + "22" * 16, TxnState.APPROVED, stan=2))
+        assert len(link.sent) == 1 and bridge.stats["results"] == 1
+    finally:
+        svc.close()
+        up.shutdown()
