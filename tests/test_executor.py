@@ -4,6 +4,7 @@ simulated seed leaves a byte-identical journal."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import selectors
@@ -348,9 +349,10 @@ def test_simulator_sends_exercise_not_sent_and_maybe_sent() -> None:
 def test_sim_seed_leaves_a_byte_identical_journal(tmp_path: Path) -> None:
     """Two processes (each with its own hash seed), the same seed: the same journal.db bytes."""
     dirs = [tmp_path / "a", tmp_path / "b"]
-    for d in dirs:
+    for d, hash_seed in zip(dirs, ("1", "2")):  # set / dict-of-str order differs between the two
         out = subprocess.run([sys.executable, "-m", "posguard.cli", "sim", "--seed", "11", "--operator-rate", "0.5",
-                              "--keep-dir", str(d)], capture_output=True, text=True, timeout=120)
+                              "--keep-dir", str(d)], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
         assert out.returncode == 0, out.stdout + out.stderr
     for d in dirs:
         wal = d / "journal.db-wal"
