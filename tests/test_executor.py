@@ -247,7 +247,7 @@ def test_the_loop_keeps_calling_connect_while_connecting_and_waits_briefly(tmp_p
         for _ in range(4):
             svc.step(0.05)
         assert up.calls == 4 and up.connected, "connect() was called every round, not after reconnect_s"
-        assert all(w <= CONNECTING_WAIT_S for w in waits[:3]), waits
+        assert all(0 < w <= CONNECTING_WAIT_S for w in waits[:3]), waits  # brief waits, not a busy loop
     finally:
         svc.close()
         up.shutdown()

@@ -189,10 +189,10 @@ class GuardService:
         else:
             deadline = self.engine.next_deadline()
             wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
-            if not connected:
+            if getattr(self.uplink, "connecting", False):  # progress needs connect() calls, not a busy loop
+                wait = min(wait, CONNECTING_WAIT_S)
+            elif not connected:
                 wait = min(wait, max(0.0, self._next_connect - now))
-        if getattr(self.uplink, "connecting", False):
-            wait = min(wait, CONNECTING_WAIT_S)
         for hint in self.wait_hints:
             wait = min(wait, hint())
         events = self.selector.select(wait)
