@@ -9,7 +9,7 @@ from typing import Any
 from guard.core.engine import Engine
 from guard.core.model import Result
 from guard.hostlink.uplink import SendOutcome
-from guard.runtime.executor import Executor, Policy
+from guard.runtime.executor import DAEMON, Executor, Policy
 from guard.simulation.hostsim import ACTION_SEND, HostCore
 
 
@@ -83,7 +83,7 @@ class ListStore:
 
 def executor(engine: Engine | Any, store: Any, host: Any, reader: Any, clock: Callable[[], float],
              policy: Policy | None = None) -> Executor:
-    ex = Executor(engine, store, host, reader, clock, **({"policy": policy} if policy else {}))
+    ex = Executor(engine, store, host, reader, clock, policy=policy or DAEMON)
     if isinstance(host, CoreHost):
         host.executor = ex
     return ex
