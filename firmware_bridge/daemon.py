@@ -1,21 +1,19 @@
 """The reader-facing side of the guard daemon: link messages in, engine calls, results out.
 
-`ReaderBridge` joins a `SerialLink` to a `GuardService`. A delivered AUTH becomes an engine
-request (journaled before anything goes to the host); every engine `Reply` for this reader is sent
-back as a RESULT; while a sale waits for the host a PROGRESS keeps the reader's application timer
-alive. Bad input from the reader (undecodable TLV, invalid values, reused txn id) is answered
-with an ERROR carrying the stable code; nothing the reader sends can stop the daemon.
+`ReaderBridge` joins a `SerialLink` to the guard's reader facade (`GuardFacade`) and shares the
+service's loop and clock. A delivered AUTH becomes an engine request (journaled before anything
+goes to the host); every engine `Reply` for this reader is sent back as a RESULT; while a sale
+waits for the host a PROGRESS keeps the reader's application timer alive. Bad input from the
+reader (undecodable TLV, invalid values, reused txn id) is answered with an ERROR carrying the
+stable code; nothing the reader sends can stop the daemon.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from typing import Callable
 
 from guard.core.errors import JournalError, PosguardError
 from guard.core.model import Result, txn_key
-from guard.runtime.restore import status
 from guard.runtime.service import GuardService
 
 from firmware_bridge import messages as M
@@ -25,29 +23,23 @@ from firmware_bridge.serial_port import SerialLink
 
 log = logging.getLogger("posguard.reader")
 
-PROGRESS_EVERY_S = 10.0  # well inside the reader's 30 s application timer (PROTOCOL.md)
+PROGRESS_EVERY_S = 10.0  # well inside the reader's 30 s application timer (reader-link.md)
 PROGRESS_WAIT_S = 30
 
 
 class ReaderBridge:
     """Serves one reader port. Register with the service loop via ``attach``."""
 
-    def __init__(self, svc: GuardService, link: SerialLink, reader_id: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, svc: GuardService, link: SerialLink, reader_id: str) -> None:
         self.svc = svc
+        self.guard = svc.guard
         self.link = link
         self.reader_id = reader_id
-        self.clock = clock
+        self.clock = svc.clock  # the one clock of the service and its executor
         self._prefix = reader_id + ":"
         self._waiting: dict[str, float] = {}  # key -> next PROGRESS time
         self.stats = {"requests": 0, "errors": 0, "results": 0, "undeliverable": 0}
-        previous = svc.on_reply
-
-        def on_reply(result: Result) -> None:
-            previous(result)
-            if result.key.startswith(self._prefix):
-                self._send_result(result)
-
-        svc.on_reply = on_reply
+        self._unsubscribe = self.guard.subscribe(self._prefix, self._send_result)
 
     def attach(self) -> None:
         """Share the service's select loop: the port's fd wakes us, timers run every step."""
@@ -72,7 +64,7 @@ class ReaderBridge:
                 log.warning("a message to the reader was not acknowledged (%s); the reader can ask STATUS", ev.reason)
         now = self.clock()
         for key, due in list(self._waiting.items()):
-            r = status(self.svc.engine, self.svc.journal, key)
+            r = self.guard.status(key)
             if r is None or not r.in_progress:
                 self._waiting.pop(key, None)
             elif now >= due:
@@ -95,23 +87,23 @@ class ReaderBridge:
                 req = M.to_request(msg, self.reader_id)
                 log.info("request %s %s", req.kind.value, req.key)
                 self._waiting[req.key] = self.clock() + PROGRESS_EVERY_S
-                self.svc.submit(req)
+                self.guard.submit(req)
             elif isinstance(msg, M.Status):
                 if msg.reader_id is not None and msg.reader_id != self.reader_id:
                     raise M.MessageError("READER_ID does not match this port's reader", code="MSG_READER_MISMATCH")
-                r = (self.svc.engine.last_for_reader(self.reader_id) if msg.last
-                     else status(self.svc.engine, self.svc.journal, txn_key(self.reader_id, msg.txn_id or b"")))
+                r = (self.guard.last_for_reader(self.reader_id) if msg.last
+                     else self.guard.status(txn_key(self.reader_id, msg.txn_id or b"")))
                 if r is None:
                     raise PosguardError("no transaction with this id on this terminal", code=ERR_TXN_UNKNOWN)
                 self._send_result(r)
             elif isinstance(msg, M.Ping):
                 self._send(M.Pong(txn_id=msg.txn_id))
             elif isinstance(msg, M.Confirm):
-                self.svc.call(lambda: self.svc.engine.confirm(txn_key(self.reader_id, msg.txn_id or b""), self.svc.clock()))
+                self.guard.confirm(txn_key(self.reader_id, msg.txn_id))
             elif isinstance(msg, M.Cancel):
-                self.svc.call(lambda: self.svc.engine.cancel(txn_key(self.reader_id, msg.txn_id or b""), self.svc.clock()))
+                self.guard.cancel(txn_key(self.reader_id, msg.txn_id))
             elif isinstance(msg, M.Signed):
-                self.svc.call(lambda: self.svc.engine.signed(txn_key(self.reader_id, msg.txn_id or b""), self.svc.clock()))
+                self.guard.signed(txn_key(self.reader_id, msg.txn_id))
             else:
                 raise M.MessageError(f"{type(msg).__name__} is not a request a reader may send", code="MSG_NOT_A_REQUEST")
         except JournalError:

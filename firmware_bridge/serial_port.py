@@ -25,9 +25,10 @@ def open_port(
     stopbits: float = DEFAULT_STOPBITS,
     *,
     write_timeout: float | None = 1.0,
-) -> serial.SerialBase:
+) -> serial.Serial:
     """Open a device path or a URL (socket://, rfc2217://, loop://, spy://...) non-blocking,
     no flow control. ``write_timeout`` keeps a stalled peer from blocking the guard forever."""
+    # serial_for_url's URL handlers all subclass Serial (in_waiting, reset_input_buffer...).
     return serial.serial_for_url(
         url,
         baudrate=baudrate,
@@ -48,7 +49,7 @@ class SerialLink:
 
     def __init__(
         self,
-        port: serial.SerialBase,
+        port: serial.Serial,
         endpoint: LinkEndpoint,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

@@ -69,15 +69,24 @@ def hostsim(ctx: click.Context) -> None:
 @click.option("--operator-rate", type=float, default=0.0, show_default=True,
               help="Fraction of sales the reader later VOIDs or REFUNDs.")
 @click.option("--trace", is_flag=True, help="Print the event trace (always printed for a failing seed).")
-def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, trace: bool) -> None:
+@click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Leave each seed's journal and keys in DIR/seed-S (DIR itself with --seed); "
+                   "the directory must not hold a journal yet. A seed's journal is byte-identical run after run.")
+def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, trace: bool,
+        keep_dir: Path | None) -> None:
     """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants."""
     from guard.simulation.deterministic import SimConfig, run_seed
 
     todo = [seed] if seed is not None else list(range(1, seeds + 1))
     failed = 0
     for s in todo:
+        wd = None if keep_dir is None else (keep_dir if seed is not None else keep_dir / f"seed-{s}")
+        if wd is not None:
+            if (wd / "journal.db").exists():
+                raise click.UsageError(f"{wd} already holds a journal")
+            wd.mkdir(parents=True, exist_ok=True)
         rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection, operator_rate=operator_rate),
-                       keep_trace=trace)
+                       workdir=wd, keep_trace=trace)
         click.echo(rep.summary())
         if not rep.ok:
             failed += 1

@@ -71,7 +71,7 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
                     code="CONFIG_CHANGED_UNSIGNED")
             svc.journal.append([("config_loaded", None, {
                 **signature, "tid": cfg["terminal.terminal_id"], "mid": cfg["terminal.merchant_id"],
-                "host": f"{cfg['host.address']}:{cfg['host.port']}", "tls": cfg["host.tls"]})], now=time.time())
+                "host": f"{cfg['host.address']}:{cfg['host.port']}", "tls": cfg["host.tls"]})], now=svc.clock())
         except BaseException:
             svc.close()
             raise

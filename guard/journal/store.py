@@ -27,7 +27,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -251,9 +251,10 @@ class Journal(SegmentOps):
 
     # -- writing --
 
-    def seal_vault(self, txn: str, plaintext: bytes) -> VaultBlob:
-        """Encrypt card data for ``txn`` before the append that references its ``ref``."""
-        nonce = os.urandom(VAULT_NONCE_LEN)
+    def seal_vault(self, txn: str, plaintext: bytes, *, rng: Callable[[int], bytes] = os.urandom) -> VaultBlob:
+        """Encrypt card data for ``txn`` before the append that references its ``ref``; the nonce
+        comes from ``rng`` (the runtime's randomness port)."""
+        nonce = rng(VAULT_NONCE_LEN)
         ct = self._aead.encrypt(nonce, plaintext, txn.encode())
         blob = VaultBlob(vault_ref(nonce, ct), txn, nonce, ct)
         self._sealed = blob

@@ -29,22 +29,22 @@ import os
 import random
 import socket
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import PosguardError
-from guard.hostlink.iso import HostGarbage, HostMessage
 from guard.journal.format import canonical_json
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys
 from guard.core.model import TxnState
+from guard.runtime.executor import BATCH
 from guard.runtime.restore import restore_engine
 from guard.runtime.service import GuardService, JournalCrypto
-from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
+from guard.hostlink.uplink import SendOutcome, Uplink
 
 ALLOWED_MTIS = frozenset({"0220", "0400", "0401", "0800"})
 _TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
@@ -67,10 +67,6 @@ class ReversalOnlyUplink:
     @property
     def connected(self) -> bool:
         return self.inner.connected
-
-    @property
-    def connecting(self) -> bool:
-        return self.inner.connecting
 
     def connect(self) -> bool:
         self._corked = False
@@ -122,38 +118,16 @@ class ReversalOnlyUplink:
 
 
 class ReplayService(GuardService):
-    """GuardService tuned for draining: commits all the records of one burst of host answers at
-    once, forgets transactions once they are final (recording their outcome in ``finished``), and
-    skips the O(n) next-deadline scan while answers keep arriving."""
+    """GuardService configured for draining (``executor.BATCH``): the records of one burst of host
+    answers are committed at once, and transactions are forgotten once final (their outcome
+    recorded in ``finished``) so the engine's timer scans stay O(backlog)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        kwargs.setdefault("policy", BATCH)
+        super().__init__(*args, on_commit=self._forget, **kwargs)
         self.finished: dict[str, Item] = {}
-        self._had_input = False
-        self._deferred: list[Action] = []  # host answers' actions, executed with the tick's
 
-    def step(self, max_wait: float = 0.05) -> None:
-        """GuardService.step, except that right after a burst of answers it polls briefly instead
-        of computing the engine's next deadline (timers still fire: tick runs every round)."""
-        now = self.clock()
-        self._ensure_connected(now)
-        if self._had_input and self.uplink.connected:
-            wait = min(max_wait, 0.005)
-        else:
-            deadline = self.engine.next_deadline()
-            wait = max_wait if deadline is None else max(0.0, min(max_wait, deadline - now))
-            if not self.uplink.connected:
-                wait = min(wait, max(0.0, self._next_connect - now))
-        events = self.selector.select(wait)
-        self._had_input = bool(events)
-        for key, _ in events:
-            key.data()
-        # The answers' records and the next reversal attempts go in ONE commit, before any send.
-        acts, self._deferred = self._deferred, []
-        self.execute(acts + self.engine.tick(self.clock()))
-        self.journal.maybe_checkpoint(self.clock())
-
-    def _forget(self, records: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+    def _forget(self, records: Sequence[tuple[str, str | None, dict[str, Any]]]) -> None:
         """After a commit: drop transactions that just became final (not VOID-linked) from the engine."""
         eng = self.engine
         for kind, key, _ in records:
@@ -164,53 +138,6 @@ class ReplayService(GuardService):
                 continue
             self.finished[key] = Item(key, t.stan, t.amount, t.masked_pan, t.state.value, t.reason, t.rev_attempts)
             eng.forget(key)
-
-    def _commit(self, buf: Append) -> None:
-        self.journal.append(buf.records, now=self.clock(), vault_put=buf.vault_put, vault_shred=buf.vault_shred)
-        self._forget(buf.records)
-
-    def execute(self, actions: Iterable[Action]) -> None:
-        queue: deque[Action] = deque(actions)
-        buf: Append | None = None
-        while queue:
-            a = queue.popleft()
-            if isinstance(a, Append):
-                if buf is None:
-                    buf = Append(list(a.records), list(a.vault_put), list(a.vault_shred))
-                else:
-                    buf.records.extend(a.records)
-                    buf.vault_put.extend(a.vault_put)
-                    buf.vault_shred.extend(a.vault_shred)
-                continue
-            if buf is not None:  # write-ahead: commit before anything that depends on it
-                self._commit(buf)
-                buf = None
-            if isinstance(a, SendHost):
-                cork = getattr(self.uplink, "cork", None)
-                if cork is not None and queue and isinstance(queue[0], SendHost):
-                    cork(True)  # a burst: let the kernel send it in as few segments as it can
-                queue.extendleft(reversed(self._send(a)))
-                if cork is not None and not (queue and isinstance(queue[0], SendHost)):
-                    cork(False)
-            elif isinstance(a, Reply):
-                self.replies[a.result.key] = a.result
-                self.on_reply(a.result)
-        if buf is not None:
-            self._commit(buf)
-
-    def _on_host_readable(self) -> None:
-        acts = self._deferred
-        for item in self.uplink.poll():
-            now = self.clock()
-            if isinstance(item, HostMessage):
-                acts += self.engine.host_message(item.fields, now)
-            elif isinstance(item, HostGarbage):
-                acts += self.engine.host_garbage(item.code, item.detail, item.raw_len, item.digest, now)
-            elif isinstance(item, Disconnected):
-                self._deferred = []
-                self.execute(acts)
-                self.execute(self._lost_connection(now))
-                return
 
 
 @dataclass
@@ -278,7 +205,7 @@ def open_replay(journal_path: Path, keys: DeviceKeys, ecfg: EngineConfig, uplink
         if prune_final:
             prune_final_txns(engine)
         svc = ReplayService(engine, journal, ReversalOnlyUplink(uplink), clock=clock, reconnect_s=reconnect_s)
-        svc.execute(engine.recover(clock()))
+        svc.executor.call(engine.recover)
     except BaseException:
         journal.close()
         raise
@@ -350,7 +277,7 @@ def deposit_checkpoint(svc: GuardService, timeout: float) -> tuple[dict[str, Any
         return None, ""
     svc.journal.checkpoint(svc.clock())
     cp = svc.journal.latest_checkpoint()
-    svc.execute(eng.deposit_checkpoint(canonical_json(cp), svc.clock()))
+    svc.executor.call(eng.deposit_checkpoint, canonical_json(cp))
     while eng.deposit_stan is not None and svc.uplink.connected and time.monotonic() < end:
         svc.step(0.05)
     return cp, eng.deposit_result or ""

@@ -17,17 +17,21 @@ from guard.core.txn import CardCrypto
 MAX_LOAD_ROUNDS = 64  # a call needs at most its own txn, its original and that sale's refunds
 
 
-class EntrySource(Protocol):
+class EntriesFor(Protocol):
+    """A journal's entries of one transaction (what answering ``Load`` needs)."""
+
+    def entries_for(self, txn: str) -> list[Any]: ...
+
+
+class EntrySource(EntriesFor, Protocol):
     """What restoring needs of a journal (``guard.journal.store.Journal`` fits)."""
 
     def entries(self) -> Iterator[Any]: ...
 
-    def entries_for(self, txn: str) -> list[Any]: ...
-
     def archived_key_hashes(self) -> Iterable[int]: ...
 
 
-def answer(engine: Engine, need: Load, store: EntrySource) -> None:
+def answer(engine: Engine, need: Load, store: EntriesFor) -> None:
     """Hand the engine the entries a ``Load`` asks for."""
     for key in need.keys:
         entries = store.entries_for(key)
@@ -36,7 +40,7 @@ def answer(engine: Engine, need: Load, store: EntrySource) -> None:
         engine.load(key, entries)
 
 
-def call(engine: Engine, store: EntrySource, fn: Callable[[], list[Action]]) -> list[Action]:
+def call(engine: Engine, store: EntriesFor, fn: Callable[[], list[Action]]) -> list[Action]:
     """Run an engine entry point, answering its ``Load`` until it returns real actions."""
     for _ in range(MAX_LOAD_ROUNDS):
         acts = fn()
@@ -65,7 +69,7 @@ def restore_engine(cfg: EngineConfig, crypto: CardCrypto, store: EntrySource,
     return engine
 
 
-def status(engine: Engine, store: EntrySource, key: str) -> Any:
+def status(engine: Engine, store: EntriesFor, key: str) -> Any:
     """STATUS(id) answered from memory or, for an evicted transaction, from its entries."""
     r = engine.status(key)
     if isinstance(r, Load):

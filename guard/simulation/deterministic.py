@@ -1,9 +1,10 @@
 """Deterministic fault simulation of the whole terminal (TigerBeetle VOPR-style).
 
 One seed drives everything: readers (sales, re-sends after silence or reboot, STATUS), the network
-(latency, closed connections), the host (``HostCore`` with seeded faults) and terminal crashes at
-any action boundary. Time is simulated; the journal is a real SQLite file, so restarts exercise
-the real recovery path. After a fault-free drain the invariants are checked:
+(latency, closed connections, sends that fail or may have left), the host (``HostCore`` with seeded
+faults) and terminal crashes at any action boundary. The terminal runs the daemon's ``Executor``
+over simulated ports (``simports``). Time is simulated; the journal is a real SQLite file, so
+restarts exercise the real recovery path, and a seed's journal is byte-identical run after run. After a fault-free drain the invariants are checked:
 
 - every sale: final APPROVED iff the host holds exactly one net debit for it, otherwise none;
 - every debit the host holds belongs to a sale the terminal journaled as APPROVED;
@@ -42,16 +43,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from guard.core import constants as C
-from guard.core.engine import Action, Append, Engine, EngineConfig, Reply, SendHost, Txn, card_from_plaintext
-from guard.core.txn import rebuild
-from guard.runtime import restore
+from guard.core.engine import Engine, EngineConfig, Txn
+from guard.core.txn import rebuild as _rebuild
+from guard.runtime.restore import restore_engine
 from guard.core.errors import PosguardError
 from guard.simulation.hostsim import HostCore
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.core.policies import OFF, OfflineConfig
 from guard.core.model import CardData, Request, Result, TxnKind, TxnState
+from guard.runtime.executor import Executor
 from guard.runtime.service import JournalCrypto
+from guard.simulation.simports import SimHost, SimReader, SimStore
 from guard.journal.verify import verify_journal
 
 TID = "SIMTERM1"
@@ -90,6 +93,8 @@ class SimConfig:
     offline: bool = False  # deferred authorization on: sales during outages are stored, then sent as 0220
     outage_s: float = 0.5  # how long the terminal stays disconnected after the host closes the link
     operator_rate: float = 0.0  # fraction of sales the reader later VOIDs or REFUNDs (0: the sales-only simulation)
+    not_sent_rate: float = 0.01  # per send: the write fails before any byte left (NOT_SENT, link dropped)
+    maybe_sent_rate: float = 0.02  # per send: the link closes during it (MAYBE_SENT; half of those still arrive)
 
 
 @dataclass
@@ -148,10 +153,15 @@ class _World:
         rates = {k: cfg.fault_rate / len(HOST_FAULTS) for k in HOST_FAULTS} if cfg.fault_rate else {}
         self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay)
         self.conn = 0
+        self.up = False  # the simulated TCP connection (the host port's ``connected``)
+        # Separate streams, so vault nonces and send faults do not shift the seed's other draws.
+        self.nonce_rng = random.Random(f"posguard.sim.nonce.{cfg.seed}")
+        self.send_rng = random.Random(f"posguard.sim.send.{cfg.seed}")
         self.journal: Journal | None = Journal.create(self.path, self.keys, terminal_id=TID, now=self.now)
         self.engine: Engine | None = Engine(self.ecfg, self._crypto(), random.Random(cfg.seed ^ 0x5EED))
+        self.ex = self._executor(self.engine)
         self.crashes = 0
-        self.crashing_enabled = True
+        self.faults_on = True  # crashes and send faults; off for the final drain
         self.requests: dict[str, Request] = {}
         self.shown: dict[str, list[Result]] = {}
         self.kinds: collections.Counter[str] = collections.Counter()
@@ -171,7 +181,16 @@ class _World:
 
     def _crypto(self) -> JournalCrypto:
         assert self.journal is not None
-        return JournalCrypto(self.journal, self.keys.token_key)
+        return JournalCrypto(self.journal, self.keys.token_key, self.nonce_rng.randbytes)
+
+    def _executor(self, engine: Engine) -> Executor:
+        """The daemon's executor class over simulated ports, with power loss before any action."""
+        return Executor(engine, SimStore(self), SimHost(self, self.send_rng), SimReader(self), lambda: self.now,
+                        before=self._power)
+
+    def _power(self, a: object) -> None:
+        if self.faults_on and self.rng.random() < self.cfg.crash_rate:
+            raise _Crash(type(a).__name__)
 
     def log(self, msg: str) -> None:
         self.trace.append(f"{self.now:.3f} {msg}")
@@ -182,43 +201,15 @@ class _World:
 
     # ---------------------------------------------------------------- terminal side
 
-    def execute(self, actions: list[Action]) -> None:
-        """Run actions in order, like GuardService, with a chance of power loss before each."""
-        queue = list(actions)
-        while queue:
-            a = queue.pop(0)
-            if self.crashing_enabled and self.rng.random() < self.cfg.crash_rate:
-                raise _Crash(type(a).__name__)
-            assert self.journal is not None and self.engine is not None
-            if isinstance(a, Append):
-                self.journal.append(a.records, now=self.now, vault_put=a.vault_put, vault_shred=a.vault_shred)
-                self.log("commit " + ",".join(f"{k}:{(t or '-')[-6:]}" for k, t, _ in a.records))
-            elif isinstance(a, SendHost):
-                fields = dict(a.fields)
-                card = a.card
-                if card is None and a.card_ref:
-                    plain = self.journal.vault_open(a.card_ref)
-                    card = card_from_plaintext(plain) if plain else None
-                if card is not None:
-                    fields[C.F_PAN] = card.pan
-                if not self.engine.host_up:
-                    queue[:0] = self.engine.send_failed(a.key, self.now)
-                    continue
-                self.log(f"send {fields['t']} stan={fields.get(C.F_STAN)}")
-                self.at(self.cfg.latency, "to_host", (self.conn, fields))
-            elif isinstance(a, Reply):
-                self.shown.setdefault(a.result.key, []).append(a.result)
-                self.log(f"reply {a.result.key[-6:]} {a.result.state.value}{' (in progress)' if a.result.in_progress else ''}")
-                self.check_shown(a.result)
-                self.on_shown(a.result)
+    def terminal(self, entry: str, *args: Any) -> None:
+        """Call engine entry point ``entry`` through the executor; a crash stops the terminal."""
+        self.guarded(lambda ex: ex.call(getattr(ex.engine, entry), *args))
 
-    def terminal(self, fn: Callable[[Engine], list[Action]]) -> None:
+    def guarded(self, fn: Callable[[Executor], None]) -> None:
         if self.engine is None:
             return
-        engine, journal = self.engine, self.journal
-        assert journal is not None
         try:
-            self.execute(restore.call(engine, journal, lambda: fn(engine)))
+            fn(self.ex)
         except _Crash as c:
             self.crash(str(c))
 
@@ -230,20 +221,27 @@ class _World:
         self.journal = None
         self.engine = None
         self.conn += 1  # the TCP connection dies with the process
+        self.up = False
         self.at(0.5 + self.rng.random(), "restart")
 
     def restart(self) -> None:
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
-        self.engine = restore.restore_engine(self.ecfg, self._crypto(), self.journal, random.Random(self.rng.random()))
+        self.engine = restore_engine(self.ecfg, self._crypto(), self.journal, random.Random(self.rng.random()))
+        self.ex = self._executor(self.engine)
         self.log(f"restart: {self.engine.pending_reversals()} reversals pending before recovery")
-        self.terminal(lambda e: e.recover(self.now))
+        self.terminal("recover")
+        self.connect()
+
+    def connect(self) -> None:
         self.conn += 1
-        self.terminal(lambda e: e.on_host_up(self.now))
+        self.up = self.engine is not None
+        self.terminal("on_host_up")
 
     # ---------------------------------------------------------------- host side
 
-    def host_receive(self, conn: int, fields: dict[str, str]) -> None:
-        if conn != self.conn:
+    def host_receive(self, conn: int, fields: dict[str, str], arrived: bool = False) -> None:
+        """``arrived``: the bytes reached the host before their connection closed (MAYBE_SENT)."""
+        if conn != self.conn and not arrived:
             return
         for r in self.host.handle(fields, self.now):
             if r.action == "drop":
@@ -279,7 +277,7 @@ class _World:
             self.at(1.0, "submit", (req, attempt))
             return
         self.log(f"reader submits {req.key[-6:]} attempt {attempt}")
-        self.terminal(lambda e: e.submit(req, self.now))
+        self.terminal("submit", req)
         if attempt < 3 and self.rng.random() < self.cfg.resend_rate:
             kind = "status" if self.rng.random() < self.cfg.status_rate else "submit"
             self.at(self.rng.uniform(0.1, 2 * self.cfg.host_timeout), kind, (req, attempt + 1))
@@ -356,7 +354,7 @@ class _World:
                 soon = self.op_rng.random() < 0.4  # at once: races the first one's host round trip
                 self.at(self.op_rng.uniform(0.0, 0.05) if soon else self.op_rng.uniform(0.05, 8.0), "op", (plan[j], 0, True))
         try:
-            self.terminal(lambda e: e.submit(req, self.now))
+            self.terminal("submit", req)
         except PosguardError as err:
             why = self.refusal_problem(req, sale_key, err.code)
             self.refusals.append((self.now, req.key, err.code, why))
@@ -372,7 +370,7 @@ class _World:
     def _journaled(self, key: str) -> Txn | None:
         """A transaction as the journal holds it right now (independent of the engine's memory)."""
         assert self.journal is not None
-        return rebuild(key, self.journal.entries_for(key))
+        return _rebuild(key, self.journal.entries_for(key))
 
     def refusal_problem(self, req: Request, sale_key: str, code: str) -> str:
         """Why a refusal is NOT legitimate given what the journal holds at that moment ("" if it is)."""
@@ -402,7 +400,7 @@ class _World:
     def reader_status(self, req: Request) -> None:
         if self.engine is None:
             return
-        r = restore.status(self.engine, self.journal, req.key)
+        r = self.ex.status(req.key)
         self.log(f"reader STATUS {req.key[-6:]} -> {r.state.value if r else 'UNKNOWN_ID'}")
         if r is not None and not r.in_progress:
             self.shown.setdefault(req.key, []).append(r)
@@ -412,7 +410,7 @@ class _World:
 
     def run(self) -> None:
         self.schedule_sales()
-        self.terminal(lambda e: e.on_host_up(self.now))
+        self.connect()
         self.at(0.25, "tick")
         steps = 0
         draining = False
@@ -422,12 +420,12 @@ class _World:
             t, _, kind, data = heapq.heappop(self.events)
             self.now = max(self.now, t)
             if kind == "tick":
-                self.terminal(lambda e: e.tick(self.now))
+                self.terminal("tick")
                 if not draining and not any(k in ("submit", "op", "status", "restart") for _, _, k, _ in self.events):
                     draining = True
                     end = self.now + self.cfg.drain_limit_s
                     self.host.faults = {}
-                    self.crashing_enabled = False
+                    self.faults_on = False
                     self.log("drain: faults and crashes off")
                 if draining and (self.engine is not None and not self.engine.busy()):
                     if all(k == "tick" for _, _, k, _ in self.events):
@@ -446,21 +444,19 @@ class _World:
                 conn, fields = data
                 if conn == self.conn and self.engine is not None:
                     self.log(f"recv {fields.get('t')} stan={fields.get(C.F_STAN)} rc={fields.get(C.F_RESPONSE_CODE)}")
-                    self.terminal(lambda e: e.host_message(fields, self.now))
+                    self.terminal("host_message", fields)
             elif kind == "garbage":
                 if data == self.conn and self.engine is not None:
                     self.log("recv garbage")
-                    self.terminal(lambda e: e.host_garbage("HOST_UNDECODABLE", "simulated garbage", 17, "00" * 8, self.now))
+                    self.terminal("host_garbage", "HOST_UNDECODABLE", "simulated garbage", 17, "00" * 8)
             elif kind == "close":
                 if data == self.conn and self.engine is not None:
                     self.log("connection closed by host")
-                    self.conn += 1
-                    self.terminal(lambda e: e.on_host_down(self.now))
-                    self.at(self.rng.uniform(0.5, self.cfg.outage_s) if self.cfg.outage_s > 0.5 else 0.5,
-                            "reconnect", self.conn)
+                    self.guarded(lambda ex: ex.lost_connection())
             elif kind == "reconnect":
                 if data == self.conn and self.engine is not None:
-                    self.terminal(lambda e: e.on_host_up(self.now))
+                    self.up = True
+                    self.terminal("on_host_up")
             elif kind == "restart":
                 self.restart()
 
@@ -493,7 +489,7 @@ class _World:
         # Judge by what the journal holds after a fresh restore, not by the engine's memory.
         self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
         self.kinds = collections.Counter(e.kind for e in self.journal.entries())
-        self.engine = restore.restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal)
+        self.engine = restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal)
         # Net records per (STAN, MMDD) and type: a SALE is a debit, a REFUND a credit.
         ledger: collections.Counter[tuple[str, str, str]] = collections.Counter()
         for d in self.host.debits():

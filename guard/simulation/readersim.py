@@ -102,7 +102,7 @@ class ReaderSim:
 
     def __init__(
         self,
-        port: serial.SerialBase,
+        port: serial.Serial,
         *,
         reader_id: str,
         rng: random.Random,

@@ -411,7 +411,9 @@ def test_an_over_long_host_field_is_malformed_not_a_journal_failure(tmp_path, ke
     engine treats the answer as malformed (journaled truncated, the sale reversed on timeout)."""
     import random
 
-    from guard.core.engine import Append, Engine, EngineConfig, SendHost
+    from tests.support.executor_support import RecordingHost, Shown, executor
+
+    from guard.core.engine import Engine, EngineConfig
     from guard.journal.store import Journal
     from guard.core.model import CardData, Request, TxnKind, TxnState
     from guard.core.policies import OFF
@@ -422,23 +424,21 @@ def test_an_over_long_host_field_is_malformed_not_a_journal_failure(tmp_path, ke
     try:
         e = Engine(EngineConfig("TERM0001", "MERCHANT0000001", policy=OFF, host_timeout_s=5),
                    JournalCrypto(j, keys.token_key), random.Random(1))
-        e.on_host_up(T0)
+        clock = [T0]
+        host = RecordingHost()
+        ex = executor(e, j, host, Shown(), lambda: clock[0])
+        ex.call(e.on_host_up)
         req = Request("R1", (1).to_bytes(16, "big"), TxnKind.SALE, 1000, "978", CardData(pan, "2912"))
-        acts = e.submit(req, T0)
-        for a in acts:
-            if isinstance(a, Append):
-                j.append(a.records, now=T0, vault_put=a.vault_put)
-        send = next(a for a in acts if isinstance(a, SendHost))
-        answer = {k: v for k, v in send.fields.items() if k in ("4", "7", "11", "41", "42", "49")}
+        ex.call(e.submit, req)
+        send = next(f for f in host.sent if f["t"] == "0200")
+        answer = {k: v for k, v in send.items() if k in ("4", "7", "11", "41", "42", "49")}
         answer.update({"t": "0210", "39": "00", "38": "123456", "37": "000000000001"})
         answer[field] = pan
-        for a in e.host_message(answer, T0 + 1):
-            if isinstance(a, Append):
-                j.append(a.records, now=T0 + 1)
+        clock[0] = T0 + 1
+        ex.call(e.host_message, answer)
         assert e.status(req.key).state is TxnState.SENT  # type: ignore[union-attr]
-        for a in e.tick(T0 + 6):
-            if isinstance(a, Append):
-                j.append(a.records, now=T0 + 6)
+        clock[0] = T0 + 6
+        ex.call(e.tick)
         assert e.status(req.key).state is TxnState.REVERSAL_PENDING  # type: ignore[union-attr]
         kinds = [(x.kind, x.payload.get("why")) for x in j.entries() if x.kind == "unmatched_response"]
         assert kinds == [("unmatched_response", f"FIELD_TOO_LONG:{field}")]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.engine import Append, Engine, EngineConfig
 from guard.simulation.hostsim import HostCore
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys
@@ -23,6 +25,8 @@ from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF
 from guard.runtime.service import JournalCrypto
 from tests.support import guard_config, write_guard_toml
+
+from tests.support.executor_support import RecordingHost, Shown, executor
 
 TID, MID = "OPSTEST1", "OPSMERCHANT0001"
 PANS = ("4761739001010119", "5413330089020011", "4111111111111111", "5555555555554444", "6011111111111117")
@@ -52,7 +56,9 @@ class Gen:
         self._buf: Append | None = None
         self._n = 0
         self.rng = random.Random(7)
-        self.sends: list[SendHost] = []
+        self.host = RecordingHost()
+        self.sends = self.host.sent  # delivered after the next flush: write-ahead per batch
+        self.ex = executor(self.engine, self, self.host, Shown(), lambda: self.t)
 
     # -- plumbing --
 
@@ -61,34 +67,37 @@ class Gen:
         return self.t
 
     def run(self, actions: list[Any]) -> None:
-        for a in actions:
-            if isinstance(a, Append):
-                if self._buf is None:
-                    self._buf = Append(list(a.records), list(a.vault_put), list(a.vault_shred))
-                else:
-                    self._buf.records.extend(a.records)
-                    self._buf.vault_put.extend(a.vault_put)
-                    self._buf.vault_shred.extend(a.vault_shred)
-            elif isinstance(a, SendHost):
-                self.sends.append(a)  # delivered after the next flush: write-ahead per batch
-            elif isinstance(a, Reply):
-                pass
+        """Execute through the daemon's executor; commits wait in a buffer until ``flush``."""
+        self.ex.run(actions)
+
+    # -- StorePort: the executor's commits are buffered and written in one commit per batch --
+
+    def append(self, records: Sequence[tuple[str, str | None, dict[str, Any]]], *, now: float,
+               vault_put: Sequence[Any] = (), vault_shred: Sequence[str] = ()) -> None:
+        if self._buf is None:
+            self._buf = Append(list(records), list(vault_put), list(vault_shred))
+        else:
+            self._buf.records.extend(records)
+            self._buf.vault_put.extend(vault_put)
+            self._buf.vault_shred.extend(vault_shred)
+
+    def vault_open(self, ref: str) -> bytes | None:
+        return self.journal.vault_open(ref)
+
+    def maybe_checkpoint(self, now: float) -> bool:
+        return False
 
     def flush(self) -> None:
         b, self._buf = self._buf, None
         if b is not None and b.records:
             self.journal.append(b.records, now=self.t, vault_put=b.vault_put, vault_shred=b.vault_shred)
 
-    def deliver(self, s: SendHost, *, respond: bool = True, process: bool = True) -> None:
-        """Hand one sent message to the host; feed its answer back unless ``respond`` is False."""
+    def deliver(self, fields: dict[str, str], *, respond: bool = True, process: bool = True) -> None:
+        """Hand one sent message (fields 2 and 14 filled by the executor) to the host; feed its
+        answer back unless ``respond`` is False."""
         if not process:
             return
-        fields = dict(s.fields)
-        if s.card is not None:
-            fields["2"] = s.card.pan
-            if s.card.expiry:
-                fields["14"] = s.card.expiry
-        for r in self.core.handle(fields, self.t):
+        for r in self.core.handle(dict(fields), self.t):
             if respond and r.fields is not None and r.action == "send":
                 self.run(self.engine.host_message(r.fields, self.t))
 
@@ -121,7 +130,8 @@ class Gen:
         return keys
 
     def _drain_sends(self, *, respond: bool, process: bool = True) -> None:
-        sends, self.sends = self.sends, []
+        sends = list(self.sends)
+        self.sends.clear()
         for s in sends:
             self.deliver(s, respond=respond, process=process)
         self.flush()

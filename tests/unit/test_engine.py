@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,8 @@ from guard.core.errors import IdempotencyConflict
 from guard.core.policies import OFF
 from guard.core.model import CardData, Request, TxnKind, TxnState
 from tests.support import FakeCrypto
+
+from tests.support.executor_support import ListStore, RecordingHost, Shown, executor
 
 NOW = 1_760_000_000.0
 CFG = EngineConfig("TERM0001", "MERCHANT0000001", host_timeout_s=5, reversal_timeout_s=5,
@@ -31,17 +34,21 @@ class E:
     ts: float
 
 
-class Log:
-    """Collects appended records as journal entries, to restore engines from."""
+class Log(ListStore):
+    """Runs actions through the daemon's executor (a host that takes every send) and keeps the
+    committed records as journal entries, to restore engines from."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.entries: list[E] = []
+        self.ex = executor(None, self, RecordingHost(), Shown(), lambda: NOW)
+
+    def append(self, records: Any, *, now: float, vault_put: Any = (), vault_shred: Any = ()) -> None:
+        for kind, txn, payload in records:
+            self.entries.append(E(len(self.entries) + 1, kind, txn, payload, NOW))
 
     def take(self, acts: list[Any]) -> list[Any]:
-        for a in acts:
-            if isinstance(a, Append):
-                for kind, txn, payload in a.records:
-                    self.entries.append(E(len(self.entries) + 1, kind, txn, payload, NOW))
+        self.ex.run(acts)
         return acts
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from guard.core import constants as C
 from guard.runtime import restore
-from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import IdempotencyConflict, PosguardError
 from guard.ops.export import load_view
 from guard.simulation.hostsim import HostCore
@@ -24,6 +24,8 @@ from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF, OfflineConfig, PolicyConfig
 from guard.runtime.service import JournalCrypto
 from guard.journal.verify import verify_journal
+
+from tests.support.executor_support import CoreHost, Shown, executor
 
 TID, MID = "OPRULES1", "OPRULESMERCHANT"
 NOW = 1_760_000_000.0
@@ -40,36 +42,27 @@ class World:
         self.journal = Journal.create(self.path, self.keys, terminal_id=TID, now=NOW)
         self.cfg = EngineConfig(TID, MID, host_timeout_s=5, reversal_timeout_s=5, backoff_base_s=1, backoff_max_s=2,
                                 policy=policy, offline=offline or OfflineConfig(), keep_final=keep_final)
-        self.engine = self._engine(Engine)
         self.host = HostCore(seed=1, dup_detection=dup_detection)
         self.now = NOW
-        self.shown: dict[str, Any] = {}
-        self.sent: list[dict[str, str]] = []
-        self.up = True
-        self.run(self.engine.on_host_up(self.now))
+        self.reader = Shown()
+        self.shown: dict[str, Any] = self.reader.results
+        self.link = CoreHost(self.host, lambda: self.now)
+        self.sent: list[dict[str, str]] = self.link.sent
+        self.engine = self._engine(Engine)
+        self.ex.call(self.engine.on_host_up)
 
     def _engine(self, factory: Any) -> Engine:
+        """A fresh engine (``Engine``) or one restored from the journal, with its executor."""
         crypto = JournalCrypto(self.journal, self.keys.token_key)
         if factory is Engine:
-            return Engine(self.cfg, crypto, random.Random(1))
-        return restore.restore_engine(self.cfg, crypto, self.journal, random.Random(2))
+            e = Engine(self.cfg, crypto, random.Random(1))
+        else:
+            e = restore.restore_engine(self.cfg, crypto, self.journal, random.Random(2))
+        self.ex = executor(e, self.journal, self.link, self.reader, lambda: self.now)
+        return e
 
     def run(self, acts: list[Any]) -> None:
-        for a in acts:
-            if isinstance(a, Append):
-                self.journal.append(a.records, now=self.now, vault_put=a.vault_put, vault_shred=a.vault_shred)
-            elif isinstance(a, SendHost):
-                fields = dict(a.fields)
-                if a.card is not None:
-                    fields["2"] = a.card.pan
-                elif a.card_ref:
-                    fields["2"] = (self.journal.vault_open(a.card_ref) or b"").decode().split("|")[0]
-                self.sent.append(fields)
-                for r in self.host.handle(fields, self.now):
-                    if r.fields is not None and r.action == "send":
-                        self.run(self.engine.host_message(r.fields, self.now))
-            elif isinstance(a, Reply):
-                self.shown[a.result.key] = a.result
+        self.ex.run(acts)
 
     def request(self, i: int, amount: int = 1000, pan: str = PAN_A, kind: TxnKind = TxnKind.SALE,
                 original: int | None = None) -> Request:
@@ -78,7 +71,7 @@ class World:
 
     def submit(self, req: Request, dt: float = 1.0) -> Any:
         self.now += dt
-        self.run(restore.call(self.engine, self.journal, lambda: self.engine.submit(req, self.now)))
+        self.ex.call(self.engine.submit, req)
         return self.shown.get(req.key)
 
     def sale(self, i: int, amount: int = 1000, pan: str = PAN_A, dt: float = 1.0) -> Any:
@@ -91,18 +84,18 @@ class World:
         end = self.now + seconds
         while self.now < end:
             self.now = min(end, self.now + step)
-            self.run(self.engine.tick(self.now))
+            self.ex.call(self.engine.tick)
 
     def down(self) -> None:
-        self.run(self.engine.on_host_down(self.now))
+        self.ex.call(self.engine.on_host_down)
 
     def back_up(self) -> None:
-        self.run(self.engine.on_host_up(self.now))
+        self.ex.call(self.engine.on_host_up)
 
     def restart(self) -> None:
         self.engine = self._engine(None)
-        self.run(self.engine.recover(self.now))
-        self.run(self.engine.on_host_up(self.now))
+        self.ex.call(self.engine.recover)
+        self.ex.call(self.engine.on_host_up)
 
     def records(self, kind: str, txn: str | None = None) -> list[Any]:
         return [e for e in self.journal.entries() if e.kind == kind and (txn is None or e.txn == txn)]
@@ -180,7 +173,7 @@ def test_refund_timeout_is_reversed_as_a_refund_and_limits_survive_eviction(tmp_
     w.advance(8)
     rev = [f for f in w.sent if f["t"] == "0400"][0]
     assert rev["3"] == C.PROC_REFUND and parse_field90(rev["90"])[0] == "0200"
-    assert restore.status(w.engine, w.journal, w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert w.ex.status(w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.ledger()["totals"]["net_amount"] == 5000, "the refund's credit was taken back"
     w.sale(7, amount=100, pan=PAN_B)
     w.sale(8, amount=100, pan=PAN_B)  # the original is evicted from memory by now
@@ -255,7 +248,7 @@ def test_offline_sales_within_limits_are_deferred_then_forwarded_as_advices(tmp_
     w.back_up()
     advices = [f for f in w.sent if f["t"] == "0220"]
     assert len(advices) == 3 and all("2" in f for f in advices), "the vault still held the card for the advice"
-    assert all(restore.status(w.engine, w.journal, w.key(i)).state is TxnState.APPROVED for i in (1, 3, 5))  # type: ignore[union-attr]
+    assert all(w.ex.status(w.key(i)).state is TxnState.APPROVED for i in (1, 3, 5))  # type: ignore[union-attr]
     assert w.host.ledger()["totals"]["net_amount"] == 8000 and not w.engine.busy()
     assert w.journal.vault_refs() == set(), "card data shredded once every advice was answered"
 
@@ -273,7 +266,7 @@ def test_unanswered_advice_is_reversed_before_a_fresh_one(tmp_path: Path, fault:
     revs = [f for f in w.sent if f["t"] in ("0400", "0401")]
     assert len(stans) == 2 and stans[0] != stans[1], "a second advice carries a new STAN"
     assert parse_field90(revs[0]["90"])[:2] == ("0220", stans[0]), "the unanswered 0220 was reversed first"
-    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert w.ex.status(w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 1, "exactly one debit, with or without duplicate detection"
 
 
@@ -282,7 +275,7 @@ def test_advice_declined_by_the_host_is_declined_with_no_debit(tmp_path: Path) -
     w.down()
     w.sale(1, amount=2051)  # the host declines amounts ending in 51
     w.back_up()
-    r = restore.status(w.engine, w.journal, w.key(1))
+    r = w.ex.status(w.key(1))
     assert r is not None and r.state is TxnState.DECLINED and r.reason == "ADVICE_DECLINED"
     assert "COLLECT PAYMENT" in r.display_text and w.host.total_net_debits() == 0
 
@@ -296,7 +289,7 @@ def test_crash_with_an_advice_in_flight_recovers_to_one_debit(tmp_path: Path) ->
     w.restart()
     w.advance(30)
     assert [e.payload["reason"] for e in w.records("advice_reversal_pending")] == ["RECOVERY"]
-    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.APPROVED and w.host.total_net_debits() == 1  # type: ignore[union-attr]
+    assert w.ex.status(w.key(1)).state is TxnState.APPROVED and w.host.total_net_debits() == 1  # type: ignore[union-attr]
     w.journal.close()
     assert verify_journal(w.path, k0=w.keys.k0, public_key=w.keys.signing_key.public_key()).ok
 
@@ -306,7 +299,7 @@ def test_offline_sale_not_forwarded_in_time_goes_to_manual_and_limits_free_up(tm
     w.down()
     w.sale(1, amount=3000)
     w.advance(601, step=60)
-    r = restore.status(w.engine, w.journal, w.key(1))
+    r = w.ex.status(w.key(1))
     assert r is not None and r.state is TxnState.NEEDS_MANUAL and r.reason == "OFFLINE_EXPIRED"
     assert w.sale(2, amount=5000).state is TxnState.DEFERRED, "the expired sale no longer counts"
     w.back_up()
@@ -327,7 +320,7 @@ def test_void_of_a_forwarded_offline_sale_reverses_the_advice(tmp_path: Path) ->
     w.down()
     w.sale(1, amount=3000)
     w.back_up()
-    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert w.ex.status(w.key(1)).state is TxnState.APPROVED  # type: ignore[union-attr]
     void = Request("R1", (2).to_bytes(16, "big"), TxnKind.VOID, 3000, "978", None, (1).to_bytes(16, "big"))  # type: ignore[arg-type]
     w.submit(void)
     rev = [f for f in w.sent if f["t"] == "0400"][-1]
@@ -367,7 +360,7 @@ def test_void_of_a_sale_evicted_from_memory_is_matched_to_its_reversal_answer(tm
     w.advance(5)
     assert w.records("unmatched_response") == []
     assert w.shown[_void(4, 1, 700).key].state is TxnState.APPROVED
-    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert w.ex.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 2
 
 
@@ -381,7 +374,7 @@ def test_void_pending_over_a_restart_after_its_sale_was_evicted_completes(tmp_pa
     w.restart()  # restore evicts sale 1 again before the VOID's intent reads it back
     w.advance(30)
     assert w.records("unmatched_response") == []
-    assert restore.status(w.engine, w.journal, _void(4, 1, 700).key).state is TxnState.APPROVED  # type: ignore[union-attr]
+    assert w.ex.status(_void(4, 1, 700).key).state is TxnState.APPROVED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 2
 
 
@@ -395,9 +388,9 @@ def test_void_after_a_reversed_refund_that_must_be_read_back_keeps_its_sale_in_m
     w.host.force("drop_request")  # the refund's 0200 is lost: timed out, reversed (host answers 25)
     w.refund(2, original=1, amount=100)
     w.advance(6)
-    assert restore.status(w.engine, w.journal, w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert w.ex.status(w.key(2)).state is TxnState.REVERSED  # type: ignore[union-attr]
     w.submit(_void(3, original=1, amount=5000))
     w.advance(2)
     assert w.shown[_void(3, 1, 5000).key].state is TxnState.APPROVED
-    assert restore.status(w.engine, w.journal, w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
+    assert w.ex.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 0

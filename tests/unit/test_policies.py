@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from guard.core.engine import Append, Engine, EngineConfig, Reply, SendHost
+from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import PosguardError
 from guard.simulation.hostsim import HostCore
 from guard.journal.store import Journal
@@ -17,6 +17,8 @@ from guard.journal.keys import init_keys
 from guard.core.model import CardData, Request, TxnKind, TxnState
 from guard.core.policies import OFF, PolicyConfig, VelocityLimit
 from guard.runtime.service import JournalCrypto
+
+from tests.support.executor_support import CoreHost, Shown, executor
 
 TID, MID = "POLICY01", "POLICYMERCHANT1"
 NOW = 1_760_000_000.0
@@ -33,29 +35,18 @@ class World:
                              random.Random(1))
         self.host = HostCore(seed=1, dup_detection=True)
         self.now = NOW
-        self.shown: dict[str, Any] = {}
-        self.run(self.engine.on_host_up(self.now))
+        self.reader = Shown()
+        self.shown = self.reader.results
+        self.ex = executor(self.engine, self.journal, CoreHost(self.host, lambda: self.now), self.reader, lambda: self.now)
+        self.ex.call(self.engine.on_host_up)
 
     def run(self, acts: list[Any]) -> None:
-        for a in acts:
-            if isinstance(a, Append):
-                self.journal.append(a.records, now=self.now, vault_put=a.vault_put, vault_shred=a.vault_shred)
-            elif isinstance(a, SendHost):
-                fields = dict(a.fields)
-                if a.card is not None:
-                    fields["2"] = a.card.pan
-                elif a.card_ref:
-                    fields["2"] = (self.journal.vault_open(a.card_ref) or b"").decode().split("|")[0]
-                for r in self.host.handle(fields, self.now):
-                    if r.fields is not None:
-                        self.run(self.engine.host_message(r.fields, self.now))
-            elif isinstance(a, Reply):
-                self.shown[a.result.key] = a.result
+        self.ex.run(acts)
 
     def sale(self, i: int, amount: int = 1000, pan: str = PAN_A, dt: float = 1.0) -> Any:
         self.now += dt
         req = Request("R1", i.to_bytes(16, "big"), TxnKind.SALE, amount, "978", CardData(pan, "2912"))
-        self.run(self.engine.submit(req, self.now))
+        self.ex.call(self.engine.submit, req)
         return self.shown.get(req.key, req)
 
     def records(self, kind: str) -> list[Any]:
