@@ -10,7 +10,8 @@ from guard.core.engine import Engine
 from guard.core.model import Result
 from guard.hostlink.uplink import SendOutcome
 from guard.runtime.executor import DAEMON, Executor, Policy
-from guard.simulation.hostsim import ACTION_SEND, HostCore
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hosttypes import ACTION_SEND
 
 
 class Shown:
