@@ -156,7 +156,7 @@ def mutate(data: bytes, ops: list[tuple[str, int, int]], codec: HostCodec, donor
             b = b[:i] + bytearray(d[pos % (len(d) + 1):])
         elif op == "length" and len(b) >= hlen:  # a header off by a little, or anything
             n = max(0, len(b) - hlen + (val % 9) - 4) if val < 200 else pos
-            b[:hlen] = n.to_bytes(2, "big") if hlen == 2 else f"{n % 10000:04d}".encode()
+            b[:hlen] = (n % 65536).to_bytes(2, "big") if hlen == 2 else f"{n % 10000:04d}".encode()
         elif op == "bitmap" and len(b) > body_at + 4:  # primary bitmap right after the MTI
             j = body_at + 4 + (val % 8)
             if j < len(b):
