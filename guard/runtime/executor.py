@@ -28,6 +28,7 @@ from guard.core import constants as C
 from guard.core.engine import Action, Append, Engine, Reply, SendHost, card_from_plaintext
 from guard.hostlink.uplink import SendOutcome
 from guard.runtime import restore
+from guard.runtime.events import log_committed
 from guard.runtime.ports import Clock, HostPort, ReaderPort, Record, StorePort
 
 
@@ -139,6 +140,7 @@ class Executor:
 
     def _commit(self, a: Append) -> None:
         self.store.append(a.records, now=self.clock(), vault_put=a.vault_put, vault_shred=a.vault_shred)
+        log_committed(a.records)
         if self.on_commit is not None:
             self.on_commit(a.records)
 
