@@ -343,14 +343,6 @@ class Engine(HostEvents):
         self.count("deferred")
         return [Append([*recs, rec], vault_put=vault_put or []), Reply(t.result())]
 
-    def _sig_watch(self, t: Txn, required: bool = False) -> None:
-        """Start the missing-signature clock for a sale shown as approved above the limit."""
-        lim = self.cfg.policy.signature_above
-        if required and t.kind is TxnKind.SALE and lim and t.amount > lim and not t.signature:
-            t.signature = "REQUIRED"
-        if t.signature == "REQUIRED":
-            self._sig_due[t.key] = t.created + self.cfg.policy.signature_timeout_s
-
     def _signatures_due(self, now: float) -> list[Action]:
         late = [k for k, due in self._sig_due.items() if now >= due]
         if not late:

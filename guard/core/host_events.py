@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from guard.core import constants as C
@@ -239,13 +240,7 @@ class HostEvents(EngineState):
         if not self.host_up or not self._adv:
             return []
         inflight = sum(1 for k in self._stored if self.txns[k].adv_inflight_until is not None)
-        due: list[Txn] = []
-        for key in self._adv:
-            if inflight + len(due) >= self.cfg.saf_window:
-                break
-            t = self.txns[key]
-            if t.adv_next_at <= now:
-                due.append(t)
+        due = self._due(self._adv, inflight, lambda t: t.adv_next_at <= now)
         if not due:
             return []
         recs: list[Record] = []
@@ -345,18 +340,23 @@ class HostEvents(EngineState):
             C.F_ORIGINAL_DATA: field90(original_mti, t.stan, t.f7),
         }
 
+    def _due(self, queue: Iterable[str], inflight: int, ready: Callable[[Txn], bool]) -> list[Txn]:
+        """The ready transactions of a queue, in journal order, up to the in-flight window."""
+        due: list[Txn] = []
+        for key in queue:
+            if inflight + len(due) >= self.cfg.saf_window:
+                break
+            t = self.txns[key]
+            if ready(t):
+                due.append(t)
+        return due
+
     def _dispatch_reversals(self, now: float) -> list[Action]:
         """Send due reversals, in journal order, up to the window; attempts are journaled first."""
         if not self.host_up:
             return []
         inflight = sum(1 for k in self._saf if self.txns[k].rev_inflight_until is not None)
-        due: list[Txn] = []
-        for key in self._saf:
-            if inflight + len(due) >= self.cfg.saf_window:
-                break
-            t = self.txns[key]
-            if t.rev_inflight_until is None and t.rev_next_at <= now:
-                due.append(t)
+        due = self._due(self._saf, inflight, lambda t: t.rev_inflight_until is None and t.rev_next_at <= now)
         if not due:
             return []
         recs: list[Record] = []
@@ -378,35 +378,31 @@ class HostEvents(EngineState):
         an anchor held outside the terminal, against truncation or rollback of the journal."""
         if not self.host_up:
             return []
-        stan = self._next_stan(now)
+        acts, stan = self._network_message(now, C.NET_CHECKPOINT, "checkpoint", {C.F_PRIVATE_DATA: checkpoint_json})
         self.deposit_stan, self.deposit_result = stan, None
+        return acts
+
+    def _network_message(self, now: float, code: str, purpose: str,
+                         extra: dict[str, str] | None = None) -> tuple[list[Action], int]:
+        """An 0800 (field 70 = ``code``) with a fresh STAN, whose use is journaled first."""
+        stan = self._next_stan(now)
         fields = {
             "t": C.MTI_NET_REQUEST,
             C.F_TRANSMISSION_DT: self.f7(now),
             C.F_STAN: f"{stan:06d}",
             C.F_TERMINAL_ID: self.cfg.terminal_id,
             C.F_MERCHANT_ID: self.cfg.merchant_id,
-            C.F_PRIVATE_DATA: checkpoint_json,
-            C.F_NET_MGMT_CODE: C.NET_CHECKPOINT,
+            **(extra or {}),
+            C.F_NET_MGMT_CODE: code,
         }
-        return [Append([(Kind.STAN_USE, None, {"stan": stan, "purpose": "checkpoint"})]), SendHost(None, fields)]
+        return [Append([(Kind.STAN_USE, None, {"stan": stan, "purpose": purpose})]), SendHost(None, fields)], stan
 
     def pending_work(self) -> int:
         """Transactions the host still owes an answer for: queued reversals and unsent advices."""
         return len(self._saf.keys() | self._stored.keys())
 
     def _echo(self, now: float) -> list[Action]:
-        stan = self._next_stan(now)
-        self.echo_stan = stan
+        acts, self.echo_stan = self._network_message(now, C.NET_ECHO, "echo")
         self.echo_deadline = now + self.cfg.host_timeout_s
         self.last_host_activity = now
-        fields = {
-            "t": C.MTI_NET_REQUEST,
-            C.F_TRANSMISSION_DT: self.f7(now),
-            C.F_STAN: f"{stan:06d}",
-            C.F_TERMINAL_ID: self.cfg.terminal_id,
-            C.F_MERCHANT_ID: self.cfg.merchant_id,
-            C.F_NET_MGMT_CODE: C.NET_ECHO,
-        }
-        return [Append([(Kind.STAN_USE, None, {"stan": stan, "purpose": "echo"})]), SendHost(None, fields)]
-
+        return acts
