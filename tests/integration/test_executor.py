@@ -295,7 +295,9 @@ def test_no_product_module_but_the_executor_dispatches_actions() -> None:
     offenders = []
     for pkg in ("guard", "posguard", "firmware_bridge"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
-            if path == ROOT / "guard" / "runtime" / "executor.py":
+            # The executor runs actions; the engine (guard/core) only builds them and asserts
+            # write-ahead on its own output, which is not executing them.
+            if path == ROOT / "guard" / "runtime" / "executor.py" or path.parent == ROOT / "guard" / "core":
                 continue
             for n, line in enumerate(path.read_text().splitlines(), 1):
                 if pattern.search(line):

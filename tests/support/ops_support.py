@@ -158,10 +158,11 @@ class Gen:
         the cap of explicit refusals -> NEEDS_MANUAL. (Silence alone never reaches the cap.)"""
         self.run(self.engine.on_host_up(self.t))
         for _ in range(rounds):
-            sends, self.sends = self.sends, []
+            sends = list(self.sends)
+            self.sends.clear()
             for s in sends:
-                if s.fields["t"] in ("0400", "0401"):
-                    refusal = {k: s.fields[k] for k in ("11", "41", "42")} | {"t": "0410", "39": "96"}
+                if s["t"] in ("0400", "0401"):
+                    refusal = {k: s[k] for k in ("11", "41", "42")} | {"t": "0410", "39": "96"}
                     self.run(self.engine.host_message(refusal, self.t))
             self.flush()
             if not self.engine.pending_reversals():
