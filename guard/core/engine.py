@@ -421,7 +421,7 @@ class Engine(HostEvents):
     # ------------------------------------------------------------------ host events
 
     def next_deadline(self) -> float | None:
-        watched = self._watched()
+        watched = self._watched(prune=False)
         now_inf = float("inf")
         ds = [t.deadline for t in watched if t.state in (TxnState.SENT, TxnState.PARTIAL) and t.deadline is not None]
         for key in self._saf:
@@ -482,5 +482,5 @@ class Engine(HostEvents):
     def busy(self) -> bool:
         """True while anything awaits the host: used by drivers to know when a drain is done."""
         return bool(self._saf) or bool(self._stored) or any(t.state in AWAITING and t.kind is not TxnKind.VOID
-                                                           for t in self._watched())
+                                                           for t in self._watched(prune=False))
 

@@ -173,8 +173,9 @@ class EngineState:
         if t is not None and self.by_stan.get(t.stan) == key:
             del self.by_stan[t.stan]
 
-    def _watched(self) -> list[Txn]:
-        """Transactions in a WATCHED state, in the order they were first watched; prunes the rest."""
+    def _watched(self, prune: bool = True) -> list[Txn]:
+        """Transactions in a WATCHED state, in the order they were first watched; events prune the
+        rest, queries (``prune=False``) leave the set as it is."""
         out: list[Txn] = []
         gone: list[str] = []
         txns = self.txns
@@ -184,8 +185,9 @@ class EngineState:
                 out.append(t)
             else:
                 gone.append(key)
-        for key in gone:
-            del self._watch[key]
+        if prune:
+            for key in gone:
+                del self._watch[key]
         return out
 
     # ------------------------------------------------------------------ shared steps

@@ -391,3 +391,29 @@ def test_a_voided_sale_read_back_from_the_journal_still_names_its_void() -> None
     log.take(e.submit(void, NOW + 1))
     rebuilt = _rebuild(send.key, [x for x in log.entries if x.txn == send.key])  # type: ignore[arg-type]
     assert rebuilt is not None and rebuilt.state is TxnState.REVERSAL_PENDING and rebuilt.voided_by == void.key
+
+
+def test_queries_change_nothing() -> None:
+    """status, last_for_reader, next_deadline, busy, pending_work are queries: the engine's state
+    (transactions, indexes, counters) is the same after them."""
+    import dataclasses
+
+    e = Engine(dataclasses.replace(CFG, keep_final=1), FakeCrypto(), random.Random(1))
+    e.on_host_up(NOW)
+    for i in range(1, 4):
+        e.host_message(response(next(a for a in e.submit(req(i), NOW) if isinstance(a, SendHost))), NOW)
+    e.submit(req(9), NOW)  # one in flight
+    e.txns[req(9).key].state = TxnState.SENT
+
+    def snapshot() -> tuple[Any, ...]:
+        return (repr(sorted(e.txns.items())), list(e._watch), list(e._finals), list(e._saf), dict(e.stats),
+                e.last_stan, dict(e.by_stan), bytes(e._evicted.bits))
+
+    before = snapshot()
+    for key in (req(1).key, req(3).key, req(9).key, "R1:" + "ff" * 16):
+        e.status(key)
+    e.last_for_reader("R1")
+    e.next_deadline()
+    e.busy()
+    e.pending_work()
+    assert snapshot() == before
