@@ -1,0 +1,246 @@
+"""End to end against an independent acquirer: reference reader -> pty null-modem -> the daemon's
+objects (posguard.run.build) -> ``tests.support.acquirer_host.AcquirerHost`` on 127.0.0.1.
+
+The acquirer reads field 39 from the ISO 8583:1987 table, not from the engine, and keeps its own
+ledger. For every answer the property is the one the merchant cares about: the reader's final
+state is APPROVED if and only if the acquirer holds exactly one net debit for the sale; otherwise
+it holds none (docs/HOST.md "What posguard expects back")."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from firmware_bridge import messages as M
+from firmware_bridge.nullmodem import NullModem
+from firmware_bridge.serial_port import open_port
+from guard.core.model import TxnState
+from guard.journal.keys import init_keys
+from guard.simulation.readersim import ReaderSim
+from tests.integration.test_e2e_reader import PAN, TID, Guard, config, status_after
+from tests.support import subprocess_env, write_guard_toml
+from tests.support.acquirer_host import AcquirerHost, Answer, Script
+
+AMOUNT = 1250
+SETTLE_S = 20.0  # bound on a reversal's round trip under a loaded machine
+
+
+@contextlib.contextmanager
+def counter(tmp: Path, acquirer: AcquirerHost, seed: int = 1, **host: Any) -> Iterator[ReaderSim]:
+    """The daemon's objects on a fresh journal, talking to ``acquirer``, and a synced reader on a
+    pty null-modem; torn down in order (reader, guard, cable). ``host`` adds [host] keys."""
+    if not (tmp / "keys").exists():
+        init_keys(tmp / "keys")
+    cable = NullModem()
+    try:
+        guard = Guard(config(tmp, cable.a, acquirer.port, **host))
+        r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(seed), boot_counter=seed)
+        try:
+            r.sync(timeout=5)
+            yield r
+        finally:
+            r.close()
+            guard.stop()
+    finally:
+        cable.close()
+
+
+@contextlib.contextmanager
+def acquirer(script: Script = ()) -> Iterator[AcquirerHost]:
+    host = AcquirerHost(script=script)
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def settled(r: ReaderSim, res: M.ResultMessage | M.ErrorMessage) -> M.ResultMessage | M.ErrorMessage:
+    """The sale's state once a reversal it started has been answered (bounded)."""
+    if isinstance(res, M.ResultMessage) and res.state is TxnState.REVERSAL_PENDING:
+        final: M.ResultMessage | M.ErrorMessage = status_after(r, res.txn_id, TxnState.REVERSAL_PENDING,
+                                                               time.monotonic() + SETTLE_S)
+        return final
+    return res
+
+
+def assert_agrees(final: M.ResultMessage | M.ErrorMessage, host: AcquirerHost) -> None:
+    """The merchant's property: APPROVED iff exactly one net debit, otherwise none."""
+    assert isinstance(final, M.ResultMessage) and not final.in_progress, final
+    if final.state is TxnState.APPROVED:
+        assert host.net_debits() == 1, (final, host.ledger)
+    else:
+        assert host.net_debits() == 0, (final, host.ledger)
+        assert host.net_amount() == 0
+
+
+@pytest.mark.parametrize(
+    ("answer", "final", "reversed_rc"),
+    [
+        (Answer("08"), TxnState.APPROVED, None),
+        (Answer("11"), TxnState.APPROVED, None),
+        (Answer("16"), TxnState.APPROVED, None),
+        (Answer("05"), TxnState.DECLINED, None),
+        (Answer("Q7", booked=True), TxnState.REVERSED, "00"),
+        (Answer("09", booked=True), TxnState.REVERSED, "00"),
+        (Answer("09", booked=False), TxnState.REVERSED, "25"),
+        (Answer("96", booked=False), TxnState.REVERSED, "25"),
+        (Answer("96", booked=True), TxnState.REVERSED, "00"),
+    ],
+    ids=["08-honour-with-id", "11-vip", "16-update-track3", "05-decline", "Q7-unknown-booked", "09-wait-booked",
+         "09-wait-not-booked", "96-not-booked", "96-booked"],
+)
+def test_final_state_agrees_with_the_acquirers_ledger(tmp_path: Path, answer: Answer, final: TxnState,
+                                                      reversed_rc: str | None) -> None:
+    with acquirer([answer]) as host, counter(tmp_path, host) as r:
+        res = settled(r, r.auth(r.new_txn_id(), AMOUNT, "978", PAN, "2912", timeout=15))
+        assert isinstance(res, M.ResultMessage) and res.state is final, res
+        assert_agrees(res, host)
+        if final is TxnState.REVERSED:
+            assert res.display_text.startswith("FAILED - NOT CHARGED")
+        reversals = [e for e in host.log if e.request["t"] in ("0400", "0401")]
+        if reversed_rc is None:
+            assert not reversals, "nothing to undo, nothing reversed"
+        else:
+            assert reversals and reversals[-1].response is not None and reversals[-1].response["39"] == reversed_rc
+            assert reversals[0].request["90"][4:10] == host.stans("0200")[0]
+        assert len(host.requests("0200")) == 1
+
+
+def test_partial_approval_accepted_over_the_link_charges_the_approved_amount(tmp_path: Path) -> None:
+    with acquirer([Answer("10", approved=800)]) as host, counter(tmp_path, host) as r:
+        txn = r.new_txn_id()
+        done = r.auth(txn, AMOUNT, "978", PAN, "2912", timeout=15, partial="accept")
+        offer = [m for m in r.received if isinstance(m, M.ResultMessage) and m.state is TxnState.PARTIAL]
+        assert offer and offer[0].amount == AMOUNT and offer[0].approved_amount == 800 and offer[0].txn_id == txn
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED, done
+        assert done.approved_amount == 800 and r.stats.partials_accepted == 1
+        assert_agrees(done, host)
+        assert host.net_amount() == 800
+        assert not host.requests("0400", "0401")
+        again = r.status(txn)
+        assert isinstance(again, M.ResultMessage) and again.state is TxnState.APPROVED
+
+
+def test_partial_approval_cancelled_over_the_link_reverses_the_approved_amount(tmp_path: Path) -> None:
+    with acquirer([Answer("10", approved=800)]) as host, counter(tmp_path, host) as r:
+        txn = r.new_txn_id()
+        cancelled = r.auth(txn, AMOUNT, "978", PAN, "2912", timeout=15, partial="cancel")
+        assert isinstance(cancelled, M.ResultMessage), cancelled
+        assert cancelled.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED) and r.stats.partials_cancelled == 1
+        final = settled(r, cancelled)
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED, final
+        assert_agrees(final, host)
+        rev = host.requests("0400", "0401")
+        assert rev and {x["4"] for x in rev} == {f"{800:012d}"}, "the reversal names the approved amount"
+
+
+@pytest.mark.parametrize("mti", ["0230", "0810"])
+def test_a_mispaired_answer_never_approves_and_the_debit_is_reversed(tmp_path: Path, mti: str) -> None:
+    with acquirer([Answer("00", mti=mti, booked=True)]) as host, counter(tmp_path, host) as r:
+        res = r.auth(r.new_txn_id(), AMOUNT, "978", PAN, "2912", timeout=15)
+        assert isinstance(res, M.ResultMessage) and res.state is not TxnState.APPROVED, res
+        final = settled(r, res)
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED, final
+        assert not any(isinstance(m, M.ResultMessage) and m.state is TxnState.APPROVED for m in r.received)
+        assert_agrees(final, host)
+        assert [e.response["39"] for e in host.log if e.request["t"] in ("0400", "0401") and e.response][-1] == "00"
+
+
+# ---------------------------------------------------------------------------- two journals, one day
+
+
+def _sales(r: ReaderSim, n: int) -> list[M.ResultMessage | M.ErrorMessage]:
+    return [r.auth(r.new_txn_id(), AMOUNT + i, "978", PAN, "2912", timeout=15) for i in range(n)]
+
+
+def _replace_journal(tmp: Path) -> None:
+    """What a technician does after a lost or corrupted journal: the old files go, fresh keys and
+    an empty journal take their place at the same paths, same terminal id."""
+    old = tmp / "old"
+    old.mkdir()
+    for p in [*tmp.glob("journal.db*"), tmp / "keys"]:
+        shutil.move(str(p), str(old / p.name))
+    init_keys(tmp / "keys")
+
+
+def _daemon(tmp: Path, host: AcquirerHost, cable: NullModem) -> subprocess.Popen[str]:
+    write_guard_toml(tmp / "guard.toml", config(tmp, cable.a, host.port))
+    return subprocess.Popen([sys.executable, "-m", "posguard.cli", "run", "--config", str(tmp / "guard.toml")],
+                            stderr=subprocess.PIPE, text=True, env=subprocess_env())
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    return err
+
+
+def test_a_replaced_journal_never_reuses_a_stan_of_the_same_day(tmp_path: Path) -> None:
+    """`posguard run` on journal A, sales, SIGTERM; the journal replaced by a fresh one (new keys,
+    same terminal, same acquirer); `posguard run` again, sales: the clock floor keeps every STAN
+    of B above A's, so the acquirer sees no STAN twice and books every sale."""
+    init_keys(tmp_path / "keys")
+    with acquirer() as host:
+        for boot in (1, 2):
+            cable = NullModem()
+            try:
+                proc = _daemon(tmp_path, host, cable)
+                try:
+                    with ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(boot),
+                                   boot_counter=boot) as r:
+                        r.sync(timeout=15)
+                        results = _sales(r, 3)
+                finally:
+                    _stop(proc)
+            finally:
+                cable.close()
+            assert all(isinstance(x, M.ResultMessage) and x.state is TxnState.APPROVED for x in results), results
+            if boot == 1:
+                _replace_journal(tmp_path)
+        stans = host.stans("0200", "0400", "0401", "0800")
+        sale_stans = host.stans("0200")
+        assert len(sale_stans) == 6 and len(set(sale_stans)) == 6, sale_stans
+        assert not [e for e in host.log if e.response and e.response["39"] == "94"], "no STAN collision"
+        assert set(stans) - set(sale_stans) <= set(host.stans("0800")), "reversals only name sales"
+        assert host.net_debits() == 6
+
+
+def test_without_the_clock_floor_a_collision_is_declined_and_reverses_nothing(tmp_path: Path) -> None:
+    """The same replacement with host.stan_from_clock = false: journal B starts its STANs where A
+    started, the acquirer answers 94 to B's first sale, the reader sees DECLINED STAN_COLLISION, no
+    0400 is sent (it would name A's sale) and A's debits stay."""
+    with acquirer() as host:
+        a = tmp_path / "a"
+        a.mkdir()
+        with counter(a, host, seed=1, stan_from_clock=False) as r:
+            first = _sales(r, 2)
+        assert all(isinstance(x, M.ResultMessage) and x.state is TxnState.APPROVED for x in first), first
+        assert host.net_debits() == 2
+        _replace_journal(a)
+        with counter(a, host, seed=2, stan_from_clock=False) as r:
+            clash = r.auth(r.new_txn_id(), 990, "978", PAN, "2912", timeout=15)
+            assert isinstance(clash, M.ResultMessage) and clash.state is TxnState.DECLINED, clash
+            assert clash.error_code == "STAN_COLLISION" and "NOT CHARGED" in clash.display_text
+            time.sleep(2.5)  # two host timeouts: a reversal, if the engine queued one, would be on the wire
+            again = r.status(clash.txn_id)
+            assert isinstance(again, M.ResultMessage) and again.state is TxnState.DECLINED
+        assert [e.response["39"] for e in host.log if e.request["t"] == "0200" and e.response][-1] == "94"
+        assert not host.requests("0400", "0401"), "a 94 to a 0200 reverses nothing"
+        assert host.net_debits() == 2 and host.net_amount() == AMOUNT + AMOUNT + 1
+        assert TID == host.requests("0200")[-1]["41"]
