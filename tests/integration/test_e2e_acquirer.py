@@ -29,21 +29,25 @@ from guard.journal.keys import init_keys
 from guard.simulation.readersim import ReaderSim
 from tests.integration.test_e2e_reader import PAN, TID, Guard, config, status_after
 from tests.support import subprocess_env, write_guard_toml
-from tests.support.acquirer_host import AcquirerHost, Answer, Script
+from tests.support.acquirer_host import AcquirerHost, Answer, ReversalRule, Script
 
 AMOUNT = 1250
 SETTLE_S = 20.0  # bound on a reversal's round trip under a loaded machine
 
 
 @contextlib.contextmanager
-def counter(tmp: Path, acquirer: AcquirerHost, seed: int = 1, **host: Any) -> Iterator[ReaderSim]:
+def counter(tmp: Path, acquirer: AcquirerHost, seed: int = 1, reader: dict[str, Any] | None = None,
+            **host: Any) -> Iterator[ReaderSim]:
     """The daemon's objects on a fresh journal, talking to ``acquirer``, and a synced reader on a
-    pty null-modem; torn down in order (reader, guard, cable). ``host`` adds [host] keys."""
+    pty null-modem; torn down in order (reader, guard, cable). ``host`` adds [host] keys,
+    ``reader`` [reader] keys."""
     if not (tmp / "keys").exists():
         init_keys(tmp / "keys")
     cable = NullModem()
     try:
-        guard = Guard(config(tmp, cable.a, acquirer.port, **host))
+        cfg = config(tmp, cable.a, acquirer.port, **host)
+        cfg["reader"].update(reader or {})
+        guard = Guard(cfg)
         r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(seed), boot_counter=seed)
         try:
             r.sync(timeout=5)
@@ -56,8 +60,8 @@ def counter(tmp: Path, acquirer: AcquirerHost, seed: int = 1, **host: Any) -> It
 
 
 @contextlib.contextmanager
-def acquirer(script: Script = ()) -> Iterator[AcquirerHost]:
-    host = AcquirerHost(script=script)
+def acquirer(script: Script = (), reversals: ReversalRule | None = None) -> Iterator[AcquirerHost]:
+    host = AcquirerHost(script=script, reversals=reversals)
     host.start()
     try:
         yield host
@@ -143,6 +147,98 @@ def test_partial_approval_cancelled_over_the_link_reverses_the_approved_amount(t
         assert_agrees(final, host)
         rev = host.requests("0400", "0401")
         assert rev and {x["4"] for x in rev} == {f"{800:012d}"}, "the reversal names the approved amount"
+
+
+@pytest.mark.parametrize(
+    ("reader", "reason"),
+    [({"partial_expiry": 1}, "PARTIAL_EXPIRED"), ({"partial_approvals": False}, "PARTIAL_NOT_SUPPORTED")],
+    ids=["operator-never-answers", "reader-cannot-show-partial"],
+)
+def test_a_partial_approval_nobody_accepts_is_reversed(tmp_path: Path, reader: dict[str, Any], reason: str) -> None:
+    with acquirer([Answer("10", approved=600)]) as host, counter(tmp_path, host, reader=reader) as r:
+        res = r.auth(r.new_txn_id(), AMOUNT, "978", PAN, "2912", timeout=15, partial="ignore")
+        assert isinstance(res, M.ResultMessage), res
+        if res.state is TxnState.PARTIAL:
+            res = status_after(r, res.txn_id, TxnState.PARTIAL, time.monotonic() + SETTLE_S)
+        assert isinstance(res, M.ResultMessage) and res.error_code == reason, res
+        final = settled(r, res)
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED, final
+        assert_agrees(final, host)
+        assert {x["4"] for x in host.requests("0400", "0401")} == {f"{600:012d}"}
+
+
+@pytest.mark.parametrize("partial", ["accept", "cancel"])
+def test_readersim_cli_answers_a_partial_approval(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  partial: str) -> None:
+    """`posguard readersim --partial accept|cancel` against the daemon and the acquirer."""
+    from guard.simulation import readercli
+
+    init_keys(tmp_path / "keys")
+    with acquirer([Answer("10", approved=700)]) as host:
+        cable = NullModem()
+        try:
+            guard = Guard(config(tmp_path, cable.a, host.port))
+            try:
+                code = readercli.main(["--port", cable.b, "--reader-id", "R1", "--amount", str(AMOUNT),
+                                       "--partial", partial, "--boot-counter", "9", "--timeout", "15"])
+                deadline = time.monotonic() + SETTLE_S
+                while partial == "cancel" and host.net_debits() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            finally:
+                guard.stop()
+        finally:
+            cable.close()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    if partial == "accept":
+        assert "APPROVED" in out and "approved_amount=700" in out and "(partial, accepted)" in out
+        assert host.net_amount() == 700 and host.net_debits() == 1
+    else:
+        assert "REVERSAL_PENDING" in out or "REVERSED" in out
+        assert "(partial, cancelled)" in out and host.net_debits() == 0
+    assert PAN not in out
+
+
+@pytest.mark.parametrize("refusal", ["", "05"], ids=["ignored-once", "refused-once"])
+def test_a_reversal_the_acquirer_ignores_or_refuses_is_repeated_until_it_lands(tmp_path: Path, refusal: str) -> None:
+    """The first 0400 gets no answer (or an explicit refusal): the terminal repeats it as 0401 and
+    the acquirer removes the debit exactly once."""
+    seen: list[str] = []
+
+    def once(fields: Any) -> str | None:
+        seen.append(fields["t"])
+        return refusal if len(seen) == 1 else None
+
+    with acquirer([Answer("96", booked=True)], reversals=once) as host, counter(tmp_path, host) as r:
+        final = settled(r, r.auth(r.new_txn_id(), AMOUNT, "978", PAN, "2912", timeout=15))
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED, final
+        assert_agrees(final, host)
+        assert seen[0] == "0400" and "0401" in seen[1:]
+        assert all(d.reversals == 1 for d in host.ledger.values())
+
+
+def test_the_acquirer_books_by_its_own_table() -> None:
+    """The helper itself: approvals debit, declines do not, an ambiguous code needs the test's
+    word, a reused STAN answers 94, a reversal answers 00 / 94 / 25 as the original stands."""
+    host = AcquirerHost(script=[Answer("00"), Answer("51"), Answer("10", approved=300)])
+
+    def rc(fields: dict[str, str], field: str = "39") -> str:
+        resp = host.handle(fields)
+        assert resp is not None
+        return resp[field]
+
+    sale = {"t": "0200", "4": "000000001000", "7": "1202101010", "11": "000001", "41": TID, "42": "M" * 15}
+    assert rc(sale) == "00"
+    assert rc(sale) == "94", "same terminal, merchant, STAN and day"
+    assert rc({**sale, "11": "000002"}) == "51"
+    assert rc({**sale, "11": "000003"}, "4") == "000000000300"
+    assert host.net_debits() == 2 and host.net_amount() == 1300
+    rev = {**sale, "t": "0400", "90": "0200" + "000001" + "1202101010" + "0" * 22}
+    assert [rc(rev), rc(rev)] == ["00", "94"]
+    assert rc({**rev, "90": "0200000002" + "1202101010" + "0" * 22}) == "25"
+    assert host.net_amount() == 300
+    with pytest.raises(ValueError, match="ambiguous"):
+        Answer("09").debits()
 
 
 @pytest.mark.parametrize("mti", ["0230", "0810"])
