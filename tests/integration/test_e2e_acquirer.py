@@ -27,7 +27,7 @@ from firmware_bridge.serial_port import open_port
 from guard.core.model import TxnState
 from guard.journal.keys import init_keys
 from guard.simulation.readersim import ReaderSim
-from tests.integration.test_e2e_reader import PAN, TID, Guard, config, status_after
+from tests.integration.test_e2e_reader import PAN, TID, Guard, _journal_kinds, config, status_after
 from tests.support import subprocess_env, write_guard_toml
 from tests.support.acquirer_host import AcquirerHost, Answer, ReversalRule, Script
 
@@ -112,6 +112,9 @@ def test_final_state_agrees_with_the_acquirers_ledger(tmp_path: Path, answer: An
         assert_agrees(res, host)
         if final is TxnState.REVERSED:
             assert res.display_text.startswith("FAILED - NOT CHARGED")
+            first = next(m for m in r.received if isinstance(m, M.ResultMessage) and not m.in_progress)
+            assert first.state is TxnState.REVERSAL_PENDING and first.error_code == "UNCLASSIFIED_RESPONSE", first
+            assert first.display_text.startswith("FAILED - NOT CHARGED")
         reversals = [e for e in host.log if e.request["t"] in ("0400", "0401")]
         if reversed_rc is None:
             assert not reversals, "nothing to undo, nothing reversed"
@@ -134,6 +137,24 @@ def test_partial_approval_accepted_over_the_link_charges_the_approved_amount(tmp
         assert not host.requests("0400", "0401")
         again = r.status(txn)
         assert isinstance(again, M.ResultMessage) and again.state is TxnState.APPROVED
+
+
+def test_void_of_an_accepted_partial_reverses_the_approved_amount(tmp_path: Path) -> None:
+    """HOST.md: a VOID of an accepted partial uses the approved amount. A VOID naming the amount
+    asked is refused before anything reaches the acquirer; one naming APPROVED_AMOUNT reverses it."""
+    with acquirer([Answer("10", approved=800)]) as host, counter(tmp_path, host) as r:
+        txn = r.new_txn_id()
+        done = r.auth(txn, AMOUNT, "978", PAN, "2912", timeout=15, partial="accept")
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED and done.approved_amount
+        wrong = r.void(txn, AMOUNT, "978", timeout=15)
+        assert isinstance(wrong, M.ErrorMessage) and wrong.error_code == "VOID_NOT_ALLOWED", wrong
+        assert not host.requests("0400", "0401") and host.net_amount() == 800
+        void = r.void(txn, done.approved_amount, "978", timeout=15)
+        assert isinstance(void, M.ResultMessage) and void.state is TxnState.APPROVED, void
+        final = settled(r, status_after(r, txn, TxnState.APPROVED, time.monotonic() + SETTLE_S))
+        assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED, final
+        assert_agrees(final, host)
+        assert [x["4"] for x in host.requests("0400", "0401")][:1] == [f"{800:012d}"]
 
 
 def test_partial_approval_cancelled_over_the_link_reverses_the_approved_amount(tmp_path: Path) -> None:
@@ -251,6 +272,8 @@ def test_a_mispaired_answer_never_approves_and_the_debit_is_reversed(tmp_path: P
         assert not any(isinstance(m, M.ResultMessage) and m.state is TxnState.APPROVED for m in r.received)
         assert_agrees(final, host)
         assert [e.response["39"] for e in host.log if e.request["t"] in ("0400", "0401") and e.response][-1] == "00"
+    unmatched = _journal_kinds(tmp_path, "unmatched_response")
+    assert [p["why"] for _, p in unmatched] == ["MTI_MISMATCH"], unmatched
 
 
 # ---------------------------------------------------------------------------- two journals, one day
