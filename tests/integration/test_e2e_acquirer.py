@@ -88,24 +88,30 @@ def assert_agrees(final: M.ResultMessage | M.ErrorMessage, host: AcquirerHost) -
         assert host.net_amount() == 0
 
 
+UNCLASSIFIED = "UNCLASSIFIED_RESPONSE"
+
+
 @pytest.mark.parametrize(
-    ("answer", "final", "reversed_rc"),
+    ("answer", "final", "reason", "reversed_rc"),
     [
-        (Answer("08"), TxnState.APPROVED, None),
-        (Answer("11"), TxnState.APPROVED, None),
-        (Answer("16"), TxnState.APPROVED, None),
-        (Answer("05"), TxnState.DECLINED, None),
-        (Answer("Q7", booked=True), TxnState.REVERSED, "00"),
-        (Answer("09", booked=True), TxnState.REVERSED, "00"),
-        (Answer("09", booked=False), TxnState.REVERSED, "25"),
-        (Answer("96", booked=False), TxnState.REVERSED, "25"),
-        (Answer("96", booked=True), TxnState.REVERSED, "00"),
+        (Answer("08"), TxnState.APPROVED, None, None),
+        (Answer("11"), TxnState.APPROVED, None, None),
+        (Answer("16"), TxnState.APPROVED, None, None),
+        (Answer("05"), TxnState.DECLINED, None, None),
+        (Answer("Q7", booked=True), TxnState.REVERSED, UNCLASSIFIED, "00"),
+        (Answer("09", booked=True), TxnState.REVERSED, UNCLASSIFIED, "00"),
+        (Answer("09", booked=False), TxnState.REVERSED, UNCLASSIFIED, "25"),
+        (Answer("96", booked=False), TxnState.REVERSED, UNCLASSIFIED, "25"),
+        (Answer("96", booked=True), TxnState.REVERSED, UNCLASSIFIED, "00"),
+        (Answer("00", respond=False), TxnState.REVERSED, "HOST_TIMEOUT", "00"),
+        (Answer("00", delay=2.5), TxnState.REVERSED, "HOST_TIMEOUT", "00"),
+        (Answer("10", approved=AMOUNT), TxnState.REVERSED, "BAD_PARTIAL_AMOUNT", "00"),
     ],
     ids=["08-honour-with-id", "11-vip", "16-update-track3", "05-decline", "Q7-unknown-booked", "09-wait-booked",
-         "09-wait-not-booked", "96-not-booked", "96-booked"],
+         "09-wait-not-booked", "96-not-booked", "96-booked", "no-answer", "late-approval", "partial-not-partial"],
 )
 def test_final_state_agrees_with_the_acquirers_ledger(tmp_path: Path, answer: Answer, final: TxnState,
-                                                      reversed_rc: str | None) -> None:
+                                                      reason: str | None, reversed_rc: str | None) -> None:
     with acquirer([answer]) as host, counter(tmp_path, host) as r:
         res = settled(r, r.auth(r.new_txn_id(), AMOUNT, "978", PAN, "2912", timeout=15))
         assert isinstance(res, M.ResultMessage) and res.state is final, res
@@ -113,8 +119,10 @@ def test_final_state_agrees_with_the_acquirers_ledger(tmp_path: Path, answer: An
         if final is TxnState.REVERSED:
             assert res.display_text.startswith("FAILED - NOT CHARGED")
             first = next(m for m in r.received if isinstance(m, M.ResultMessage) and not m.in_progress)
-            assert first.state is TxnState.REVERSAL_PENDING and first.error_code == "UNCLASSIFIED_RESPONSE", first
+            assert first.state is TxnState.REVERSAL_PENDING and first.error_code == reason, first
             assert first.display_text.startswith("FAILED - NOT CHARGED")
+        time.sleep(answer.delay)  # a late answer has arrived before the ledger is read again
+        assert_agrees(res, host)
         reversals = [e for e in host.log if e.request["t"] in ("0400", "0401")]
         if reversed_rc is None:
             assert not reversals, "nothing to undo, nothing reversed"

@@ -22,6 +22,7 @@ The ledger is keyed by (41, 42, 11, MMDD); ``log`` holds every request and answe
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -47,13 +48,15 @@ class Answer:
     """How the host answers one 0200: ``rc`` in field 39 of an ``mti`` message (0210 unless a test
     wants a mispaired one), ``approved`` the partial amount for rc 10, ``booked`` whether the host
     debited (fixed by the code for approvals and declines; required for any other code), and
-    ``respond=False`` for no answer at all."""
+    ``respond=False`` for no answer at all, ``delay`` seconds before the answer leaves (a late
+    answer)."""
 
     rc: str
     mti: str = "0210"
     approved: int | None = None
     booked: bool | None = None
     respond: bool = True
+    delay: float = 0.0
 
     def debits(self) -> bool:
         """Whether this answer books the sale: approvals do, declines do not, others as told."""
@@ -112,6 +115,8 @@ class AcquirerHost:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sales = 0
+        self._delay = 0.0
+        self._send_lock = threading.Lock()  # a late answer and a prompt one never interleave
         self._threads: list[threading.Thread] = []
         self._conns: list[socket.socket] = []
         self._lst: socket.socket | None = None
@@ -145,7 +150,12 @@ class AcquirerHost:
 
     def handle(self, fields: Mapping[str, str]) -> dict[str, str] | None:
         """The answer to one request (None: no answer); books and logs under the lock."""
+        return self._handle(fields)[0]
+
+    def _handle(self, fields: Mapping[str, str]) -> tuple[dict[str, str] | None, float]:
+        """The answer and how long to hold it back."""
         with self._lock:
+            self._delay = 0.0
             mti = fields.get("t", "")
             if mti == "0200":
                 resp = self._sale(fields)
@@ -157,7 +167,7 @@ class AcquirerHost:
                 resp = self._reply(fields, mti[:2] + "10", "12")  # invalid transaction
             self.seen.add(_key(fields))
             self.log.append(Exchange(dict(fields), resp))
-            return resp
+            return resp, self._delay
 
     def _sale(self, fields: Mapping[str, str]) -> dict[str, str] | None:
         key = _key(fields)
@@ -170,6 +180,7 @@ class AcquirerHost:
             self.ledger[key] = Debit(key, amount)
         if not ans.respond:
             return None
+        self._delay = ans.delay
         resp = self._reply(fields, ans.mti, ans.rc)
         if ans.rc == PARTIAL:
             resp["4"] = f"{amount:012d}"
@@ -251,9 +262,20 @@ class AcquirerHost:
             for item in decoder.feed(data):
                 if not isinstance(item, HostMessage):
                     return  # garbage: hang up, as a host does
-                resp = self.handle(item.fields)
-                if resp is not None:
-                    try:
+                resp, delay = self._handle(item.fields)
+                if resp is None:
+                    continue
+                if delay > 0:
+                    self._spawn(self._late, conn, self.codec.encode(resp), delay)
+                    continue
+                try:
+                    with self._send_lock:
                         conn.sendall(self.codec.encode(resp))
-                    except OSError:
-                        return
+                except OSError:
+                    return
+
+    def _late(self, conn: socket.socket, frame: bytes, delay: float) -> None:
+        if self._stop.wait(delay):
+            return
+        with contextlib.suppress(OSError), self._send_lock:
+            conn.sendall(frame)
