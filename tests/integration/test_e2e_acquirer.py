@@ -147,6 +147,24 @@ def test_partial_approval_accepted_over_the_link_charges_the_approved_amount(tmp
         assert isinstance(again, M.ResultMessage) and again.state is TxnState.APPROVED
 
 
+def test_partial_approval_survives_a_reader_reboot_and_is_accepted_after_status(tmp_path: Path) -> None:
+    """The reader loses power while the operator looks at the PARTIAL: after SYNC, STATUS(TXN_ID)
+    shows the same offer (both amounts), and CONFIRM still completes it for the approved amount."""
+    with acquirer([Answer("10", approved=900)]) as host, counter(tmp_path, host) as r:
+        txn = r.new_txn_id()
+        offer = r.auth(txn, AMOUNT, "978", PAN, "2912", timeout=15)
+        assert isinstance(offer, M.ResultMessage) and offer.state is TxnState.PARTIAL, offer
+        r.reboot()
+        r.sync(timeout=5)
+        again = r.status(txn)
+        assert isinstance(again, M.ResultMessage) and again.state is TxnState.PARTIAL and not again.in_progress
+        assert (again.amount, again.approved_amount) == (AMOUNT, 900)
+        done = r.decide_partial(again, "accept", timeout=15)
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED and done.approved_amount == 900
+        assert_agrees(done, host)
+        assert host.net_amount() == 900 and len(host.requests("0200")) == 1
+
+
 def test_void_of_an_accepted_partial_reverses_the_approved_amount(tmp_path: Path) -> None:
     """HOST.md: a VOID of an accepted partial uses the approved amount. A VOID naming the amount
     asked is refused before anything reaches the acquirer; one naming APPROVED_AMOUNT reverses it."""
