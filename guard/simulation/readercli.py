@@ -16,7 +16,7 @@ from firmware_bridge.messages import Auth, ErrorMessage, MessageError, ResultMes
 from firmware_bridge.serial_port import open_port
 from guard.core.model import TxnState, mask_pan
 from guard.simulation.linkfaults import LinkFaults
-from guard.simulation.readersim import TEST_PAN, ReaderSim, ReaderTimeout
+from guard.simulation.readersim import PARTIAL_CHOICES, TEST_PAN, ReaderSim, ReaderTimeout
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="after the reboot: STATUS(TXN_ID), STATUS(LAST), or re-send the AUTH with the same TXN_ID")
     p.add_argument("--confirm-holds", action="store_true",
                    help="when the guard HOLDs a sale (e.g. double swipe), CONFIRM it as an operator would")
+    p.add_argument("--partial", choices=PARTIAL_CHOICES, default="ignore",
+                   help="when the host approves only part of the amount (PARTIAL): accept it with CONFIRM, cancel "
+                   "it with CANCEL (the partial is reversed), or ignore it (the guard reverses it when "
+                   "reader.partial_expiry runs out); default ignore")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per sale (default 60)")
     p.add_argument("--baud", type=int, default=DEFAULT_BAUDRATE, help="line speed (default 115200)")
     p.add_argument("-v", "--verbose", action="store_true", help="log link events and messages (PAN masked) to stderr")
@@ -79,7 +83,7 @@ def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes) -> Result
     r = _sale_through_reboot(sim, args, txn_id, left)
     if args.confirm_holds and isinstance(r, ResultMessage) and r.state is TxnState.HELD and not r.in_progress:
         r = sim.confirm(txn_id, left())
-    return r
+    return sim.decide_partial(r, args.partial, left())
 
 
 def _sale_through_reboot(
@@ -110,11 +114,13 @@ def _describe(outcome: ResultMessage | ErrorMessage | None) -> str:
         return "NO FINAL RESULT (timeout)"
     if isinstance(outcome, ErrorMessage):
         return f"ERROR {outcome.error_code} {outcome.display_text or ''!r}"
-    return f"{outcome.state.value} rc={outcome.response_code or '--'} {outcome.display_text!r}"
+    approved = f" approved_amount={outcome.approved_amount}" if outcome.approved_amount is not None else ""
+    return f"{outcome.state.value} rc={outcome.response_code or '--'}{approved} {outcome.display_text!r}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``posguard readersim``: exit 0 if every sale got a final RESULT (IN_PROGRESS 00, not HELD),
+    """``posguard readersim``: exit 0 if every sale got a final RESULT (IN_PROGRESS 00, not HELD
+    or an unanswered PARTIAL),
     1 if not, 2 on bad use."""
     p = _parser()
     args = p.parse_args(argv)
@@ -157,17 +163,22 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
     for i in range(args.sales):
         txn_id = sim.new_txn_id()
         retx, resends, confirms, t0 = sim.retransmissions, sim.stats.resends, sim.stats.confirms, time.monotonic()
+        accepted = sim.stats.partials_accepted
+        partials = accepted + sim.stats.partials_cancelled
         applied = faults.counts.as_dict() if faults else {}
         outcome: ResultMessage | ErrorMessage | None
         try:
             outcome = _one_sale(sim, args, txn_id)
         except ReaderTimeout:
             outcome = None
-        if isinstance(outcome, ResultMessage) and not outcome.in_progress and outcome.state is not TxnState.HELD:
+        if (isinstance(outcome, ResultMessage) and not outcome.in_progress
+                and outcome.state not in (TxnState.HELD, TxnState.PARTIAL)):
             finals += 1
         now_applied = faults.counts.as_dict() if faults else {}
         hit = ",".join(f"{k}={now_applied[k] - v}" for k, v in applied.items() if now_applied[k] > v) or "none"
         held = " (held, confirmed)" if sim.stats.confirms > confirms else ""
+        if sim.stats.partials_accepted + sim.stats.partials_cancelled > partials:
+            held = " (partial, accepted)" if sim.stats.partials_accepted > accepted else " (partial, cancelled)"
         print(
             f"sale {i + 1}/{args.sales} txn {txn_id.hex()} {_describe(outcome)}{held} "
             f"{time.monotonic() - t0:.2f}s retx={sim.retransmissions - retx} "

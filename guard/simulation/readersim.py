@@ -25,7 +25,7 @@ import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Self
+from typing import Literal, Self
 
 import serial
 
@@ -68,6 +68,11 @@ TEST_PAN = "4761739001010119"  # public EMV test card (PROTOCOL.md section 8)
 IDLE_CAP_S = 0.05  # longest sleep between two looks at the timers
 
 
+PartialChoice = Literal["accept", "cancel", "ignore"]
+PARTIAL_CHOICES: tuple[PartialChoice, ...] = ("accept", "cancel", "ignore")
+OPERATOR_DECISION_STATES = frozenset({TxnState.HELD, TxnState.PARTIAL})  # wait for the operator
+
+
 class ReaderTimeout(LinkError):
     """A wait ran out before the expected answer arrived (the request may still be processed)."""
 
@@ -86,6 +91,8 @@ class ReaderStats:
     link_downs: int = 0
     resends: int = 0  # requests re-sent with the same TXN_ID after SendFailed or TXN_UNKNOWN
     confirms: int = 0
+    partials_accepted: int = 0  # PARTIAL RESULTs answered with CONFIRM
+    partials_cancelled: int = 0  # PARTIAL RESULTs answered with CANCEL
     status_polls: int = 0  # STATUS(TXN_ID) sent: application timer ran out, or the link resynced
     ignored: int = 0  # messages of a type a reader does not know (section 5.2)
     undecodable: int = 0
@@ -211,11 +218,34 @@ class ReaderSim:
             self._idle(deadline)
 
     def auth(
-        self, txn_id: bytes, amount: int, currency: str, pan: str, expiry: str | None = None, timeout: float = 60.0
+        self, txn_id: bytes, amount: int, currency: str, pan: str, expiry: str | None = None, timeout: float = 60.0,
+        *, partial: PartialChoice = "ignore",
     ) -> ResultMessage | ErrorMessage:
-        """A sale: its RESULT with IN_PROGRESS = 00 (HELD too: the operator decides), or the ERROR
-        refusing it. Success only if that RESULT says APPROVED."""
-        return self.transact(Auth(txn_id, amount, currency, pan, expiry, self.reader_id), timeout)
+        """A sale: its RESULT with IN_PROGRESS = 00 (HELD and PARTIAL too: the operator decides),
+        or the ERROR refusing it. Success only if that RESULT says APPROVED.
+
+        ``partial`` is the operator's answer to a partial approval (STATE = PARTIAL, section 6.1):
+        "accept" sends CONFIRM (APPROVED for APPROVED_AMOUNT), "cancel" sends CANCEL (the partial
+        is reversed), "ignore" returns the PARTIAL RESULT for the caller to decide."""
+        if partial not in PARTIAL_CHOICES:
+            raise ValueError(f"partial must be one of {', '.join(PARTIAL_CHOICES)}")
+        deadline = self.clock() + timeout
+        r = self.transact(Auth(txn_id, amount, currency, pan, expiry, self.reader_id), timeout)
+        return self.decide_partial(r, partial, max(0.0, deadline - self.clock()))
+
+    def decide_partial(self, result: ResultMessage | ErrorMessage, choice: PartialChoice,
+                       timeout: float = 60.0) -> ResultMessage | ErrorMessage:
+        """Answer a final PARTIAL RESULT as the operator chose ("accept": CONFIRM, "cancel":
+        CANCEL, "ignore": nothing); any other result is returned as it is."""
+        if not (isinstance(result, ResultMessage) and result.state is TxnState.PARTIAL and not result.in_progress):
+            return result
+        if choice == "accept":
+            self.stats.partials_accepted += 1
+            return self.confirm(result.txn_id, timeout)
+        if choice == "cancel":
+            self.stats.partials_cancelled += 1
+            return self.cancel(result.txn_id, timeout)
+        return result
 
     def refund(
         self,
@@ -240,16 +270,18 @@ class ReaderSim:
         return self.transact(msg, timeout)
 
     def confirm(self, txn_id: bytes, timeout: float = 60.0) -> ResultMessage | ErrorMessage:
-        """Release a hold the guard put on ``txn_id`` and wait until the transaction leaves HELD.
+        """Release a hold the guard put on ``txn_id`` (or accept its partial approval) and wait
+        until the transaction leaves HELD (PARTIAL).
 
-        A HELD RESULT arriving after the CONFIRM does not end the wait: it may be a late copy of
-        an earlier answer (a pushed RESULT and the answer to a STATUS can both be in flight). If
-        the guard keeps holding, the latest HELD is returned at the deadline."""
+        A HELD or PARTIAL RESULT arriving after the CONFIRM does not end the wait: it may be a
+        late copy of an earlier answer (a pushed RESULT and the answer to a STATUS can both be in
+        flight). If the guard keeps holding, the latest such RESULT is returned at the deadline."""
         self.stats.confirms += 1
         return self.transact(Confirm(txn_id, self.reader_id), timeout)
 
     def cancel(self, txn_id: bytes, timeout: float = 60.0) -> ResultMessage | ErrorMessage:
-        """Drop a held request: its RESULT (DECLINED, OPERATOR_CANCELLED) or the ERROR refusing it."""
+        """Drop a held request (RESULT DECLINED, OPERATOR_CANCELLED) or refuse a partial approval
+        (REVERSAL_PENDING: the partial is reversed); or the ERROR refusing the CANCEL."""
         return self.transact(Cancel(txn_id, self.reader_id), timeout)
 
     def signed(self, txn_id: bytes, timeout: float = 60.0) -> ResultMessage | ErrorMessage:
@@ -355,8 +387,8 @@ class ReaderSim:
     def _await_final(
         self, txn_id: bytes, request: bytes | None, deadline: float, *, held_ends: bool = True
     ) -> ResultMessage | ErrorMessage:
-        """Wait for ``txn_id``'s RESULT with IN_PROGRESS = 00 (HELD included unless not
-        ``held_ends``). ``request`` is re-sent (same TXN_ID) if the guard says TXN_UNKNOWN. The
+        """Wait for ``txn_id``'s RESULT with IN_PROGRESS = 00 (HELD and PARTIAL included unless
+        not ``held_ends``). ``request`` is re-sent (same TXN_ID) if the guard says TXN_UNKNOWN. The
         call's messages, STATUS included, are re-sent after SendFailed."""
         start = now = self.clock()
         app_deadline = now + self.app_timeout
@@ -369,7 +401,7 @@ class ReaderSim:
                     wait = m.wait_s or READER_APP_TIMEOUT_S
                     app_deadline = min(now + wait, start + READER_APP_TIMEOUT_CAP_S)
                 elif isinstance(m, ResultMessage) and m.txn_id == txn_id and not m.in_progress:
-                    if held_ends or m.state is not TxnState.HELD:
+                    if held_ends or m.state not in OPERATOR_DECISION_STATES:
                         return m
                     held = m
                 elif isinstance(m, ErrorMessage) and m.txn_id in (None, txn_id):
