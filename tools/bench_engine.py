@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guard.core.engine import Engine, EngineConfig  # noqa: E402
+from guard.runtime.restore import restore_engine  # noqa: E402
 from guard.simulation.hostsim import HostCore  # noqa: E402
 from guard.hostlink.iso import HostCodec, HostMessage  # noqa: E402
 from guard.journal.store import Journal  # noqa: E402
@@ -112,8 +113,8 @@ def run(sales: int, workdir: Path, policy: PolicyConfig | None = None, history: 
     if history:
         fill_history(journal, keys.token_key, history, start)
     ecfg = EngineConfig(TID, MID, policy=policy if policy is not None else OFF)
-    engine = Engine.restore(ecfg, JournalCrypto(journal, keys.token_key), journal.entries(), random.Random(1),
-                            lookup=journal.entries_for)  # as the daemon: a new id is looked up in the journal
+    # As the daemon: restored from the journal; a new id that may be there is read back (Load).
+    engine = restore_engine(ecfg, JournalCrypto(journal, keys.token_key), journal, random.Random(1))
     core = HostCore(seed=1, dup_detection=True, faults={})
     up = InProcessUplink(core, HostCodec())
     svc = GuardService(engine, journal, up)  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ BE = _bench_engine()
 InProcessUplink, machine = BE.InProcessUplink, BE.machine
 
 from guard.core.engine import Engine, EngineConfig
+from guard.runtime.restore import restore_engine
 from guard.simulation.hostsim import HostCore
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
@@ -244,11 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     j = Journal.open(base / "journal.db", rig.keys, terminal_id=TID)
     crypto = JournalCrypto(j, rig.keys.token_key)
     t0 = time.perf_counter()
-    Engine.restore(rig.ecfg, crypto, j.entries())
+    restore_engine(rig.ecfg, crypto, j)
     restore_s = time.perf_counter() - t0
     gc.collect()
     tracemalloc.start(1)
-    restored = Engine.restore(rig.ecfg, crypto, j.entries())
+    restored = restore_engine(rig.ecfg, crypto, j)
     restored.history.prune(rig.now)  # restore prunes every 4096 entries; the next sale would prune the rest
     gc.collect()
     held = tracemalloc.get_traced_memory()[0]
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GuardService.replies: {n_replies_end + rig.sales - first} results, {per_reply:.0f} bytes each "
               f"(Result objects and the strings they keep), never removed: {per_reply * 10_000 / MB:.1f} MB per 10,000 sales")
     per_sale_s = restore_s / max(1, rig.sales)
-    print(f"restart: Engine.restore reads all {entries} entries: {restore_s:.2f} s "
+    print(f"restart: restore reads all {entries} entries: {restore_s:.2f} s "
           f"({per_sale_s * 1e6:.0f} us per sale in the journal), {held / MB:.1f} MB held after it")
     for per_day in (500, 2_000):
         year = per_day * 365
