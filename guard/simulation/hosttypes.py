@@ -67,7 +67,8 @@ class Reply:
     ``action``: ``send`` the fields; ``drop`` (nothing goes out; ``fields`` shows what would
     have); ``close_mid_frame`` (send the first half of the framed fields, then close);
     ``garbage`` (send ``garbage`` as one well-framed but undecodable message). ``delay`` is
-    seconds after the request. ``fault`` names the fault that shaped the reply, if any.
+    seconds after the request. ``fault`` names the fault that shaped the reply, if any, and
+    ``answer`` the acquirer-profile answer (``partial:10``, ``wrong_mti:0230``, ``silence``, ...).
     """
 
     fields: dict[str, str] | None
@@ -75,6 +76,7 @@ class Reply:
     action: str = ACTION_SEND
     garbage: bytes = b""
     fault: str | None = None
+    answer: str | None = None  # the acquirer-profile answer kind that shaped it (guard.simulation.acquirer)
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Debit:
     reversed: bool = False
     reversal_id: int | None = None
     type: str = SETTLE_SALE  # SALE (a debit, from 0200 or an 0220 advice) or REFUND (a credit, processing code 20)
+    response: str = RC_APPROVED  # field 39 the host answered (08, 10, a booked 96, ...)
+    requested_amount: int | None = None  # the amount asked, when the host booked less (partial approval)
 
 
 @dataclass
@@ -109,7 +113,7 @@ class ReversalRecord:
     orig_date: str
     amount: int
     response: str
-    effect: str  # "reversed", "not_found" (tombstoned) or "repeat" (no change)
+    effect: str  # "reversed", "not_found" (tombstoned), "repeat" (no change) or "refused" (debit stays)
     debit_id: int | None
     rrn: str  # the original's RRN; "" when the original was not found
     at: float
@@ -128,6 +132,7 @@ class SaleRecord:
     debit_id: int | None
     at: float
     type: str = SETTLE_SALE
+    booked_amount: int | None = None  # what the host debited when not ``amount`` (partial approval)
 
 
 @dataclass
