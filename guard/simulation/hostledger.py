@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
+import threading
 from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
 from guard.core.constants import SETTLE_REFUND, SETTLE_REVERSAL, SETTLEMENT_COLUMNS
+from guard.simulation.acquirer import AcquirerAnswers
 from guard.simulation.hosttypes import Debit, FaultRecord, LedgerKey, ReversalRecord, SaleRecord
 
 
@@ -95,3 +98,64 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+class LedgerViews:
+    """``HostCore``'s read side: debit counts, the ledger snapshot, settlement and checkpoints."""
+
+    seed: int
+    dup_detection: bool
+    fault_log: list[FaultRecord]
+    _lock: threading.RLock
+    _debits: list[Debit]
+    _by_key: dict[LedgerKey, list[Debit]]
+    _reversals: list[ReversalRecord]
+    _sales: list[SaleRecord]
+    _tombstones: dict[LedgerKey, float]
+    _checkpoints: list[dict[str, Any]]
+    _answers: AcquirerAnswers
+
+    def net_debits(self, tid: str, mid: str, stan: str | int, mmdd: str) -> int:
+        """Active (not reversed) debits for the key; > 1 means a double debit."""
+        s = f"{stan:06d}" if isinstance(stan, int) else stan.zfill(6)
+        with self._lock:
+            return sum(1 for d in self._by_key.get((tid, mid, s, mmdd), []) if not d.reversed)
+
+    def net_by_key(self) -> dict[LedgerKey, int]:
+        """Active debit count per ledger key (tid, mid, stan, MMDD), for every key ever debited."""
+        with self._lock:
+            return {k: sum(1 for d in ds if not d.reversed) for k, ds in self._by_key.items()}
+
+    def total_net_debits(self) -> int:
+        with self._lock:
+            return sum(1 for d in self._debits if not d.reversed)
+
+    def debits(self) -> list[Debit]:
+        """Copies of every debit record (reversed ones too), oldest first."""
+        with self._lock:
+            return [Debit(**asdict(d)) for d in self._debits]
+
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """Checkpoints terminals deposited (0800 / 880), oldest first."""
+        with self._lock:
+            return [dict(c["checkpoint"]) for c in self._checkpoints]
+
+    def ledger(self) -> dict[str, Any]:
+        """JSON-serialisable snapshot: debits, reversals, tombstones, per-card counts, totals."""
+        with self._lock:
+            return snapshot(seed=self.seed, dup_detection=self.dup_detection, debits=self._debits,
+                            reversals=self._reversals, tombstones=self._tombstones, faults=self.fault_log,
+                            checkpoints=self._checkpoints, profile=self._answers.profile.name)
+
+    def dump_ledger(self, path: str | os.PathLike[str]) -> None:
+        """Write ``ledger()`` as JSON atomically (temp file + fsync + rename)."""
+        atomic_write(path, json.dumps(self.ledger(), indent=2, sort_keys=True).encode())
+
+    def settlement_rows(self) -> list[dict[str, str]]:
+        """Every processed sale (any response) and every reversal but refused ones, in arrival order."""
+        with self._lock:
+            return settlement_rows(self._sales, [r for r in self._reversals if r.effect != "refused"])
+
+    def write_settlement_csv(self, path: str | os.PathLike[str]) -> None:
+        """Settlement export: ``date,tid,mid,stan,rrn,amount,type,response`` (amount in minor units)."""
+        atomic_write(path, settlement_csv(self.settlement_rows()))

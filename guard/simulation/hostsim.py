@@ -63,34 +63,13 @@ import json
 import os
 import random
 import threading
-from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
 from guard.core.constants import (
-    F_AMOUNT,
-    F_MERCHANT_ID,
-    F_NET_MGMT_CODE,
-    F_ORIGINAL_DATA,
-    F_PAN,
-    F_PRIVATE_DATA,
-    F_STAN,
-    F_TERMINAL_ID,
-    F_TRANSMISSION_DT,
-    NET_CHECKPOINT,
-    NET_ECHO,
-    NET_SIGN_ON,
-    F_ADDITIONAL_AMOUNTS,
-    F_APPROVAL_CODE,
-    F_CURRENCY,
-    F_RESPONSE_CODE,
-    F_RRN,
-    RC_APPROVED,
-    RC_DUPLICATE,
-    RC_INVALID_MERCHANT,
-    RC_NOT_PERMITTED_TERMINAL,
-    RC_ORIGINAL_NOT_FOUND,
-    SETTLE_REFUND,
-    SETTLE_SALE,
+    F_ADDITIONAL_AMOUNTS, F_AMOUNT, F_APPROVAL_CODE, F_CURRENCY, F_MERCHANT_ID, F_NET_MGMT_CODE, F_ORIGINAL_DATA,
+    F_PAN, F_PRIVATE_DATA, F_RRN, F_STAN, F_TERMINAL_ID, F_TRANSMISSION_DT, NET_CHECKPOINT, NET_ECHO, NET_SIGN_ON,
+    RC_APPROVED, RC_DUPLICATE, RC_INVALID_MERCHANT, RC_NOT_PERMITTED_TERMINAL, RC_ORIGINAL_NOT_FOUND,
+    SETTLE_REFUND, SETTLE_SALE,
 )
 from guard.core.errors import ConfigError, HostProtocolError
 from guard.hostlink.iso import is_request_mti, mti_class, parse_field90, response_mti, transmission_dt
@@ -98,38 +77,14 @@ from guard.core.model import mask_pan
 from guard.journal.mac import hmac_sha256
 from guard.simulation import hostledger
 from guard.simulation.acquirer import (
-    REVERSAL_0411,
-    REVERSAL_REFUSE,
-    AcquirerAnswers,
-    AcquirerProfile,
-    SaleAnswer,
-    field54,
-    moves_money,
+    REVERSAL_0411, REVERSAL_REFUSE, AcquirerAnswers, AcquirerProfile, SaleAnswer, field54, moves_money,
 )
 from guard.simulation.hosttypes import (
-    ACTION_CLOSE_MID_FRAME,
-    ACTION_DROP,
-    ACTION_GARBAGE,
-    DEFAULT_FAULT_CLASSES,
-    DEFAULT_LATE_DELAY_S,
-    FAULT_CLOSE_MID_FRAME,
-    FAULT_DEBIT_DROP_RESPONSE,
-    FAULT_DELAY_RESPONSE,
-    FAULT_DROP_REQUEST,
-    FAULT_DUPLICATE_RESPONSE,
-    FAULT_GARBAGE,
-    FAULT_KINDS,
-    RC_FORMAT_ERROR,
-    RC_INVALID_TRANSACTION,
-    RC_TOMBSTONED,
-    ApproveRule,
-    Debit,
-    FaultRecord,
-    LedgerKey,
-    Reply,
-    ReversalRecord,
-    SaleRecord,
-    default_approve_rule,
+    ACTION_CLOSE_MID_FRAME, ACTION_DROP, ACTION_GARBAGE, DEFAULT_FAULT_CLASSES, DEFAULT_LATE_DELAY_S,
+    FAULT_CLOSE_MID_FRAME, FAULT_DEBIT_DROP_RESPONSE, FAULT_DELAY_RESPONSE, FAULT_DROP_REQUEST,
+    FAULT_DUPLICATE_RESPONSE, FAULT_GARBAGE, FAULT_KINDS, RC_FORMAT_ERROR, RC_INVALID_TRANSACTION, RC_TOMBSTONED,
+    ApproveRule, Debit, FaultRecord, LedgerKey, Reply, ReversalRecord, SaleRecord, alter_echo,
+    default_approve_rule, garbage_bytes,
 )
 
 _SALE_MTIS = frozenset({"0200", "0201", "0220", "0221"})  # financial requests and advices book alike
@@ -142,7 +97,7 @@ def _fixed_digits(v: str | None, n: int) -> bool:
     return v is not None and len(v) == n and v.isascii() and v.isdigit()
 
 
-class HostCore:
+class HostCore(hostledger.LedgerViews):
     """The acquirer's brain: ``handle(fields, now) -> [Reply]``. Thread-safe (one internal lock)."""
 
     def __init__(
@@ -281,7 +236,7 @@ class HostCore:
                 if processed:
                     self._process(fields, now)
                 self._record_fault(fault, fields, processed=processed, forced=forced, now=now)
-                return [Reply(None, action=ACTION_GARBAGE, garbage=self._garbage_bytes(), fault=fault,
+                return [Reply(None, action=ACTION_GARBAGE, garbage=garbage_bytes(self._fault_rng), fault=fault,
                               answer=self._last_answer)]
             resp = self._process(fields, now)
             a = self._last_answer
@@ -296,7 +251,7 @@ class HostCore:
                 return [Reply(resp, action=ACTION_CLOSE_MID_FRAME, fault=fault, answer=a)]
             if fault == FAULT_DUPLICATE_RESPONSE:
                 return [Reply(resp, fault=fault, answer=a), Reply(dict(resp), fault=fault, answer=a)]
-            return [Reply(self._alter_echo(resp), fault=fault, answer=a)]
+            return [Reply(alter_echo(resp, self._fault_rng), fault=fault, answer=a)]
 
     def _record_fault(self, kind: str, fields: Mapping[str, str], *, processed: bool, forced: bool, now: float) -> None:
         self._fault_counts[kind] += 1
@@ -304,24 +259,6 @@ class HostCore:
             FaultRecord(kind, fields.get("t", ""), fields.get(F_STAN, ""), fields.get(F_TERMINAL_ID, ""),
                         processed, forced, now)
         )
-
-    def _garbage_bytes(self) -> bytes:
-        n = self._fault_rng.randrange(8, 48)
-        return b"\xff" + self._fault_rng.randbytes(n - 1)
-
-    def _alter_echo(self, resp: dict[str, str]) -> dict[str, str]:
-        out = dict(resp)
-        candidates = [f for f in (F_TERMINAL_ID, F_MERCHANT_ID, F_AMOUNT) if f in out]
-        if not candidates:
-            out[F_STAN] = f"{(int(out.get(F_STAN, '0') or 0) + 1) % 1_000_000:06d}"
-            return out
-        f = self._fault_rng.choice(candidates)
-        v = out[f]
-        if f == F_AMOUNT:
-            out[f] = f"{(int(v) + 1) % 10**len(v):0{len(v)}d}"
-        else:
-            out[f] = v[:-1] + ("X" if v[-1:] != "X" else "Y")
-        return out
 
     def _process(self, fields: Mapping[str, str], now: float) -> dict[str, str]:
         self._last_answer = None
@@ -521,42 +458,10 @@ class HostCore:
         self._counters["checkpoints_kept"] += 1
         return True
 
-    def checkpoints(self) -> list[dict[str, Any]]:
-        """Checkpoints terminals deposited (0800 / 880), oldest first."""
-        with self._lock:
-            return [dict(c["checkpoint"]) for c in self._checkpoints]
-
     def _card_token(self, pan: str) -> str:
         return hmac_sha256(self._card_key, pan.encode()).hex()[:16]
 
-    # --- queries ------------------------------------------------------------------------------------
-
-    def net_debits(self, tid: str, mid: str, stan: str | int, mmdd: str) -> int:
-        """Active (not reversed) debits for the key; > 1 means a double debit."""
-        s = f"{stan:06d}" if isinstance(stan, int) else stan.zfill(6)
-        with self._lock:
-            return sum(1 for d in self._by_key.get((tid, mid, s, mmdd), []) if not d.reversed)
-
-    def net_by_key(self) -> dict[LedgerKey, int]:
-        """Active debit count per ledger key (tid, mid, stan, MMDD), for every key ever debited."""
-        with self._lock:
-            return {k: sum(1 for d in ds if not d.reversed) for k, ds in self._by_key.items()}
-
-    def total_net_debits(self) -> int:
-        with self._lock:
-            return sum(1 for d in self._debits if not d.reversed)
-
-    def debits(self) -> list[Debit]:
-        with self._lock:
-            return [Debit(**asdict(d)) for d in self._debits]
-
-    def ledger(self) -> dict[str, Any]:
-        """JSON-serialisable snapshot: debits, reversals, tombstones, per-card counts, totals."""
-        with self._lock:
-            return hostledger.snapshot(
-                seed=self.seed, dup_detection=self.dup_detection, debits=self._debits, reversals=self._reversals,
-                tombstones=self._tombstones, faults=self.fault_log,
-                checkpoints=self._checkpoints, profile=self.profile.name)
+    # --- queries (more in hostledger.LedgerViews) ---------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Counters: requests (total, by MTI), responses by code, faults applied by kind, ledger events."""
@@ -570,17 +475,3 @@ class HostCore:
                 "answers": dict(self._answers.counts),
                 "answers_forced_pending": self._answers.pending,
             }
-
-    def dump_ledger(self, path: str | os.PathLike[str]) -> None:
-        """Write ``ledger()`` as JSON atomically (temp file + fsync + rename)."""
-        hostledger.atomic_write(path, json.dumps(self.ledger(), indent=2, sort_keys=True).encode())
-
-    def settlement_rows(self) -> list[dict[str, str]]:
-        """Every processed sale (any response) and every reversal but refused ones, in arrival order
-        (guard.simulation.hostledger.settlement_rows)."""
-        with self._lock:
-            return hostledger.settlement_rows(self._sales, [r for r in self._reversals if r.effect != "refused"])
-
-    def write_settlement_csv(self, path: str | os.PathLike[str]) -> None:
-        """Settlement export: ``date,tid,mid,stan,rrn,amount,type,response`` (amount in minor units)."""
-        hostledger.atomic_write(path, hostledger.settlement_csv(self.settlement_rows()))

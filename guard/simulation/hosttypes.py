@@ -2,12 +2,16 @@
 kinds, the reply actions ``HostCore.handle`` returns, and the ledger records it keeps."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from guard.core.constants import (
     SETTLE_SALE,
     F_AMOUNT,
+    F_MERCHANT_ID,
+    F_STAN,
+    F_TERMINAL_ID,
     HOST_TIMEOUT_S,
     RC_APPROVED,
     RC_DO_NOT_HONOUR,
@@ -58,6 +62,28 @@ def default_approve_rule(fields: Mapping[str, str]) -> str:
     if amount.endswith("05"):
         return RC_DO_NOT_HONOUR
     return RC_APPROVED
+
+
+def garbage_bytes(rng: random.Random) -> bytes:
+    """A ``garbage`` fault's payload: 8..47 bytes, first byte 0xFF, so no ISO 8583 spec decodes it."""
+    n = rng.randrange(8, 48)
+    return b"\xff" + rng.randbytes(n - 1)
+
+
+def alter_echo(resp: Mapping[str, str], rng: random.Random) -> dict[str, str]:
+    """A ``wrong_echo`` fault: one of 41 / 42 / 4 altered, same length (11 when none is present)."""
+    out = dict(resp)
+    candidates = [f for f in (F_TERMINAL_ID, F_MERCHANT_ID, F_AMOUNT) if f in out]
+    if not candidates:
+        out[F_STAN] = f"{(int(out.get(F_STAN, '0') or 0) + 1) % 1_000_000:06d}"
+        return out
+    f = rng.choice(candidates)
+    v = out[f]
+    if f == F_AMOUNT:
+        out[f] = f"{(int(v) + 1) % 10**len(v):0{len(v)}d}"
+    else:
+        out[f] = v[:-1] + ("X" if v[-1:] != "X" else "Y")
+    return out
 
 
 @dataclass(frozen=True)
