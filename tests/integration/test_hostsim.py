@@ -35,39 +35,10 @@ from guard.hostlink.iso import (
     HostGarbage,
     HostMessage,
     echo_mismatches,
-    field90,
 )
 from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
 from tests.support import collect, connected, subprocess_env
-
-PAN = "4111111111111111"
-PAN2 = "5500000000000004"
-TID, MID = "TERM0001", "MERCHANT0000001"
-F7 = "1122153000"
-NOW = 1_795_300_000.0
-
-
-def sale(stan: int = 1, amount: int = 1000, pan: str = PAN, f7: str = F7, tid: str = TID, mti: str = "0200") -> dict[str, str]:
-    return {
-        "t": mti, "2": pan, "3": "000000", "4": f"{amount:012d}", "7": f7, "11": f"{stan:06d}",
-        "41": tid, "42": MID, "49": "978",
-    }
-
-
-def reversal(stan: int = 1, amount: int = 1000, f7: str = F7, mti: str = "0400", tid: str = TID,
-             own_stan: int | None = None) -> dict[str, str]:
-    return {
-        "t": mti, "3": "000000", "4": f"{amount:012d}", "7": "1122153100",
-        "11": f"{(own_stan or stan):06d}", "41": tid, "42": MID, "49": "978",
-        "90": field90("0200", stan, f7),
-    }
-
-
-def one(core: HostCore, fields: dict[str, str], now: float = NOW) -> dict[str, str]:
-    replies = core.handle(fields, now)
-    assert len(replies) == 1 and replies[0].action == ACTION_SEND and replies[0].fields is not None
-    return replies[0].fields
-
+from tests.support.hostmsgs import F7, MID, NOW, PAN, PAN2, TID, one, reversal, sale
 
 # --- ledger --------------------------------------------------------------------------------------
 
