@@ -201,10 +201,12 @@ class AcquirerProfile:
         )
 
     @classmethod
-    def for_seed(cls, seed: int) -> AcquirerProfile:
+    def for_seed(cls, seed: int, *, partial: bool = True) -> AcquirerProfile:
         """A seeded mix for the deterministic simulation: each kind on or off with its own rate,
         the same for the same seed. Rates are high (a seed has a dozen sales) but refusals stay
-        low enough that 20 refusals in a row do not happen; silences last at most 120 s."""
+        low enough that 20 refusals in a row do not happen; silences last at most 120 s.
+        ``partial=False`` leaves out code 10 (same draws otherwise), for a driver whose reader
+        cannot answer PARTIAL yet."""
         rng = random.Random(f"posguard.hostsim.acquirer.for_seed.{seed}")
         answers = {rng.choice(("08", "11", "16")): rng.choice((0.0, 0.05, 0.1)),
                    "10": rng.choice((0.0, 0.05, 0.1))}
@@ -214,8 +216,8 @@ class AcquirerProfile:
         mti, mti_rate = rng.choice(("0230", "0810")), rng.choice((0.0, 0.03))
         first = rng.choice((0.0, 0.0, 30.0, 90.0))
         return cls(
-            name=f"seed-{seed}",
-            answers={k: v for k, v in answers.items() if v},
+            name=f"seed-{seed}" + ("" if partial else "-no-partial"),
+            answers={k: v for k, v in answers.items() if v and (partial or k not in PARTIAL_CODES)},
             wrong_mti={mti: mti_rate} if mti_rate else {},
             booked_share=rng.choice((0.0, 0.5, 1.0)),
             partial_field=rng.choice(PARTIAL_FIELDS),

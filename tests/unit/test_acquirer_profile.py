@@ -389,6 +389,10 @@ def test_for_seed_is_reproducible_valid_and_covers_every_kind() -> None:
     assert any(p.reversal_silence for p in profiles) and any(p.silence_windows for p in profiles)
     assert any(p.reversal_0411 for p in profiles) and {p.partial_field for p in profiles} == {"4", "54"}
     assert max(max(p.reversal_refusals.values(), default=0) for p in profiles) <= 0.2
+    for seed in range(1, 30):
+        full, no10 = AcquirerProfile.for_seed(seed), AcquirerProfile.for_seed(seed, partial=False)
+        assert no10.answers == {k: v for k, v in full.answers.items() if k != "10"}
+        assert (no10.reversal_refusals, no10.silence_windows) == (full.reversal_refusals, full.silence_windows)
 
 
 @pytest.mark.parametrize("bad", [
