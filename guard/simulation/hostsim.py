@@ -12,11 +12,14 @@ Three layers:
 
 Ledger rules (the "no double debit, no silent debit" oracle):
 
-- Key = (41, 42, 11, MMDD of field 7). An approved 0200 (or 0220 advice) creates one record, a debit
-  or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
+- Key = (41, 42, 11, MMDD of field 7). A 0200 (or 0220 advice) the host books creates one record,
+  a debit or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
   card token (HMAC-SHA256 of the PAN under a key drawn at random for each run, 16 hex), the
-  masked PAN, amount, a unique 12-digit RRN and a 6-digit approval code. The clear PAN is never
-  stored.
+  masked PAN, amount (the approved amount of a partial), the answer's field 39, a unique 12-digit
+  RRN and a 6-digit approval code. The clear PAN is never stored. The host books every answer the
+  acquirers' documentation calls an approval (00 08 11 16, and 10 for its partial amount), whoever
+  chose it (approve rule, profile, ``force_answer``), and other answers only when the profile or a
+  forced answer says it booked them.
 - Duplicate detection ON: a 0200 whose key was already seen is answered 94 without a debit; a
   0201/0221 repeat gets the original answer again. OFF: every request is processed, so a resent sale
   debits twice (what a real host without duplicate detection does).
