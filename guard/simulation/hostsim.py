@@ -478,3 +478,6 @@ class HostCore(hostledger.LedgerViews):
                 "answers": dict(self._answers.counts),
                 "answers_forced_pending": self._answers.pending,
             }
+
+
+_atomic_write = hostledger.atomic_write  # the old name, still used by tests/integration/test_audit_leaks.py
