@@ -17,7 +17,9 @@ S = TxnState
 # state -> the states it may move to (TIGER_STYLE: the one place that says so).
 TRANSITIONS: Mapping[TxnState, frozenset[TxnState]] = {
     # VOIDs stay JOURNALED until the reversal of their sale settles them (APPROVED / NEEDS_MANUAL).
-    S.JOURNALED: frozenset({S.SENT, S.HELD, S.DECLINED, S.DEFERRED, S.REVERSAL_PENDING, S.APPROVED, S.NEEDS_MANUAL}),
+    # SENT is never journaled, so on restore a sale moves from JOURNALED straight to its answer.
+    S.JOURNALED: frozenset({S.SENT, S.HELD, S.DECLINED, S.DEFERRED, S.REVERSAL_PENDING, S.APPROVED, S.NEEDS_MANUAL,
+                            S.PARTIAL}),
     S.SENT: frozenset({S.APPROVED, S.DECLINED, S.REVERSAL_PENDING, S.PARTIAL}),
     S.PARTIAL: frozenset({S.APPROVED, S.REVERSAL_PENDING}),  # operator accepts / cancels, or it expires
     S.HELD: frozenset({S.JOURNALED, S.DECLINED}),

@@ -3,6 +3,8 @@ write the ledger and settlement files at exit)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import signal
 import sys
@@ -14,6 +16,9 @@ from typing import Any
 from guard.core.constants import HOST_HEADERS
 from guard.core.errors import ConfigError, KeyFileError
 from guard.hostlink.iso import HostCodec, load_spec
+from guard.simulation.acquirer import (
+    PARTIAL_FIELDS, REVERSAL_0411, REVERSAL_DONE_CODES, REVERSAL_REFUSE, REVERSAL_SILENCE, AcquirerProfile,
+)
 from guard.simulation.hostserver import HostServer, make_server_context
 from guard.simulation.hostsim import HostCore
 from guard.simulation.hosttypes import DEFAULT_LATE_DELAY_S, FAULT_KINDS
@@ -30,6 +35,83 @@ def _fault_arg(s: str) -> tuple[str, float]:
     if not 0.0 <= r <= 1.0:
         raise argparse.ArgumentTypeError("RATE must be between 0 and 1")
     return kind, r
+
+
+def _rate_arg(s: str) -> float:
+    try:
+        r = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("RATE must be a number between 0 and 1") from None
+    if math.isnan(r) or not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError("RATE must be between 0 and 1")
+    return r
+
+
+def _answer_arg(s: str) -> tuple[str, float]:
+    code, sep, rate = s.partition("=")
+    is_code = len(code) == 2 and code.isascii() and code.isalnum()
+    is_mti = len(code) == 4 and code.isascii() and code.isdigit() and code != "0210"
+    if not sep or not (is_code or is_mti):
+        raise argparse.ArgumentTypeError(
+            "expected CODE=RATE with CODE a 2-character field-39 code (e.g. 08, 10, 96, Q7) "
+            "or a wrong response MTI for a 0200 (e.g. 0230, 0810)")
+    return code, _rate_arg(rate)
+
+
+def _reversal_answer_arg(s: str) -> tuple[str, float]:
+    kind, sep, rate = s.partition("=")
+    head, _, code = kind.partition(":")
+    ok = kind in (REVERSAL_SILENCE, REVERSAL_0411) or (
+        head == REVERSAL_REFUSE and len(code) == 2 and code.isascii() and code.isalnum() and code not in REVERSAL_DONE_CODES)
+    if not sep or not ok:
+        raise argparse.ArgumentTypeError("expected KIND=RATE with KIND silence, 0411 or refuse:CODE (CODE not 00, 25, 94)")
+    return kind, _rate_arg(rate)
+
+
+def _seconds_arg(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a number of seconds") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError("must be a finite number of seconds >= 0")
+    return v
+
+
+def _window_arg(s: str) -> tuple[float, float]:
+    a, sep, b = s.partition(":")
+    try:
+        start, end = _seconds_arg(a), _seconds_arg(b)
+    except argparse.ArgumentTypeError:
+        start = end = -1.0
+    if not sep or start < 0 or end < start:
+        raise argparse.ArgumentTypeError("expected START:END seconds after the first request, START <= END")
+    return start, end
+
+
+def build_profile(args: argparse.Namespace) -> AcquirerProfile:
+    """The acquirer profile from ``--profile`` and the answer options (``ConfigError`` if inconsistent)."""
+    base = AcquirerProfile.real_world() if args.profile == "real-world" else AcquirerProfile()
+    p = base.with_answers(dict(args.answer))
+    refusals = dict(p.reversal_refusals)
+    changes: dict[str, Any] = {}
+    for kind, rate in args.reversal_answer:
+        if kind == REVERSAL_SILENCE:
+            changes["reversal_silence"] = rate
+        elif kind == REVERSAL_0411:
+            changes["reversal_0411"] = rate
+        else:
+            refusals[kind.partition(":")[2]] = rate
+    changes["reversal_refusals"] = refusals
+    if args.silence_window:
+        changes["silence_windows"] = tuple(args.silence_window)
+    for name in ("booked_share", "partial_field", "reversal_silence_s"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    custom = args.answer or args.reversal_answer or any(k != "reversal_refusals" for k in changes)
+    if custom:
+        changes["name"] = f"{base.name}+custom"
+    return dataclasses.replace(p, **changes)
 
 
 def _port_arg(s: str) -> int:
@@ -81,6 +163,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
                "  wrong_echo           processed, the reply's 41, 42 or 4 altered\n"
                "  garbage              processed or not, an undecodable frame instead of the reply\n"
                "amounts ending in 51 are declined 51, in 05 declined 05; everything else is approved.\n"
+               "acquirer answers (how real hosts answer; the ledger debits whatever the acquirer booked):\n"
+               "  --profile real-world  every kind below on at documented rates (08 11 16 10 09 91 96 Q7 X1,\n"
+               "                        0230/0810, silences of 300 s, refusals 12/96, 0411 to half the 0401s)\n"
+               "  --answer CODE=RATE    share of new 0200s answered with field 39 CODE: 00 08 11 16 debit the\n"
+               "                        amount; 10 debits a partial amount (1..amount-1, in --partial-field 4\n"
+               "                        or 54); declines (01..75) and 94 debit nothing; system codes (06 09 19\n"
+               "                        68 90 91 92 96) and codes no table lists (Q7, X1) debited in a\n"
+               "                        --booked-share of cases. CODE a 4-digit MTI (0230, 0810): the host\n"
+               "                        booked the sale and answered with that MTI. Shares add up to <= 1.\n"
+               "  --reversal-answer KIND=RATE  reversals: silence (dropped, and every reversal for\n"
+               "                        --reversal-silence-s after it), refuse:CODE (0410 + CODE, nothing\n"
+               "                        reversed), 0411 (a 0401 answered 0411)\n"
+               "  --silence-window START:END   drop every reversal START..END seconds after the first request\n"
                "exit status: 0 stopped cleanly (SIGINT/SIGTERM or --duration); 2 bad arguments, TLS files, or "
                "the port cannot be listened on; 3 the ledger or settlement file could not be written at exit.")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
@@ -91,6 +186,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault", action="append", type=_fault_arg, default=[], metavar="KIND=RATE",
                    help="inject a fault kind at this rate (see below)")
     p.add_argument("--late-delay", type=float, default=DEFAULT_LATE_DELAY_S, help="seconds for delay_response")
+    p.add_argument("--profile", choices=("default", "real-world"), default="default",
+                   help="acquirer answer profile (default: %(default)s, a plain host that answers 00/05/51)")
+    p.add_argument("--answer", action="append", type=_answer_arg, default=[], metavar="CODE=RATE",
+                   help="answer this share of new 0200s with CODE (see below; repeatable, adds to --profile)")
+    p.add_argument("--reversal-answer", action="append", type=_reversal_answer_arg, default=[], metavar="KIND=RATE",
+                   help="silence, refuse:CODE or 0411 for this share of reversals (repeatable)")
+    p.add_argument("--booked-share", type=_rate_arg, metavar="RATE",
+                   help="share of system/unknown-code answers the host booked (default 0.5)")
+    p.add_argument("--partial-field", choices=PARTIAL_FIELDS, help="where a 10 carries the approved amount (default 4)")
+    p.add_argument("--reversal-silence-s", type=_seconds_arg, metavar="SECONDS",
+                   help="how long a reversal silence lasts (default 300)")
+    p.add_argument("--silence-window", action="append", type=_window_arg, default=[], metavar="START:END",
+                   help="drop every reversal in this window, seconds after the first request (repeatable)")
     p.add_argument("--ledger", metavar="PATH", help="ledger JSON, written on SIGINT/SIGTERM and at exit")
     p.add_argument("--settlement", metavar="PATH", help="settlement CSV, written at exit")
     p.add_argument("--header", choices=HOST_HEADERS, default=HOST_HEADERS[0])
@@ -114,9 +222,14 @@ def main(argv: list[str] | None = None) -> int:
         if (why := _out_path_problem(path)) is not None:
             parser.error(f"{opt}: {why}")
     try:
+        profile = build_profile(args)
+    except ConfigError as e:
+        parser.error(f"acquirer answers: {e.reason}")
+    try:
         core = HostCore(
             seed=args.seed, dup_detection=args.dup_detection, faults=dict(args.fault),
             terminal_id=args.terminal_id, merchant_id=args.merchant_id, late_delay=args.late_delay,
+            profile=profile,
         )
         codec = HostCodec(load_spec(args.spec), header=args.header, tpdu=args.tpdu)
         ctx = make_server_context(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
@@ -130,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hostsim: cannot listen on {args.host}:{args.port}: {e.strerror}", file=sys.stderr)
         return 2
     print(f"hostsim listening on {args.host}:{port}", flush=True)
+    if not profile.is_plain:
+        print(f"hostsim acquirer profile {profile.name}", flush=True)
 
     stop = threading.Event()
 

@@ -12,11 +12,14 @@ Three layers:
 
 Ledger rules (the "no double debit, no silent debit" oracle):
 
-- Key = (41, 42, 11, MMDD of field 7). An approved 0200 (or 0220 advice) creates one record, a debit
-  or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
+- Key = (41, 42, 11, MMDD of field 7). A 0200 (or 0220 advice) the host books creates one record,
+  a debit or, for processing code 20xxxx, a refund credit (``type`` REFUND), holding a keyed
   card token (HMAC-SHA256 of the PAN under a key drawn at random for each run, 16 hex), the
-  masked PAN, amount, a unique 12-digit RRN and a 6-digit approval code. The clear PAN is never
-  stored.
+  masked PAN, amount (the approved amount of a partial), the answer's field 39, a unique 12-digit
+  RRN and a 6-digit approval code. The clear PAN is never stored. The host books every answer the
+  acquirers' documentation calls an approval (00 08 11 16, and 10 for its partial amount), whoever
+  chose it (approve rule, profile, ``force_answer``), and other answers only when the profile or a
+  forced answer says it booked them.
 - Duplicate detection ON: a 0200 whose key was already seen is answered 94 without a debit; a
   0201/0221 repeat gets the original answer again. OFF: every request is processed, so a resent sale
   debits twice (what a real host without duplicate detection does).
@@ -44,73 +47,47 @@ keepalives never consume a forced fault):
 - ``garbage``: processed or not (seeded coin), then one well-framed undecodable payload
   (first byte 0xFF) instead of a reply, so the terminal sees HOST_UNDECODABLE and stays in sync.
 Every applied fault is counted in ``stats()["faults"]`` and logged in ``fault_log``.
+
+Acquirer answers (``AcquirerProfile``, guard.simulation.acquirer; the default changes nothing):
+a new 0200/0201 may be answered 08/11/16 (debit), 10 (partial debit, amount in field 4 or 54), a
+system or unknown code (debited in a seeded share of cases), or with a wrong MTI (debited);
+reversals may meet a silence (dropped, checked before faults), an explicit refusal (0410 with 12
+or 96, debit stays) or a 0411. Whatever posguard makes of an answer, the ledger debits every
+answer the acquirers' documentation calls an approval, and an ambiguous one exactly when the
+host booked it. ``force_answer`` / ``force_reversal_answer`` queue answers for tests; counts are in
+``stats()["answers"]``.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import csv
-import io
 import itertools
 import json
 import os
 import random
 import threading
-from dataclasses import asdict
 from typing import Any, Iterable, Mapping
 
 from guard.core.constants import (
-    F_AMOUNT,
-    F_MERCHANT_ID,
-    F_NET_MGMT_CODE,
-    F_ORIGINAL_DATA,
-    F_PAN,
-    F_PRIVATE_DATA,
-    F_STAN,
-    F_TERMINAL_ID,
-    F_TRANSMISSION_DT,
-    NET_CHECKPOINT,
-    NET_ECHO,
-    NET_SIGN_ON,
-    RC_APPROVED,
-    RC_DUPLICATE,
-    RC_INVALID_MERCHANT,
-    RC_NOT_PERMITTED_TERMINAL,
-    RC_ORIGINAL_NOT_FOUND,
-    SETTLE_REFUND,
-    SETTLE_REVERSAL,
-    SETTLE_SALE,
-    SETTLEMENT_COLUMNS,
+    F_ADDITIONAL_AMOUNTS, F_AMOUNT, F_APPROVAL_CODE, F_CURRENCY, F_MERCHANT_ID, F_NET_MGMT_CODE, F_ORIGINAL_DATA,
+    F_PAN, F_PRIVATE_DATA, F_RRN, F_STAN, F_TERMINAL_ID, F_TRANSMISSION_DT, NET_CHECKPOINT, NET_ECHO, NET_SIGN_ON,
+    RC_APPROVED, RC_DUPLICATE, RC_INVALID_MERCHANT, RC_NOT_PERMITTED_TERMINAL, RC_ORIGINAL_NOT_FOUND,
+    SETTLE_REFUND, SETTLE_SALE,
 )
 from guard.core.errors import ConfigError, HostProtocolError
 from guard.hostlink.iso import is_request_mti, mti_class, parse_field90, response_mti, transmission_dt
 from guard.core.model import mask_pan
 from guard.journal.mac import hmac_sha256
+from guard.simulation import hostledger
+from guard.simulation.acquirer import (
+    REVERSAL_0411, REVERSAL_REFUSE, AcquirerAnswers, AcquirerProfile, SaleAnswer, field54, moves_money,
+)
 from guard.simulation.hosttypes import (
-    ACTION_CLOSE_MID_FRAME,
-    ACTION_DROP,
-    ACTION_GARBAGE,
-    DEFAULT_FAULT_CLASSES,
-    DEFAULT_LATE_DELAY_S,
-    FAULT_CLOSE_MID_FRAME,
-    FAULT_DEBIT_DROP_RESPONSE,
-    FAULT_DELAY_RESPONSE,
-    FAULT_DROP_REQUEST,
-    FAULT_DUPLICATE_RESPONSE,
-    FAULT_GARBAGE,
-    FAULT_KINDS,
-    RC_FORMAT_ERROR,
-    RC_INVALID_TRANSACTION,
-    RC_TOMBSTONED,
-    ApproveRule,
-    Debit,
-    FaultRecord,
-    LedgerKey,
-    Reply,
-    ReversalRecord,
-    SaleRecord,
-    default_approve_rule,
+    ACTION_CLOSE_MID_FRAME, ACTION_DROP, ACTION_GARBAGE, DEFAULT_FAULT_CLASSES, DEFAULT_LATE_DELAY_S,
+    FAULT_CLOSE_MID_FRAME, FAULT_DEBIT_DROP_RESPONSE, FAULT_DELAY_RESPONSE, FAULT_DROP_REQUEST,
+    FAULT_DUPLICATE_RESPONSE, FAULT_GARBAGE, FAULT_KINDS, RC_FORMAT_ERROR, RC_INVALID_TRANSACTION, RC_TOMBSTONED,
+    ApproveRule, Debit, FaultRecord, LedgerKey, Reply, ReversalRecord, SaleRecord, alter_echo,
+    default_approve_rule, garbage_bytes,
 )
 
 _SALE_MTIS = frozenset({"0200", "0201", "0220", "0221"})  # financial requests and advices book alike
@@ -123,7 +100,7 @@ def _fixed_digits(v: str | None, n: int) -> bool:
     return v is not None and len(v) == n and v.isascii() and v.isdigit()
 
 
-class HostCore:
+class HostCore(hostledger.LedgerViews):
     """The acquirer's brain: ``handle(fields, now) -> [Reply]``. Thread-safe (one internal lock)."""
 
     def __init__(
@@ -137,6 +114,7 @@ class HostCore:
         merchant_id: str | None = None,
         late_delay: float = DEFAULT_LATE_DELAY_S,
         fault_classes: Iterable[str] = DEFAULT_FAULT_CLASSES,
+        profile: AcquirerProfile | None = None,
     ) -> None:
         faults = dict(faults or {})
         for kind, rate in faults.items():
@@ -175,6 +153,45 @@ class HostCore:
         self._by_mti: collections.Counter[str] = collections.Counter()
         self._by_rc: collections.Counter[str] = collections.Counter()
         self._fault_counts: collections.Counter[str] = collections.Counter()
+        self._answers = AcquirerAnswers(profile or AcquirerProfile(), seed)
+        self._last_answer: str | None = None
+
+    # --- acquirer answers ------------------------------------------------------------------------
+
+    @property
+    def profile(self) -> AcquirerProfile:
+        """The acquirer answer profile; assign ``AcquirerProfile()`` to turn it off (forced answers stay)."""
+        return self._answers.profile
+
+    @profile.setter
+    def profile(self, profile: AcquirerProfile) -> None:
+        with self._lock:
+            self._answers.set_profile(profile)
+
+    def force_answer(self, rc: str, *, mti: str | None = None, approved_amount: int | None = None,
+                     booked: bool | None = None, count: int = 1, amount_field: str | None = None) -> None:
+        """Answer the next ``count`` new 0200/0201 sales with field 39 ``rc`` (FIFO, before the profile).
+
+        Counts only sales the host processes as new (not format errors, terminal rejects, 94
+        duplicates, 68 tombstones, requests a fault dropped unprocessed). ``mti``: answer with this
+        MTI instead of 0210. ``approved_amount``: written into field 4 or 54 (``amount_field``,
+        default the profile's ``partial_field``) and the amount debited; for 10 it defaults to a
+        seeded 1..amount-1. ``booked``: whether the ledger debits; default from the code's
+        documented class (approvals and 10 book, declines and 94 do not, system and unknown codes do).
+        """
+        with self._lock:
+            self._answers.force_answer(rc, mti=mti, approved_amount=approved_amount, booked=booked, count=count,
+                                       amount_field=amount_field)
+
+    def force_reversal_answer(self, kind: str, count: int = 1) -> None:
+        """Answer the next ``count`` reversals (0400/0401/0420/0421) with ``kind`` (FIFO):
+
+        ``silence`` (dropped unprocessed at arrival), ``silence:SECONDS`` (dropped, and so is every
+        reversal arriving within SECONDS after it), ``refuse:CODE`` (0410 with CODE, not 00/25/94:
+        nothing reversed) or ``0411`` (processed, answered 0411, or 0431 to an 0420/0421).
+        """
+        with self._lock:
+            self._answers.force_reversal_answer(kind, count)
 
     # --- faults --------------------------------------------------------------------------------
 
@@ -208,29 +225,36 @@ class HostCore:
             if not is_request_mti(mti):
                 self._counters["ignored_non_requests"] += 1
                 return []
+            self._answers.note_request(now)
+            if mti in _REVERSAL_MTIS and (why := self._answers.reversal_silenced(now)) is not None:
+                self._counters["reversals_silenced"] += 1
+                return [Reply(None, action=ACTION_DROP, answer=why)]
             fault, forced = self._pick_fault(mti)
             if fault == FAULT_DROP_REQUEST:
                 self._record_fault(fault, fields, processed=False, forced=forced, now=now)
                 return [Reply(None, action=ACTION_DROP, fault=fault)]
             if fault == FAULT_GARBAGE:
                 processed = self._fault_rng.random() < 0.5
+                self._last_answer = None
                 if processed:
                     self._process(fields, now)
                 self._record_fault(fault, fields, processed=processed, forced=forced, now=now)
-                return [Reply(None, action=ACTION_GARBAGE, garbage=self._garbage_bytes(), fault=fault)]
+                return [Reply(None, action=ACTION_GARBAGE, garbage=garbage_bytes(self._fault_rng), fault=fault,
+                              answer=self._last_answer)]
             resp = self._process(fields, now)
+            a = self._last_answer
             if fault is None:
-                return [Reply(resp)]
+                return [Reply(resp, answer=a)]
             self._record_fault(fault, fields, processed=True, forced=forced, now=now)
             if fault == FAULT_DEBIT_DROP_RESPONSE:
-                return [Reply(resp, action=ACTION_DROP, fault=fault)]
+                return [Reply(resp, action=ACTION_DROP, fault=fault, answer=a)]
             if fault == FAULT_DELAY_RESPONSE:
-                return [Reply(resp, delay=self.late_delay, fault=fault)]
+                return [Reply(resp, delay=self.late_delay, fault=fault, answer=a)]
             if fault == FAULT_CLOSE_MID_FRAME:
-                return [Reply(resp, action=ACTION_CLOSE_MID_FRAME, fault=fault)]
+                return [Reply(resp, action=ACTION_CLOSE_MID_FRAME, fault=fault, answer=a)]
             if fault == FAULT_DUPLICATE_RESPONSE:
-                return [Reply(resp, fault=fault), Reply(dict(resp), fault=fault)]
-            return [Reply(self._alter_echo(resp), fault=fault)]
+                return [Reply(resp, fault=fault, answer=a), Reply(dict(resp), fault=fault, answer=a)]
+            return [Reply(alter_echo(resp, self._fault_rng), fault=fault, answer=a)]
 
     def _record_fault(self, kind: str, fields: Mapping[str, str], *, processed: bool, forced: bool, now: float) -> None:
         self._fault_counts[kind] += 1
@@ -239,25 +263,8 @@ class HostCore:
                         processed, forced, now)
         )
 
-    def _garbage_bytes(self) -> bytes:
-        n = self._fault_rng.randrange(8, 48)
-        return b"\xff" + self._fault_rng.randbytes(n - 1)
-
-    def _alter_echo(self, resp: dict[str, str]) -> dict[str, str]:
-        out = dict(resp)
-        candidates = [f for f in (F_TERMINAL_ID, F_MERCHANT_ID, F_AMOUNT) if f in out]
-        if not candidates:
-            out[F_STAN] = f"{(int(out.get(F_STAN, '0') or 0) + 1) % 1_000_000:06d}"
-            return out
-        f = self._fault_rng.choice(candidates)
-        v = out[f]
-        if f == F_AMOUNT:
-            out[f] = f"{(int(v) + 1) % 10**len(v):0{len(v)}d}"
-        else:
-            out[f] = v[:-1] + ("X" if v[-1:] != "X" else "Y")
-        return out
-
     def _process(self, fields: Mapping[str, str], now: float) -> dict[str, str]:
+        self._last_answer = None
         mti = fields["t"]
         if mti_class(mti) == "08":
             return self._network(fields, now)
@@ -324,30 +331,45 @@ class HostCore:
             return resp
         rrn = self._next_rrn()
         debit_id: int | None = None
-        extra: dict[str, str] = {"37": rrn}
-        if key in self._tombstones:
+        extra: dict[str, str] = {F_RRN: rrn}
+        answer = None if key in self._tombstones else self._answers.sale_answer(mti, amount)
+        if answer is not None:
+            self._last_answer = answer.label
+        elif key in self._tombstones:
             self._counters["tombstone_declines"] += 1
-            rc = RC_TOMBSTONED
+            answer = SaleAnswer(RC_TOMBSTONED, False, "tombstone")
         else:
-            rc = self.approve_rule(fields)
-            if not (isinstance(rc, str) and len(rc) == 2 and rc.isascii() and rc.isalnum()):
-                raise ConfigError("hostsim.approve_rule", "must return a 2-character response code")
-        if rc == RC_APPROVED:
-            pan = fields[F_PAN]
+            answer = self._answers.rule_answer(self.approve_rule(fields), amount)
+        rc = answer.rc
+        booked_amount = amount if answer.approved_amount is None else answer.approved_amount
+        approval = ""
+        if answer.booked or moves_money(rc):
             approval = f"{self._data_rng.randrange(1, 1_000_000):06d}"
+            if moves_money(rc):
+                extra[F_APPROVAL_CODE] = approval
+        if answer.booked:
+            pan = fields[F_PAN]
             d = Debit(
                 id=len(self._debits) + 1, tid=tid, mid=mid, stan=stan, date=key[3], mti=mti,
-                card=self._card_token(pan), masked_pan=mask_pan(pan), amount=amount,
-                currency=fields.get("49", ""), rrn=rrn, approval_code=approval, at=now, type=kind,
+                card=self._card_token(pan), masked_pan=mask_pan(pan), amount=booked_amount,
+                currency=fields.get(F_CURRENCY, ""), rrn=rrn, approval_code=approval, at=now, type=kind,
+                response=rc, requested_amount=None if booked_amount == amount else amount,
             )
             self._debits.append(d)
             self._by_key.setdefault(key, []).append(d)
             self._counters["debits"] += 1
             debit_id = d.id
-            extra["38"] = approval
+        if answer.approved_amount is not None:
+            if answer.amount_field == F_ADDITIONAL_AMOUNTS:
+                extra[F_ADDITIONAL_AMOUNTS] = field54(booked_amount, fields.get(F_CURRENCY, ""))
+            else:
+                extra[F_AMOUNT] = f"{booked_amount:012d}"
         resp = self._respond(fields, now, rc, **extra)
+        if answer.mti is not None:
+            resp["t"] = answer.mti
         self._seen[key] = resp
-        self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, rrn, rc, debit_id, now, kind))
+        self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, rrn, rc, debit_id, now, kind,
+                                      booked_amount if debit_id is not None and booked_amount != amount else None))
         return resp
 
     def _reversal(self, fields: Mapping[str, str], now: float) -> dict[str, str]:
@@ -368,6 +390,10 @@ class HostCore:
             return self._respond(fields, now, bad)
         key: LedgerKey = (tid, mid, orig_stan, orig_f7[:4])
         amount = int(amount_s)
+        special = self._answers.reversal_answer(mti)
+        self._last_answer = special
+        if special is not None and special.startswith(REVERSAL_REFUSE):
+            return self._refuse_reversal(fields, now, key, special.partition(":")[2])
         first = self._reversal_answer.get(key)
         debit: Debit | None = None
         if first is not None:
@@ -395,7 +421,23 @@ class HostCore:
             debit.reversal_id = rec.id
         if first is None:
             self._reversal_answer[key] = rec
-        return self._respond(fields, now, rc, **{"37": rrn or self._next_rrn(), F_ORIGINAL_DATA: f90})
+        resp = self._respond(fields, now, rc, **{F_RRN: rrn or self._next_rrn(), F_ORIGINAL_DATA: f90})
+        if special == REVERSAL_0411:
+            resp["t"] = f"{mti[:2]}{int(mti[2]) + 1}1"
+        return resp
+
+    def _refuse_reversal(self, fields: Mapping[str, str], now: float, key: LedgerKey, rc: str) -> dict[str, str]:
+        """An explicit refusal: 0410 with ``rc``; nothing reversed, no tombstone, the next reversal is judged afresh."""
+        live = next((d for d in self._by_key.get(key, []) if not d.reversed), None)
+        self._counters["reversals_refused"] += 1
+        self._reversals.append(ReversalRecord(
+            id=len(self._reversals) + 1, mti=fields["t"], stan=fields[F_STAN], tid=key[0], mid=key[1],
+            orig_mti=fields[F_ORIGINAL_DATA][:4], orig_stan=key[2], orig_date=key[3],
+            amount=int(fields.get(F_AMOUNT, "0")), response=rc, effect="refused",
+            debit_id=live.id if live else None, rrn=live.rrn if live else "", at=now,
+        ))
+        return self._respond(fields, now, rc, **{F_RRN: live.rrn if live else self._next_rrn(),
+                                                 F_ORIGINAL_DATA: fields[F_ORIGINAL_DATA]})
 
     def _network(self, fields: Mapping[str, str], now: float) -> dict[str, str]:
         code = fields.get(F_NET_MGMT_CODE, "")
@@ -419,69 +461,10 @@ class HostCore:
         self._counters["checkpoints_kept"] += 1
         return True
 
-    def checkpoints(self) -> list[dict[str, Any]]:
-        """Checkpoints terminals deposited (0800 / 880), oldest first."""
-        with self._lock:
-            return [dict(c["checkpoint"]) for c in self._checkpoints]
-
     def _card_token(self, pan: str) -> str:
         return hmac_sha256(self._card_key, pan.encode()).hex()[:16]
 
-    # --- queries ------------------------------------------------------------------------------------
-
-    def net_debits(self, tid: str, mid: str, stan: str | int, mmdd: str) -> int:
-        """Active (not reversed) debits for the key; > 1 means a double debit."""
-        s = f"{stan:06d}" if isinstance(stan, int) else stan.zfill(6)
-        with self._lock:
-            return sum(1 for d in self._by_key.get((tid, mid, s, mmdd), []) if not d.reversed)
-
-    def net_by_key(self) -> dict[LedgerKey, int]:
-        """Active debit count per ledger key (tid, mid, stan, MMDD), for every key ever debited."""
-        with self._lock:
-            return {k: sum(1 for d in ds if not d.reversed) for k, ds in self._by_key.items()}
-
-    def total_net_debits(self) -> int:
-        with self._lock:
-            return sum(1 for d in self._debits if not d.reversed)
-
-    def debits(self) -> list[Debit]:
-        with self._lock:
-            return [Debit(**asdict(d)) for d in self._debits]
-
-    def ledger(self) -> dict[str, Any]:
-        """JSON-serialisable snapshot: debits, reversals, tombstones, per-card counts, totals."""
-        with self._lock:
-            per_card: dict[str, dict[str, Any]] = {}
-            for d in self._debits:
-                c = per_card.setdefault(
-                    d.card, {"masked_pan": d.masked_pan, "debits": 0, "reversed": 0, "net": 0, "net_amount": 0}
-                )
-                c["debits"] += 1
-                if d.reversed:
-                    c["reversed"] += 1
-                else:
-                    c["net"] += 1
-                    c["net_amount"] += -d.amount if d.type == SETTLE_REFUND else d.amount
-            return {
-                "seed": self.seed,
-                "dup_detection": self.dup_detection,
-                "debits": [asdict(d) for d in self._debits],
-                "reversals": [asdict(r) for r in self._reversals],
-                "tombstones": [
-                    {"tid": k[0], "mid": k[1], "stan": k[2], "date": k[3], "at": at}
-                    for k, at in self._tombstones.items()
-                ],
-                "counts_per_card": per_card,
-                "totals": {
-                    "debits": len(self._debits),
-                    "reversed": sum(1 for d in self._debits if d.reversed),
-                    "net_debits": sum(1 for d in self._debits if not d.reversed),
-                    "net_amount": sum(-d.amount if d.type == SETTLE_REFUND else d.amount for d in self._debits if not d.reversed),
-                    "refunds": sum(1 for d in self._debits if d.type == SETTLE_REFUND and not d.reversed),
-                },
-                "faults": [asdict(f) for f in self.fault_log],
-                "checkpoints": [dict(c) for c in self._checkpoints],
-            }
+    # --- queries (more in hostledger.LedgerViews) ---------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
         """Counters: requests (total, by MTI), responses by code, faults applied by kind, ledger events."""
@@ -492,51 +475,9 @@ class HostCore:
                 "responses_by_rc": dict(self._by_rc),
                 "faults": dict(self._fault_counts),
                 "faults_forced_pending": len(self._forced),
+                "answers": dict(self._answers.counts),
+                "answers_forced_pending": self._answers.pending,
             }
 
-    def dump_ledger(self, path: str | os.PathLike[str]) -> None:
-        """Write ``ledger()`` as JSON atomically (temp file + fsync + rename)."""
-        _atomic_write(path, json.dumps(self.ledger(), indent=2, sort_keys=True).encode())
 
-    def settlement_rows(self) -> list[dict[str, str]]:
-        """Every processed sale (any response) and every reversal, in arrival order.
-
-        REVERSAL rows carry the *original* STAN and date (the ledger key) and the original RRN
-        when it was found, so they join with their SALE row.
-        """
-        with self._lock:
-            events: list[tuple[float, int, dict[str, str]]] = []
-            for i, s in enumerate(self._sales):
-                events.append((s.at, 2 * i, {
-                    "date": s.date, "tid": s.tid, "mid": s.mid, "stan": s.stan, "rrn": s.rrn,
-                    "amount": str(s.amount), "type": s.type, "response": s.response}))
-            for i, r in enumerate(self._reversals):
-                events.append((r.at, 2 * i + 1, {
-                    "date": r.orig_date, "tid": r.tid, "mid": r.mid, "stan": r.orig_stan,
-                    "rrn": r.rrn, "amount": str(r.amount),
-                    "type": SETTLE_REVERSAL, "response": r.response}))
-            events.sort(key=lambda e: (e[0], e[1]))
-            return [e[2] for e in events]
-
-    def write_settlement_csv(self, path: str | os.PathLike[str]) -> None:
-        """Settlement export: ``date,tid,mid,stan,rrn,amount,type,response`` (amount in minor units)."""
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=SETTLEMENT_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.settlement_rows())
-        _atomic_write(path, buf.getvalue().encode())
-
-
-def _atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    tmp = f"{os.fspath(path)}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
+_atomic_write = hostledger.atomic_write  # the old name, still used by tests/integration/test_audit_leaks.py

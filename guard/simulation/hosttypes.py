@@ -2,12 +2,16 @@
 kinds, the reply actions ``HostCore.handle`` returns, and the ledger records it keeps."""
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from guard.core.constants import (
     SETTLE_SALE,
     F_AMOUNT,
+    F_MERCHANT_ID,
+    F_STAN,
+    F_TERMINAL_ID,
     HOST_TIMEOUT_S,
     RC_APPROVED,
     RC_DO_NOT_HONOUR,
@@ -60,6 +64,28 @@ def default_approve_rule(fields: Mapping[str, str]) -> str:
     return RC_APPROVED
 
 
+def garbage_bytes(rng: random.Random) -> bytes:
+    """A ``garbage`` fault's payload: 8..47 bytes, first byte 0xFF, so no ISO 8583 spec decodes it."""
+    n = rng.randrange(8, 48)
+    return b"\xff" + rng.randbytes(n - 1)
+
+
+def alter_echo(resp: Mapping[str, str], rng: random.Random) -> dict[str, str]:
+    """A ``wrong_echo`` fault: one of 41 / 42 / 4 altered, same length (11 when none is present)."""
+    out = dict(resp)
+    candidates = [f for f in (F_TERMINAL_ID, F_MERCHANT_ID, F_AMOUNT) if f in out]
+    if not candidates:
+        out[F_STAN] = f"{(int(out.get(F_STAN, '0') or 0) + 1) % 1_000_000:06d}"
+        return out
+    f = rng.choice(candidates)
+    v = out[f]
+    if f == F_AMOUNT:
+        out[f] = f"{(int(v) + 1) % 10**len(v):0{len(v)}d}"
+    else:
+        out[f] = v[:-1] + ("X" if v[-1:] != "X" else "Y")
+    return out
+
+
 @dataclass(frozen=True)
 class Reply:
     """One thing the adapter must do in answer to a request.
@@ -67,7 +93,8 @@ class Reply:
     ``action``: ``send`` the fields; ``drop`` (nothing goes out; ``fields`` shows what would
     have); ``close_mid_frame`` (send the first half of the framed fields, then close);
     ``garbage`` (send ``garbage`` as one well-framed but undecodable message). ``delay`` is
-    seconds after the request. ``fault`` names the fault that shaped the reply, if any.
+    seconds after the request. ``fault`` names the fault that shaped the reply, if any, and
+    ``answer`` the acquirer-profile answer (``partial:10``, ``wrong_mti:0230``, ``silence``, ...).
     """
 
     fields: dict[str, str] | None
@@ -75,6 +102,7 @@ class Reply:
     action: str = ACTION_SEND
     garbage: bytes = b""
     fault: str | None = None
+    answer: str | None = None  # the acquirer-profile answer kind that shaped it (guard.simulation.acquirer)
 
 
 @dataclass
@@ -95,6 +123,8 @@ class Debit:
     reversed: bool = False
     reversal_id: int | None = None
     type: str = SETTLE_SALE  # SALE (a debit, from 0200 or an 0220 advice) or REFUND (a credit, processing code 20)
+    response: str = RC_APPROVED  # field 39 the host answered (08, 10, a booked 96, ...)
+    requested_amount: int | None = None  # the amount asked, when the host booked less (partial approval)
 
 
 @dataclass
@@ -109,7 +139,7 @@ class ReversalRecord:
     orig_date: str
     amount: int
     response: str
-    effect: str  # "reversed", "not_found" (tombstoned) or "repeat" (no change)
+    effect: str  # "reversed", "not_found" (tombstoned), "repeat" (no change) or "refused" (debit stays)
     debit_id: int | None
     rrn: str  # the original's RRN; "" when the original was not found
     at: float
@@ -128,6 +158,7 @@ class SaleRecord:
     debit_id: int | None
     at: float
     type: str = SETTLE_SALE
+    booked_amount: int | None = None  # what the host debited when not ``amount`` (partial approval)
 
 
 @dataclass

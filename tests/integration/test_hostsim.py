@@ -17,7 +17,8 @@ import pytest
 
 from guard.core.constants import REVERSAL_DONE_CODES, SETTLEMENT_COLUMNS
 from guard.core.errors import ConfigError
-from guard.simulation.hostcli import build_arg_parser, main
+from guard.simulation.acquirer import AcquirerProfile
+from guard.simulation.hostcli import build_arg_parser, build_profile, main
 from guard.simulation.hostserver import HostServer
 from guard.simulation.hostsim import HostCore
 from guard.simulation.hosttypes import (
@@ -35,39 +36,10 @@ from guard.hostlink.iso import (
     HostGarbage,
     HostMessage,
     echo_mismatches,
-    field90,
 )
 from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
 from tests.support import collect, connected, subprocess_env
-
-PAN = "4111111111111111"
-PAN2 = "5500000000000004"
-TID, MID = "TERM0001", "MERCHANT0000001"
-F7 = "1122153000"
-NOW = 1_795_300_000.0
-
-
-def sale(stan: int = 1, amount: int = 1000, pan: str = PAN, f7: str = F7, tid: str = TID, mti: str = "0200") -> dict[str, str]:
-    return {
-        "t": mti, "2": pan, "3": "000000", "4": f"{amount:012d}", "7": f7, "11": f"{stan:06d}",
-        "41": tid, "42": MID, "49": "978",
-    }
-
-
-def reversal(stan: int = 1, amount: int = 1000, f7: str = F7, mti: str = "0400", tid: str = TID,
-             own_stan: int | None = None) -> dict[str, str]:
-    return {
-        "t": mti, "3": "000000", "4": f"{amount:012d}", "7": "1122153100",
-        "11": f"{(own_stan or stan):06d}", "41": tid, "42": MID, "49": "978",
-        "90": field90("0200", stan, f7),
-    }
-
-
-def one(core: HostCore, fields: dict[str, str], now: float = NOW) -> dict[str, str]:
-    replies = core.handle(fields, now)
-    assert len(replies) == 1 and replies[0].action == ACTION_SEND and replies[0].fields is not None
-    return replies[0].fields
-
+from tests.support.hostmsgs import F7, MID, NOW, PAN, PAN2, TID, one, reversal, sale
 
 # --- ledger --------------------------------------------------------------------------------------
 
@@ -474,6 +446,55 @@ def test_arg_parser() -> None:
             build_arg_parser().parse_args(bad)
     with pytest.raises(SystemExit):
         main(["--fault", "garbage"])
+
+
+def test_arg_parser_acquirer_answers() -> None:
+    p = build_arg_parser()
+    default = build_profile(p.parse_args([]))
+    assert default == AcquirerProfile() and default.is_plain
+    assert build_profile(p.parse_args(["--profile", "real-world"])) == AcquirerProfile.real_world()
+    args = p.parse_args(["--answer", "08=0.1", "--answer", "Q7=0.05", "--answer", "0230=0.02",
+                         "--reversal-answer", "silence=0.1", "--reversal-answer", "refuse:96=0.2",
+                         "--reversal-answer", "0411=1", "--booked-share", "0.25", "--partial-field", "54",
+                         "--reversal-silence-s", "45", "--silence-window", "0:90", "--silence-window", "200:210"])
+    prof = build_profile(args)
+    assert prof.answers == {"08": 0.1, "Q7": 0.05} and prof.wrong_mti == {"0230": 0.02}
+    assert (prof.reversal_silence, prof.reversal_refusals, prof.reversal_0411) == (0.1, {"96": 0.2}, 1.0)
+    assert (prof.booked_share, prof.partial_field, prof.reversal_silence_s) == (0.25, "54", 45.0)
+    assert prof.silence_windows == ((0.0, 90.0), (200.0, 210.0)) and prof.name == "default+custom"
+    rw = build_profile(p.parse_args(["--profile", "real-world", "--answer", "08=0"]))
+    assert rw.answers["08"] == 0 and rw.answers["10"] == AcquirerProfile.real_world().answers["10"]
+    for bad in (["--answer", "8=0.1"], ["--answer", "08"], ["--answer", "08=1.5"], ["--answer", "0210=0.1"],
+                ["--answer", "08=x"], ["--reversal-answer", "refuse:25=0.1"], ["--reversal-answer", "nap=0.1"],
+                ["--profile", "nexi"], ["--partial-field", "5"], ["--silence-window", "9:3"],
+                ["--silence-window", "5"], ["--reversal-silence-s", "-1"], ["--booked-share", "nan"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    with pytest.raises(SystemExit):
+        main(["--answer", "08=0.6", "--answer", "10=0.5"])  # shares over 1: a usage error before serving
+
+
+def test_e2e_acquirer_answers_over_tcp(served: tuple[HostCore, Uplink, HostServer]) -> None:
+    """The answer kinds survive the codec: 54, unknown codes, wrong MTIs, 0411; silence sends nothing."""
+    core, up, _ = served
+    core.profile = AcquirerProfile(partial_field="54")
+    core.force_answer("10", approved_amount=400)
+    core.force_answer("Q7", booked=True)
+    core.force_answer("00", mti="0810")
+    for stan in (1, 2, 3):
+        up.send(sale(stan=stan))
+    got = {m.fields["11"]: m.fields for m in messages(collect(up, lambda xs: len(messages(xs)) >= 3))}
+    assert (got["000001"]["39"], got["000001"]["54"], got["000001"]["4"]) == ("10", "0002978C000000000400", "000000001000")
+    assert got["000002"]["39"] == "Q7" and got["000003"]["t"] == "0810"
+    assert [d.amount for d in core.debits()] == [400, 1000, 1000]
+    core.force_reversal_answer("silence")
+    core.force_reversal_answer("0411")
+    up.send(reversal(stan=1))
+    assert collect(up, never, timeout=0.3) == []
+    up.send(reversal(stan=1, mti="0401"))
+    (rev,) = messages(collect(up, messages))
+    assert rev.fields["t"] == "0411" and rev.fields["39"] == "00"
+    assert core.net_by_key() == {(TID, MID, f"{i:06d}", "1122"): int(i != 1) for i in (1, 2, 3)}
 
 
 def test_main_serves_and_dumps_ledger_on_sigterm(tmp_path: Path) -> None:
