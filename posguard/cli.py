@@ -68,12 +68,15 @@ def hostsim(ctx: click.Context) -> None:
 @click.option("--no-dup-detection", is_flag=True, help="Host without duplicate detection.")
 @click.option("--operator-rate", type=float, default=0.0, show_default=True,
               help="Fraction of sales the reader later VOIDs or REFUNDs.")
+@click.option("--acquirer", is_flag=True,
+              help="The host answers like real acquirers (08/10/11/16, wait and unknown codes it may have booked, "
+                   "wrong MTIs, silent or refusing reversal answers); the simulated operator accepts or cancels partials.")
 @click.option("--trace", is_flag=True, help="Print the event trace (always printed for a failing seed).")
 @click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Leave each seed's journal and keys in DIR/seed-S (DIR itself with --seed); "
                    "the directory must not hold a journal yet. A seed's journal is byte-identical run after run.")
-def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, trace: bool,
-        keep_dir: Path | None) -> None:
+def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, acquirer: bool,
+        trace: bool, keep_dir: Path | None) -> None:
     """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants."""
     from guard.simulation.deterministic import SimConfig, run_seed
 
@@ -85,8 +88,8 @@ def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operat
             if (wd / "journal.db").exists():
                 raise click.UsageError(f"{wd} already holds a journal")
             wd.mkdir(parents=True, exist_ok=True)
-        rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection, operator_rate=operator_rate),
-                       workdir=wd, keep_trace=trace)
+        rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection, operator_rate=operator_rate,
+                                 acquirer=acquirer), workdir=wd, keep_trace=trace)
         click.echo(rep.summary())
         if not rep.ok:
             failed += 1
@@ -94,7 +97,8 @@ def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operat
                 click.echo(f"  VIOLATION {v}")
             click.echo(f"  reproduce: posguard sim --seed {s} --sales {sales}"
                        + (" --no-dup-detection" if no_dup_detection else "")
-                       + (f" --operator-rate {operator_rate}" if operator_rate else "") + " --trace")
+                       + (f" --operator-rate {operator_rate}" if operator_rate else "")
+                       + (" --acquirer" if acquirer else "") + " --trace")
         if trace or not rep.ok:
             for line in rep.trace:
                 click.echo(f"    {line}")

@@ -46,6 +46,7 @@ from guard.core.engine import Engine, EngineConfig, Txn
 from guard.core.txn import rebuild as _rebuild
 from guard.runtime.restore import restore_engine
 from guard.core.errors import PosguardError
+from guard.simulation.acquirer import AcquirerProfile
 from guard.simulation.hostsim import HostCore
 from guard.simulation.invariants import check_world
 from guard.journal.store import Journal
@@ -94,6 +95,8 @@ class SimConfig:
     operator_rate: float = 0.0  # fraction of sales the reader later VOIDs or REFUNDs (0: the sales-only simulation)
     not_sent_rate: float = 0.01  # per send: the write fails before any byte left (NOT_SENT, link dropped)
     maybe_sent_rate: float = 0.02  # per send: the link closes during it (MAYBE_SENT; half of those still arrive)
+    acquirer: bool = False  # the host answers like real acquirers (AcquirerProfile.for_seed): 08/10/11/16,
+    # booked wait and unknown codes, wrong MTIs, silent or refusing reversal answers, 0411
 
 
 @dataclass
@@ -115,6 +118,8 @@ class SimReport:
     refunds_approved: int = 0
     ops_sent: int = 0  # VOID / REFUND submissions, re-sends included
     refusals: dict[str, int] = field(default_factory=dict)  # engine refusals of a VOID / REFUND, by code
+    host_answers: dict[str, int] = field(default_factory=dict)  # the acquirer profile's answers, by label
+    partials: dict[str, int] = field(default_factory=dict)  # the simulated operator's decisions on PARTIAL
     trace: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -135,6 +140,7 @@ class _World:
         self.n = 0
         self.trace: list[str] = []
         self.keys: DeviceKeys = init_keys(workdir / "keys", rng=self._det_bytes)
+        self.profile = AcquirerProfile.for_seed(cfg.seed) if cfg.acquirer else AcquirerProfile()
         self.path = workdir / "journal.db"
         self.ecfg = EngineConfig(
             TID,
@@ -148,9 +154,15 @@ class _World:
             policy=OFF,  # readers here reuse cards and amounts; counter rules have their own tests
             keep_final=3,  # evict early so re-sends and STATUS exercise reading back from the journal
             offline=OfflineConfig(enabled=cfg.offline, max_sale_amount=20_000, max_total_amount=60_000, max_count=8),
+            partial_amount_field=self.profile.partial_field,
+            partial_expiry_s=20.0,
         )
         rates = {k: cfg.fault_rate / len(HOST_FAULTS) for k in HOST_FAULTS} if cfg.fault_rate else {}
-        self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay)
+        self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay,
+                             profile=self.profile)
+        # The operator's answer to a PARTIAL (accept / cancel / leave it to expire): its own stream.
+        self.partial_rng = random.Random(f"posguard.sim.partial.{cfg.seed}")
+        self.partials: collections.Counter[str] = collections.Counter()
         self.conn = 0
         self.up = False  # the simulated TCP connection (the host port's ``connected``)
         # Separate streams, so vault nonces and send faults do not shift the seed's other draws.
@@ -171,6 +183,7 @@ class _World:
         self.op_sale: dict[str, str] = {}  # VOID / REFUND key -> sale key
         self.op_chained: set[str] = set()  # ops whose successor in the plan is scheduled
         self.op_started: set[str] = set()  # sales whose plan was started by an APPROVED result
+        self.partials_seen: set[str] = set()  # PARTIAL results the operator has been asked about
         self.ops_sent = 0
         self.refusals: list[tuple[float, str, str, str]] = []  # (when, op key, code, why it is not legitimate or "")
         self.shown_bad: list[str] = []  # a reader told APPROVED before the host had done it
@@ -329,6 +342,10 @@ class _World:
     def on_shown(self, r: Result) -> None:
         """A sale the reader saw APPROVED starts its operator plan; APPROVED OFFLINE sometimes tempts
         the operator into an early VOID / REFUND (refused: not APPROVED yet)."""
+        if r.state is TxnState.PARTIAL and not r.in_progress and r.key not in self.partials_seen:
+            self.partials_seen.add(r.key)
+            choice = self.partial_rng.choices(["accept", "cancel", "ignore"], weights=[5, 3, 1])[0]
+            self.at(self.partial_rng.uniform(0.1, 5.0), "partial", (r.key, choice))
         plan = self.plans.get(r.key)
         if plan is None or r.in_progress or r.key in self.op_started:
             return
@@ -382,8 +399,9 @@ class _World:
         voided = o is not None and self.journal is not None and any(
             e.kind == "reversal_pending" and e.payload.get("void") for e in self.journal.entries_for(sale_key))
         seen = f"original {state.value if state else 'unknown'}, {len(live)} live refund(s), voided={voided}"
-        if req.kind is TxnKind.VOID:
-            ok = code == "VOID_NOT_ALLOWED" and (state is not TxnState.APPROVED or bool(live))
+        if req.kind is TxnKind.VOID:  # the amount must be what the sale settled (a partial's approved amount)
+            ok = code == "VOID_NOT_ALLOWED" and (state is not TxnState.APPROVED or bool(live)
+                                                 or (o is not None and req.amount != o.settled))
         elif code == "REFUND_ORIGINAL_UNKNOWN":
             ok = o is None
         elif code == "REFUND_ORIGINAL_PENDING_REVERSAL":
@@ -391,10 +409,21 @@ class _World:
         elif code == "REFUND_NOT_ALLOWED":
             ok = state is not TxnState.APPROVED or voided
         elif code == "REFUND_EXCEEDS_ORIGINAL":
-            ok = o is not None and sum(x.amount for x in live) + req.amount > o.amount
+            ok = o is not None and sum(x.settled for x in live) + req.amount > o.settled
         else:
             ok = False
         return "" if ok else f"{code} but {seen}"
+
+    def operator_decides(self, key: str, choice: str) -> None:
+        """The operator's answer to a partial approval: CONFIRM (accept) or CANCEL; or nothing."""
+        self.partials[choice] += 1
+        if choice == "ignore" or self.engine is None:
+            return
+        self.log(f"operator {choice}s the partial approval of {key[-6:]}")
+        try:
+            self.terminal("confirm" if choice == "accept" else "cancel", key)
+        except PosguardError as err:  # it expired or was already settled: NOTHING_HELD
+            self.log(f"{choice} refused {err.code}")
 
     def reader_status(self, req: Request) -> None:
         if self.engine is None:
@@ -424,9 +453,11 @@ class _World:
                     draining = True
                     end = self.now + self.cfg.drain_limit_s
                     self.host.faults = {}
+                    self.host.profile = AcquirerProfile()  # fault-free drain: ordinary answers, silences end
                     self.faults_on = False
                     self.log("drain: faults and crashes off")
-                if draining and (self.engine is not None and not self.engine.busy()):
+                if draining and (self.engine is not None and not self.engine.busy()
+                                 and not any(t.state is TxnState.PARTIAL for t in self.engine.txns.values())):
                     if all(k == "tick" for _, _, k, _ in self.events):
                         break
                 if end is None or self.now < end:
@@ -437,6 +468,8 @@ class _World:
                 self.reader_op(*data)
             elif kind == "status":
                 self.reader_status(data[0])
+            elif kind == "partial":
+                self.operator_decides(*data)
             elif kind == "to_host":
                 self.host_receive(*data)
             elif kind == "to_term":
@@ -493,6 +526,8 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
             declined=sum(s is TxnState.DECLINED for s in states),
             crashes=w.crashes,
             host_faults=dict(w.host.stats().get("faults", {})),
+            host_answers=dict(w.host.stats().get("answers", {})),
+            partials=dict(w.partials),
             deferred=w.kinds["deferred"],
             advice_reversals=w.kinds["advice_reversal_pending"],
             voids=len(voids),

@@ -56,9 +56,11 @@ def check_world(self: _World) -> list[str]:
     self.engine = restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal)
     # Net records per (STAN, MMDD) and type: a SALE is a debit, a REFUND a credit.
     ledger: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    amounts: collections.Counter[tuple[str, str, str]] = collections.Counter()
     for d in self.host.debits():
         if not d.reversed and (d.tid, d.mid) == (TID, MID):
             ledger[(d.stan, d.date, d.type)] += 1
+            amounts[(d.stan, d.date, d.type)] += d.amount
     txns = self.engine.txns
     by_stan: dict[tuple[int, str], str] = {}
     for key, t in txns.items():
@@ -72,6 +74,8 @@ def check_world(self: _World) -> list[str]:
         what = "net credits" if t.kind is TxnKind.REFUND else "net debits"
         if t.state is TxnState.APPROVED and net != 1:
             bad.append(f"{key}: terminal APPROVED but host holds {net} {what}")
+        if t.state is TxnState.APPROVED and net == 1 and amounts[(stan, mmdd, own)] != t.settled:
+            bad.append(f"{key}: terminal APPROVED for {t.settled} but the host booked {amounts[(stan, mmdd, own)]}")
         if t.state is not TxnState.APPROVED and net != 0:
             bad.append(f"{key}: terminal {t.state.value} but host holds {net} {what}")
         if ledger[(stan, mmdd, other)]:
@@ -87,12 +91,12 @@ def check_world(self: _World) -> list[str]:
                 continue
             if r.state is TxnState.APPROVED and t.state is not TxnState.APPROVED and not voided:
                 bad.append(f"{key}: reader was shown APPROVED, final is {t.state.value}")
-            if r.state not in (TxnState.APPROVED, TxnState.DEFERRED) and t.state is TxnState.APPROVED:
+            if r.state not in (TxnState.APPROVED, TxnState.DEFERRED, TxnState.PARTIAL) and t.state is TxnState.APPROVED:
                 bad.append(f"{key}: reader was shown {r.state.value}, final is APPROVED (charged)")
         if t.kind is TxnKind.SALE and t.refunds:
             approved = [txns[k] for k in t.refunds if k in txns and txns[k].state is TxnState.APPROVED]
-            if sum(r.amount for r in approved) > t.amount:
-                bad.append(f"{key}: APPROVED refunds {sum(r.amount for r in approved)} exceed the sale's {t.amount}")
+            if sum(r.settled for r in approved) > t.settled:
+                bad.append(f"{key}: APPROVED refunds {sum(r.settled for r in approved)} exceed the sale's {t.settled}")
             if approved and t.state is not TxnState.APPROVED:
                 bad.append(f"{key}: {t.state.value} sale has {len(approved)} APPROVED refund(s): money back twice")
     for (stan, mmdd, typ), net in ledger.items():
