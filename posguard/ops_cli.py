@@ -266,7 +266,9 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     from guard.core.errors import JournalError
     from guard.ops.export import load_view, recorded_archives
     from guard.ops.reconcile import apply, read_settlement
+    from guard.ops.reconcile import BOOKED_CODES
     from guard.ops.reconcile import reconcile as compare
+    from posguard.config import host_profile
 
     for d in dates:
         if not (len(d) == 4 and d.isdigit()):
@@ -287,7 +289,11 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     except PosguardError as e:
         die(2, e)
     missing = sorted(p for p in recorded if p not in readable and Path(p).name not in {Path(g).name for g in given})
-    rep = compare(view, rows, dates=dates, archives=archives, missing_archives=missing)
+    booked = BOOKED_CODES
+    if config_path is not None:  # this host's profile says which codes book a debit
+        profile = host_profile(load_cfg(config_path))
+        booked = profile["rc_approved"] | profile["rc_partial"]
+    rep = compare(view, rows, dates=dates, archives=archives, missing_archives=missing, booked_codes=booked)
     if do_apply and rep.discrepancies:
         from guard.journal.store import Journal
         from guard.journal.keys import load_keys

@@ -240,7 +240,7 @@ def build_view(meta: dict[str, str], entries: Iterable[Any], progress: Callable[
         h = hist.get(key, [])
         tid, mid = ids.get(key, ("", ""))
         txns[key] = TxnView(
-            key=key, kind=t.kind.value, state=t.state.value, stan=t.stan, date=t.f7[:4], amount=t.amount,
+            key=key, kind=t.kind.value, state=t.state.value, stan=t.stan, date=t.f7[:4], amount=t.settled,
             currency=t.currency, masked_pan=t.masked_pan, rc=t.rc, approval=t.approval, rrn=t.rrn,
             reason=t.reason, tid=tid, mid=mid, original=t.original, created=t.created, signature=t.signature,
             updated=h[-1][2] if h else t.created, history=h)

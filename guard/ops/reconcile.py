@@ -14,8 +14,9 @@ row per host event in arrival order:
             each transaction has its own key, so "net" counts the refund's one credit
   response  field 39 the host answered (2 characters)
 
-The host's view of one sale (key = tid, mid, stan, date): every SALE row answered ``00`` is a
-debit; the FIRST REVERSAL row of the key decides: ``00`` means the earliest debit was reversed,
+The host's view of one sale (key = tid, mid, stan, date): every SALE row answered with an
+approval (``BOOKED_CODES``: 00, 08, 11, 16 and the partial approval 10, for the amount in the row)
+is a debit; the FIRST REVERSAL row of the key decides: ``00`` means the earliest debit was reversed,
 ``25`` that the original was not found. Later reversal rows change nothing (reversals are
 idempotent per key). Net debits = debits - (1 if that first reversal was ``00``).
 
@@ -52,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guard.core import constants as C
 from guard.core.constants import SETTLE_REFUND, SETTLE_REVERSAL, SETTLE_SALE, SETTLEMENT_COLUMNS
 from guard.core.errors import PosguardError
 from guard.ops.export import JournalView, TxnView, build_view, is_void
@@ -71,6 +73,10 @@ AMOUNT_MISMATCH = "AMOUNT_MISMATCH"
 DOUBLE_DEBIT = "DOUBLE_DEBIT"
 CATEGORIES = (FAILED_BUT_DEBITED, REVERSED_BUT_SETTLED, APPROVED_MISSING, AMOUNT_MISMATCH, DOUBLE_DEBIT)
 RECONCILE_REASON = "RECONCILE"
+# Settlement rows that are debits: the approval classes of the default host profile (an acquirer
+# books 08/11/16 like 00, and a 10 for its partial amount). The settlement file says what the host
+# booked; the terminal's reading of the code does not matter here.
+BOOKED_CODES = C.RC_APPROVED_CLASS | C.RC_PARTIAL_CLASS
 QUEUEABLE = frozenset({TxnState.DECLINED.value, TxnState.NEEDS_MANUAL.value})
 MAX_FIELD = 64
 FIELD_41_LEN, FIELD_42_LEN = 8, 15
@@ -240,7 +246,8 @@ class _Host:
 
 
 def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterable[str] = (),
-              archives: Iterable[tuple[str, JournalView]] = (), missing_archives: Iterable[str] = ()) -> ReconcileReport:
+              archives: Iterable[tuple[str, JournalView]] = (), missing_archives: Iterable[str] = (),
+              booked_codes: frozenset[str] = BOOKED_CODES) -> ReconcileReport:
     """Compare; pure (nothing is written). ``dates`` (MMDD) overrides the dates the file covers.
 
     ``archives`` are (path, view) of files `journal compact` moved older transactions to: their
@@ -260,7 +267,7 @@ def reconcile(view: JournalView, rows: Iterable[SettlementRow], *, dates: Iterab
         seen_dates.add(r.date)
         h = host.setdefault(r.key, _Host())
         if r.type in (SETTLE_SALE, SETTLE_REFUND):
-            if r.response == "00":
+            if r.response in booked_codes:
                 h.debits.append(r)
         elif h.first_reversal is None:
             h.first_reversal = r

@@ -290,3 +290,28 @@ def test_reconcile_after_compaction_reads_the_archives_and_never_flags_archived_
     code, out, _ = cli("reconcile", j, tmp_path / "planted.csv", "--archive", moved, "--json")
     [d] = json.loads(out)["discrepancies"]
     assert code == 1 and d["category"] == "FAILED_BUT_DEBITED" and d["action"] == "FLAG_REFUND" and "archived" in d["note"]
+
+
+def test_settlement_rows_with_any_approval_code_are_debits(settled: tuple[Path, Path, HostCore],
+                                                           tmp_path: Path) -> None:
+    """An acquirer books 08, 11, 16 like 00, and a 10 for its partial amount: a settlement row with
+    one of them is a debit. Before, only 00 was, so a sale the terminal declined while the host
+    booked it with 08 went unreported (found by the acquirer-profile simulation)."""
+    path, src, _ = settled
+    view = load_view(path)
+    rows = rows_of(src)
+    sale = {r["stan"]: r for r in rows if r["type"] == "SALE"}
+    declined = [f"{t.stan:06d}" for t in view.txns.values() if t.state == "DECLINED" and t.rc and f"{t.stan:06d}" in sale]
+    planted = {}
+    for code, s in zip(("08", "11", "16", "10"), declined):
+        sale[s]["response"] = code
+        planted[s] = code
+    assert len(planted) == 4
+    dst = tmp_path / "settlement.csv"
+    with open(dst, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    code, out, _ = cli("reconcile", path, dst, "--json")
+    found = {(d["stan"], d["category"], d["action"]) for d in json.loads(out)["discrepancies"]}
+    assert found == {(s, "FAILED_BUT_DEBITED", "QUEUE_REVERSAL") for s in planted}, found
