@@ -27,7 +27,7 @@ from guard.journal.keys import DeviceKeys, load_keys
 from guard.journal.store import Journal
 from posguard import config as config_mod
 from posguard.config_signing import init_signer, sign
-from tests.support import free_port
+from tests.support import cli, free_port
 from tests.support.pki import make_cert, write_pem
 
 PAN = "4111111111111111"
@@ -101,6 +101,17 @@ def test_signature_covers_every_file_the_config_names(tmp_path: Path, keys: Devi
     assert loaded[-1]["signed"] and set(loaded[-1]["files"]) == {"host.cafile", "host.certfile", "host.keyfile",
                                                                    "host.spec"}
     assert loaded[-1]["files"]["host.cafile"] == hashlib.sha256(originals["ca"]).hexdigest()
+
+
+def test_replay_checks_the_signature_before_it_connects(tmp_path: Path, keys: DeviceKeys,
+                                                       write_config: Callable[..., Path]) -> None:
+    """`posguard replay` sends reversals and advices to the host the config names: a swapped CA
+    must stop it as it stops the daemon."""
+    cfg, files, _signer = _signed_tls_config(tmp_path, write_config)
+    assert run(cfg).returncode == 0
+    _ca(files["ca"], "attacker CA")
+    code, out, err = cli("replay", "--config", cfg, "--timeout", "1", "--json")
+    assert code == 2 and "CONFIG_FILE_CHANGED" in out + err and "host.cafile" in out + err, out + err
 
 
 def test_a_signature_over_the_config_bytes_alone_fails_closed(tmp_path: Path, keys: DeviceKeys,
