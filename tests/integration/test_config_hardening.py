@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import socket
 import ssl
 import subprocess
@@ -152,9 +153,14 @@ def test_the_config_is_read_once(tmp_path: Path, keys: DeviceKeys, write_config:
         reads.append(1)
         return (evil if evil_first else good) if len(reads) == 1 else (good if evil_first else evil)
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(Path, "read_bytes", flipping)
-    rc = run_daemon(cfg, max_seconds=0.2)
-    monkeypatch.undo()
+    try:
+        rc = run_daemon(cfg, max_seconds=0.2)
+    finally:
+        monkeypatch.undo()
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     loaded = []
     if (tmp_path / "journal.db").exists():
         j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id="TERM0001")
