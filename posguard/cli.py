@@ -167,7 +167,8 @@ def config_init_signer(directory: Path) -> None:
 @click.option("--key", "key_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="config-signer.key")
 def config_sign(config_file: Path, key_file: Path) -> None:
-    """Sign CONFIG_FILE's exact bytes into CONFIG_FILE.sig."""
+    """Sign CONFIG_FILE's exact bytes and the digests of the files it names (host.cafile, certfile,
+    keyfile, spec) into CONFIG_FILE.sig."""
     from posguard.config_signing import sign
 
     try:

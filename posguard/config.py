@@ -7,13 +7,15 @@ later in the middle of a sale.
 
 from __future__ import annotations
 
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from guard.core import constants as C
 from guard.core.errors import ConfigError
+from guard.core.model import mask_pan
 
 if TYPE_CHECKING:
     from guard.core.engine import EngineConfig
@@ -136,27 +138,48 @@ SECTIONS = {s for s, _ in SCHEMA}
 
 @dataclass(frozen=True)
 class Config:
+    """Validated values; ``raw`` holds the exact bytes they were parsed from (what a signature must cover)."""
+
     values: dict[tuple[str, str], Any]
     source: Path | None = None
+    raw: bytes | None = field(default=None, repr=False, compare=False)
 
     def __getitem__(self, dotted: str) -> Any:
         s, k = dotted.split(".", 1)
         return self.values[(s, k)]
 
 
-def parse(data: dict[str, Any], source: Path | None = None) -> Config:
-    """Validate a parsed TOML document; raise ConfigError naming the first bad key."""
+_DIGIT_RUN = re.compile(r"\d(?:[ -]?\d)*")
+ECHO_MAX = 40
+
+
+def _echo(name: str) -> str:
+    """An unknown section or key name as an error may show it: digit runs of 6 or more masked (a card
+    number typed as a key; mask_pan keeps BIN and last 4 of 13+ digits), control characters
+    replaced, at most ECHO_MAX characters."""
+
+    def mask(m: re.Match[str]) -> str:
+        digits = re.sub(r"\D", "", m.group())
+        return m.group() if len(digits) < 6 else mask_pan(digits)
+
+    safe = "".join(c if c.isprintable() else "?" for c in _DIGIT_RUN.sub(mask, name))
+    return safe if len(safe) <= ECHO_MAX else safe[:ECHO_MAX] + "..."
+
+
+def parse(data: dict[str, Any], source: Path | None = None, raw: bytes | None = None) -> Config:
+    """Validate a parsed TOML document (parsed from ``raw``, if given); raise ConfigError naming the
+    first bad key (unknown names are echoed masked, see ``_echo``)."""
     for section, body in data.items():
         if not section:
             raise ConfigError("[\"\"]", "a section with an empty name; remove it")
         if section not in SECTIONS:
-            raise ConfigError(section, f"unknown section (known: {', '.join(sorted(SECTIONS))})")
+            raise ConfigError(_echo(section), f"unknown section (known: {', '.join(sorted(SECTIONS))})")
         if not isinstance(body, dict):
             raise ConfigError(section, "must be a table, e.g. [" + section + "]")
         for key in body:
             if (section, key) not in SCHEMA:
                 known = ", ".join(k for s, k in SCHEMA if s == section)
-                raise ConfigError(f"{section}.{key}", f"unknown key (known in [{section}]: {known})")
+                raise ConfigError(f"{section}.{_echo(key)}", f"unknown key (known in [{section}]: {known})")
     values: dict[tuple[str, str], Any] = {}
     for (section, key), (typ, default, check, _doc) in SCHEMA.items():
         name = f"{section}.{key}"
@@ -193,7 +216,7 @@ def parse(data: dict[str, Any], source: Path | None = None) -> Config:
             raise ConfigError("host.spec", "a path cannot contain a NUL character")
         values[("host", "spec")] = str((base / values[("host", "spec")]).resolve())
     load_spec(values[("host", "spec")])  # refuse a spec that cannot carry our messages now, not mid-sale
-    config = Config(values, source)
+    config = Config(values, source, raw)
     host_profile(config)  # overlapping response-code classes are a config error at start
     return config
 
@@ -213,10 +236,17 @@ def make_uplink(cfg: Config) -> Any:
 
 
 def load(path: Path) -> Config:
+    """Read ``path`` ONCE and parse those bytes (``Config.raw``): a signature check over ``raw``
+    verifies exactly what runs, even if the file changes afterwards."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise ConfigError("(file)", f"cannot read {path}: {e.strerror}") from None
+    return from_bytes(raw, path)
+
+
+def from_bytes(raw: bytes, path: Path) -> Config:
+    """Parse the config bytes ``raw`` read from ``path`` (relative paths resolve against its directory)."""
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -225,7 +255,7 @@ def load(path: Path) -> Config:
         raise ConfigError("(syntax)", f"{path}: {e}") from None
     except RecursionError:
         raise ConfigError("(syntax)", f"{path}: nested too deeply to be a posguard config") from None
-    return parse(data, path)
+    return parse(data, path, raw)
 
 
 def documented_example() -> str:

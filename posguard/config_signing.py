@@ -1,14 +1,20 @@
-"""Signed configuration: the terminal/merchant ids and the host identity cannot drift silently.
+"""Signed configuration: the terminal/merchant ids, the host identity and the files the config
+names (CA, client certificate and key, ISO 8583 spec) cannot drift silently.
 
 The acquirer (or whoever provisions the terminal) holds an Ed25519 config-signing key off the
-terminal; the terminal's key directory holds only its public half, ``config.pub``. A config is
-signed over its exact bytes into ``guard.toml.sig`` (hex). At every start the daemon:
+terminal; the terminal's key directory holds only its public half, ``config.pub``. ``config sign``
+writes ``guard.toml.sig``, a JSON document: the SHA-256 of the config's exact bytes, the SHA-256 of
+every file the config names (``NAMED_FILES``, as the config resolves them), and an Ed25519 signature
+over the canonical statement of both (``statement``). At every start the daemon reads the config
+ONCE, and over those bytes:
 
-- with ``config.pub`` present: refuses to start unless the signature verifies
-  (CONFIG_SIGNATURE_INVALID);
+- with ``config.pub`` present: refuses to start unless the signature verifies, the config digest
+  matches (CONFIG_SIGNATURE_INVALID) and every named file still has its signed digest
+  (CONFIG_FILE_CHANGED, naming the key and the file). A signature in the old format (hex over the
+  config bytes alone) binds no file and is refused;
 - always: compares the config's SHA-256 with the one journaled at the last start and refuses an
-  unsigned change (CONFIG_CHANGED_UNSIGNED), then journals ``config_loaded`` (hash, signed, ids,
-  host), so the journal shows which configuration every sale ran under.
+  unsigned change (CONFIG_CHANGED_UNSIGNED), then journals ``config_loaded`` (hash, file digests,
+  signed, ids, host), so the journal shows which configuration every sale ran under.
 
 This is the "receiving account mismatch" defence at configuration time; the echo check of
 fields 4/11/41/42 on every response is the defence at run time.
@@ -17,7 +23,9 @@ fields 4/11/41/42 on every response is the defence at run time.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +33,45 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from guard.core.errors import ConfigError, PosguardError
+from posguard.config import Config, from_bytes
 
 CONFIG_PUB = "config.pub"
 SIGNER_KEY = "config-signer.key"
+SIG_FORMAT = "posguard-config-signature/2"
+# Config keys naming a file whose contents decide who the terminal trusts and talks to.
+NAMED_FILES = ("host.cafile", "host.certfile", "host.keyfile", "host.spec")
 
 
 class ConfigSignatureError(PosguardError):
     code = "CONFIG_SIGNATURE_INVALID"
+
+
+class ConfigFileChangedError(ConfigSignatureError):
+    code = "CONFIG_FILE_CHANGED"
+
+
+def named_files(cfg: Config) -> dict[str, Path]:
+    """The files ``cfg`` names (resolved paths), by config key; built-in specs name no file."""
+    from guard.hostlink.iso import BUILTIN_SPECS
+
+    return {k: Path(cfg[k]) for k in NAMED_FILES if cfg[k] and not (k == "host.spec" and cfg[k] in BUILTIN_SPECS)}
+
+
+def file_digests(files: Mapping[str, Path]) -> dict[str, str]:
+    """SHA-256 (hex) of each named file's contents, by config key."""
+    out = {}
+    for key, path in sorted(files.items()):
+        try:
+            out[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as e:
+            raise ConfigError(key, f"cannot read {path}: {e.strerror or e}") from None
+    return out
+
+
+def statement(config_sha256: str, files: Mapping[str, str]) -> bytes:
+    """The exact bytes signed: the format, the config digest and every named file's digest."""
+    return json.dumps({"format": SIG_FORMAT, "config_sha256": config_sha256, "files": dict(files)},
+                      sort_keys=True, separators=(",", ":")).encode()
 
 
 def init_signer(directory: Path) -> Path:
@@ -54,24 +94,56 @@ def init_signer(directory: Path) -> Path:
 
 
 def sign(config_path: Path, signer_key: Path) -> Path:
-    """Write ``<config>.sig``: Ed25519 over the file's exact bytes."""
+    """Write ``<config>.sig``: Ed25519 over the config's digest and those of the files it names."""
     try:
         key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(signer_key.read_text().strip()))
     except (OSError, ValueError) as e:
         raise PosguardError(f"cannot read the config signer key {signer_key}: {e}", code="KEY_MALFORMED") from None
     out = config_path.with_name(config_path.name + ".sig")
     try:
-        sig = key.sign(config_path.read_bytes())
-        out.write_text(sig.hex() + "\n")
+        raw = config_path.read_bytes()
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot read {config_path}: {e.strerror}") from None
+    cfg = from_bytes(raw, config_path)
+    doc: dict[str, Any] = {"format": SIG_FORMAT, "config_sha256": hashlib.sha256(raw).hexdigest(),
+                           "files": file_digests(named_files(cfg))}
+    doc["signature"] = key.sign(statement(doc["config_sha256"], doc["files"])).hex()
+    try:
+        out.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     except OSError as e:
         raise PosguardError(f"cannot sign {config_path} into {out}: {e.strerror or e}", code="CONFIG_SIGN_FAILED") from None
     return out
 
 
-def check(config_path: Path, keys_dir: Path) -> dict[str, Any]:
-    """Verify the signature if the terminal has ``config.pub``; return what to journal."""
-    data = config_path.read_bytes()
+def _read_signature(sig_path: Path) -> tuple[str, dict[str, str], bytes]:
+    """(config digest, file digests, signature) from a ``.sig`` file; anything else fails closed."""
+    try:
+        doc = json.loads(sig_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or doc.get("format") != SIG_FORMAT:
+        raise ConfigSignatureError(
+            f"{sig_path.name} is not a {SIG_FORMAT} signature (an older signature covers the config's bytes but not "
+            "the files it names): re-sign the config with posguard config sign")
+    try:
+        files, digest, sig = doc["files"], doc["config_sha256"], bytes.fromhex(doc["signature"])
+        if not (isinstance(digest, str) and isinstance(files, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise ConfigSignatureError(f"{sig_path.name} is malformed: re-sign the config with posguard config sign") from None
+    return digest, files, sig
+def check(config_path: Path, keys_dir: Path, data: bytes | None = None,
+          files: Mapping[str, Path] | None = None) -> dict[str, Any]:
+    """Verify the signature if the terminal has ``config.pub``; return what to journal.
+
+    ``data`` are the config bytes the caller parsed (read here only if not given: never read the
+    config twice), ``files`` the files it names (``named_files``)."""
+    if data is None:
+        data = config_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
+    named = dict(files or {})
+    current = file_digests(named)
     pub_path = keys_dir / CONFIG_PUB
     sig_path = config_path.with_name(config_path.name + ".sig")
     signed = False
@@ -84,16 +156,22 @@ def check(config_path: Path, keys_dir: Path) -> dict[str, Any]:
             raise ConfigError("(signature)", f"{pub_path} is not a readable Ed25519 public key in hex") from None
         if not sig_path.exists():
             raise ConfigSignatureError(f"this terminal requires a signed config: {sig_path} is missing")
+        signed_digest, signed_files, sig = _read_signature(sig_path)
         try:
-            pub.verify(bytes.fromhex(sig_path.read_text().strip()), data)
-        except (InvalidSignature, ValueError, OSError):
+            pub.verify(sig, statement(signed_digest, signed_files))
+            if signed_digest != digest:
+                raise InvalidSignature
+        except InvalidSignature:
             raise ConfigSignatureError(
                 f"the signature in {sig_path.name} does not match {config_path.name}: the config was changed after "
                 "signing, or signed by another key. Restore the signed file or have it re-signed.") from None
+        for key in sorted(set(current) | set(signed_files)):
+            if current.get(key) != signed_files.get(key):
+                raise ConfigFileChangedError(
+                    f"{key} ({named.get(key, 'not named')}) changed after {config_path.name} was signed: restore the "
+                    "signed file or have the config re-signed")
         signed = True
-    return {"sha256": digest, "signed": signed}
-
-
+    return {"sha256": digest, "signed": signed, "files": current}
 def changed_unsigned(journal_entries: Any, record: dict[str, Any]) -> str | None:
     """The previous config hash if this config differs from it and is not signed, else None."""
     last = None

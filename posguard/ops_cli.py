@@ -110,8 +110,11 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
     from guard.journal.keys import load_keys
     from guard.ops.replay import open_replay
 
+    from posguard import config_signing
     from posguard.config import engine_config, make_uplink
 
+    if cfg.source is not None:  # replay talks to the host the config names: the same signature check as run
+        config_signing.check(cfg.source, Path(cfg["journal.keys"]), cfg.raw, config_signing.named_files(cfg))
     keys = load_keys(Path(cfg["journal.keys"]))
     uplink = make_uplink(cfg)
     ecfg = engine_config(cfg, backoff_base_s=backoff_base, backoff_max_s=backoff_max, saf_window=window)

@@ -59,10 +59,13 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
     from firmware_bridge.link import LinkEndpoint
     from firmware_bridge.serial_port import SerialLink, open_port
 
+    signature = None
+    if cfg.source is not None:  # over the bytes parsed (cfg.raw), before any named file is loaded
+        signature = config_signing.check(cfg.source, Path(cfg["journal.keys"]), cfg.raw,
+                                         config_signing.named_files(cfg))
     keys = load_keys(Path(cfg["journal.keys"]))
     uplink = make_uplink(cfg)
     ecfg = engine_config(cfg)
-    signature = config_signing.check(cfg.source, Path(cfg["journal.keys"])) if cfg.source else None
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
     if signature is not None:
         try:

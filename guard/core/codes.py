@@ -89,6 +89,7 @@ class ErrorCode(enum.Enum):
     CONFIG_TERMINAL_ID = OPERATOR, "terminal_id (field 41) must be exactly 8 printable ASCII characters."
     CONFIG_MERCHANT_ID = OPERATOR, "merchant_id (field 42) must be exactly 15 printable ASCII characters."
     CONFIG_SIGNATURE_INVALID = OPERATOR, "the config's signature does not verify with config.pub: re-sign it."
+    CONFIG_FILE_CHANGED = OPERATOR, "a file the signed config names (CA, client cert or key, spec) changed after signing."
     CONFIG_CHANGED_UNSIGNED = OPERATOR, "the config changed since the last start and is not signed: sign it."
     CONFIG_SIGN_FAILED = OPERATOR, "posguard config sign could not write the signature file."
     # -- journal

@@ -29,6 +29,7 @@ pushed part of a record to the kernel before reporting "want write" or an error.
 from __future__ import annotations
 
 import enum
+import os
 import socket
 import ssl
 import time
@@ -330,6 +331,14 @@ def _tls_pending(sock: socket.socket) -> bool:
     return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
+def system_trust_store() -> tuple[str | None, str | None]:
+    """(CA file, CA directory) of the system store OpenSSL was compiled with, each None if absent.
+    Unlike ``load_default_certs``, never the ``SSL_CERT_FILE``/``SSL_CERT_DIR`` environment variables."""
+    paths = ssl.get_default_verify_paths()
+    return (paths.openssl_cafile if os.path.isfile(paths.openssl_cafile) else None,
+            paths.openssl_capath if os.path.isdir(paths.openssl_capath) else None)
+
+
 def make_client_context(
     cafile: str | None,
     certfile: str | None,
@@ -338,17 +347,20 @@ def make_client_context(
 ) -> ssl.SSLContext:
     """TLS >= 1.2 client context; presents ``certfile``/``keyfile`` for mTLS when given.
 
-    ``verify=False`` disables server verification (lab use only). Raises ``KeyFileError``
-    naming the setting (not the contents) when a file cannot be loaded.
+    Trust store: ``cafile`` alone when given; otherwise the system store OpenSSL was built with
+    (``system_trust_store``), loaded explicitly so that ``SSL_CERT_FILE``/``SSL_CERT_DIR`` in the
+    environment cannot replace the CAs a (signed) config relies on. ``verify=False`` disables
+    server verification (lab use only). Raises ``KeyFileError`` naming the setting (not the
+    contents) when a file cannot be loaded or no trust store exists.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if verify:
+        store = (cafile, None) if cafile else system_trust_store()
+        if store == (None, None):
+            raise KeyFileError("host.tls: no host.cafile and no system CA store: set host.cafile", code="KEY_FILE_INVALID")
         try:
-            if cafile:
-                ctx.load_verify_locations(cafile=cafile)
-            else:
-                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+            ctx.load_verify_locations(cafile=store[0], capath=store[1])
         except (OSError, ssl.SSLError):
             raise KeyFileError("host.tls.cafile cannot be loaded", code="KEY_FILE_INVALID") from None
     else:

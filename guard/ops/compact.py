@@ -24,7 +24,8 @@ re-MACing anything, because MACs of the past can only come from keys that no lon
    checkpoint counter, the signing key in force and every key rotation so far), then verbatim
    copies (same ts, kind, txn, payload; new seq, link and MAC) of every entry of the carried
    transactions in journal order, a ``stan_use`` record with the last STAN (STANs never go back),
-   and a checkpoint. The engine restores carried transactions exactly as before (same records,
+   a copy of the last ``config_loaded`` (with ``carried_from_seq``: the daemon's unsigned-change
+   check compares the config with it, so compaction cannot reset that check), and a checkpoint. The engine restores carried transactions exactly as before (same records,
    same timestamps); the MAC ratchet simply continues. The same commit records every archived
    transaction's key and archive path in an ``archived_txns`` index (beside the chain, not part
    of it): their ids stay taken, a re-sent id gets its archived result, and an archive that went
@@ -51,7 +52,7 @@ from __future__ import annotations
 import itertools
 import json
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from guard.core.errors import JournalError
 from guard.ops.export import JournalView, build_view, iter_entries, open_readonly, read_meta
-from guard.journal.format import CHECKPOINT_KIND, ROLE_ARCHIVE, ROTATION_KIND, SEGMENT_KIND
+from guard.core.records import Kind
+from guard.journal.format import CHECKPOINT_KIND, ROLE_ARCHIVE, ROTATION_KIND, SEGMENT_KIND, Entry
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys
 from guard.core.model import TxnState
@@ -127,8 +129,9 @@ def compact(journal_path: Path, keys: DeviceKeys, archive_dir: Path, *, older_th
     before = journal_bytes(path)
     j = Journal.open_exclusive(path, keys, terminal_id=meta.get("terminal_id", ""))
     try:
-        view = build_view(meta, j.entries(), (lambda d, t: progress("reading", d, t)) if progress else None,
-                          j.last_seq)
+        config: dict[str, Any] = {}
+        view = build_view(meta, _watch_config(j.entries(), config),
+                          (lambda d, t: progress("reading", d, t)) if progress else None, j.last_seq)
         plan = plan_compaction(view, older_than_s=older_than_days * DAY_S, now=now,
                                archive_needs_manual=archive_needs_manual)
         if not plan.archive:
@@ -146,7 +149,10 @@ def compact(journal_path: Path, keys: DeviceKeys, archive_dir: Path, *, older_th
                 stale.unlink()
         if progress:
             progress("carrying over", 0, 1)
-        recs = [("stan_use", None, {"stan": plan.last_stan, "purpose": "carry_over"})] if plan.last_stan else []
+        recs: list[tuple[str, str | None, dict[str, Any]]] = [("stan_use", None, {"stan": plan.last_stan, "purpose": "carry_over"})] \
+            if plan.last_stan else []
+        if config:
+            recs.append((Kind.CONFIG_LOADED.value, None, {**config["payload"], "carried_from_seq": config["seq"]}))
         note = {"older_than_days": older_than_days, "cutoff": plan.cutoff, "archive": name,
                 "archived_txns": len(plan.archive)}
         seg, carried = j.restart_segment(plan.keep, records=recs, note=note, now=now,
@@ -159,6 +165,14 @@ def compact(journal_path: Path, keys: DeviceKeys, archive_dir: Path, *, older_th
         j.close()
     return CompactionResult(archive_dir / name, first, last, seg, len(plan.archive), len(plan.keep), carried,
                             before, journal_bytes(path))
+
+
+def _watch_config(entries: Iterable[Entry], last: dict[str, Any]) -> Iterator[Entry]:
+    """Pass ``entries`` through, keeping the last ``config_loaded`` (``payload`` and ``seq``) in ``last``."""
+    for e in entries:
+        if e.kind == Kind.CONFIG_LOADED.value:
+            last["payload"], last["seq"] = e.payload, e.seq
+        yield e
 
 
 def archive_name(journal_path: Path, first: int, last: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import socket
 import ssl
@@ -14,9 +13,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from guard.core.errors import KeyFileError
 from guard.simulation.hostsim import HostCore
@@ -34,6 +32,7 @@ from guard.hostlink.uplink import (
     make_client_context,
 )
 from tests.support import collect, connected
+from tests.support.pki import make_cert as _cert, write_pem as _write
 
 PAN = "4111111111111111"
 LOCAL = "127.0.0.1"
@@ -55,44 +54,6 @@ def has_disconnect(items: list) -> bool:
 
 
 # --- certificates ------------------------------------------------------------------------------
-
-
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(
-    subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, issuer_key: ec.EllipticCurvePrivateKey,
-    *, ca: bool, eku: list | None = None, san: list | None = None,
-) -> x509.Certificate:
-    now = dt.datetime.now(dt.timezone.utc)
-    b = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject)).issuer_name(_name(issuer)).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False)
-    )
-    if ca:
-        b = b.add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                          encipher_only=False, decipher_only=False), critical=True)
-    if eku:
-        b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-    if san:
-        b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey | None = None) -> None:
-    data = cert.public_bytes(serialization.Encoding.PEM)
-    if key is not None:
-        data += key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption())
-    path.write_bytes(data)
 
 
 @pytest.fixture(scope="module")
