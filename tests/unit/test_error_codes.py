@@ -68,3 +68,11 @@ def test_an_unregistered_code_cannot_be_raised() -> None:
     with pytest.raises(AssertionError):
         PosguardError("x", code="NOT_A_REGISTERED_CODE")
     assert PosguardError("x", code=ErrorCode.JOURNAL_BUSY).code == "JOURNAL_BUSY"
+
+
+def test_every_record_kind_is_listed_for_operators() -> None:
+    from guard.core.records import Kind
+
+    doc = (ROOT / "docs" / "OPERATIONS.md").read_text()
+    missing = [k.value for k in Kind if f"`{k.value}`" not in doc]
+    assert not missing, f"record kinds not in docs/OPERATIONS.md: {missing}"
