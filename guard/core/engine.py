@@ -443,11 +443,14 @@ class Engine(HostEvents):
         ds += self._sig_due.values()
         if self.host_up:
             ds.append(self.last_host_activity + self.cfg.echo_idle_s)
+        garbage = self.garbage_deadline()
+        if garbage is not None:
+            ds.append(garbage)
         return min(ds) if ds else None
 
     @entry
     def tick(self, now: float) -> list[Action]:
-        acts: list[Action] = []
+        acts: list[Action] = self.garbage_tick(now)
         watched = self._watched()
         expired = [t for t in watched if t.state is TxnState.SENT and t.deadline is not None and now >= t.deadline]
         if expired:
