@@ -29,7 +29,7 @@ from guard.runtime.ports import Clock, RandBytes, Record
 
 log = logging.getLogger("posguard.service")
 CONNECTING_WAIT_S = 0.02  # select cap while a non-blocking connect / TLS handshake makes progress
-GARBAGE_PER_CONNECTION = 64  # unusable frames one connection may send before it is dropped
+GARBAGE_PER_CONNECTION = 64  # unusable frames (garbage, unmatched answers) one connection may send before it is dropped
 GARBAGE_BACKOFF_MAX_S = 60.0  # cap of the reconnect delay, doubled after each connection dropped for garbage
 __all__ = ["GuardService", "JournalCrypto", "open_guard", "REPLIES_KEPT"]
 
@@ -179,27 +179,33 @@ class GuardService:
 
     def _on_host_readable(self) -> None:
         """Hand what the host sent to the engine (one bounded ``poll`` per round). A connection
-        that sends more than GARBAGE_PER_CONNECTION unusable frames is dropped and reconnected
-        with a growing delay: a hostile or broken peer cannot keep the loop and the disk busy."""
+        that sends more than GARBAGE_PER_CONNECTION unusable frames (undecodable, or answers that
+        match nothing we sent: each costs a commit) is dropped and reconnected with a growing
+        delay: a hostile or broken peer cannot keep the loop and the disk busy."""
         ex = self.executor
+        stats = self.engine.stats
         for item in self.uplink.poll():
             if isinstance(item, HostMessage):
-                self._garbage_drops = 0
+                unmatched = stats.get("unmatched", 0)
                 ex.defer(self.engine.host_message, item.fields)
+                if stats.get("unmatched", 0) == unmatched:
+                    self._garbage_drops = 0
+                    continue
+                self._garbage_seen += 1
             elif isinstance(item, HostGarbage):
                 self._garbage_seen += 1
                 if self._garbage_seen <= 3:
                     log.warning("host sent unusable bytes: %s (%d bytes)", item.code, item.raw_len)
                 ex.defer(self.engine.host_garbage, item.code, item.detail, item.raw_len, item.digest)
-                if self._garbage_seen > GARBAGE_PER_CONNECTION and self.uplink.connected:
-                    self._garbage_drops += 1
-                    log.warning("host sent %d unusable frames on this connection: dropping it, reconnecting in %.1f s",
-                                self._garbage_seen, self._reconnect_delay())
-                    ex.flush()
-                    ex.lost_connection()
-                    return
             elif isinstance(item, Disconnected):
                 log.warning("host connection lost")
+                ex.flush()
+                ex.lost_connection()
+                return
+            if self._garbage_seen > GARBAGE_PER_CONNECTION and self.uplink.connected:
+                self._garbage_drops += 1
+                log.warning("host sent %d unusable frames on this connection: dropping it, reconnecting in %.1f s",
+                            self._garbage_seen, self._reconnect_delay())
                 ex.flush()
                 ex.lost_connection()
                 return

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from firmware_bridge import messages as M
 from firmware_bridge.nullmodem import NullModem
 from firmware_bridge.serial_port import open_port
@@ -27,6 +29,7 @@ from guard.hostlink.iso import HostCodec, HostGarbage
 from guard.hostlink.uplink import Uplink
 from guard.journal.keys import DeviceKeys, load_keys
 from guard.journal.store import Journal
+from guard.runtime.service import GARBAGE_PER_CONNECTION
 from guard.simulation.readersim import ReaderSim, ReaderTimeout
 from tests.support import free_port, subprocess_env, write_guard_toml
 
@@ -35,15 +38,19 @@ TID, MID = "FLOODTM1", "FLOODMERCHANT01"
 PAN = "4761739001010119"
 FRAME = b"\x00\x01\xff"  # 2-byte length 1, one byte that is no ISO message
 FRAMES = 200_000
+# A well-formed answer to nothing we sent: each one would be an unmatched_response commit.
+UNMATCHED = HostCodec().encode({"t": "0210", "3": "000000", "4": "000000001000", "7": "1202140000", "11": "999999",
+                                "39": "00", "41": TID, "42": MID})
+FLOODS = {"garbage": FRAME * FRAMES, "unmatched": UNMATCHED * 20_000}
 FLOOD_S = 8.0
 
 
 class FloodHost:
-    """Answers every connection with ``frames`` garbage frames (all at once), then reads and
+    """Answers every connection with ``payload`` (all at once: many frames), then reads and
     discards whatever the terminal sends until it closes. Counts connections and bytes taken."""
 
-    def __init__(self, frames: int) -> None:
-        self.payload = FRAME * frames
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
         self.lst = socket.create_server((LOCAL, 0))
         self.lst.settimeout(0.1)
         self.port = self.lst.getsockname()[1]
@@ -95,7 +102,7 @@ class FloodHost:
 
 
 def test_uplink_poll_hands_out_a_bounded_batch_and_keeps_the_rest_as_backlog() -> None:
-    host = FloodHost(20_000)
+    host = FloodHost(FRAME * 20_000)
     up = Uplink(LOCAL, host.port, HostCodec(), connect_timeout=3)
     try:
         end = time.monotonic() + 5
@@ -118,9 +125,10 @@ def test_uplink_poll_hands_out_a_bounded_batch_and_keeps_the_rest_as_backlog() -
         host.close()
 
 
-def test_a_garbage_flood_neither_stalls_the_reader_nor_fills_the_disk_and_sigterm_stops_the_daemon(
-        tmp_path: Path, keys: DeviceKeys, null_modem: NullModem) -> None:
-    host = FloodHost(FRAMES)
+@pytest.mark.parametrize("flood", list(FLOODS))
+def test_a_host_flood_neither_stalls_the_reader_nor_fills_the_disk_and_sigterm_stops_the_daemon(
+        tmp_path: Path, keys: DeviceKeys, null_modem: NullModem, flood: str) -> None:
+    host = FloodHost(FLOODS[flood])
     cable = null_modem
     write_guard_toml(tmp_path / "guard.toml", {
         "terminal": {"terminal_id": TID, "merchant_id": MID},
@@ -179,18 +187,19 @@ def test_a_garbage_flood_neither_stalls_the_reader_nor_fills_the_disk_and_sigter
         entries = [(e.kind, e.payload) for e in j.entries()]
     finally:
         j.close()
-    garbage = [p for k, p in entries if k == "host_garbage"]
+    garbage = [p for k, p in entries if k in ("host_garbage", "unmatched_response")]
     checkpoints = sum(1 for k, _ in entries if k == "checkpoint")
     frames_journaled = sum(p.get("count", 1) for p in garbage)
-    print(f"\n[flood] {time.monotonic() - t0:.1f}s: host connections={host.connections} records={len(entries)} "
-          f"host_garbage records={len(garbage)} (frames counted {frames_journaled}) checkpoints={checkpoints} "
+    print(f"\n[{flood} flood] {time.monotonic() - t0:.1f}s: host connections={host.connections} records={len(entries)} "
+          f"host_garbage/unmatched records={len(garbage)} (frames counted {frames_journaled}) checkpoints={checkpoints} "
           f"journal bytes={journal_bytes} sales={len(results)} sync+RESULT latency max={max(latencies, default=0):.2f}s "
           f"SIGTERM->exit={stop_s:.2f}s")
     assert results and all(isinstance(x, M.ResultMessage) for x in results), (results, err[-3000:])
     assert max(latencies) < 5.0, f"the reader waited {max(latencies):.1f} s for a SYNC_ACK or RESULT during the flood"
     assert stop_s < 5.0, f"SIGTERM honoured after {stop_s:.1f} s"
     assert proc.returncode == 0, err[-2000:]
-    assert len(garbage) <= 2 * host.connections + 4, f"{len(garbage)} host_garbage records for {host.connections} connections"
+    per_connection = 2 if flood == "garbage" else GARBAGE_PER_CONNECTION + 1
+    assert len(garbage) <= per_connection * host.connections + 4, f"{len(garbage)} records for {host.connections} connections"
     assert checkpoints <= 3 and journal_bytes < 1_000_000, (checkpoints, journal_bytes)
     assert 2 <= host.connections <= 5, "a flooding connection is dropped, and reconnected with a growing delay"
     assert PAN not in err
