@@ -450,7 +450,7 @@ class Engine(HostEvents):
 
     @entry
     def tick(self, now: float) -> list[Action]:
-        acts: list[Action] = self.garbage_tick(now)
+        acts: list[Action] = []
         watched = self._watched()
         expired = [t for t in watched if t.state is TxnState.SENT and t.deadline is not None and now >= t.deadline]
         if expired:
@@ -477,7 +477,7 @@ class Engine(HostEvents):
         elif self.echo_deadline is not None and now >= self.echo_deadline:
             self.echo_stan = self.echo_deadline = None
             self.last_host_activity = now
-        return acts
+        return acts + self.garbage_tick(now)  # last: nothing after it can ask for data and drop its record
 
     def pending_reversals(self) -> int:
         return len(self._saf)

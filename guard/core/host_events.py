@@ -76,14 +76,14 @@ class HostEvents(EngineState):
     def on_host_up(self, now: float) -> list[Action]:
         self.host_up = True
         self.last_host_activity = now
-        return self._garbage_close(now) + self.tick(now)
+        return self.tick(now) + self._garbage_close(now)
 
     @entry
     def on_host_down(self, now: float) -> list[Action]:
         """The connection is gone: no response can arrive for anything in flight on it."""
         self.host_up = False
         self.echo_stan = self.echo_deadline = None
-        acts: list[Action] = self._garbage_close(now)
+        acts: list[Action] = []
         sent = [t for t in self._watched() if t.state is TxnState.SENT]
         if sent:
             acts += self._reverse_many(sent, "HOST_DISCONNECTED", now)
@@ -95,7 +95,7 @@ class HostEvents(EngineState):
             if t.rev_inflight_until is not None:
                 t.rev_inflight_until = None
                 t.rev_next_at = now + self._backoff(t.rev_failures)
-        return acts
+        return acts + self._garbage_close(now)
 
     @entry
     def send_failed(self, key: str | None, now: float) -> list[Action]:
