@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -25,6 +26,8 @@ from posguard import config_signing
 from posguard.config import Config, engine_config, load, make_uplink
 
 log = logging.getLogger("posguard.daemon")
+STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, a loop round stuck this long (a blocked write) ends the process
+EXIT_STOP_FORCED = 4  # like an internal error: the next start recovers from the journal
 
 
 class JsonFormatter(logging.Formatter):
@@ -112,6 +115,9 @@ def run(config_path: Path, *, max_seconds: float | None = None) -> int:
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
+        if not stop["flag"]:
+            signal.signal(signal.SIGALRM, _forced_exit)
+            signal.setitimer(signal.ITIMER_REAL, STOP_GRACE_S)
         stop["flag"] = True
         log.info("signal %d: stopping after this loop round", signum)
 
@@ -137,4 +143,13 @@ def run(config_path: Path, *, max_seconds: float | None = None) -> int:
             pass
         svc.close()
         log.info("stopped: %s", json.dumps(svc.engine.stats))
+        if stop["flag"]:
+            signal.setitimer(signal.ITIMER_REAL, 0)
     return rc
+
+
+def _forced_exit(_signum: int, _frame: Any) -> None:
+    """SIGTERM was not honoured within STOP_GRACE_S: a loop round is stuck (say, a write to a
+    stderr pipe nobody reads). Exit at once, without logging (the logging lock may be the one
+    held): every acknowledged request is committed, and the journal survives this like a SIGKILL."""
+    os._exit(EXIT_STOP_FORCED)

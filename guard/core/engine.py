@@ -443,6 +443,9 @@ class Engine(HostEvents):
         ds += self._sig_due.values()
         if self.host_up:
             ds.append(self.last_host_activity + self.cfg.echo_idle_s)
+        garbage = self.garbage_deadline()
+        if garbage is not None:
+            ds.append(garbage)
         return min(ds) if ds else None
 
     @entry
@@ -474,7 +477,7 @@ class Engine(HostEvents):
         elif self.echo_deadline is not None and now >= self.echo_deadline:
             self.echo_stan = self.echo_deadline = None
             self.last_host_activity = now
-        return acts
+        return acts + self.garbage_tick(now)  # last: nothing after it can ask for data and drop its record
 
     def pending_reversals(self) -> int:
         return len(self._saf)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from guard.core import constants as C
@@ -15,14 +17,66 @@ from guard.core.state import EngineState, entry
 from guard.core.txn import Txn
 
 
+GARBAGE_INTERVAL_S = 10.0  # host garbage after the first of an interval is journaled as one summary per interval
+GARBAGE_SUMMARY_ITEMS = 10_000  # ... or per this many items, whichever comes first
+# A digit run, possibly split by spaces or dashes, long enough to be a card number (13+ digits).
+_DIGIT_RUN = re.compile(r"\d[\d -]*\d")
+
+
+@dataclass
+class GarbageTally:
+    """Host garbage since the last ``host_garbage`` record of this connection: counts, bytes and
+    the first/last item's digest, so a flood costs one record per interval instead of one per frame."""
+
+    since: float  # start of the interval (the first item's time, journaled at once)
+    count: int = 0
+    bytes: int = 0
+    codes: dict[str, int] = field(default_factory=dict)
+    first: tuple[str, str, int, str] | None = None  # code, detail, len, digest of the first unjournaled item
+    last: tuple[str, int, str] = ("", 0, "")  # code, len, digest of the latest
+
+    def add(self, code: str, detail: str, raw_len: int, digest: str) -> None:
+        if self.first is None:
+            self.first = (code, detail, raw_len, digest)
+        self.count += 1
+        self.bytes += raw_len
+        self.codes[code] = self.codes.get(code, 0) + 1
+        self.last = (code, raw_len, digest)
+
+    def record(self) -> Record:
+        """The first item's code, detail, len and digest (what a single item's record always
+        held), the counts and bytes of the interval, and the last item under ``last`` (its digest
+        under a ``digest`` key, which the journal's card-number scan exempts)."""
+        assert self.first is not None
+        code, detail, raw_len, digest = self.first
+        last_code, last_len, last_digest = self.last
+        return (Kind.HOST_GARBAGE, None, {"code": code, "detail": detail[:200], "len": raw_len, "digest": digest,
+                                          "count": self.count, "bytes": self.bytes, "codes": dict(sorted(self.codes.items())),
+                                          "last": {"code": last_code, "len": last_len, "digest": last_digest},
+                                          "since": self.since})
+
+
+def mask_digit_runs(value: str) -> str:
+    """``value`` with every card-number-like digit run (13+ digits, spaces and dashes allowed
+    between them) masked to BIN + last 4; shorter runs and other text are kept."""
+
+    def one(m: re.Match[str]) -> str:
+        digits = "".join(ch for ch in m.group() if ch.isdigit())
+        return mask_pan(digits) if len(digits) >= 13 else m.group()
+
+    return _DIGIT_RUN.sub(one, value)
+
+
 class HostEvents(EngineState):
     """What the host says or fails to say, and what the terminal owes it."""
+
+    garbage: GarbageTally | None = None  # this connection's garbage interval (None: next item is journaled at once)
 
     @entry
     def on_host_up(self, now: float) -> list[Action]:
         self.host_up = True
         self.last_host_activity = now
-        return self.tick(now)
+        return self.tick(now) + self._garbage_close(now)
 
     @entry
     def on_host_down(self, now: float) -> list[Action]:
@@ -41,7 +95,7 @@ class HostEvents(EngineState):
             if t.rev_inflight_until is not None:
                 t.rev_inflight_until = None
                 t.rev_next_at = now + self._backoff(t.rev_failures)
-        return acts
+        return acts + self._garbage_close(now)
 
     @entry
     def send_failed(self, key: str | None, now: float) -> list[Action]:
@@ -67,9 +121,46 @@ class HostEvents(EngineState):
 
     @entry
     def host_garbage(self, code: str, detail: str, raw_len: int, digest: str, now: float) -> list[Action]:
-        """Undecodable host input: journal it (no content, only its size and digest), carry on."""
+        """Undecodable host input: journaled without content (sizes, codes and digests only). The
+        first item of an interval is journaled at once; later ones are tallied and journaled as one
+        summary at the interval's end (``garbage_tick``), every GARBAGE_SUMMARY_ITEMS items, or when
+        the connection goes down or up: a flooding host cannot turn each frame into a commit."""
         self.count("host_garbage")
-        return [Append([(Kind.HOST_GARBAGE, None, {"code": code, "detail": detail[:200], "len": raw_len, "digest": digest})])]
+        g = self.garbage
+        if g is None:
+            first = GarbageTally(since=now)
+            first.add(code, detail, raw_len, digest)
+            self.garbage = GarbageTally(since=now)
+            return [Append([first.record()])]
+        g.add(code, detail, raw_len, digest)
+        if g.count >= GARBAGE_SUMMARY_ITEMS:
+            return self._garbage_flush(now, reopen=True)
+        return []
+
+    def garbage_tick(self, now: float) -> list[Action]:
+        """End the garbage interval once GARBAGE_INTERVAL_S have passed (part of ``tick``)."""
+        g = self.garbage
+        if g is None or now < g.since + GARBAGE_INTERVAL_S:
+            return []
+        return self._garbage_flush(now, reopen=False)
+
+    def garbage_deadline(self) -> float | None:
+        """When ``tick`` has a garbage summary to write (None: nothing tallied)."""
+        g = self.garbage
+        return g.since + GARBAGE_INTERVAL_S if g is not None and g.count else None
+
+    def _garbage_close(self, now: float) -> list[Action]:
+        """A connection ends or starts: journal what it tallied, start the next one afresh."""
+        return self._garbage_flush(now, reopen=False) if self.garbage is not None else []
+
+    def _garbage_flush(self, now: float, reopen: bool) -> list[Action]:
+        g = self.garbage
+        assert g is not None
+        self.garbage = GarbageTally(since=now) if reopen else None
+        if not g.count:
+            return []
+        self.count("host_garbage_summary")
+        return [Append([g.record()])]
 
     @entry
     def host_message(self, fields: dict[str, str], now: float) -> list[Action]:
@@ -218,10 +309,11 @@ class HostEvents(EngineState):
         safe = {k: f.get(k, "")[:C.HOST_FIELD_MAX_LEN[k]] for k in ("t", C.F_STAN, C.F_RESPONSE_CODE)}
         # 41/42 are exempt from the journal's card-number guard (our own ids may be Luhn-valid
         # numbers); what a host sends there is not ours to trust: a long digit run that is not our
-        # id is kept masked like a PAN (BIN + last 4 still tell which id it was).
+        # id, even split by spaces or dashes, is kept masked like a PAN (BIN + last 4 still tell
+        # which id it was).
         for k, ours in ((C.F_TERMINAL_ID, self.cfg.terminal_id), (C.F_MERCHANT_ID, self.cfg.merchant_id)):
             v = f.get(k, "")
-            safe[k] = mask_pan(v) if v != ours and len(v) >= 13 and v.isdigit() else v
+            safe[k] = v if v == ours else mask_digit_runs(v)
         return [Append([(Kind.UNMATCHED_RESPONSE, None, {"why": why, **safe})])]
 
     # ------------------------------------------------------------------ offline sales' advices (0220)

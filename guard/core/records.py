@@ -78,7 +78,9 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.NEEDS_MANUAL: frozenset({"reason", "attempts"}),  # + last_rc
     Kind.LATE_RESPONSE: frozenset({"mti", "rc", "note"}),  # + state, stan
     Kind.UNMATCHED_RESPONSE: frozenset({"why"}),
-    Kind.HOST_GARBAGE: frozenset({"code", "detail", "len", "digest"}),
+    # code/detail/len/digest: the first item of the interval; count, bytes, codes (count by code),
+    # last ({code, len, digest}) and since: the whole interval (records before the tally had only the first four)
+    Kind.HOST_GARBAGE: frozenset({"code", "detail", "len", "digest", "count", "bytes", "codes", "last", "since"}),
     Kind.STAN_USE: frozenset({"stan", "purpose"}),
     Kind.CHECKPOINT_DEPOSITED: frozenset({"stan", "rc"}),
     Kind.CONFIG_LOADED: frozenset(),

@@ -50,6 +50,7 @@ from guard.hostlink.iso import FrameDecoder, HostCodec, HostGarbage, HostMessage
 
 RECV_CHUNK = 65536
 MAX_READS_PER_POLL = 16  # bounds one poll() to ~1 MiB so a chatty host cannot starve the loop
+MAX_ITEMS_PER_POLL = 64  # frames one poll() hands out; the rest wait in ``backlog`` for the next loop round
 OUTBOX_LIMIT = 256 * 1024  # queued bytes beyond what the kernel took; ISO messages are < 2 KiB
 TLS_WRITE_MAX = 16 * 1024  # one TLS record per write, so a "want write" retry repeats one slice
 
@@ -138,6 +139,12 @@ class Uplink:
     def queued(self) -> int:
         """Bytes in the outbox, not yet taken by the kernel."""
         return len(self._outbox)
+
+    @property
+    def backlog(self) -> bool:
+        """Input is waiting that the descriptor may not signal (items held back by ``poll``'s
+        bound, or bytes TLS already decrypted): call ``poll()`` again without waiting."""
+        return bool(self._pending) or (self._sock is not None and _tls_pending(self._sock))
 
     def fileno(self) -> int:
         """The socket's descriptor, or -1 when not connected."""
@@ -253,9 +260,10 @@ class Uplink:
     def poll(self) -> list[PollItem]:
         """Everything readable now, without blocking: messages, garbage, then Disconnected if any.
 
-        Flushes the outbox first. Reads at most MAX_READS_PER_POLL chunks (plus whatever TLS
-        already decrypted), so a flooding host leaves the descriptor readable for the next loop
-        turn instead of starving it.
+        Flushes the outbox first. Reads at most MAX_READS_PER_POLL chunks, and stops reading once
+        MAX_ITEMS_PER_POLL frames are decoded; at most that many are returned (a ``Disconnected``
+        ends the list and is never held back), the rest wait in ``backlog``. So a flooding host
+        (many tiny frames) costs the loop a bounded amount of work per round instead of starving it.
         """
         self.flush()
         out: list[PollItem] = self._pending
@@ -264,7 +272,7 @@ class Uplink:
         if sock is None or dec is None:
             return out
         reads = 0
-        while reads < MAX_READS_PER_POLL or _tls_pending(sock):
+        while len(out) < MAX_ITEMS_PER_POLL and (reads < MAX_READS_PER_POLL or _tls_pending(sock)):
             reads += 1
             try:
                 chunk = sock.recv(RECV_CHUNK)
@@ -292,6 +300,8 @@ class Uplink:
                 self._close_socket()
                 out.append(Disconnected(DISC_FRAMING, "length header unusable; reconnect to resynchronise"))
                 return out
+        if len(out) > MAX_ITEMS_PER_POLL:
+            out, self._pending = out[:MAX_ITEMS_PER_POLL], out[MAX_ITEMS_PER_POLL:]
         return out
 
     def close(self) -> None:

@@ -29,6 +29,8 @@ from guard.runtime.ports import Clock, RandBytes, Record
 
 log = logging.getLogger("posguard.service")
 CONNECTING_WAIT_S = 0.02  # select cap while a non-blocking connect / TLS handshake makes progress
+GARBAGE_PER_CONNECTION = 64  # unusable frames (garbage, unmatched answers) one connection may send before it is dropped
+GARBAGE_BACKOFF_MAX_S = 60.0  # cap of the reconnect delay, doubled after each connection dropped for garbage
 __all__ = ["GuardService", "JournalCrypto", "open_guard", "REPLIES_KEPT"]
 
 
@@ -114,6 +116,8 @@ class GuardService:
         self._next_connect = 0.0
         self._registered_fd: int | None = None
         self._had_input = False
+        self._garbage_seen = 0  # unusable frames on the current connection
+        self._garbage_drops = 0  # connections dropped in a row for garbage: the reconnect backoff's exponent
         self.tickers: list[Callable[[], None]] = []  # run every loop round (reader link timers)
         self.wait_hints: list[Callable[[], float]] = []  # seconds until another adapter has timer work
         self.guard = GuardFacade(engine)
@@ -152,7 +156,13 @@ class GuardService:
                 pass
             self._registered_fd = None
         self.uplink.close()
-        self._next_connect = now + self.reconnect_s
+        self._next_connect = now + self._reconnect_delay()
+
+    def _reconnect_delay(self) -> float:
+        """``reconnect_s``, doubled per connection dropped in a row for sending garbage."""
+        if not self._garbage_drops:
+            return self.reconnect_s
+        return min(self.reconnect_s * 2.0 ** min(self._garbage_drops, 16), max(self.reconnect_s, GARBAGE_BACKOFF_MAX_S))
 
     def _ensure_connected(self, now: float) -> None:
         if self.uplink.connected or now < self._next_connect:
@@ -161,21 +171,41 @@ class GuardService:
             fd = self.uplink.fileno()
             self.selector.register(fd, selectors.EVENT_READ, self._on_host_readable)
             self._registered_fd = fd
+            self._garbage_seen = 0
             log.info("host connected")
             self.executor.call(self.engine.on_host_up)
         elif not getattr(self.uplink, "connecting", False):  # in progress: call connect() again next round
             self._next_connect = now + self.reconnect_s
 
     def _on_host_readable(self) -> None:
+        """Hand what the host sent to the engine (one bounded ``poll`` per round). A connection
+        that sends more than GARBAGE_PER_CONNECTION unusable frames (undecodable, or answers that
+        match nothing we sent: each costs a commit) is dropped and reconnected with a growing
+        delay: a hostile or broken peer cannot keep the loop and the disk busy."""
         ex = self.executor
+        stats = self.engine.stats
         for item in self.uplink.poll():
             if isinstance(item, HostMessage):
+                unmatched = stats.get("unmatched", 0)
                 ex.defer(self.engine.host_message, item.fields)
+                if stats.get("unmatched", 0) == unmatched:
+                    self._garbage_drops = 0
+                    continue
+                self._garbage_seen += 1
             elif isinstance(item, HostGarbage):
-                log.warning("host sent unusable bytes: %s (%d bytes)", item.code, item.raw_len)
+                self._garbage_seen += 1
+                if self._garbage_seen <= 3:
+                    log.warning("host sent unusable bytes: %s (%d bytes)", item.code, item.raw_len)
                 ex.defer(self.engine.host_garbage, item.code, item.detail, item.raw_len, item.digest)
             elif isinstance(item, Disconnected):
                 log.warning("host connection lost")
+                ex.flush()
+                ex.lost_connection()
+                return
+            if self._garbage_seen > GARBAGE_PER_CONNECTION and self.uplink.connected:
+                self._garbage_drops += 1
+                log.warning("host sent %d unusable frames on this connection: dropping it, reconnecting in %.1f s",
+                            self._garbage_seen, self._reconnect_delay())
                 ex.flush()
                 ex.lost_connection()
                 return
@@ -194,12 +224,17 @@ class GuardService:
                 wait = min(wait, CONNECTING_WAIT_S)
             elif not connected:
                 wait = min(wait, max(0.0, self._next_connect - now))
+        backlog = connected and getattr(self.uplink, "backlog", False)
+        if backlog:  # held back by poll()'s bound: the descriptor may not say so
+            wait = 0.0
         for hint in self.wait_hints:
             wait = min(wait, hint())
         events = self.selector.select(wait)
         self._had_input = bool(events) and self.executor.policy.collect
         for key, _ in events:
             key.data()
+        if backlog and self.uplink.connected and not any(key.fd == self._registered_fd for key, _ in events):
+            self._on_host_readable()
         for ticker in self.tickers:
             ticker()
         self.executor.call(self.engine.tick)  # with policy.collect: the answers' records in the same commit

@@ -115,7 +115,8 @@ def test_bad_host_bytes_are_journaled_the_sale_reversed_and_the_guard_carries_on
         assert svc.replies[second.key].state is TxnState.APPROVED, "the guard carries on after bad input"
         garbage = [e.payload for e in svc.journal.entries() if e.kind == "host_garbage"]
         assert any(g["code"] == code for g in garbage), garbage
-        assert all(set(g) == {"code", "detail", "len", "digest"} for g in garbage), "sizes and digests only"
+        assert all(set(g) == {"code", "detail", "len", "digest", "count", "bytes", "codes", "last", "since"}
+                   and set(g["last"]) == {"code", "len", "digest"} for g in garbage), "sizes, counts and digests only"
     finally:
         svc.close()
         host.stop()
