@@ -15,7 +15,8 @@ Entry 1 is a genesis checkpoint MACed with k0, written in the creating transacti
 reaches the journal file. Error codes (``JournalError.code``): JOURNAL_EXISTS, JOURNAL_MISSING,
 JOURNAL_CORRUPT, JOURNAL_NOT_INITIALISED, JOURNAL_SCHEMA_TOO_NEW, JOURNAL_NO_K0,
 JOURNAL_TERMINAL_MISMATCH, JOURNAL_KEY_MISMATCH, JOURNAL_RATCHET_MISMATCH, JOURNAL_BAD_RECORD, JOURNAL_CLOSED,
-JOURNAL_FAILED, VAULT_CORRUPT, JOURNAL_BUSY (exclusive open refused), JOURNAL_IS_ARCHIVE;
+JOURNAL_FAILED, VAULT_CORRUPT, JOURNAL_BUSY (exclusive open refused), JOURNAL_IS_ARCHIVE,
+JOURNAL_SCHEMA_UNEXPECTED, JOURNAL_CHAIN_BROKEN (start-up verification, guard.journal.startup);
 ``JournalDurabilityError`` (JOURNAL_NOT_DURABLE).
 """
 
@@ -60,16 +61,18 @@ from guard.journal.format import (
 from guard.journal.fsync import fsync_path
 from guard.journal.keys import DeviceKeys
 from guard.journal.mac import mac_and_next
-from guard.journal.records import _check_blob, _check_now, _check_terminal, _payload, _prepare
+from guard.journal.records import MAX_PAYLOAD_CHARS, _check_blob, _check_now, _check_terminal, _payload, _prepare
 from guard.journal.schema import (
     INSERT_ENTRY,
     _connect,
     _migrate_in_txn,
     apply_pragmas,
+    check_schema,
     migrate,
     schema_version,
 )
 from guard.journal.segments import SegmentOps
+from guard.journal.startup import verify_at_open
 
 _sha256 = hashlib.sha256
 
@@ -162,7 +165,8 @@ class Journal(SegmentOps):
     def open(cls, path: Path, keys: DeviceKeys, *, terminal_id: str,
              checkpoint_every: int = CHECKPOINT_EVERY_ENTRIES,
              checkpoint_interval_s: float = CHECKPOINT_EVERY_S) -> Journal:
-        """Open an existing journal: durability pragmas, pending migrations, state from the tail."""
+        """Open an existing journal: durability pragmas, pending migrations, the schema, state from the
+        tail, and the checks of guard.journal.startup (checkpoint signatures, the tail's hash chain)."""
         path = Path(path)
         if not path.is_file():
             if path.exists():
@@ -175,13 +179,18 @@ class Journal(SegmentOps):
         try:
             try:
                 apply_pragmas(conn)
-                if schema_version(conn) < 1:
+                version = schema_version(conn)  # reads meta only if it is a table
+                if version < 1:
+                    if conn.execute("SELECT 1 FROM sqlite_master WHERE name IN ('meta', 'entries')").fetchone():
+                        check_schema(conn)  # ours, with meta replaced (a view): say so
                     raise JournalError(f"{path} is not an initialised posguard journal", code="JOURNAL_NOT_INITIALISED")
-                if schema_version(conn) != JOURNAL_SCHEMA_VERSION:
+                if version != JOURNAL_SCHEMA_VERSION:
                     migrate(conn)
+                check_schema(conn)  # before reading entries: a view or trigger would run the attacker's SQL
                 j = cls(conn, path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
                         checkpoint_interval_s=checkpoint_interval_s)
                 j._load_state()
+                verify_at_open(conn, keys.signing_key.public_key(), terminal_id)
             except sqlite3.OperationalError as e:
                 raise JournalError(f"journal {path} cannot be opened: {e}") from None
             except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a corrupt schema's message may not be UTF-8
@@ -201,8 +210,8 @@ class Journal(SegmentOps):
                                code="JOURNAL_TERMINAL_MISMATCH")
         last = c.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         rat = c.execute("SELECT next_seq, key FROM ratchet WHERE id = 1").fetchone()
-        cp = c.execute("SELECT seq, payload FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1",
-                       (CHECKPOINT_KIND,)).fetchone()
+        cp = c.execute(f"SELECT seq, CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload "
+                       "END FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1", (CHECKPOINT_KIND,)).fetchone()
         if last is None or cp is None:
             raise JournalError("journal has no genesis checkpoint", code="JOURNAL_CORRUPT")
         if rat is None or rat[0] != last[0] + 1 or len(rat[1]) != 32:
