@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from guard.core.errors import JournalError
 from guard.journal.keys import DeviceKeys, init_keys
@@ -238,3 +239,128 @@ def test_huge_payload_is_not_loaded(jf: tuple[Path, DeviceKeys]) -> None:
     assert (rep.ok, rep.reason, rep.first_bad_seq) == (False, "ENTRY_TOO_LARGE", 7), rep
     assert peak < 20_000_000, f"verify allocated {peak} bytes in Python"
     print(f"verify of a 200 MB payload: {took:.2f} s, Python peak {peak / 1e6:.1f} MB")
+
+
+# --- finding 6: Journal.open verifies checkpoints and the tail -----------------------------------
+
+
+def _tamper(path: Path, sql: str, *args: Any) -> None:
+    """The attacker edits rows (triggers dropped and put back: the schema stays ours)."""
+    c = attacker(path)
+    saved = c.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger'").fetchall()
+    for (t,) in c.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+        c.execute(f"DROP TRIGGER {t}")
+    c.execute(sql, args)
+    for (s,) in saved:
+        c.execute(s)
+    c.close()
+
+
+def _broken_at(path: Path, keys: DeviceKeys) -> int:
+    with pytest.raises(JournalError) as e:
+        Journal.open(path, keys, terminal_id=TID)
+    assert e.value.code == "JOURNAL_CHAIN_BROKEN", e.value
+    seq: int = e.value.seq  # type: ignore[attr-defined]
+    assert f"entry {seq}" in str(e.value)
+    return seq
+
+
+def _cps(path: Path) -> list[int]:
+    return [s for (s,) in attacker(path).execute("SELECT seq FROM entries WHERE kind = 'checkpoint' ORDER BY seq")]
+
+
+def test_tail_entry_rewritten_is_refused_at_open(jf: tuple[Path, DeviceKeys]) -> None:
+    path, keys = jf
+    last = _cps(path)[-1] + 1
+    _tamper(path, "UPDATE entries SET payload = '{\"amount\":1}' WHERE seq = ?", last)
+    assert _broken_at(path, keys) == last
+
+
+def test_tail_entry_rehashed_breaks_the_link(jf: tuple[Path, DeviceKeys]) -> None:
+    """Rewritten with its hash recomputed (no key needed): the next entry no longer links to it."""
+    from guard.journal.format import entry_body, entry_hash
+    path, keys = jf
+    seq = _cps(path)[-1] + 1
+    c = attacker(path)
+    ts, kind, txn, prev = c.execute("SELECT ts, kind, txn, prev_hash FROM entries WHERE seq = ?", (seq,)).fetchone()
+    c.close()
+    text = '{"amount":1}'
+    _tamper(path, "UPDATE entries SET payload = ?, entry_hash = ? WHERE seq = ?",
+            text, entry_hash(seq, prev, entry_body(ts, kind, txn, text)), seq)
+    assert _broken_at(path, keys) == seq + 1
+
+
+def test_checkpoint_signature_forged_is_refused(jf: tuple[Path, DeviceKeys]) -> None:
+    path, keys = jf
+    cp = _cps(path)[1]
+    c = attacker(path)
+    (payload,) = c.execute("SELECT payload FROM entries WHERE seq = ?", (cp,)).fetchone()
+    c.close()
+    rec = json.loads(payload)
+    rec["sig"] = "00" * 64
+    _tamper(path, "UPDATE entries SET payload = ? WHERE seq = ?", json.dumps(rec, sort_keys=True,
+                                                                        separators=(",", ":")), cp)
+    assert _broken_at(path, keys) == cp
+
+
+def test_old_entry_deleted_is_refused(jf: tuple[Path, DeviceKeys]) -> None:
+    path, keys = jf
+    _tamper(path, "DELETE FROM entries WHERE seq = 3")
+    assert _broken_at(path, keys) == 1  # the count no longer matches the span: verify names the entry
+
+
+def test_entry_before_a_checkpoint_rewritten_is_refused(jf: tuple[Path, DeviceKeys]) -> None:
+    """The checkpoint covers the stored hash of the entry before it: rehashing that entry shows."""
+    path, keys = jf
+    cp = _cps(path)[1]
+    _tamper(path, "UPDATE entries SET entry_hash = zeroblob(32) WHERE seq = ?", cp - 1)
+    assert _broken_at(path, keys) == cp
+
+
+def test_middle_entry_rewritten_is_left_to_verify(jf: tuple[Path, DeviceKeys]) -> None:
+    """Documented limit: an entry between two old checkpoints is the auditor's (verify's) job."""
+    path, keys = jf
+    cps = _cps(path)
+    _tamper(path, "UPDATE entries SET payload = '{\"amount\":1}' WHERE seq = ?", cps[1] + 2)
+    assert open_code(path, keys) is None
+    assert full(path, keys).reason == "ENTRY_MODIFIED"
+
+
+def test_open_of_compacted_and_rotated_journals(tmp_path: Path) -> None:
+    """A live file that starts at a segment record, across a key rotation, opens (also exclusively);
+    a forged checkpoint after the segment record is still refused."""
+    keys = init_keys(tmp_path / "keys")
+    new = DeviceKeys(Ed25519PrivateKey.generate(), keys.token_key, keys.vault_key, keys.k0)
+    path = tmp_path / "live.db"
+    with Journal.create(path, keys, terminal_id=TID, now=T0, checkpoint_every=4) as j:
+        for i in range(10):
+            j.append([("intent", f"R1:{i:032x}", {"amount": i + 1})], now=T0 + i)
+        j.rotate_signing_key(new.signing_key, now=T0 + 20)
+        j.append([("intent", f"R1:{99:032x}", {"amount": 5})], now=T0 + 21)
+        j.checkpoint(T0 + 22)
+        j.write_archive(tmp_path / "archive.db", now=T0 + 23)
+        first, _ = j.restart_segment({f"R1:{3:032x}"}, now=T0 + 23, archive=str(tmp_path / "archive.db"))
+        for i in range(6):
+            j.append([("intent", f"R2:{i:032x}", {"amount": i + 1})], now=T0 + 30 + i)
+    assert first > 1
+    with Journal.open(path, new, terminal_id=TID) as j:
+        assert j.entries_for(f"R1:{5:032x}")  # from the archive
+    with Journal.open_exclusive(path, new, terminal_id=TID):
+        pass
+    assert verify_journal(path, k0=keys.k0, public_keys=[keys.public_key]).ok
+    with pytest.raises(JournalError) as e:
+        Journal.open(path, keys, terminal_id=TID)  # the old key no longer signs
+    assert e.value.code == "JOURNAL_KEY_MISMATCH"
+    cp = _cps(path)[0]
+    _tamper(path, "UPDATE entries SET entry_hash = zeroblob(32) WHERE seq = ?", cp - 1)
+    assert _broken_at(path, new) == cp
+
+
+@pytest.mark.parametrize("what", ["open", "open_exclusive"])
+def test_replay_and_daemon_refuse_a_tampered_journal(jf: tuple[Path, DeviceKeys], what: str) -> None:
+    path, keys = jf
+    last = _cps(path)[-1] + 1
+    _tamper(path, "UPDATE entries SET ts = ts + 1 WHERE seq = ?", last)
+    with pytest.raises(JournalError) as e:
+        getattr(Journal, what)(path, keys, terminal_id=TID)
+    assert e.value.code == "JOURNAL_CHAIN_BROKEN"
