@@ -1,15 +1,17 @@
 """What :meth:`guard.journal.store.Journal.open` verifies before anyone appends: the part of
 ``posguard journal verify`` that needs no k0 and stays cheap however long the file is.
 
-- every checkpoint (and segment record and key rotation): fields, counter, terminal, that it
-  covers the stored hash of the entry before it, its own hash, and its signature along the
-  device's signing-key chain;
-- the entry count matches the first..last seq span (nothing deleted or inserted in between);
+- the newest ``STARTUP_CHECKPOINTS`` checkpoints (and every segment record and key rotation):
+  fields, counter, terminal, that each covers the stored hash of the entry before it, its own
+  hash, and its signature along the device's signing-key chain (Ed25519 verification is ~0.1 ms a
+  checkpoint: the bound keeps start-up well under a second however long the file grew);
+- the first entry is the genesis checkpoint or a segment record, and the entry count matches the
+  first..last seq span (nothing deleted or inserted in between);
 - the full hash chain of the tail from the newest checkpoint on (at most ``checkpoint_every``
   entries or ``checkpoint_interval_s`` of traffic), which no signature covers yet.
 
 Left to ``journal verify`` (the auditor, with k0): the hash of every entry between checkpoints,
-the MACs, the ratchet state against k0, anchors. The schema (guard.journal.schema.check_schema)
+older checkpoints, the MACs, the ratchet state against k0, anchors. The schema (guard.journal.schema.check_schema)
 is checked before this runs. Failure: JOURNAL_CHAIN_BROKEN naming the first bad seq.
 """
 
@@ -39,6 +41,7 @@ _PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN
 _TEXT_OK = (f"length(CAST(kind AS BLOB)) <= {MAX_PAYLOAD_CHARS} "
             f"AND coalesce(length(CAST(txn AS BLOB)), 0) <= {MAX_PAYLOAD_CHARS}")
 _SEG_KEYS = frozenset((*SEGMENT_FIELDS, "sig"))
+STARTUP_CHECKPOINTS = 1024  # newest checkpoints whose signatures start-up checks (~0.1 s)
 
 
 class ChainBroken(JournalError):
@@ -67,16 +70,23 @@ def verify_at_open(conn: sqlite3.Connection, signing_pub: Ed25519PublicKey, term
     if chain.problem:
         raise JournalError(f"journal checkpoints were not signed by this device's key chain: {chain.problem}",
                            code="JOURNAL_KEY_MISMATCH")
-    newest = _records(conn, chain, terminal_id, lo)
+    oldest = conn.execute("SELECT seq FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
+                          (CHECKPOINT_KIND, STARTUP_CHECKPOINTS - 1)).fetchone()
+    newest = _records(conn, chain, terminal_id, lo, oldest[0] if oldest else lo)
     _tail(conn, newest)
 
 
-def _records(conn: sqlite3.Connection, chain: KeyChain, terminal_id: str, lo: int) -> int:
-    """Check every checkpoint, segment record and key rotation in order; the newest checkpoint's seq."""
-    counter, newest = 0, 0
+def _records(conn: sqlite3.Connection, chain: KeyChain, terminal_id: str, lo: int, since: int) -> int:
+    """Check segment record, key rotations and the checkpoints from ``since`` on, in order; returns
+    the newest checkpoint's seq. Rotations before ``since`` still move the key chain on."""
+    counter: int | None = 0 if since == lo else None  # unknown until the first checked checkpoint
+    newest, rotated_at = 0, 0
     rows = conn.execute(f"SELECT seq, ts, kind, txn, {_PAYLOAD}, prev_hash, entry_hash FROM entries "
-                        "WHERE kind IN (?, ?, ?) ORDER BY seq", (CHECKPOINT_KIND, SEGMENT_KIND, ROTATION_KIND))
+                        "WHERE kind IN (?, ?) OR (kind = ? AND seq >= ?) ORDER BY seq",
+                        (SEGMENT_KIND, ROTATION_KIND, CHECKPOINT_KIND, since))
     for seq, ts, kind, txn, payload, prev, h in rows:
+        if chain.pending is not None and seq > rotated_at + 1:
+            chain.current, chain.pending = chain.pending, None  # its old-key checkpoint lies before ``since``
         if payload is None:
             raise ChainBroken(seq, f"{kind} record is longer than the journal writes")
         try:
@@ -93,22 +103,25 @@ def _records(conn: sqlite3.Connection, chain: KeyChain, terminal_id: str, lo: in
             if not rotation_ok(rec) or rec["seq"] != seq or rec["terminal"] != terminal_id \
                     or rec["old_pub"] != chain.current_hex():
                 raise ChainBroken(seq, "key rotation is malformed or does not start from the key in force")
-            chain.pending = pub_key(rec["new_pub"])
+            chain.pending, rotated_at = pub_key(rec["new_pub"]), seq
         elif kind == SEGMENT_KIND:
-            counter = _segment(seq, rec, lo, prev, chain)
+            start = _segment(seq, rec, lo, prev, chain)
+            counter = start if since == lo else None
         else:
             if not isinstance(rec, dict) or set(rec) != CP_KEYS or rec["covers_seq"] != seq - 1 \
                     or rec["covers_hash"] != prev.hex() or rec["terminal"] != terminal_id:
                 raise ChainBroken(seq, "checkpoint does not cover the entry before it for this terminal")
-            if rec["counter"] != counter + 1:
+            if counter is not None and rec["counter"] != counter + 1:
                 raise ChainBroken(seq, f"checkpoint counter {rec['counter']!r} does not follow {counter}")
+            if type(rec["counter"]) is not int:
+                raise ChainBroken(seq, "checkpoint counter is not an integer")
             try:
                 signed = chain.check_checkpoint(rec)
             except (TypeError, ValueError):
                 signed = False
             if not signed:
                 raise ChainBroken(seq, "checkpoint signature does not verify")
-            counter, newest = counter + 1, seq
+            counter, newest = rec["counter"], seq
     if newest == 0:
         raise ChainBroken(lo, "the journal has no checkpoint")
     return newest

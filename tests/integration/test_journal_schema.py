@@ -364,3 +364,29 @@ def test_replay_and_daemon_refuse_a_tampered_journal(jf: tuple[Path, DeviceKeys]
     with pytest.raises(JournalError) as e:
         getattr(Journal, what)(path, keys, terminal_id=TID)
     assert e.value.code == "JOURNAL_CHAIN_BROKEN"
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 5, 1024])
+def test_start_up_checks_the_newest_checkpoints_across_a_rotation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  window: int) -> None:
+    """Only the newest STARTUP_CHECKPOINTS checkpoints are checked (bounded start-up); a rotation
+    before that window still moves the key chain on, one inside it is followed."""
+    from guard.journal import startup
+    monkeypatch.setattr(startup, "STARTUP_CHECKPOINTS", window)
+    keys = init_keys(tmp_path / "keys")
+    new = DeviceKeys(Ed25519PrivateKey.generate(), keys.token_key, keys.vault_key, keys.k0)
+    path = tmp_path / "j.db"
+    with Journal.create(path, keys, terminal_id=TID, now=T0, checkpoint_every=4) as j:
+        for i in range(12):
+            j.append([("intent", f"R1:{i:032x}", {"amount": i + 1})], now=T0 + i)
+        j.rotate_signing_key(new.signing_key, now=T0 + 20)
+        j.append([("intent", f"R1:{99:032x}", {"amount": 5})], now=T0 + 21)
+        j.checkpoint(T0 + 22)
+    with Journal.open(path, new, terminal_id=TID):
+        pass
+    cps = _cps(path)
+    oldest = max(cps[-min(window, len(cps))], cps[1])  # the genesis checkpoint covers no entry
+    (kind,) = attacker(path).execute("SELECT kind FROM entries WHERE seq = ?", (oldest - 1,)).fetchone()
+    _tamper(path, "UPDATE entries SET entry_hash = zeroblob(32) WHERE seq = ?", oldest - 1)
+    # a rotation record is always checked itself; any other entry shows through the checkpoint after it
+    assert _broken_at(path, new) == (oldest - 1 if kind == "key_rotation" else oldest)
