@@ -136,9 +136,9 @@ def schema_problem(conn: sqlite3.Connection) -> tuple[str, str] | None:
     for an object this software does not write: a view, an unknown table/index/trigger, or a
     known name whose definition changed. A missing append-only trigger or index is tolerated: it
     guards against the writer's own bugs, changes no entry, and whoever can edit the file can drop
-    it anyway (the chain catches what they change next). Run before reading anything else: a view or generated column in place of
-    a table runs the attacker's SQL (an endless recursive CTE, gigabytes of zeroblob) on every
-    read, and an extra trigger runs it on every write (copying vault rows elsewhere).
+    it anyway (the chain catches what they change next). Run before reading anything else: a
+    view or generated column in place of a table runs the attacker's SQL (an endless recursive
+    CTE, gigabytes of zeroblob) on every read, an extra trigger on every write (copying vault rows).
     """
     found: set[SchemaRow] = set()
     for row in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):

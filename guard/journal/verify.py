@@ -132,10 +132,9 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("BEGIN")  # one snapshot for the ratchet row and every entry
-        problem = schema_problem(conn)  # before any read: a view or trigger would run the attacker's SQL
-        if problem is not None:
-            return VerifyReport(False, 0, 0, None, "UNREADABLE" if problem[0] == "missing" else "SCHEMA_UNEXPECTED",
-                                problem[1])
+        odd = schema_problem(conn)  # before any read: a view or trigger would run the attacker's SQL
+        if odd is not None:
+            return VerifyReport(False, 0, 0, None, "UNREADABLE" if odd[0] == "missing" else "SCHEMA_UNEXPECTED", odd[1])
         chain = KeyChain.load(conn, trusted)
         if chain.problem:
             return VerifyReport(False, 0, 0, None, "CHECKPOINT_INVALID", chain.problem)
@@ -166,7 +165,8 @@ class _Verifier:
     def run(self) -> VerifyReport:
         c = self.conn
         total = c.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0
-        rat = c.execute("SELECT next_seq, CASE WHEN length(key) <= 64 THEN key END FROM ratchet WHERE id = 1").fetchone()
+        rat = c.execute("SELECT next_seq, CASE WHEN length(key) <= 64 THEN key END FROM ratchet WHERE id = 1"
+                        ).fetchone()
         limit = rat[0] if rat is not None and type(rat[0]) is int else _NO_LIMIT
         try:
             last, key = self._scan(limit, total)
