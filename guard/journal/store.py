@@ -69,12 +69,15 @@ from guard.journal.schema import (
     apply_pragmas,
     check_schema,
     migrate,
+    schema_problem,
     schema_version,
 )
 from guard.journal.segments import SegmentOps
 from guard.journal.startup import verify_at_open
 
 _sha256 = hashlib.sha256
+# NULL (then JOURNAL_CORRUPT naming the entry) instead of loading a payload longer than append allows.
+_PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
 
 
 class Journal(SegmentOps):
@@ -440,7 +443,7 @@ class Journal(SegmentOps):
 
     def entries(self, since_seq: int = 0) -> Iterator[Entry]:
         cur = self._db().execute(
-            "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
+            f"SELECT seq, ts, kind, txn, {_PAYLOAD}, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
         for seq, ts, kind, txn, payload, h, mac in cur:
             yield Entry(seq, ts, kind, txn, _payload(seq, payload), h, mac)
 
@@ -448,7 +451,7 @@ class Journal(SegmentOps):
         """One transaction's entries in order (indexed): how the engine reads back a transaction
         it no longer keeps in memory."""
         cur = self._db().execute(
-            "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
+            f"SELECT seq, ts, kind, txn, {_PAYLOAD}, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
         rows = [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
         if (rows and rows[0].kind == "intent") or not self._archived_index():
             return rows
@@ -477,10 +480,15 @@ class Journal(SegmentOps):
             if conn is None:
                 if not Path(archive).is_file():
                     raise sqlite3.OperationalError("file not found")
-                conn = self._archives[archive] = _connect(Path(archive), mode="ro")
-            cur = conn.execute("SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? "
+                conn = _connect(Path(archive), mode="ro")
+                problem = schema_problem(conn)  # an archive is a file like the journal: no foreign SQL runs
+                if problem is not None:
+                    conn.close()
+                    raise sqlite3.DatabaseError(problem[1])
+                self._archives[archive] = conn
+            cur = conn.execute(f"SELECT seq, ts, kind, txn, {_PAYLOAD}, entry_hash, mac FROM entries WHERE txn = ? "
                                "ORDER BY seq", (txn,))
-            return [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+            return [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
         except sqlite3.Error as e:
             raise PosguardError(f"transaction {txn} was archived to {archive}, which cannot be read ({e}); put the "
                                 "archive back (posguard journal compact moved it there)", code="ARCHIVE_UNAVAILABLE") from None

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from guard.core.errors import JournalError
+from guard.core.errors import JournalError, PosguardError
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.records import MAX_PAYLOAD_CHARS
 from guard.journal.schema import EXPECTED_SCHEMA, OPTIONAL_SCHEMA, _migrate_in_txn
@@ -68,7 +68,7 @@ def open_code(path: Path, keys: DeviceKeys) -> str | None:
 _CHILD = """
 import json, sys
 from pathlib import Path
-from guard.core.errors import JournalError
+from guard.core.errors import JournalError, PosguardError
 from guard.journal.keys import load_keys
 from guard.journal.store import Journal
 from guard.journal.verify import verify_journal
@@ -390,3 +390,34 @@ def test_start_up_checks_the_newest_checkpoints_across_a_rotation(tmp_path: Path
     _tamper(path, "UPDATE entries SET entry_hash = zeroblob(32) WHERE seq = ?", oldest - 1)
     # a rotation record is always checked itself; any other entry shows through the checkpoint after it
     assert _broken_at(path, new) == (oldest - 1 if kind == "key_rotation" else oldest)
+
+
+def test_daemon_reads_of_old_entries_and_archives_are_bounded(tmp_path: Path) -> None:
+    """Beyond what start-up checks: an oversized old payload is JOURNAL_CORRUPT when read (not
+    loaded), and an archive with a foreign schema is refused before its SQL runs."""
+    keys = init_keys(tmp_path / "keys")
+    path, archive = tmp_path / "live.db", tmp_path / "archive.db"
+    with Journal.create(path, keys, terminal_id=TID, now=T0, checkpoint_every=4) as j:
+        for i in range(8):
+            j.append([("intent", f"R1:{i:032x}", {"amount": i + 1})], now=T0 + i)
+        j.checkpoint(T0 + 9)
+        j.write_archive(archive, now=T0 + 10)
+        j.restart_segment(set(), now=T0 + 10, archive=str(archive))
+        for i in range(8):
+            j.append([("intent", f"R2:{i:032x}", {"amount": i + 1})], now=T0 + 20 + i)
+    archive.chmod(0o600)
+    c = attacker(archive)
+    c.execute("ALTER TABLE entries RENAME TO e2")
+    c.execute(RECURSIVE_VIEW)
+    c.close()
+    with Journal.open(path, keys, terminal_id=TID) as j:
+        with pytest.raises(PosguardError) as e:
+            j.entries_for(f"R1:{2:032x}")
+        assert e.value.code == "ARCHIVE_UNAVAILABLE" and "unexpected" in str(e.value)
+    seq = _cps(path)[0] + 2  # an entry before the newest checkpoints (start-up checks the link, not this payload)
+    _tamper(path, "UPDATE entries SET payload = '{\"p\":\"' || CAST(zeroblob(?) AS TEXT) || '\"}' WHERE seq = ?",
+            50_000_000, seq)
+    with Journal.open(path, keys, terminal_id=TID) as j:
+        with pytest.raises(JournalError) as e:
+            list(j.entries())
+        assert e.value.code == "JOURNAL_CORRUPT" and f"entry {seq}" in str(e.value)
