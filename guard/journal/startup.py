@@ -12,7 +12,7 @@
 
 Left to ``journal verify`` (the auditor, with k0): the hash of every entry between checkpoints,
 older checkpoints, the MACs, the ratchet state against k0, anchors. The schema (guard.journal.schema.check_schema)
-is checked before this runs. Failure: JOURNAL_CHAIN_BROKEN naming the first bad seq.
+is checked before this runs. Failure: JOURNAL_CORRUPT naming the first bad seq (``ChainBroken.seq``).
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ STARTUP_CHECKPOINTS = 1024  # newest checkpoints whose signatures start-up check
 
 
 class ChainBroken(JournalError):
-    """Start-up verification failed at ``seq`` (JOURNAL_CHAIN_BROKEN)."""
+    """Start-up verification failed at ``seq``: JOURNAL_CORRUPT (the code every reader of a bad
+    entry raises), naming the seq in the message and in ``seq``."""
 
-    code = "JOURNAL_CHAIN_BROKEN"
+    code = "JOURNAL_CORRUPT"
 
     def __init__(self, seq: int, what: str) -> None:
         super().__init__(f"journal entry {seq}: {what}; refusing to run on it. `posguard journal verify --k0 ... "

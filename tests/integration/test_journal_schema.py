@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from guard.core.errors import JournalError, PosguardError
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.records import MAX_PAYLOAD_CHARS
+from guard.journal.startup import ChainBroken
 from guard.journal.schema import EXPECTED_SCHEMA, OPTIONAL_SCHEMA, _migrate_in_txn
 from guard.journal.store import Journal
 from guard.journal.verify import VerifyReport, verify_journal
@@ -259,8 +260,8 @@ def _tamper(path: Path, sql: str, *args: Any) -> None:
 def _broken_at(path: Path, keys: DeviceKeys) -> int:
     with pytest.raises(JournalError) as e:
         Journal.open(path, keys, terminal_id=TID)
-    assert e.value.code == "JOURNAL_CHAIN_BROKEN", e.value
-    seq: int = e.value.seq  # type: ignore[attr-defined]
+    assert e.value.code == "JOURNAL_CORRUPT" and isinstance(e.value, ChainBroken), e.value
+    seq = e.value.seq
     assert f"entry {seq}" in str(e.value)
     return seq
 
@@ -363,7 +364,7 @@ def test_replay_and_daemon_refuse_a_tampered_journal(jf: tuple[Path, DeviceKeys]
     _tamper(path, "UPDATE entries SET ts = ts + 1 WHERE seq = ?", last)
     with pytest.raises(JournalError) as e:
         getattr(Journal, what)(path, keys, terminal_id=TID)
-    assert e.value.code == "JOURNAL_CHAIN_BROKEN"
+    assert e.value.code == "JOURNAL_CORRUPT" and isinstance(e.value, ChainBroken)
 
 
 @pytest.mark.parametrize("window", [1, 2, 3, 5, 1024])
