@@ -105,6 +105,7 @@ class ErrorCode(enum.Enum):
     JOURNAL_RATCHET_MISMATCH = OPERATOR, "the MAC ratchet state does not follow the last entry: refusing to append."
     JOURNAL_SCHEMA_TOO_NEW = OPERATOR, "the journal was written by a newer posguard: upgrade."
     JOURNAL_CORRUPT = OPERATOR, "an entry cannot be read or replayed: run posguard journal verify to find it."
+    JOURNAL_SCHEMA_UNEXPECTED = OPERATOR, "the file's schema is not what posguard writes (a view, an extra trigger): refused."
     JOURNAL_BAD_RECORD = OPERATOR, "a writer offered a record the journal refuses (unknown kind, missing key, card data)."
     JOURNAL_NOT_DURABLE = OPERATOR, "SQLite did not confirm WAL mode with synchronous=FULL: refusing to run."
     JOURNAL_WRITE_FAILED = OPERATOR, "a commit failed (disk full, I/O error): nothing that depends on it was sent."

@@ -19,9 +19,12 @@ from guard.journal.format import (
     rotation_message,
 )
 from guard.journal.keys import public_key_hex
+from guard.journal.records import MAX_PAYLOAD_CHARS
 
 CP_KEYS = frozenset((*CHECKPOINT_FIELDS, "sig"))
 _ROT_KEYS = frozenset((*ROTATION_FIELDS, "sig", "pop"))
+# NULL instead of a payload longer than the journal writes (never loaded; the scan reports it).
+_BOUNDED_PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
 
 
 def anchor_problem(a: Any, pub: Ed25519PublicKey | None) -> str:
@@ -62,7 +65,7 @@ class KeyChain:
         kc = cls(trusted)
         if not kc.active:
             return kc
-        first = conn.execute("SELECT kind, payload FROM entries ORDER BY seq LIMIT 1").fetchone()
+        first = conn.execute(f"SELECT kind, {_BOUNDED_PAYLOAD} FROM entries ORDER BY seq LIMIT 1").fetchone()
         carried: list[Any] = []
         start_pub = None
         if first is not None and first[0] == SEGMENT_KIND:
@@ -72,10 +75,11 @@ class KeyChain:
             except (ValueError, KeyError, TypeError):
                 return kc  # the scan reports the malformed segment record at its seq
         in_file = []
-        for (payload,) in conn.execute("SELECT payload FROM entries WHERE kind = ? ORDER BY seq", (ROTATION_KIND,)):
+        for (payload,) in conn.execute(f"SELECT {_BOUNDED_PAYLOAD} FROM entries WHERE kind = ? ORDER BY seq",
+                                       (ROTATION_KIND,)):
             try:
                 in_file.append(json.loads(payload))
-            except ValueError:
+            except (ValueError, TypeError):
                 break
         for st in carried + in_file:
             if not rotation_ok(st) or (kc.chain and st["old_pub"] != kc.chain[-1]):

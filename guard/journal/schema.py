@@ -92,6 +92,78 @@ def migrate(conn: sqlite3.Connection) -> int:
     return found
 
 
+# --- the expected schema ---------------------------------------------------------------------
+
+# sqlite_master rows (type, name, tbl_name, sql) of schema v1 exactly as _schema_v1 writes them
+# (tests/integration/test_journal_schema.py keeps this equal to a fresh migration).
+_V1_TABLES = {
+    "meta": 'CREATE TABLE "meta" (\n   "k" TEXT PRIMARY KEY,\n   "v" TEXT NOT NULL\n) STRICT',
+    "entries": ('CREATE TABLE "entries" (\n   "seq" INTEGER PRIMARY KEY,\n   "ts" REAL NOT NULL,\n'
+                '   "kind" TEXT NOT NULL,\n   "txn" TEXT,\n   "payload" TEXT NOT NULL,\n'
+                '   "prev_hash" BLOB NOT NULL,\n   "entry_hash" BLOB NOT NULL,\n   "mac" BLOB NOT NULL\n) STRICT'),
+    "vault": ('CREATE TABLE "vault" (\n   "ref" TEXT PRIMARY KEY,\n   "txn" TEXT NOT NULL,\n'
+              '   "nonce" BLOB NOT NULL,\n   "ct" BLOB NOT NULL\n) STRICT'),
+    "ratchet": "CREATE TABLE ratchet (id INTEGER PRIMARY KEY CHECK (id = 1), next_seq INTEGER NOT NULL, "
+               "key BLOB NOT NULL) STRICT",
+}
+SchemaRow = tuple[str, str, str, str | None]
+EXPECTED_SCHEMA: frozenset[SchemaRow] = frozenset({
+    *(("table", n, n, sql) for n, sql in _V1_TABLES.items()),
+    ("index", "sqlite_autoindex_meta_1", "meta", None),
+    ("index", "sqlite_autoindex_vault_1", "vault", None),
+    ("index", "entries_txn", "entries", 'CREATE INDEX "entries_txn"\n    ON "entries" ("txn")'),
+    ("trigger", "entries_no_update", "entries", "CREATE TRIGGER entries_no_update BEFORE UPDATE ON entries BEGIN "
+     "SELECT RAISE(ABORT, 'journal entries are append-only'); END"),
+    ("trigger", "entries_no_delete", "entries", "CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries BEGIN "
+     "SELECT RAISE(ABORT, 'journal entries are append-only'); END"),
+    ("trigger", "ratchet_no_delete", "ratchet", "CREATE TRIGGER ratchet_no_delete BEFORE DELETE ON ratchet BEGIN "
+     "SELECT RAISE(ABORT, 'ratchet state cannot be deleted'); END"),
+})
+# What compaction adds to a live file (guard.journal.segments.restart_segment): the archived-txn index.
+OPTIONAL_SCHEMA: frozenset[SchemaRow] = frozenset({
+    ("table", "archive_files", "archive_files",
+     "CREATE TABLE archive_files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL)"),
+    ("index", "sqlite_autoindex_archive_files_1", "archive_files", None),
+    ("table", "archived_txns", "archived_txns",
+     "CREATE TABLE archived_txns (h INTEGER PRIMARY KEY, archive INTEGER NOT NULL) WITHOUT ROWID"),
+})
+
+
+def schema_problem(conn: sqlite3.Connection) -> tuple[str, str] | None:
+    """Compare the file's schema with the one this software writes, reading nothing but sqlite_master.
+
+    Returns None, ("missing", detail) when a journal table is absent, or ("unexpected", detail)
+    for an object this software does not write: a view, an unknown table/index/trigger, or a
+    known name whose definition changed. A missing append-only trigger or index is tolerated: it
+    guards against the writer's own bugs, changes no entry, and whoever can edit the file can drop
+    it anyway (the chain catches what they change next). Run before reading anything else: a
+    view or generated column in place of a table runs the attacker's SQL (an endless recursive
+    CTE, gigabytes of zeroblob) on every read, an extra trigger on every write (copying vault rows).
+    """
+    found: set[SchemaRow] = set()
+    for row in conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"):
+        if not all(v is None or type(v) is str for v in row):
+            return "unexpected", "sqlite_master holds a non-text value"
+        found.add((row[0], row[1], row[2], row[3]))
+    extra = found - EXPECTED_SCHEMA - OPTIONAL_SCHEMA
+    if extra:
+        names = ", ".join(sorted(f"{t} {n[:40]!r}" for t, n, _, _ in extra)[:5])
+        return "unexpected", f"the journal schema has unexpected or altered objects: {names}"
+    tables = sorted(n for t, n, _, _ in EXPECTED_SCHEMA - found if t == "table")
+    if tables:
+        return "missing", f"journal table(s) missing: {', '.join(tables)}"
+    return None
+
+
+def check_schema(conn: sqlite3.Connection) -> None:
+    """:func:`schema_problem` as an error: JOURNAL_SCHEMA_UNEXPECTED (or JOURNAL_CORRUPT for a missing table)."""
+    problem = schema_problem(conn)
+    if problem is not None:
+        code = "JOURNAL_CORRUPT" if problem[0] == "missing" else "JOURNAL_SCHEMA_UNEXPECTED"
+        raise JournalError(f"{problem[1]}; refusing to read it (posguard journal verify names what changed)",
+                           code=code)
+
+
 # --- connection ------------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ Entry 1 is a genesis checkpoint MACed with k0, written in the creating transacti
 reaches the journal file. Error codes (``JournalError.code``): JOURNAL_EXISTS, JOURNAL_MISSING,
 JOURNAL_CORRUPT, JOURNAL_NOT_INITIALISED, JOURNAL_SCHEMA_TOO_NEW, JOURNAL_NO_K0,
 JOURNAL_TERMINAL_MISMATCH, JOURNAL_KEY_MISMATCH, JOURNAL_RATCHET_MISMATCH, JOURNAL_BAD_RECORD, JOURNAL_CLOSED,
-JOURNAL_FAILED, VAULT_CORRUPT, JOURNAL_BUSY (exclusive open refused), JOURNAL_IS_ARCHIVE;
+JOURNAL_FAILED, VAULT_CORRUPT, JOURNAL_BUSY (exclusive open refused), JOURNAL_IS_ARCHIVE,
+JOURNAL_SCHEMA_UNEXPECTED (start-up verification: guard.journal.startup);
 ``JournalDurabilityError`` (JOURNAL_NOT_DURABLE).
 """
 
@@ -60,18 +61,23 @@ from guard.journal.format import (
 from guard.journal.fsync import fsync_path
 from guard.journal.keys import DeviceKeys
 from guard.journal.mac import mac_and_next
-from guard.journal.records import _check_blob, _check_now, _check_terminal, _payload, _prepare
+from guard.journal.records import MAX_PAYLOAD_CHARS, _check_blob, _check_now, _check_terminal, _payload, _prepare
 from guard.journal.schema import (
     INSERT_ENTRY,
     _connect,
     _migrate_in_txn,
     apply_pragmas,
+    check_schema,
     migrate,
+    schema_problem,
     schema_version,
 )
 from guard.journal.segments import SegmentOps
+from guard.journal.startup import verify_at_open
 
 _sha256 = hashlib.sha256
+# NULL (then JOURNAL_CORRUPT naming the entry) instead of loading a payload longer than append allows.
+_PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
 
 
 class Journal(SegmentOps):
@@ -162,7 +168,8 @@ class Journal(SegmentOps):
     def open(cls, path: Path, keys: DeviceKeys, *, terminal_id: str,
              checkpoint_every: int = CHECKPOINT_EVERY_ENTRIES,
              checkpoint_interval_s: float = CHECKPOINT_EVERY_S) -> Journal:
-        """Open an existing journal: durability pragmas, pending migrations, state from the tail."""
+        """Open an existing journal: durability pragmas, pending migrations, the schema, state from the
+        tail, and the checks of guard.journal.startup (checkpoint signatures, the tail's hash chain)."""
         path = Path(path)
         if not path.is_file():
             if path.exists():
@@ -175,13 +182,18 @@ class Journal(SegmentOps):
         try:
             try:
                 apply_pragmas(conn)
-                if schema_version(conn) < 1:
+                version = schema_version(conn)  # reads meta only if it is a table
+                if version < 1:
+                    if conn.execute("SELECT 1 FROM sqlite_master WHERE name IN ('meta', 'entries')").fetchone():
+                        check_schema(conn)  # ours, with meta replaced (a view): say so
                     raise JournalError(f"{path} is not an initialised posguard journal", code="JOURNAL_NOT_INITIALISED")
-                if schema_version(conn) != JOURNAL_SCHEMA_VERSION:
+                if version != JOURNAL_SCHEMA_VERSION:
                     migrate(conn)
+                check_schema(conn)  # before reading entries: a view or trigger would run the attacker's SQL
                 j = cls(conn, path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
                         checkpoint_interval_s=checkpoint_interval_s)
                 j._load_state()
+                verify_at_open(conn, keys.signing_key.public_key(), terminal_id)
             except sqlite3.OperationalError as e:
                 raise JournalError(f"journal {path} cannot be opened: {e}") from None
             except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a corrupt schema's message may not be UTF-8
@@ -201,8 +213,8 @@ class Journal(SegmentOps):
                                code="JOURNAL_TERMINAL_MISMATCH")
         last = c.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         rat = c.execute("SELECT next_seq, key FROM ratchet WHERE id = 1").fetchone()
-        cp = c.execute("SELECT seq, payload FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1",
-                       (CHECKPOINT_KIND,)).fetchone()
+        cp = c.execute(f"SELECT seq, CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload "
+                       "END FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1", (CHECKPOINT_KIND,)).fetchone()
         if last is None or cp is None:
             raise JournalError("journal has no genesis checkpoint", code="JOURNAL_CORRUPT")
         if rat is None or rat[0] != last[0] + 1 or len(rat[1]) != 32:
@@ -431,7 +443,7 @@ class Journal(SegmentOps):
 
     def entries(self, since_seq: int = 0) -> Iterator[Entry]:
         cur = self._db().execute(
-            "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
+            f"SELECT seq, ts, kind, txn, {_PAYLOAD}, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq", (since_seq,))
         for seq, ts, kind, txn, payload, h, mac in cur:
             yield Entry(seq, ts, kind, txn, _payload(seq, payload), h, mac)
 
@@ -439,7 +451,7 @@ class Journal(SegmentOps):
         """One transaction's entries in order (indexed): how the engine reads back a transaction
         it no longer keeps in memory."""
         cur = self._db().execute(
-            "SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
+            f"SELECT seq, ts, kind, txn, {_PAYLOAD}, entry_hash, mac FROM entries WHERE txn = ? ORDER BY seq", (txn,))
         rows = [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
         if (rows and rows[0].kind == "intent") or not self._archived_index():
             return rows
@@ -468,10 +480,15 @@ class Journal(SegmentOps):
             if conn is None:
                 if not Path(archive).is_file():
                     raise sqlite3.OperationalError("file not found")
-                conn = self._archives[archive] = _connect(Path(archive), mode="ro")
-            cur = conn.execute("SELECT seq, ts, kind, txn, payload, entry_hash, mac FROM entries WHERE txn = ? "
+                conn = _connect(Path(archive), mode="ro")
+                problem = schema_problem(conn)  # an archive is a file like the journal: no foreign SQL runs
+                if problem is not None:
+                    conn.close()
+                    raise sqlite3.DatabaseError(problem[1])
+                self._archives[archive] = conn
+            cur = conn.execute(f"SELECT seq, ts, kind, txn, {_PAYLOAD}, entry_hash, mac FROM entries WHERE txn = ? "
                                "ORDER BY seq", (txn,))
-            return [Entry(seq, ts, kind, t, json.loads(payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
+            return [Entry(seq, ts, kind, t, _payload(seq, payload), h, mac) for seq, ts, kind, t, payload, h, mac in cur]
         except sqlite3.Error as e:
             raise PosguardError(f"transaction {txn} was archived to {archive}, which cannot be read ({e}); put the "
                                 "archive back (posguard journal compact moved it there)", code="ARCHIVE_UNAVAILABLE") from None

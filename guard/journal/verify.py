@@ -18,6 +18,10 @@ FORKED           the entry at the anchor's covers_seq differs from the anchored 
 ANCHOR_INVALID   the anchor is malformed, has a bad signature or names another terminal
 RATCHET_MISMATCH the stored ratchet state is not k_{last+1} / next_seq = last+1
 UNREADABLE       SQLite cannot read the file or the journal tables
+SCHEMA_UNEXPECTED  the file's schema is not the one posguard writes (a view, an unknown table,
+                 index or trigger, an altered definition): refused before any entry is read
+ENTRY_TOO_LARGE  an entry's payload (or kind, txn) is longer than the journal ever writes
+                 (MAX_PAYLOAD_CHARS): refused without loading it
 ANCHOR_ELSEWHERE the anchor covers an entry before this file's segment start (it lies in an archive)
 
 Segments (guard.journal.segments, guard.ops.compact): a file whose first entry is a ``segment`` record at
@@ -58,10 +62,18 @@ from guard.journal.keychain import CP_KEYS, KeyChain, anchor_problem, pub_key, r
 from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next, ratchet_forward
 from guard.journal.mac_worker import _MacWorker, _WorkerLost
-from guard.journal.schema import _connect
+from guard.journal.records import MAX_PAYLOAD_CHARS
+from guard.journal.schema import _connect, schema_problem
 
 PROGRESS_EVERY = 16_384
-_SELECT = "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries"
+# Oversized text never reaches Python: kind/txn/payload come back NULL, a NULL payload is ENTRY_TOO_LARGE.
+_LIM = MAX_PAYLOAD_CHARS
+_BYTES = "length(CAST({} AS BLOB))"  # all bytes (length() of TEXT stops at a NUL); ours are ASCII
+_SMALL = f"{_BYTES.format('kind')} <= {_LIM} AND coalesce({_BYTES.format('txn')}, 0) <= {_LIM}"
+_SELECT = (f"SELECT seq, ts, CASE WHEN {_BYTES.format('kind')} <= {_LIM} THEN kind END, "
+           f"CASE WHEN {_BYTES.format('txn')} <= {_LIM} THEN txn END, "
+           f"CASE WHEN {_BYTES.format('payload')} <= {_LIM} AND {_SMALL} THEN payload END, "
+           "prev_hash, entry_hash, mac FROM entries")
 _SEG_KEYS = frozenset((*SEGMENT_FIELDS, "sig"))
 _SPECIAL_KINDS = frozenset({SEGMENT_KIND, ROTATION_KIND})
 _NO_LIMIT = 1 << 62
@@ -120,6 +132,9 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("BEGIN")  # one snapshot for the ratchet row and every entry
+        odd = schema_problem(conn)  # before any read: a view or trigger would run the attacker's SQL
+        if odd is not None:
+            return VerifyReport(False, 0, 0, None, "UNREADABLE" if odd[0] == "missing" else "SCHEMA_UNEXPECTED", odd[1])
         chain = KeyChain.load(conn, trusted)
         if chain.problem:
             return VerifyReport(False, 0, 0, None, "CHECKPOINT_INVALID", chain.problem)
@@ -150,7 +165,8 @@ class _Verifier:
     def run(self) -> VerifyReport:
         c = self.conn
         total = c.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0
-        rat = c.execute("SELECT next_seq, key FROM ratchet WHERE id = 1").fetchone()
+        rat = c.execute("SELECT next_seq, CASE WHEN length(key) <= 64 THEN key END FROM ratchet WHERE id = 1"
+                        ).fetchone()
         limit = rat[0] if rat is not None and type(rat[0]) is int else _NO_LIMIT
         try:
             last, key = self._scan(limit, total)
@@ -317,6 +333,8 @@ class _Verifier:
         try:
             if seq != expect:
                 raise _Failure("gap", expect, str(seq))
+            if payload is None:
+                raise _Failure("too_large", seq)
             try:
                 calc = entry_hash(seq, prev, entry_body(ts, kind, txn, payload))
             except (TypeError, ValueError, OverflowError):
@@ -451,6 +469,8 @@ class _Verifier:
             return "ANCHOR_INVALID", s, f.detail
         if f.kind == "anchor_elsewhere":
             return "ANCHOR_ELSEWHERE", s, f.detail
+        if f.kind == "too_large":
+            return "ENTRY_TOO_LARGE", s, f"entry {s} is longer than the journal writes ({MAX_PAYLOAD_CHARS} characters)"
         if s >= limit:
             return "ENTRY_INSERTED", s, f"entry {s} lies beyond the device's ratchet state (next_seq {limit})"
         if f.kind == "checkpoint":

@@ -582,12 +582,14 @@ def journal_template(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, De
     return d / "template.db", keys, anchor
 
 
-def _dump(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def _dump(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Entries, ratchet and the table definitions (a table rebuilt without STRICT is a change verify reports)."""
     c = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     c.text_factory = bytes  # compare stored bytes, valid UTF-8 or not
     try:
         return (c.execute("SELECT * FROM entries ORDER BY seq").fetchall(),
-                c.execute("SELECT * FROM ratchet").fetchall())
+                c.execute("SELECT * FROM ratchet").fetchall(),
+                c.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' ORDER BY name").fetchall())
     finally:
         c.close()
 
