@@ -171,8 +171,8 @@ def codec_pair_seconds(n: int = 3000) -> float:
     """Median time of the terminal's own ISO 8583 work for one sale (encode 0200, decode 0210):
     the yardstick the target was set against (issue: "encode+decode alone is ~0.06 ms")."""
     codec = HostCodec()
-    f = {"t": "0200", "2": "4761739001010119",  # public EMV test card "14": "2912", "3": "000000", "4": "000000001000", "7": "1122010203",
-         "11": "000001", "41": TID, "42": MID, "49": "978"}
+    f = {"t": "0200", "2": "4761739001010119", "14": "2912", "3": "000000", "4": "000000001000",  # public EMV test card
+         "7": "1122010203", "11": "000001", "41": TID, "42": MID, "49": "978"}
     resp = [r.fields for r in HostCore(seed=1, dup_detection=False).handle(f, time.time())][0]
     raw = codec.encode(resp)
     dec = codec.decoder()
