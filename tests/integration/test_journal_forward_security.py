@@ -82,19 +82,29 @@ def test_closed_epoch_keys_leave_every_file_at_the_checkpoint(tmp_path: Path, ke
 
 
 def test_shredded_vault_blobs_leave_every_file_at_the_checkpoint(tmp_path: Path, keys: DeviceKeys) -> None:
+    """Blobs shredded in the epoch they were written (only ever in the WAL) and blobs written in an
+    earlier epoch (already copied into journal.db, freed there by the shred: secure_delete's case)."""
     jpath = tmp_path / "journal.db"
     j = Journal.create(jpath, keys, terminal_id=TID, now=T0, checkpoint_every=1000, checkpoint_interval_s=1e9)
-    sold = [_sale(j, i, T0 + i, size=(3000 if i % 4 == 0 else 0)) for i in range(40)]  # some overflow pages
+    held = []
+    for i in range(20):  # intents whose outcome comes after the checkpoint; some need overflow pages
+        blob = j.seal_vault(f"R1:{i:032x}", f"{PAN}|2512|{i:06d}".encode() + bytes(3000 if i % 4 == 0 else 0))
+        j.append([("intent", blob.txn, {"vault_ref": blob.ref})], now=T0 + i, vault_put=[blob])
+        held.append(blob)
+    j.checkpoint(T0 + 30)
+    assert all(_found(b.ct, _files(jpath)) == ["journal.db"] for b in held)  # live, in the main file
+    for i, blob in enumerate(held):
+        j.append([("outcome", blob.txn, {"state": "APPROVED"})], now=T0 + 40 + i, vault_shred=[blob.ref])
+    sold = [_sale(j, 100 + i, T0 + 70 + i, size=(3000 if i % 4 == 0 else 0))[0] for i in range(20)]
     live = j.seal_vault("R1:live", f"{PAN}|2612|live".encode())
-    j.append([("intent", "R1:live", {"vault_ref": live.ref})], now=T0 + 50, vault_put=[live])
+    j.append([("intent", "R1:live", {"vault_ref": live.ref})], now=T0 + 100, vault_put=[live])
     before = _files(jpath)
-    assert any(_found(b.ct, before) for b, _ in sold), "the window: shredded blobs sit in the WAL until the epoch closes"
-    j.checkpoint(T0 + 60)
+    assert any(_found(b.ct, before) for b in sold), "the window: shredded blobs sit in the WAL until the epoch closes"
+    j.checkpoint(T0 + 110)
     files = _files(jpath)
     assert _found(live.ct, files) == ["journal.db"]  # the scan does see a live blob
-    leaked = [i for i, (b, _) in enumerate(sold) if _found(b.ct, files)]
-    assert leaked == [], f"shredded vault ciphertexts of sales {leaked} survived the checkpoint"
-    assert not any(c in data for _, c in sold for data in files.values())
+    leaked = {b.txn: _found(b.ct, files) for b in (*held, *sold) if _found(b.ct, files)}
+    assert leaked == {}, f"shredded vault ciphertexts survived the checkpoint: {leaked}"
     assert not any(PAN.encode() in data for data in files.values())
     j.close()
 
