@@ -13,7 +13,6 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from guard.core.constants import JOURNAL_RATCHET_LABEL
 from guard.journal.format import VaultBlob
