@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -75,6 +76,7 @@ from guard.journal.schema import (
 from guard.journal.segments import SegmentOps
 from guard.journal.startup import verify_at_open
 
+log = logging.getLogger("posguard.journal")
 _sha256 = hashlib.sha256
 # NULL (then JOURNAL_CORRUPT naming the entry) instead of loading a payload longer than append allows.
 _PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
@@ -99,6 +101,9 @@ class Journal(SegmentOps):
         self.commit_seconds = 0.0  # wall time in SQLite transactions (BEGIN..COMMIT), for benchmarks
         self.commit_cpu_seconds = 0.0  # CPU time in the same
         self.wal_truncate_on_checkpoint = True
+        self.wal_seal_wait_s = 0.5  # how long an epoch close waits for a reader that pins old WAL frames
+        self.wal_seal_failures = 0  # epochs whose close could not empty the WAL (a reader held it past the wait)
+        self.wal_seal_pending = False  # the last epoch close failed: retried (without waiting) after each commit
         self._failed = False
         self._last_seq = 0
         self._last_hash = GENESIS_HASH
@@ -300,11 +305,15 @@ class Journal(SegmentOps):
         self._set_state(seq, prev, key, cp_seq or self._cp_seq, cp or self._cp)
         if cp is not None:
             self._after_checkpoint()
+        elif self.wal_seal_pending:
+            self._timed_seal(0.0)
         return AppendResult(seqs, cp_seq)
 
     def maybe_checkpoint(self, now: float) -> bool:
         """Seal an epoch if ``checkpoint_interval_s`` passed since the last checkpoint, even when idle."""
         if _check_now(now) - self._cp["time"] < self._interval:
+            if self.wal_seal_pending:
+                self._timed_seal(0.0)
             return False
         self.checkpoint(now)
         return True
@@ -405,20 +414,34 @@ class Journal(SegmentOps):
         cur.execute("COMMIT")
 
     def _after_checkpoint(self) -> None:
-        if self.wal_truncate_on_checkpoint:
-            t0, c0 = time.perf_counter(), time.process_time()
-            self.seal_wal()  # SQLite I/O like a commit: counted with the commits in benchmarks
-            self.commit_seconds += time.perf_counter() - t0
-            self.commit_cpu_seconds += time.process_time() - c0
+        """Close the forward-security epoch the checkpoint just committed: empty the WAL, so no key of
+        the closed epoch and no shredded vault blob stays in any file (secure_delete zeroes the main
+        file's freed space). A reader that pins the WAL past ``wal_seal_wait_s`` is counted and logged,
+        and the seal is retried after every later commit until it succeeds."""
+        if not self.wal_truncate_on_checkpoint:
+            return
+        if not self._timed_seal(self.wal_seal_wait_s):
+            self.wal_seal_failures += 1
+            log.warning("journal checkpoint %d: a reader kept the WAL busy for %.1f s; superseded ratchet keys "
+                        "stay in %s-wal until a later commit seals it", self._cp_seq, self.wal_seal_wait_s, self.path)
 
-    def seal_wal(self) -> bool:
+    def _timed_seal(self, wait_s: float) -> bool:
+        t0, c0 = time.perf_counter(), time.process_time()
+        sealed = self.seal_wal(wait_s)  # SQLite I/O like a commit: counted with the commits in benchmarks
+        self.commit_seconds += time.perf_counter() - t0
+        self.commit_cpu_seconds += time.process_time() - c0
+        self.wal_seal_pending = not sealed
+        return sealed
+
+    def seal_wal(self, wait_s: float = 0.0) -> bool:
         """Checkpoint and truncate the WAL so superseded ratchet keys and shredded vault pages leave it.
 
-        Never waits for readers (busy_timeout 0); returns False if a reader kept old frames alive.
+        Waits at most ``wait_s`` for readers (SQLite's busy handler retries within it); returns False
+        if a reader kept old frames alive, i.e. the WAL was not emptied (busy != 0).
         """
         conn = self._db()
         old = conn.execute("PRAGMA busy_timeout").fetchone()[0]
-        conn.execute("PRAGMA busy_timeout = 0")
+        conn.execute(f"PRAGMA busy_timeout = {max(0, int(wait_s * 1000))}")
         try:
             busy = int(conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0])
         except sqlite3.OperationalError:
