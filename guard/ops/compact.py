@@ -246,13 +246,15 @@ def verify_chain(paths: Sequence[Path], *, k0: bytes | None = None, public_keys:
 def _link_problems(a: Path, b: Path, a_last: int) -> list[str]:
     ca, cb = open_readonly(a), open_readonly(b)
     try:
-        last_hash = ca.execute("SELECT entry_hash FROM entries WHERE seq = ?", (a_last,)).fetchone()[0]
+        last_hash, last_mac = ca.execute("SELECT entry_hash, mac FROM entries WHERE seq = ?", (a_last,)).fetchone()
         first = cb.execute("SELECT seq, kind, payload FROM entries ORDER BY seq LIMIT 1").fetchone()
         if first is None or first[1] != SEGMENT_KIND:
             return [f"{b.name} does not start with a segment record"]
         seg = json.loads(first[2])
         if seg.get("covers_seq") != a_last or seg.get("covers_hash") != last_hash.hex():
             return [f"{b.name}'s segment record does not cover {a.name}'s last entry {a_last}"]
+        if seg.get("covers_mac") != bytes(last_mac).hex():
+            return [f"{b.name}'s segment record does not carry the MAC of {a.name}'s last entry {a_last}"]
         n = int(seg.get("carried", -1))
         carried = cb.execute("SELECT ts, kind, txn, payload FROM entries WHERE seq > ? AND seq <= ? ORDER BY seq",
                              (first[0], first[0] + n)).fetchall()
