@@ -26,7 +26,9 @@ ANCHOR_ELSEWHERE the anchor covers an entry before this file's segment start (it
 
 Segments (guard.journal.segments, guard.ops.compact): a file whose first entry is a ``segment`` record at
 seq S > 1 is verified from there: its prev_hash must be the record's ``covers_hash``, its MAC
-uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's.
+uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's, and
+(with k0) its ``covers_mac`` must be the MAC of entry S-1 under k_{S-1}. Such a file proves nothing
+about seq 1..S-1 on its own: ``first_seq`` says so; the CLI requires the archives.
 An archive (meta ``segment_role`` = archive) stores a commitment to k_{last+1} in its ratchet row.
 Signing keys: checkpoints are checked with the key in force, which follows ``key_rotation``
 entries (and the rotations carried in a segment record); the given public keys must include

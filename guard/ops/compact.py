@@ -34,8 +34,11 @@ re-MACing anything, because MACs of the past can only come from keys that no lon
 
 Verifying the live file alone: the verifier starts at the ``segment`` record, ratchets k0 forward
 to C+1 and continues; only the holder of k_{C+1} could have MACed a segment record there, so a
-deleted prefix still shows. ``verify_chain`` (``posguard journal verify-chain``) also checks that
-the files link up (each segment covers its archive's last entry), that carried entries are
+deleted prefix still shows, and with k0 it checks ``covers_mac`` (entry C's MAC under k_C, which
+the holder of k_{C+1} cannot make). But root at C+1 can start such a file from edited history, so
+``posguard journal verify`` fails a segment file unless its archives are given (ARCHIVE_REQUIRED).
+``verify_chain`` (``posguard journal verify-chain``) also checks that the files link up (each
+segment covers its archive's last entry: hash and MAC), that carried entries are
 verbatim copies of complete transaction histories, and that no non-final transaction was
 dropped. An anchor older than the segment start must be checked against the archive that holds it.
 
