@@ -219,9 +219,15 @@ def journal() -> None:
               help="Terminal's Ed25519 public key (checks checkpoint signatures).")
 @click.option("--anchor", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A checkpoint JSON held elsewhere (detects truncation and rollback).")
+@click.option("--archive", "archives", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Archive(s) holding the entries before a segment file (required for one).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor: Path | None, as_json: bool) -> None:
+def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor: Path | None,
+                   archives: tuple[Path, ...], as_json: bool) -> None:
     """Verify the chain, MACs, checkpoints and an anchor.
+
+    A file that starts with a segment record (after compaction) fails unless the archives before
+    it are given (--archive): on its own it says nothing about the history it claims to continue.
 
     Exit status: 0 all holds; 1 verification failed (the first bad entry and why are printed);
     2 bad input: a key file or the anchor file cannot be read.
@@ -247,13 +253,17 @@ def journal_verify(path: Path, k0_file: Path | None, pubkey: Path | None, anchor
         task = progress.add_task("verifying", total=None)
         rep = verify_journal(path, k0=k0, public_key=pub, anchor=anc,
                              progress=lambda done, total: progress.update(task, completed=done, total=total))
+    from posguard.journal_cli import whole_history
+
+    rep = whole_history(path, rep, archives, k0, [pub] if pub else [])
     if as_json:
         click.echo(json.dumps(rep.__dict__, default=str))
     elif rep.ok:
         click.echo(f"OK: {rep.entries} entries, {rep.checkpoints} checkpoints verified"
                    + ("" if k0 else " (MACs not checked: no --k0)") + ("" if pub else " (signatures not checked: no --pubkey)"))
     else:
-        click.echo(f"FAILED at entry {rep.first_bad_seq}: {rep.reason}: {rep.detail}")
+        click.echo(f"FAILED at entry {rep.first_bad_seq}: {rep.reason}: {rep.detail}" if rep.first_bad_seq
+                   else f"FAILED: {rep.reason}: {rep.detail}")
     sys.exit(0 if rep.ok else 1)
 
 

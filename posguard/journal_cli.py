@@ -273,3 +273,29 @@ def journal_verify_chain(paths: tuple[Path, ...], k0_file: Path | None, pubkeys:
                    "checked: no --pubkey)") if rep.ok else "chain FAILED")
     sys.exit(0 if rep.ok else 1)
 
+
+
+def whole_history(path: Path, rep: Any, archives: tuple[Path, ...], k0: bytes | None, pubs: list[Any]) -> Any:
+    """``journal verify``'s report once the history before the file is accounted for.
+
+    A file that does not start at genesis (a segment) proves nothing about seq 1..S-1 on its own:
+    whoever holds the device's keys at T can start a file with a forged segment record. It fails
+    (ARCHIVE_REQUIRED) unless ``archives`` are given; then the whole chain must verify.
+    """
+    import dataclasses
+
+    from guard.ops.compact import verify_chain
+
+    if not rep.ok or (rep.first_seq <= 1 and not archives):
+        return rep
+    if not archives:
+        return dataclasses.replace(rep, ok=False, first_bad_seq=rep.first_seq, reason="ARCHIVE_REQUIRED", detail=(
+            f"{path.name} starts at seq {rep.first_seq} (a segment), not at genesis: entries 1..{rep.first_seq - 1} "
+            "are not verified; give the archive(s) covering them (--archive ARCHIVE, or `posguard journal "
+            "verify-chain ARCHIVE... JOURNAL`)"))
+    chain = verify_chain([*archives, path], k0=k0, public_keys=pubs)
+    if chain.ok:
+        return dataclasses.replace(rep, detail=rep.detail + f"; chain from seq 1 with {len(archives)} archive(s) ok")
+    return dataclasses.replace(rep, ok=False, first_bad_seq=None, reason="CHAIN_INVALID", detail="; ".join(
+        chain.problems or [f"{f.path.name}: {f.report.reason}: {f.report.detail}" for f in chain.files
+                           if not f.report.ok]))

@@ -69,13 +69,16 @@ def checkpoint_message(fields: dict[str, Any]) -> bytes:
 # checkpoint counter, the key in force and every key rotation so far), followed by verbatim
 # copies of the entries of the transactions that stay live. A ``segment`` record can only be
 # MACed by whoever held k_seq at that position, so deleting a file's prefix is still detected.
+# ``covers_mac`` is the archived last entry's MAC (made with k_{seq-1}): whoever holds only k_seq
+# (root on the device at that time) cannot make it for a forged history, and an auditor with k0
+# checks it; verify-chain checks it against the archive's actual last entry.
 
 SEGMENT_KIND = "segment"
 ROTATION_KIND = "key_rotation"
 SEGMENT_DOMAIN = b"posguard.segment.v1"
 ROTATION_DOMAIN = b"posguard.key-rotation.v1"
 ARCHIVE_RATCHET_DOMAIN = b"posguard.archive-ratchet.v1"
-SEGMENT_FIELDS = ("carried", "counter", "covers_hash", "covers_seq", "keys", "note", "prev_first_seq",
+SEGMENT_FIELDS = ("carried", "counter", "covers_hash", "covers_mac", "covers_seq", "keys", "note", "prev_first_seq",
                   "signing_pub", "terminal", "time")
 ROTATION_FIELDS = ("new_pub", "old_pub", "seq", "terminal", "time")
 ROLE_ARCHIVE = "archive"

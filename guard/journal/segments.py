@@ -169,6 +169,7 @@ class SegmentOps:
         prepared = _prepare(records, self._clean_txns) if records else []
         history = self.key_history()
         prev_first = conn.execute("SELECT min(seq) FROM entries").fetchone()[0]
+        last_mac = conn.execute("SELECT mac FROM entries WHERE seq = ?", (self._last_seq,)).fetchone()
         cur = conn.cursor()
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS carry_txn (txn TEXT PRIMARY KEY)")
         cur.execute("DELETE FROM carry_txn")
@@ -178,7 +179,8 @@ class SegmentOps:
                               (CHECKPOINT_KIND, SEGMENT_KIND, ROTATION_KIND)).fetchall()
         seq, prev, key = self._last_seq + 1, self._last_hash, self._key
         fields: dict[str, Any] = {
-            "terminal": self.terminal_id, "covers_seq": seq - 1, "covers_hash": prev.hex(), "time": ts,
+            "terminal": self.terminal_id, "covers_seq": seq - 1, "covers_hash": prev.hex(),
+            "covers_mac": bytes(last_mac[0]).hex() if last_mac is not None else "", "time": ts,
             "counter": self._cp["counter"], "prev_first_seq": int(prev_first), "carried": len(carried),
             "signing_pub": public_key_hex(self._signing_key.public_key()), "keys": history, "note": note or {},
         }

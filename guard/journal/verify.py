@@ -26,7 +26,9 @@ ANCHOR_ELSEWHERE the anchor covers an entry before this file's segment start (it
 
 Segments (guard.journal.segments, guard.ops.compact): a file whose first entry is a ``segment`` record at
 seq S > 1 is verified from there: its prev_hash must be the record's ``covers_hash``, its MAC
-uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's.
+uses k_S (ratcheted forward from k0), the checkpoint counter continues from the record's, and
+(with k0) its ``covers_mac`` must be the MAC of entry S-1 under k_{S-1}. Such a file proves nothing
+about seq 1..S-1 on its own: ``first_seq`` says so; the CLI requires the archives.
 An archive (meta ``segment_role`` = archive) stores a commitment to k_{last+1} in its ratchet row.
 Signing keys: checkpoints are checked with the key in force, which follows ``key_rotation``
 entries (and the rotations carried in a segment record); the given public keys must include
@@ -161,6 +163,7 @@ class _Verifier:
         self.cp_counter = 0
         self.terminal: str | None = None
         self.first_seq = 1
+        self.covered_key: bytes | None = None  # k_{S-1} for a segment starting at S (with k0)
 
     def run(self) -> VerifyReport:
         c = self.conn
@@ -230,7 +233,8 @@ class _Verifier:
             expect, prev_ok = first[0], first[5]  # a segment continues an archive: its record is checked below
             self.first_seq = expect
             if key is not None:
-                key = ratchet_forward(key, expect - 1)
+                self.covered_key = ratchet_forward(key, expect - 2)
+                key = ratchet_forward(self.covered_key, 1)
             if 0 <= a_seq < expect - 1:
                 raise _Failure("anchor_elsewhere", expect, f"the anchor covers entry {a_seq}, which lies before this "
                                f"segment (it starts at {expect}): verify the archive that holds it",
@@ -416,6 +420,11 @@ class _Verifier:
             raise _Failure("checkpoint", seq, "segment record fields are not the segment fields")
         if rec["covers_seq"] != seq - 1 or rec["covers_hash"] != prev_ok.hex():
             raise _Failure("checkpoint", seq, f"segment record does not cover entry {seq - 1} with its hash")
+        if not isinstance(rec["covers_mac"], str) or len(rec["covers_mac"]) != 64:
+            raise _Failure("checkpoint", seq, "segment record's covers_mac is malformed")
+        if self.covered_key is not None and rec["covers_mac"] != mac_and_next(self.covered_key, prev_ok)[0].hex():
+            raise _Failure("checkpoint", seq, f"segment record's covers_mac is not the MAC of entry {seq - 1} under "
+                           f"k_{seq - 1}: the archived history it claims to continue was not written by this device")
         if type(rec["counter"]) is not int or rec["counter"] < 1 or not isinstance(rec["keys"], list):
             raise _Failure("checkpoint", seq, "segment record counter/keys malformed")
         prev_new = None

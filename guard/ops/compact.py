@@ -34,8 +34,11 @@ re-MACing anything, because MACs of the past can only come from keys that no lon
 
 Verifying the live file alone: the verifier starts at the ``segment`` record, ratchets k0 forward
 to C+1 and continues; only the holder of k_{C+1} could have MACed a segment record there, so a
-deleted prefix still shows. ``verify_chain`` (``posguard journal verify-chain``) also checks that
-the files link up (each segment covers its archive's last entry), that carried entries are
+deleted prefix still shows, and with k0 it checks ``covers_mac`` (entry C's MAC under k_C, which
+the holder of k_{C+1} cannot make). But root at C+1 can start such a file from edited history, so
+``posguard journal verify`` fails a segment file unless its archives are given (ARCHIVE_REQUIRED).
+``verify_chain`` (``posguard journal verify-chain``) also checks that the files link up (each
+segment covers its archive's last entry: hash and MAC), that carried entries are
 verbatim copies of complete transaction histories, and that no non-final transaction was
 dropped. An anchor older than the segment start must be checked against the archive that holds it.
 
@@ -246,13 +249,15 @@ def verify_chain(paths: Sequence[Path], *, k0: bytes | None = None, public_keys:
 def _link_problems(a: Path, b: Path, a_last: int) -> list[str]:
     ca, cb = open_readonly(a), open_readonly(b)
     try:
-        last_hash = ca.execute("SELECT entry_hash FROM entries WHERE seq = ?", (a_last,)).fetchone()[0]
+        last_hash, last_mac = ca.execute("SELECT entry_hash, mac FROM entries WHERE seq = ?", (a_last,)).fetchone()
         first = cb.execute("SELECT seq, kind, payload FROM entries ORDER BY seq LIMIT 1").fetchone()
         if first is None or first[1] != SEGMENT_KIND:
             return [f"{b.name} does not start with a segment record"]
         seg = json.loads(first[2])
         if seg.get("covers_seq") != a_last or seg.get("covers_hash") != last_hash.hex():
             return [f"{b.name}'s segment record does not cover {a.name}'s last entry {a_last}"]
+        if seg.get("covers_mac") != bytes(last_mac).hex():
+            return [f"{b.name}'s segment record does not carry the MAC of {a.name}'s last entry {a_last}"]
         n = int(seg.get("carried", -1))
         carried = cb.execute("SELECT ts, kind, txn, payload FROM entries WHERE seq > ? AND seq <= ? ORDER BY seq",
                              (first[0], first[0] + n)).fetchall()

@@ -20,6 +20,8 @@ from guard.core.engine import Action, Engine
 from guard.core.model import Result
 from guard.hostlink.iso import HostGarbage, HostMessage
 from guard.hostlink.uplink import Disconnected, SendOutcome, Uplink
+from guard.core.records import Kind
+from guard.journal.format import CHECKPOINT_KIND, canonical_json
 from guard.journal.keys import CARD_TOKEN_HEX_LEN
 from guard.journal.store import Journal
 from guard.runtime.restore import restore_engine
@@ -31,6 +33,8 @@ log = logging.getLogger("posguard.service")
 CONNECTING_WAIT_S = 0.02  # select cap while a non-blocking connect / TLS handshake makes progress
 GARBAGE_PER_CONNECTION = 64  # unusable frames (garbage, unmatched answers) one connection may send before it is dropped
 GARBAGE_BACKOFF_MAX_S = 60.0  # cap of the reconnect delay, doubled after each connection dropped for garbage
+DEPOSIT_ANSWER_S = 30.0  # a checkpoint deposit unanswered this long no longer holds back the next one
+_DEPOSIT_NOISE = frozenset({CHECKPOINT_KIND, Kind.CHECKPOINT_DEPOSITED.value, Kind.STAN_USE.value})  # a deposit's own traffic
 __all__ = ["GuardService", "JournalCrypto", "open_guard", "REPLIES_KEPT"]
 
 
@@ -105,6 +109,7 @@ class GuardService:
         on_reply: Callable[[Result], None] | None = None,
         policy: Policy = DAEMON,
         on_commit: Callable[[Sequence[Record]], None] | None = None,
+        deposit_checkpoints: bool | None = None,
     ) -> None:
         self.engine = engine
         self.journal = journal
@@ -125,6 +130,10 @@ class GuardService:
                                  on_commit=on_commit)
         self.guard.executor = self.executor
         self.guard.subscribe("", lambda r: self.on_reply(r))
+        # the daemon deposits each new checkpoint; ``replay`` (BATCH) deposits one when drained
+        self.deposit_checkpoints = policy is DAEMON if deposit_checkpoints is None else deposit_checkpoints
+        self._deposited_cp_seq = self._cp_seq()  # the newest checkpoint handed to (or skipped for) the host
+        self._deposit_sent_at = 0.0
 
     @property
     def replies(self) -> OrderedDict[str, Result]:
@@ -239,6 +248,31 @@ class GuardService:
             ticker()
         self.executor.call(self.engine.tick)  # with policy.collect: the answers' records in the same commit
         self.executor.checkpoint_if_due()
+        if self.deposit_checkpoints:
+            self._deposit_if_due(now)
+
+    def _cp_seq(self) -> int:
+        """The seq of the journal's newest checkpoint (it covers the entry before it)."""
+        return int(self.journal.latest_checkpoint().get("covers_seq", -1)) + 1
+
+    def _deposit_if_due(self, now: float) -> None:
+        """Hand the host each new checkpoint (0800/880): an anchor off the device, so rolling the
+        journal back or deleting its -wal can hide at most the entries since the last one (one
+        checkpoint = at most CHECKPOINT_EVERY_ENTRIES entries / CHECKPOINT_EVERY_S, plus a round
+        trip). Non-blocking (the answer comes through the loop); one deposit in flight at a time,
+        DEPOSIT_ANSWER_S at most; skipped when only deposits happened since the last one (idle)."""
+        seq = self._cp_seq()
+        eng = self.engine
+        if seq <= self._deposited_cp_seq or not (self.uplink.connected and eng.host_up):
+            return
+        if eng.deposit_stan is not None and now < self._deposit_sent_at + DEPOSIT_ANSWER_S:
+            return
+        since = self._deposited_cp_seq
+        self._deposited_cp_seq = seq
+        if not any(e.kind not in _DEPOSIT_NOISE for e in self.journal.entries(since)):
+            return
+        self._deposit_sent_at = now
+        self.executor.call(eng.deposit_checkpoint, canonical_json(self.journal.latest_checkpoint()))
 
     def run_until(self, done: Callable[[], bool], timeout: float) -> bool:
         end = time.monotonic() + timeout

@@ -74,8 +74,9 @@ def test_compact_cli_archive_and_live_both_verify(mixed: tuple[Path, DeviceKeys,
     assert res["bytes_after"] < res["bytes_before"] / 3
     assert oct(archive.stat().st_mode & 0o777) == oct(0o400)
     # the archive on its own, the live journal on its own, and the chain
-    for f in (archive, path):
-        code, out, _ = cli("journal", "verify", f, "--k0", kdir / "k0.escrow", "--pubkey", kdir / "verify.pub", "--json")
+    for f, extra in ((archive, ()), (path, ("--archive", archive))):
+        code, out, _ = cli("journal", "verify", f, *extra, "--k0", kdir / "k0.escrow", "--pubkey", kdir / "verify.pub",
+                           "--json")
         assert code == 0, out
     assert json.loads(out)["first_seq"] == res["segment_seq"]
     code, out, _ = cli("journal", "verify-chain", path, archive, "--k0", kdir / "k0.escrow", "--pubkey", kdir / "verify.pub")
