@@ -12,9 +12,13 @@ ONCE, and over those bytes:
   matches (CONFIG_SIGNATURE_INVALID) and every named file still has its signed digest
   (CONFIG_FILE_CHANGED, naming the key and the file). A signature in the old format (hex over the
   config bytes alone) binds no file and is refused;
-- always: compares the config's SHA-256 with the one journaled at the last start and refuses an
-  unsigned change (CONFIG_CHANGED_UNSIGNED), then journals ``config_loaded`` (hash, file digests,
-  signed, ids, host), so the journal shows which configuration every sale ran under.
+- always: compares what a signature is for (``IDENTITY_KEYS``: terminal and merchant ids, the
+  host's identity, the spec, the money-related limits and response-code classes, plus the named
+  files' digests) with what was journaled at the last successful start and refuses an unsigned
+  change (CONFIG_CHANGED_UNSIGNED, naming the keys and how to sign); other keys (a comment, the
+  log level, the reader URL, timers) may change freely. After a successful start it journals
+  ``config_loaded`` (hash, identity, file digests, signed, ids, host), so the journal shows which
+  configuration every sale ran under.
 
 This is the "receiving account mismatch" defence at configuration time; the echo check of
 fields 4/11/41/42 on every response is the defence at run time.
@@ -40,6 +44,20 @@ SIGNER_KEY = "config-signer.key"
 SIG_FORMAT = "posguard-config-signature/2"
 # Config keys naming a file whose contents decide who the terminal trusts and talks to.
 NAMED_FILES = ("host.cafile", "host.certfile", "host.keyfile", "host.spec")
+# What an unsigned config may not change silently: who the terminal is, whom it talks to and trusts,
+# how it reads answers, and how much money it lets through. Everything else (log level, reader port,
+# timers, journal cadence) changes freely without a signature.
+IDENTITY_KEYS = (
+    "terminal.terminal_id", "terminal.merchant_id",
+    "host.address", "host.port", "host.tls", "host.server_hostname", "host.header", "host.tpdu", "host.spec",
+    "host.cafile", "host.certfile", "host.keyfile", "host.partial_amount_field",
+    "response_codes.approved", "response_codes.partial", "response_codes.declined", "response_codes.duplicate",
+    "policy.card_max_amount", "policy.terminal_max_amount", "policy.confirm_amount", "policy.signature_above",
+    "offline.enabled", "offline.max_sale_amount", "offline.max_total_amount", "offline.max_count",
+    "reader.partial_approvals",
+)
+SIGN_HOW = ("sign it: posguard config init-signer DIR (once, off the terminal; copy DIR/config.pub into the key "
+            "directory), then posguard config sign CONFIG --key DIR/config-signer.key; or restore the previous values")
 
 
 class ConfigSignatureError(PosguardError):
@@ -172,12 +190,43 @@ def check(config_path: Path, keys_dir: Path, data: bytes | None = None,
                     "signed file or have the config re-signed")
         signed = True
     return {"sha256": digest, "signed": signed, "files": current}
-def changed_unsigned(journal_entries: Any, record: dict[str, Any]) -> str | None:
-    """The previous config hash if this config differs from it and is not signed, else None."""
+def identity(cfg: Config, files: Mapping[str, str]) -> dict[str, Any]:
+    """The values of ``IDENTITY_KEYS`` and the named files' digests (``files:<key>``): what
+    ``changed_unsigned`` compares between starts."""
+    out: dict[str, Any] = {k: cfg[k] for k in IDENTITY_KEYS}
+    out.update((f"files:{k}", v) for k, v in sorted(files.items()))
+    return out
+
+
+def _legacy_identity(payload: Mapping[str, Any], ident: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``config_loaded`` written before ``identity`` was journaled: the ids and host it holds."""
+    host = f"{ident['host.address']}:{ident['host.port']}"
+    return {"terminal.terminal_id": payload.get("tid", ident["terminal.terminal_id"]),
+            "terminal.merchant_id": payload.get("mid", ident["terminal.merchant_id"]),
+            "host.address:port": payload.get("host", host), "host.tls": payload.get("tls", ident["host.tls"])}
+
+
+def changed_unsigned(journal_entries: Any, record: dict[str, Any]) -> list[str]:
+    """The identity keys that differ from the last successful start's, if this config is not signed
+    (else, or on the first start, [])."""
     last = None
     for e in journal_entries:
         if e.kind == "config_loaded":
-            last = e.payload.get("sha256")
-    if last is not None and last != record["sha256"] and not record["signed"]:
-        return str(last)
-    return None
+            last = e.payload
+    if last is None or record["signed"]:
+        return []
+    ident = record["identity"]
+    before = last.get("identity")
+    if not isinstance(before, dict):
+        now = dict(_legacy_identity({}, ident))
+        before = _legacy_identity(last, ident)
+        return sorted(k for k in now if now[k] != before[k])
+    return sorted(k for k in set(ident) | set(before) if ident.get(k) != before.get(k))
+
+
+def unsigned_change_error(source: Path, changed: list[str]) -> ConfigSignatureError:
+    """CONFIG_CHANGED_UNSIGNED naming what changed and how to sign."""
+    return ConfigSignatureError(
+        f"{source} changed since the last successful start ({', '.join(changed)}) and is not signed: terminal and "
+        f"merchant ids, the host, its trust files, the spec and money limits may not change silently. To accept the "
+        f"change, {SIGN_HOW}", code="CONFIG_CHANGED_UNSIGNED")

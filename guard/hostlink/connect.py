@@ -18,6 +18,7 @@ from typing import Any
 CONNECT_REFUSED = "CONNECT_REFUSED"
 CONNECT_TIMEOUT = "CONNECT_TIMEOUT"
 CONNECT_FAILED = "CONNECT_FAILED"
+DNS_FAILED = "DNS_FAILED"  # the host name resolved to no address (no such name, no DNS server)
 TLS_HANDSHAKE_FAILED = "TLS_HANDSHAKE_FAILED"
 
 _IN_PROGRESS = frozenset({0, errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EAGAIN, errno.EINTR})
@@ -71,7 +72,7 @@ class Addresses:
             return None
         self._lookup = None
         if not lookup.result:
-            raise ConnectFailed(CONNECT_FAILED)
+            raise ConnectFailed(DNS_FAILED)
         return list(lookup.result)
 
 

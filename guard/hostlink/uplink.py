@@ -41,6 +41,7 @@ from guard.hostlink.connect import (
     CONNECT_FAILED,
     CONNECT_REFUSED,
     CONNECT_TIMEOUT,
+    DNS_FAILED,
     TLS_HANDSHAKE_FAILED,
     Addresses,
     ConnectAttempt,
@@ -61,7 +62,7 @@ DISC_TLS = "TLS_ERROR"
 DISC_FRAMING = "FRAMING_LOST"
 DISC_SEND_FAILED = "SEND_FAILED"
 DISC_CLOSED = "CLOSED"
-# CONNECT_REFUSED, CONNECT_TIMEOUT, CONNECT_FAILED, TLS_HANDSHAKE_FAILED: from guard.hostlink.connect.
+# CONNECT_REFUSED, CONNECT_TIMEOUT, CONNECT_FAILED, DNS_FAILED, TLS_HANDSHAKE_FAILED: from guard.hostlink.connect.
 
 
 class SendOutcome(enum.Enum):
@@ -388,6 +389,7 @@ __all__ = [
     "CONNECT_FAILED",
     "CONNECT_REFUSED",
     "CONNECT_TIMEOUT",
+    "DNS_FAILED",
     "TLS_HANDSHAKE_FAILED",
     "Disconnected",
     "SendOutcome",

@@ -61,6 +61,7 @@ from guard.journal.format import (
 )
 from guard.journal.fsync import fsync_path
 from guard.journal.keys import DeviceKeys
+from guard.journal.lock import WriterLock
 from guard.journal.mac import mac_and_next
 from guard.journal.records import MAX_PAYLOAD_CHARS, _check_blob, _check_now, _check_terminal, _payload, _prepare
 from guard.journal.schema import (
@@ -114,6 +115,7 @@ class Journal(SegmentOps):
         self._archives: dict[str, sqlite3.Connection] = {}  # read-only archive files opened by entries_for
         self._has_archived: bool | None = None  # whether an archived_txns index exists (checked once)
         self._clean_txns: dict[str, None] = {}  # txn keys already scanned clean: a sale's later records skip the regex
+        self.writer_lock: WriterLock | None = None  # held by the daemon and open_exclusive (guard.journal.lock)
 
     # -- lifecycle --
 
@@ -254,6 +256,8 @@ class Journal(SegmentOps):
             c.close()
         self._archives.clear()
         self._key = b""
+        if self.writer_lock is not None:
+            self.writer_lock.release()
 
     def __enter__(self) -> Self:
         return self
@@ -550,8 +554,15 @@ class Journal(SegmentOps):
         Nobody else (the guard daemon, a reader) can use the file meanwhile; JOURNAL_BUSY if
         another connection has it open. For maintenance: replay, compaction, key rotation.
         """
-        j = cls.open(path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
-                     checkpoint_interval_s=checkpoint_interval_s)
+        lock = WriterLock.acquire(path) if Path(path).is_file() else None
+        try:
+            j = cls.open(path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
+                         checkpoint_interval_s=checkpoint_interval_s)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        j.writer_lock = lock
         conn = j._db()
         try:
             conn.execute(f"PRAGMA busy_timeout = {max(0, int(busy_timeout_s * 1000))}")

@@ -2,7 +2,9 @@
 
 The journal holds everything; these lines make the loud cases visible without reading it:
 NEEDS_MANUAL, answers that are not ours (echo mismatch, wrong MTI, unknown STAN), late answers,
-partial approvals, fail-safe reversals of codes no class covers, and STAN collisions. Each line
+partial approvals, fail-safe reversals of codes no class covers, STAN collisions, host timeouts
+(``host_timeout``), every other queued reversal (``reversal_queued``: host disconnected, VOID, ...)
+and each sale recovery queues at start (``recovered``: an intent without an outcome). Each line
 carries its fields as JSON (``posguard.run.JsonFormatter`` merges ``extra["fields"]``): the txn
 key, STAN, reason and host code. Nothing here can hold card data: the records are already
 card-data-free, and only named fields are copied.
@@ -20,6 +22,7 @@ log = logging.getLogger("posguard.events")
 
 LOUD_REVERSAL_REASONS = frozenset({"ECHO_MISMATCH", "UNCLASSIFIED_RESPONSE", "BAD_RESPONSE", "BAD_PARTIAL_AMOUNT",
                                    "PARTIAL_NOT_SUPPORTED"})
+QUIET_REVERSAL_REASONS = frozenset({"VOID", "PARTIAL_CANCELLED"})  # asked for by the operator: INFO, not WARNING
 _COPIED = ("reason", "stan", "rc", "why", "note", "mti", "attempts", "last_rc", "approved_amount", "state", "fields")
 
 
@@ -37,6 +40,13 @@ def event_of(kind: str, txn: str | None, payload: Mapping[str, Any]) -> tuple[in
         return logging.WARNING, "echo_mismatch" if payload.get("reason") == "ECHO_MISMATCH" else "fail_safe_reversal"
     if kind == Kind.OUTCOME and payload.get("reason") == "STAN_COLLISION":
         return logging.ERROR, "stan_collision"
+    if kind in (Kind.REVERSAL_PENDING, Kind.ADVICE_REVERSAL_PENDING):
+        reason = payload.get("reason")
+        if reason == "HOST_TIMEOUT":
+            return logging.WARNING, "host_timeout"
+        if reason == "RECOVERY":
+            return logging.WARNING, "recovered"
+        return (logging.INFO if reason in QUIET_REVERSAL_REASONS else logging.WARNING), "reversal_queued"
     return None
 
 

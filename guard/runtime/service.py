@@ -33,6 +33,7 @@ log = logging.getLogger("posguard.service")
 CONNECTING_WAIT_S = 0.02  # select cap while a non-blocking connect / TLS handshake makes progress
 GARBAGE_PER_CONNECTION = 64  # unusable frames (garbage, unmatched answers) one connection may send before it is dropped
 GARBAGE_BACKOFF_MAX_S = 60.0  # cap of the reconnect delay, doubled after each connection dropped for garbage
+HOST_DOWN_LOG_EVERY_S = 60.0  # while the host stays unreachable for the same reason, one log line per this many seconds
 DEPOSIT_ANSWER_S = 30.0  # a checkpoint deposit unanswered this long no longer holds back the next one
 _DEPOSIT_NOISE = frozenset({CHECKPOINT_KIND, Kind.CHECKPOINT_DEPOSITED.value, Kind.STAN_USE.value})  # a deposit's own traffic
 __all__ = ["GuardService", "JournalCrypto", "open_guard", "REPLIES_KEPT"]
@@ -134,6 +135,7 @@ class GuardService:
         self.deposit_checkpoints = policy is DAEMON if deposit_checkpoints is None else deposit_checkpoints
         self._deposited_cp_seq = self._cp_seq()  # the newest checkpoint handed to (or skipped for) the host
         self._deposit_sent_at = 0.0
+        self._down: dict[str, Any] = {}  # the current host outage: since, reason, attempts, logged_at
 
     @property
     def replies(self) -> OrderedDict[str, Result]:
@@ -181,10 +183,33 @@ class GuardService:
             self.selector.register(fd, selectors.EVENT_READ, self._on_host_readable)
             self._registered_fd = fd
             self._garbage_seen = 0
-            log.info("host connected")
+            down, self._down = self._down, {}
+            fields = {"event": "host_connected", "host": self._host_name()}
+            if down:
+                fields.update(down_s=round(now - down["since"], 1), attempts=down["attempts"])
+            log.info("host connected", extra={"fields": fields})
             self.executor.call(self.engine.on_host_up)
         elif not getattr(self.uplink, "connecting", False):  # in progress: call connect() again next round
             self._next_connect = now + self.reconnect_s
+            self._host_unreachable(now)
+
+    def _host_name(self) -> str:
+        return f"{getattr(self.uplink, 'host', '?')}:{getattr(self.uplink, 'port', '?')}"
+
+    def _host_unreachable(self, now: float) -> None:
+        """One structured line when an outage starts or its reason changes, then one per
+        HOST_DOWN_LOG_EVERY_S: refused, DNS failure, timeout, TLS handshake (``Uplink.last_error``)."""
+        reason = getattr(self.uplink, "last_error", "") or "CONNECT_FAILED"
+        down = self._down
+        if not down:
+            down.update(since=now, attempts=0, reason="", logged_at=now)
+        down["attempts"] += 1
+        if reason == down["reason"] and now < down["logged_at"] + HOST_DOWN_LOG_EVERY_S:
+            return
+        down.update(reason=reason, logged_at=now)
+        log.warning("host unreachable: %s", reason, extra={"fields": {
+            "event": "host_unreachable", "host": self._host_name(), "reason": reason, "attempts": down["attempts"],
+            "down_s": round(now - down["since"], 1), "reversals_queued": self.engine.pending_reversals()}})
 
     def _on_host_readable(self) -> None:
         """Hand what the host sent to the engine (one bounded ``poll`` per round). A connection
@@ -207,7 +232,8 @@ class GuardService:
                     log.warning("host sent unusable bytes: %s (%d bytes)", item.code, item.raw_len)
                 ex.defer(self.engine.host_garbage, item.code, item.detail, item.raw_len, item.digest)
             elif isinstance(item, Disconnected):
-                log.warning("host connection lost")
+                log.warning("host connection lost: %s", item.reason, extra={"fields": {
+                    "event": "host_disconnected", "host": self._host_name(), "reason": item.reason}})
                 ex.flush()
                 ex.lost_connection()
                 return

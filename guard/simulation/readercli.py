@@ -142,13 +142,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (serial.SerialException, ValueError) as e:
         print(f"readersim: cannot open {args.port}: {e}", file=sys.stderr)
         return 2
-    with ReaderSim(port, reader_id=args.reader_id, rng=random.Random(args.seed), faults=faults, t2=args.t2,
-                   boot_counter=boot) as sim:
-        try:
+    try:
+        with ReaderSim(port, reader_id=args.reader_id, rng=random.Random(args.seed), faults=faults, t2=args.t2,
+                       boot_counter=boot) as sim:
             return _run_sales(sim, args, faults)
-        except serial.SerialException as e:
-            print(f"readersim: port {args.port} failed: {e}", file=sys.stderr)
-            return 1
+    except (serial.SerialException, OSError) as e:  # EIO: the cable or the guard's end went away
+        print(f"readersim: port {args.port} failed: {e}", file=sys.stderr)
+        return 1
 
 
 def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | None) -> int:

@@ -60,5 +60,6 @@ def test_needs_manual_is_an_error_line_and_ordinary_records_are_silent() -> None
     from guard.runtime.events import event_of
 
     assert event_of("needs_manual", "R1:x", {"reason": "REVERSAL_EXPIRED"}) == (logging.ERROR, "needs_manual")
-    assert event_of("reversal_pending", "R1:x", {"reason": "HOST_TIMEOUT"}) is None
+    assert event_of("reversal_pending", "R1:x", {"reason": "HOST_TIMEOUT"}) == (logging.WARNING, "host_timeout")
+    assert event_of("intent", "R1:x", {"stan": "000001"}) is None
     assert event_of("outcome", "R1:x", {"state": "APPROVED", "reason": ""}) is None
