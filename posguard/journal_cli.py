@@ -26,17 +26,21 @@ def journal_anchor(journal_path: Path) -> None:
 
     Keep it away from the terminal; later `posguard journal verify JOURNAL --anchor anchor.json
     --pubkey verify.pub` proves the journal still holds, unchanged, everything up to it
-    (detects truncation and rollback). Needs no keys; the daemon may keep running.
+    (detects truncation and rollback). Needs no keys; the daemon may keep running. Warns on
+    stderr when the anchor covers nothing but the genesis, or newer entries follow it.
 
-    Exit status: 0 printed; 2 the file is not a readable journal.
+    Exit status: 0 printed (warning or not); 2 the file is not a readable journal.
     """
-    from guard.ops.export import latest_checkpoint
+    from guard.ops.export import anchor_coverage, latest_checkpoint
 
     try:
         cp = latest_checkpoint(journal_path)
+        warning = anchor_coverage(journal_path, cp)
     except PosguardError as e:
         die(2, e)
     click.echo(json.dumps(cp, sort_keys=True))
+    if warning:
+        click.echo(f"posguard: warning: {warning}", err=True)
 
 
 _FILTER_HELP = {

@@ -113,6 +113,7 @@ class ErrorCode(enum.Enum):
     JOURNAL_NO_K0 = OPERATOR, "creating a journal needs k0 (the provisioning key): run posguard keys init first."
     JOURNAL_CLOSED = OPERATOR, "the journal was used after it was closed (programming error)."
     JOURNAL_BUSY = OPERATOR, "another process holds the journal (daemon, replay, compact, rotate): stop it first."
+    JOURNAL_WAL_READ_ONLY = OPERATOR, "a journal on read-only media has a non-empty -wal: copy both files to writable storage."
     VAULT_CORRUPT = OPERATOR, "an encrypted vault blob fails authentication: the vault key or the file changed."
     ARCHIVE_UNAVAILABLE = OPERATOR, "a transaction's archive cannot be read: put the archive back."
     ANCHOR_UNREADABLE = OPERATOR, "the --anchor file is not a JSON checkpoint from posguard journal anchor."

@@ -134,10 +134,10 @@ class Journal(SegmentOps):
         # Built under a temporary name and linked into place only once complete and durable: a power
         # cut during creation leaves no journal or a whole one, never an empty file open() refuses.
         tmp = path.with_name(path.name + ".creating")
-        for suffix in ("", "-wal", "-shm", "-journal"):  # leftovers of a creation cut short
-            Path(f"{tmp}{suffix}").unlink(missing_ok=True)
         conn: sqlite3.Connection | None = None
         try:
+            for suffix in ("", "-wal", "-shm", "-journal"):  # leftovers of a creation cut short
+                Path(f"{tmp}{suffix}").unlink(missing_ok=True)  # EROFS on read-only media: JOURNAL_CREATE_FAILED
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             conn = _connect(tmp, mode="rw")
             apply_pragmas(conn)
@@ -167,7 +167,10 @@ class Journal(SegmentOps):
             if conn is not None:
                 conn.close()
             for suffix in ("", "-wal", "-shm", "-journal"):
-                Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+                try:
+                    Path(f"{tmp}{suffix}").unlink(missing_ok=True)
+                except OSError:
+                    pass  # read-only media: nothing was created there
         return cls.open(path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
                         checkpoint_interval_s=checkpoint_interval_s)
 

@@ -65,7 +65,8 @@ from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next, ratchet_forward
 from guard.journal.mac_worker import _MacWorker, _WorkerLost
 from guard.journal.records import MAX_PAYLOAD_CHARS
-from guard.journal.schema import _connect, schema_problem
+from guard.journal.readonly import connect_readonly
+from guard.journal.schema import schema_problem
 
 PROGRESS_EVERY = 16_384
 # Oversized text never reaches Python: kind/txn/payload come back NULL, a NULL payload is ENTRY_TOO_LARGE.
@@ -130,7 +131,7 @@ def verify_journal(path: Path, *, k0: bytes | None = None, public_key: Ed25519Pu
         anchor_at = (anchor["covers_seq"], bytes.fromhex(anchor["covers_hash"]), anchor["terminal"])
     conn: sqlite3.Connection | None = None
     try:
-        conn = _connect(path, mode="ro")
+        conn = connect_readonly(path)
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("BEGIN")  # one snapshot for the ratchet row and every entry

@@ -30,7 +30,7 @@ from typing import IO, Any, NamedTuple
 from guard.core.engine import Engine, EngineConfig
 from guard.core.errors import JournalError, PosguardError
 from guard.journal.format import CHECKPOINT_KIND, canonical_json
-from guard.journal.schema import _connect
+from guard.journal.readonly import connect_readonly
 from guard.core.model import TxnKind, TxnState
 from guard.core.policies import OFF
 
@@ -124,14 +124,16 @@ def open_readonly(path: Path) -> sqlite3.Connection:
     path = Path(path)
     if not path.is_file():
         raise JournalError(f"journal {path} does not exist", code="JOURNAL_MISSING")
-    conn = _connect(path, mode="ro")
+    conn: sqlite3.Connection | None = None
     try:
+        conn = connect_readonly(path)
         conn.execute("PRAGMA query_only = ON")
         conn.execute("PRAGMA trusted_schema = OFF")
         conn.execute("PRAGMA busy_timeout = 2000")
         names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.DatabaseError as e:
-        conn.close()
+        if conn is not None:
+            conn.close()
         if "locked" in str(e):
             raise JournalError(f"journal {path} is locked by a maintenance command (replay, compaction, "
                                "rotation); try again when it is done", code="JOURNAL_BUSY") from None
@@ -177,6 +179,28 @@ def latest_checkpoint(path: Path) -> dict[str, Any]:
         raise JournalError(f"{path} has no checkpoint", code="JOURNAL_CORRUPT")
     cp: dict[str, Any] = json.loads(row[0])
     return cp
+
+
+def anchor_coverage(path: Path, cp: dict[str, Any]) -> str | None:
+    """A warning when the anchor ``cp`` proves little: it covers nothing but the genesis, or newer
+    entries follow it (they are not covered until the next checkpoint); None when it covers all."""
+    conn = open_readonly(path)
+    try:
+        last = int(conn.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0)
+    except sqlite3.DatabaseError as e:
+        raise JournalError(f"{path} cannot be read: {e}", code="JOURNAL_CORRUPT") from None
+    finally:
+        conn.close()
+    covers = int(cp.get("covers_seq", 0))
+    uncovered = last - covers - 1  # the checkpoint itself is entry covers + 1
+    if covers < 1:
+        tail = f"; the {uncovered} newer entries are not covered" if uncovered > 0 else ""
+        return (f"this anchor covers nothing (the journal's genesis only){tail}. Stop the daemon cleanly (it signs a "
+                "final checkpoint) or wait for the next checkpoint, then anchor again")
+    if uncovered > 0:
+        return (f"this anchor covers entries up to {covers}; the {uncovered} newer entries are not covered until the "
+                "next checkpoint (or a clean stop of the daemon)")
+    return None
 
 
 def load_view(path: Path, progress: Callable[[int, int], None] | None = None) -> JournalView:
