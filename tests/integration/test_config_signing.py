@@ -50,3 +50,25 @@ def test_signed_config_required_once_the_terminal_has_the_public_key(tmp_path: P
     init_signer(other)
     sign(cfg, other / "config-signer.key")
     assert run(cfg).returncode == 2, "a signature by another key is refused"
+
+
+def test_unsigned_check_covers_identity_and_money_limits_only_and_says_how_to_sign(
+        tmp_path: Path, keys: DeviceKeys, write_config: Callable[..., Path]) -> None:
+    port = free_port()
+    cfg = write_config(port=port)
+    assert run(cfg).returncode == 0
+    write_config(port=port, sections={"log": {"level": "DEBUG"}, "reader": {"url": str(tmp_path / "no-reader-yet")},
+                                      "host": {"timeout": 9.5}})
+    cfg.write_text("# a comment an operator added\n" + cfg.read_text())
+    r = run(cfg)
+    assert r.returncode == 0, f"log level, reader port, timers, comments are not what a signature is for: {r.stderr}"
+    write_config(port=port, sections={"policy": {"card_max_amount": 9_999_999}})
+    r = run(cfg)
+    assert r.returncode == 2 and "CONFIG_CHANGED_UNSIGNED" in r.stderr and "policy.card_max_amount" in r.stderr
+    assert "posguard config init-signer" in r.stderr and "posguard config sign" in r.stderr
+    assert len(r.stderr.splitlines()) == 1, "a start error is printed once"
+    j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id="TERM0001")
+    loaded = [e.payload for e in j.entries() if e.kind == "config_loaded"]
+    j.close()
+    assert len(loaded) == 2, "the refused start is not recorded"
+    assert loaded[-1]["identity"]["policy.card_max_amount"] == 500000

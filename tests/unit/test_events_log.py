@@ -63,3 +63,28 @@ def test_needs_manual_is_an_error_line_and_ordinary_records_are_silent() -> None
     assert event_of("reversal_pending", "R1:x", {"reason": "HOST_TIMEOUT"}) == (logging.WARNING, "host_timeout")
     assert event_of("intent", "R1:x", {"stan": "000001"}) is None
     assert event_of("outcome", "R1:x", {"state": "APPROVED", "reason": ""}) is None
+
+
+def test_host_timeout_queued_reversal_and_recovery_each_log_one_line_with_txn_and_stan() -> None:
+    cap = Capture()
+    logger = logging.getLogger("posguard.events")
+    logger.addHandler(cap)
+    logger.setLevel(logging.INFO)
+    try:
+        e = Engine(CFG, FakeCrypto(), random.Random(1))
+        e.on_host_up(NOW)
+        e.submit(req(1), NOW)
+        log_committed(committed(e.tick(NOW + 60)))  # no answer within host_timeout_s
+        e.submit(req(2), NOW + 61)
+        log_committed(committed(e.on_host_down(NOW + 62)))  # sent, then the connection dropped
+        e.on_host_up(NOW + 63)
+        e.submit(req(3), NOW + 63)
+        log_committed(committed(e.recover(NOW + 64)))  # as after a restart: an intent without an outcome
+    finally:
+        logger.removeHandler(cap)
+    by_txn = {line["txn"]: line for line in cap.lines}
+    assert [line["event"] for line in cap.lines] == ["host_timeout", "reversal_queued", "recovered"]
+    assert by_txn[req(1).key]["reason"] == "HOST_TIMEOUT" and by_txn[req(1).key]["level"] == "WARNING"
+    assert by_txn[req(2).key]["reason"] == "HOST_DISCONNECTED"
+    assert by_txn[req(3).key]["reason"] == "RECOVERY"
+    assert all(line["stan"] for line in cap.lines)
