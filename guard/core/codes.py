@@ -45,7 +45,7 @@ class ErrorCode(enum.Enum):
     LINK_PAYLOAD_TOO_LONG = READER, "a message longer than 512 bytes was given to the link to send."
     LINK_QUEUE_FULL = READER, "too many messages are queued for a link that is not draining: resync the link."
     READER_TIMEOUT = READER, "the reader simulator waited for an answer past its application timer."
-    READER_PORT_UNAVAILABLE = OPERATOR, "the reader's serial port cannot be opened: check reader.url and the cable."
+    READER_PORT_UNAVAILABLE = OPERATOR, "the reader's serial port cannot be opened or failed (the daemon retries it): check reader.url and the cable."
     # -- reader messages (ERROR message, CODE tag)
     MSG_INVALID = READER, "the payload is not a valid message (generic: one of the MSG_* codes applies)."
     MSG_TRUNCATED = READER, "a TLV runs past the end of the payload."
@@ -90,7 +90,7 @@ class ErrorCode(enum.Enum):
     CONFIG_MERCHANT_ID = OPERATOR, "merchant_id (field 42) must be exactly 15 printable ASCII characters."
     CONFIG_SIGNATURE_INVALID = OPERATOR, "the config's signature does not verify with config.pub: re-sign it."
     CONFIG_FILE_CHANGED = OPERATOR, "a file the signed config names (CA, client cert or key, spec) changed after signing."
-    CONFIG_CHANGED_UNSIGNED = OPERATOR, "the config changed since the last start and is not signed: sign it."
+    CONFIG_CHANGED_UNSIGNED = OPERATOR, "ids, host, trust files or money limits changed since the last start, unsigned: posguard config sign."
     CONFIG_SIGN_FAILED = OPERATOR, "posguard config sign could not write the signature file."
     # -- journal
     JOURNAL_ERROR = OPERATOR, "the journal failed (generic: one of the JOURNAL_* codes applies)."
