@@ -113,9 +113,12 @@ def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operat
 def run_cmd(config_path: Path, max_seconds: float | None) -> None:
     """Run the guard daemon: reader port <-> engine <-> host, reversals drained in the background.
 
-    Logs JSON lines to stderr. SIGTERM/SIGINT stop it cleanly. Exit 0 on a clean stop, 2 on a bad
-    config or key files (the message names the key), 3 on a journal failure, 4 on an internal
-    error. After 3 or 4, restart: recovery reverses anything left in flight.
+    Logs JSON lines to stderr. SIGTERM/SIGINT stop it cleanly (with a final signed checkpoint);
+    SIGHUP is ignored (no reload: restart to apply a changed config). A missing or failing reader
+    port is retried, not fatal. Exit 0 on a clean stop, 2 on a bad config or key files (the
+    message names the key), 3 on a journal failure (JOURNAL_BUSY: another daemon or an operator
+    command holds it), 4 on an internal error. After 3 or 4, restart: recovery reverses anything
+    left in flight.
     """
     from posguard.run import run
 

@@ -139,9 +139,12 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
     return svc, bridge
 
 
-def start_exit_code(e: PosguardError) -> int:
-    """2 for what the operator must fix in the config or key files; 3 for the journal (busy, cannot
-    be created or opened, corrupt): the documented rule of every command."""
+def start_exit_code(e: PosguardError, cfg: Config) -> int:
+    """2 for what the operator must fix in the config or key files (a journal path whose directory
+    does not exist included); 3 for the journal (busy, read-only, full, cannot be opened, corrupt):
+    the documented rule of every command."""
+    if e.code == "JOURNAL_CREATE_FAILED" and not Path(cfg["journal.path"]).parent.is_dir():
+        return 2
     return 3 if isinstance(e, JournalError) or e.code.startswith(("JOURNAL_", "VAULT_")) else 2
 
 
@@ -160,7 +163,7 @@ def run(config_path: Path, *, max_seconds: float | None = None) -> int:
         svc, bridge = build(cfg)
     except PosguardError as e:  # one line: the log is stderr
         log.error("posguard: %s", e, extra={"fields": {"event": "start_failed", "code": e.code}})
-        return start_exit_code(e)
+        return start_exit_code(e, cfg)
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
