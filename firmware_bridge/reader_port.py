@@ -48,6 +48,7 @@ class ReaderPort:
         self._delay = reopen_min_s
         self._next_open = 0.0
         self._down_since: float | None = None
+        self._opened_at = 0.0
         self._logged_at = 0.0
         self._svc: Any = None
         self._fd: int | None = None
@@ -134,11 +135,11 @@ class ReaderPort:
             self._retry_later(now, e, first=self._down_since is None)
             return
         self.opens += 1
+        self._opened_at = now
         fields: dict[str, Any] = {"event": "reader_port_open", "url": self.url}
         if self._down_since is not None:
             fields["down_s"] = round(now - self._down_since, 1)
         self._down_since = None
-        self._delay = self.reopen_min_s
         log.info("reader port %s open", self.url, extra={"fields": fields})
         if self._svc is not None and self._on_readable is not None:
             try:
@@ -170,7 +171,8 @@ class ReaderPort:
                   extra={"fields": {"event": "reader_port_lost", "url": self.url, "reason": _why(e),
                                     "code": "READER_PORT_UNAVAILABLE"}})
         self.close()
-        self._delay = self.reopen_min_s
+        if now - self._opened_at >= self.reopen_max_s:  # it had worked for a while: retry soon
+            self._delay = self.reopen_min_s  # (a port that fails right after each open keeps backing off)
         self._down_since = now
         self._logged_at = now
         self._next_open = now + self._delay

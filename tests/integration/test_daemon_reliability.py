@@ -339,3 +339,36 @@ def test_journal_on_read_only_media_verifies_and_reads_normally(tmp_path: Path, 
     assert json.loads(anchor.stdout)["terminal"] == "TERM0001"
     assert run.returncode == 3 and "JOURNAL_CREATE_FAILED" in run.stderr and "Traceback" not in run.stderr, run.stderr
     assert not (media / "journal.db-shm").exists() and not (media / "new.db").exists()
+
+
+def test_dns_failure_is_logged_once_as_host_unreachable_with_its_reason(tmp_path: Path, keys: DeviceKeys) -> None:
+    import logging
+
+    from posguard.config import parse
+    from posguard.run import JsonFormatter, build
+
+    lines: list[dict[str, Any]] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(JsonFormatter().format(record)))
+
+    cfg = config(tmp_path, "loop://", 1, host={"address": "posguard-test.invalid"})
+    svc, bridge = build(parse(cfg))
+    cap = Capture()
+    logger = logging.getLogger("posguard.service")
+    logger.addHandler(cap)
+    logger.setLevel(logging.INFO)
+    svc.reconnect_s = 0.05
+    try:
+        end = time.monotonic() + WAIT_S
+        while time.monotonic() < end and sum(1 for x in lines if x.get("event") == "host_unreachable") < 1:
+            svc.step(0.01)
+        for _ in range(40):  # more failed attempts for the same reason: no more lines within a minute
+            svc.step(0.01)
+    finally:
+        logger.removeHandler(cap)
+        svc.close()
+    down = [x for x in lines if x.get("event") == "host_unreachable"]
+    assert len(down) == 1 and down[0]["reason"] == "DNS_FAILED", lines
+    assert down[0]["host"] == "posguard-test.invalid:1" and down[0]["level"] == "WARNING"

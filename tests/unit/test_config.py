@@ -150,3 +150,20 @@ def test_a_sale_over_a_hex_bitmap_spec_end_to_end(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert core.total_net_debits() == 1
+
+
+def test_unsigned_check_against_a_config_loaded_written_before_identity_was_journaled() -> None:
+    from types import SimpleNamespace
+
+    from posguard.config_signing import changed_unsigned
+
+    legacy = SimpleNamespace(kind="config_loaded", payload={"sha256": "ab" * 32, "signed": False, "tid": "TERM0001",
+                                                             "mid": "MERCHANT0000001", "host": "127.0.0.1:9", "tls": False})
+    ident = {"terminal.terminal_id": "TERM0001", "terminal.merchant_id": "MERCHANT0000001", "host.address": "127.0.0.1",
+             "host.port": 9, "host.tls": False}
+    same = {"sha256": "cd" * 32, "signed": False, "identity": ident}
+    assert changed_unsigned([legacy], same) == [], "other bytes, same ids and host: accepted"
+    other = {**same, "identity": {**ident, "terminal.merchant_id": "OTHERMERCHANT01"}}
+    assert changed_unsigned([legacy], other) == ["terminal.merchant_id"]
+    assert changed_unsigned([legacy], {**other, "signed": True}) == []
+    assert changed_unsigned([], other) == [], "first start"
