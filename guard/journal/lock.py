@@ -6,9 +6,10 @@ reader loses its results). The daemon and the exclusive maintenance tools (``rep
 ``keys rotate``) therefore take this lock before they read or change anything; read-only tools
 (``journal verify|show|export|anchor``, ``reconcile``) do not, so they still run beside the daemon.
 
-``flock`` locks belong to the open file description, not the process, so a second open in the same
-process conflicts too, and the kernel drops the lock when the holder dies (no stale lock files).
-They are independent of the POSIX record locks SQLite uses on the same file on Linux.
+``flock`` locks belong to the open file description and the kernel drops them when the holder
+dies (no stale lock files); they are independent of the POSIX record locks SQLite uses on the same
+file on Linux. Within one process the lock is re-entrant (counted per file): a tool the daemon
+runs itself on its own journal (retention) does not lock the daemon out; other processes do.
 """
 
 from __future__ import annotations
@@ -20,34 +21,52 @@ from pathlib import Path
 from guard.core.errors import JournalError
 
 
+_HELD: dict[tuple[int, int], list[int]] = {}  # (st_dev, st_ino) -> [fd, holders] of the locks this process holds
+
+
 class WriterLock:
     """Held until :meth:`release` (or the process exits)."""
 
-    def __init__(self, fd: int, path: Path) -> None:
-        self._fd: int | None = fd
+    def __init__(self, ident: tuple[int, int], path: Path) -> None:
+        self._ident: tuple[int, int] | None = ident
         self.path = path
 
     @classmethod
     def acquire(cls, path: Path) -> WriterLock:
-        """Lock ``path`` (an existing journal) or raise JOURNAL_BUSY naming the holder's role."""
+        """Lock ``path`` (an existing journal) or raise JOURNAL_BUSY."""
         path = Path(path)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise JournalError(f"journal {path} cannot be opened: {e.strerror or e}") from None
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        held = _HELD.get(ident)
+        if held is not None:
+            os.close(fd)
+            held[1] += 1
+            return cls(ident, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             raise JournalError(f"journal {path} is in use by another posguard process (a running daemon, replay, "
                                "compact or keys rotate); stop it first", code="JOURNAL_BUSY") from None
-        return cls(fd, path)
+        _HELD[ident] = [fd, 1]
+        return cls(ident, path)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._ident is not None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        ident, self._ident = self._ident, None
+        if ident is None:
+            return
+        held = _HELD.get(ident)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD[ident]
+            os.close(held[0])
