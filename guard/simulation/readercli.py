@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     boot = args.boot_counter if args.boot_counter is not None else time.time_ns() // 1000
     try:
         port = open_port(args.port, baudrate=args.baud)
-    except (serial.SerialException, ValueError) as e:
+    except (serial.SerialException, OSError, ValueError) as e:
         print(f"readersim: cannot open {args.port}: {e}", file=sys.stderr)
         return 2
     try:
