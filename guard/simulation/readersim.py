@@ -151,8 +151,11 @@ class ReaderSim:
     # ------------------------------------------------------------------ lifecycle
 
     def _power_on(self) -> None:
+        # SYNC nonces stand in for a hardware RNG: the boot counter is mixed in so that two runs
+        # with the same --seed do not start with the same nonce (PROTOCOL.md 4.4).
         self.link = LinkEndpoint(
-            "reader", rng=random.Random(self._rng.getrandbits(64)), t2=self._t2, max_retx=self._max_retx
+            "reader", rng=random.Random(self._rng.getrandbits(64) ^ self.boot_counter), t2=self._t2,
+            max_retx=self._max_retx,
         )
         f = self.faults
         self._dropper = _AckDropper(f) if f is not None and f.drop_ack_rate else None

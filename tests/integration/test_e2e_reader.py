@@ -409,3 +409,24 @@ def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Pat
     mismatch = next(p for k, p in entries if k == "reversal_pending" and p.get("reason") == "ECHO_MISMATCH")
     assert set(mismatch["fields"]) & {"41", "42", "4", "11"}, mismatch
     assert sum(k == "reversed" for k, _ in entries) == 2
+
+
+def test_first_sale_after_a_reader_restart_needs_no_retransmission(rig: dict[str, Any]) -> None:
+    """Issue 13: a reader process that restarts with the same SYNC nonce as its previous run (an
+    unseeded RNG, or ``posguard readersim`` twice with one seed) used to be answered as a repeat
+    of the old SYNC: it adopted the old epoch, its AUTH seq 0 was ignored as out of sequence and
+    went through three retransmissions and a resync (about 5 s). The guard now starts a new epoch
+    for a SYNC that follows traffic of the epoch, so the first sale is as fast as any other."""
+    first = rig["reader"](boot=1)
+    for i in range(2):  # the guard has accepted seq 0 and 1 of this epoch
+        assert first.auth(first.new_txn_id(), 1000 + i, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
+    old_epoch = first.epochs[-1]
+    first.close()
+    again = rig["reader"](boot=1)  # same seed and boot counter: the very same SYNC nonce
+    assert again.epochs[-1] != old_epoch, "the restarted reader got the old epoch back"
+    again.new_txn_id(), again.new_txn_id()  # ids of the first run's sales
+    txn = again.new_txn_id()
+    res = again.auth(txn, 1500, "978", PAN, "2912", timeout=15)
+    assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert (again.retransmissions, again.stats.link_downs, again.stats.status_polls, again.stats.resends) == (0, 0, 0, 0)
+    assert rig["guard"].bridge.link.endpoint.stats.retransmissions == 0
