@@ -331,17 +331,26 @@ class ReaderSim:
         assert isinstance(answer, (Pong, ErrorMessage))
         return answer
 
-    def submit(self, msg: Message) -> bytes:
-        """Queue one request and put it on the wire now if the link allows; returns its payload.
-        Answers are collected by the next waiting call."""
-        payload = encode_message(msg)
+    def send_payload(self, payload: bytes, timeout: float = 5.0) -> Message:
+        """Put any payload on the link (a test's malformed message, built by hand) and return the
+        first ERROR, RESULT or PONG that arrives after it."""
+        def match(m: Message) -> bool:
+            return isinstance(m, (ErrorMessage, ResultMessage, Pong))
+
+        return self._ask(payload, match, timeout)
+
+    def submit(self, msg: Message | bytes) -> bytes:
+        """Queue one request (a message, or a payload as is) and put it on the wire now if the
+        link allows; returns its payload. Answers are collected by the next waiting call."""
+        payload = msg if isinstance(msg, bytes) else encode_message(msg)
         now = self.clock()
         if self.link.state is LinkState.IDLE:
             self.stats.syncs += 1
             self._handle(self.link.start(now), now)  # a reader SYNCs at boot before anything else
         self._begin_call((payload,))
-        self.sent.append(msg)
-        log.debug("send %r", msg)
+        if not isinstance(msg, bytes):
+            self.sent.append(msg)
+            log.debug("send %r", msg)
         self.link.send_message(payload, now)
         self._write_out(now, force=True)
         return payload
@@ -368,7 +377,7 @@ class ReaderSim:
         self._resynced = False
         self._inbox.clear()
 
-    def _ask(self, msg: Message, match: Callable[[Message], bool], timeout: float) -> Message:
+    def _ask(self, msg: Message | bytes, match: Callable[[Message], bool], timeout: float) -> Message:
         """Send a query and return the first message ``match`` accepts."""
         deadline = self.clock() + timeout
         payload = self.submit(msg)
@@ -400,9 +409,11 @@ class ReaderSim:
             now = self.clock()
             self._pump(now)
             for m in self._take_inbox():
-                if isinstance(m, Progress) and m.txn_id == txn_id:
-                    wait = m.wait_s or READER_APP_TIMEOUT_S
-                    app_deadline = min(now + wait, start + READER_APP_TIMEOUT_CAP_S)
+                if isinstance(m, (Progress, ResultMessage)) and m.txn_id == txn_id and (
+                        isinstance(m, Progress) or m.in_progress):
+                    # Restarted, never shortened, never past the cap (section 7.6).
+                    wait = (m.wait_s if isinstance(m, Progress) else None) or READER_APP_TIMEOUT_S
+                    app_deadline = max(app_deadline, min(now + wait, start + READER_APP_TIMEOUT_CAP_S))
                 elif isinstance(m, ResultMessage) and m.txn_id == txn_id and not m.in_progress:
                     if held_ends or m.state not in OPERATOR_DECISION_STATES:
                         return m

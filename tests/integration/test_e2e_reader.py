@@ -430,3 +430,46 @@ def test_first_sale_after_a_reader_restart_needs_no_retransmission(rig: dict[str
     assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
     assert (again.retransmissions, again.stats.link_downs, again.stats.status_polls, again.stats.resends) == (0, 0, 0, 0)
     assert rig["guard"].bridge.link.endpoint.stats.retransmissions == 0
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    return bytes([tag]) + len(value).to_bytes(2, "big") + value
+
+
+def test_refused_messages_name_their_txn_id_and_the_first_failing_check(rig: dict[str, Any]) -> None:
+    """PROTOCOL.md 5.5: the daemon checks a reader message in one documented order, answers the
+    first failure with its code and, whenever the TXN_ID can be read, names it. An id refused with
+    an ERROR, or used by PING, is not taken: it can still carry a sale."""
+    r = rig["reader"]()
+    t = bytes(range(1, 17))
+    txn, amt, cur = _tlv(0x01, t), _tlv(0x02, bytes.fromhex("000000001000")), _tlv(0x03, b"978")
+    pan, bad_luhn, exp = _tlv(0x04, PAN.encode()), _tlv(0x04, b"4761739001010118"), _tlv(0x05, b"2912")
+    cases = [
+        (b"", "MSG_TRUNCATED", None),
+        (b"\x01" + txn + amt[:4], "MSG_TRUNCATED", t),
+        (b"\x09" + txn, "MSG_UNKNOWN_TYPE", t),
+        (b"\x81" + txn + txn, "MSG_NOT_A_REQUEST", None),  # before its TLVs are looked at
+        (b"\x81" + txn, "MSG_NOT_A_REQUEST", t),
+        (b"\x01" + txn + amt + amt + _tlv(0x03, b"97A"), "MSG_DUPLICATE_TAG", t),  # structure before values
+        (b"\x04" + txn + pan + _tlv(0x07, b"bad:id"), "MSG_CLEAR_PAN", t),  # card data before values
+        (b"\x01" + txn + _tlv(0x02, b"\x00" * 6) + cur, "MSG_BAD_VALUE", t),  # values before missing tags
+        (b"\x01" + _tlv(0x01, t[:15]) + amt + cur + pan, "MSG_BAD_VALUE", None),
+        (b"\x01" + txn + amt + cur, "MSG_MISSING_TAG", t),
+        (b"\x05" + txn + _tlv(0x08, b"\x01"), "MSG_CONFLICTING_TAGS", t),
+        (b"\x06" + txn + _tlv(0x07, b"R2"), "MSG_READER_MISMATCH", t),
+        (b"\x04" + txn + _tlv(0x07, b"R2"), "MSG_READER_MISMATCH", t),
+        (b"\x01" + txn + amt + cur + bad_luhn + exp + _tlv(0x07, b"R2"), "MSG_READER_MISMATCH", t),
+        (b"\x01" + txn + amt + cur + bad_luhn + exp, "REQUEST_BAD_PAN", t),
+    ]
+    got = []
+    for payload, _, _ in cases:
+        answer = r.send_payload(payload, timeout=5)
+        assert isinstance(answer, M.ErrorMessage), answer
+        got.append((answer.error_code, answer.txn_id))
+    assert got == [(code, tid) for _, code, tid in cases]
+    ping = r.ping()
+    assert isinstance(ping, M.Pong)
+    for reused in (t, ping.txn_id):
+        res = r.auth(reused, 1000, "978", PAN, "2912", timeout=10)
+        assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert rig["core"].stats()["requests_by_mti"]["0200"] == 2
