@@ -473,3 +473,39 @@ def test_refused_messages_name_their_txn_id_and_the_first_failing_check(rig: dic
         res = r.auth(reused, 1000, "978", PAN, "2912", timeout=10)
         assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
     assert rig["core"].stats()["requests_by_mti"]["0200"] == 2
+
+
+def test_reversed_after_reversal_pending_is_pushed_without_a_status(rig: dict[str, Any]) -> None:
+    """PROTOCOL.md 6.1/7.8: REVERSAL_PENDING comes with IN_PROGRESS 00 (stop waiting, not final);
+    the final REVERSED that follows is pushed like the outcome after HELD, not left to a STATUS."""
+    r = rig["reader"]()
+    r.app_timeout = 600.0  # a STATUS from the application timer would hide a missing push
+    rig["core"].force("wrong_echo")
+    txn = r.new_txn_id()
+    first = r.auth(txn, 1300, "978", PAN, "2912", timeout=10)
+    assert isinstance(first, M.ResultMessage) and not first.in_progress
+    assert first.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED)
+    final = r.results[txn] if r.results[txn].state is TxnState.REVERSED else r.await_final(txn, timeout=10)
+    assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED and not final.in_progress
+    assert r.stats.status_polls == 0 and not any(isinstance(m, M.Status) for m in r.sent)
+
+
+def test_result_lost_at_a_resync_is_pushed_again_in_the_new_epoch(rig: dict[str, Any]) -> None:
+    """PROTOCOL.md 4.5/7.8: the RESULT outstanding when the reader rebooted (SendFailed on the
+    guard's side) is pushed again, in its current state, once the new epoch is up."""
+    r = rig["reader"]()
+    r.app_timeout = 600.0
+    bridge = rig["guard"].bridge
+    txn = r.new_txn_id()
+    r.submit(M.Auth(txn, 2700, "978", PAN, "2912", "R1"))
+    deadline = time.monotonic() + 10
+    while bridge.stats["results"] < 1 and time.monotonic() < deadline:  # sent, never read by the reader
+        time.sleep(0.01)
+    assert bridge.stats["results"] == 1
+    r.reboot()
+    r.sync(timeout=5)
+    res = r.results[txn] if txn in r.results else r.await_final(txn, timeout=10)  # it may come with the SYNC_ACK
+    assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert bridge.stats["undeliverable"] >= 1
+    assert (r.stats.status_polls, r.stats.resends) == (0, 0)
+    assert_one_authorization_per_txn(rig["core"], {txn: res})
