@@ -98,7 +98,7 @@ class ReaderBridge:
     # ------------------------------------------------------------------ requests
 
     def _on_payload(self, payload: bytes) -> None:
-        """One reader message, checked in the order of PROTOCOL.md 5.5; the first failing check
+        """One reader message, checked in the order of PROTOCOL.md 5.4 ("Order of checks"); the first failing check
         is the ERROR sent."""
         self.stats["requests"] += 1
         try:

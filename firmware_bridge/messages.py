@@ -326,7 +326,7 @@ def decode_message(payload: bytes) -> Message:
         raw = tlvs.get(tag)
         if raw is not None:
             kwargs[name] = TAG_CODECS[tag].decode(tag, raw)
-            TAG_CODECS[tag].check(tag, kwargs[name])  # every value before any missing tag (5.5)
+            TAG_CODECS[tag].check(tag, kwargs[name])  # every value before any missing tag (5.4, order of checks)
     missing = [tag for tag, name, mandatory in cls.FIELDS if mandatory and name not in kwargs]
     if missing:
         raise MessageError(f"{cls.MSG_TYPE.name} needs {missing[0].name}", code="MSG_MISSING_TAG", tag=int(missing[0]))

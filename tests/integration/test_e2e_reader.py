@@ -437,7 +437,7 @@ def _tlv(tag: int, value: bytes) -> bytes:
 
 
 def test_refused_messages_name_their_txn_id_and_the_first_failing_check(rig: dict[str, Any]) -> None:
-    """PROTOCOL.md 5.5: the daemon checks a reader message in one documented order, answers the
+    """PROTOCOL.md 5.4 (order of checks): the daemon checks a reader message in one documented order, answers the
     first failure with its code and, whenever the TXN_ID can be read, names it. An id refused with
     an ERROR, or used by PING, is not taken: it can still carry a sale."""
     r = rig["reader"]()

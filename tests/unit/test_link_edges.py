@@ -4,6 +4,7 @@ checked against the Python parser / link endpoint and, for byte streams, the C r
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from firmware_bridge import constants as K
 from firmware_bridge.constants import FLAG_RETRANSMISSION, T1_S, FrameType
 from firmware_bridge.frame import Frame, FrameError, FrameParser, encode_frame
 from firmware_bridge.link import Acked, Delivered, LinkDown, LinkEndpoint, LinkState, LinkUp
+from guard.core.model import TxnState
+from guard.core.state import AWAITING
 from tests.unit.test_link_state import Wire, frames
 from tests.unit.test_protocol_golden import HARNESS, c_blocks, python_events
 
@@ -193,3 +197,32 @@ def test_a_retransmission_flag_on_a_frame_never_received_does_not_stop_delivery(
     epoch = w.up()
     flagged = Frame(FrameType.DATA, 0, epoch, b"first copy lost", FLAG_RETRANSMISSION)
     assert w.guard.receive_bytes(encode_frame(flagged), w.now) == [Delivered(b"first copy lost")]
+
+
+# ---------------------------------------------------------------------------- the spec's tables
+
+
+def _doc_table(name: str) -> list[list[str]]:
+    text = (Path(__file__).parents[2] / "firmware_bridge" / "PROTOCOL.md").read_text()
+    m = re.search(rf"<!-- table: {name} -->\n((?:\s*\|.*\n)+)", text)
+    assert m, f"table {name} missing"
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in m.group(1).splitlines()]
+    return rows[2:]
+
+
+def test_application_timer_table_states_the_constants() -> None:
+    rows = {r[2]: int(r[1].removesuffix(" s")) for r in _doc_table("app-timers")}
+    assert rows == {name: getattr(K, name) for name in
+                    ("READER_APP_TIMEOUT_S", "READER_APP_TIMEOUT_CAP_S", "PROGRESS_INTERVAL_S", "PROGRESS_WAIT_S")}
+    assert K.PROGRESS_INTERVAL_S * 3 <= K.READER_APP_TIMEOUT_S <= K.PROGRESS_WAIT_S, "two PROGRESS may be lost"
+
+
+def test_in_progress_table_matches_what_the_engine_sends() -> None:
+    """6.1: IN_PROGRESS 01 exactly for the states the engine reports as in progress (AWAITING)."""
+    keep_waiting = set()
+    for states, flag, _ in _doc_table("in-progress"):
+        if flag == "`01`":
+            keep_waiting |= {TxnState(s.strip()) for s in states.split(",")}
+    assert keep_waiting == set(AWAITING)
+    listed = {TxnState(s.strip()) for states, _, _ in _doc_table("in-progress") for s in states.split(",")}
+    assert listed == set(TxnState)
