@@ -509,3 +509,33 @@ def test_result_lost_at_a_resync_is_pushed_again_in_the_new_epoch(rig: dict[str,
     assert bridge.stats["undeliverable"] >= 1
     assert (r.stats.status_polls, r.stats.resends) == (0, 0)
     assert_one_authorization_per_txn(rig["core"], {txn: res})
+
+
+def test_confirm_is_kept_alive_by_progress_until_the_released_sale_is_answered(
+        tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]], null_modem: NullModem,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROTOCOL.md 5.4/7.6: CONFIRM is answered like the request it releases: PROGRESS while the
+    host is asked, then the outcome (the PROGRESS interval is shortened here, the rule is not)."""
+    from firmware_bridge import daemon
+
+    monkeypatch.setattr(daemon, "PROGRESS_INTERVAL_S", 0.2)
+    core = HostCore(seed=9, dup_detection=True, late_delay=1.5)
+    _, port = host_server(core)
+    cfg = config(tmp_path, null_modem.a, port, timeout=5.0)
+    cfg["policy"]["confirm_amount"] = True
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(null_modem.b), reader_id="R1", rng=random.Random(11))
+    try:
+        r.sync(timeout=5)
+        txn = r.new_txn_id()
+        held = r.auth(txn, 1234, "978", PAN, "2912", timeout=10)
+        assert isinstance(held, M.ResultMessage) and held.state is TxnState.HELD
+        core.force("delay_response")
+        seen = len(r.received)
+        done = r.confirm(txn, timeout=10)
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED
+        progress = [m for m in r.received[seen:] if isinstance(m, M.Progress) and m.txn_id == txn]
+        assert len(progress) >= 2 and {p.wait_s for p in progress} == {30}
+    finally:
+        r.close()
+        guard.stop()
