@@ -98,8 +98,8 @@ class ReaderBridge:
     # ------------------------------------------------------------------ requests
 
     def _on_payload(self, payload: bytes) -> None:
-        """One reader message, checked in the order of PROTOCOL.md 5.4 ("Order of checks"); the first failing check
-        is the ERROR sent."""
+        """One reader message, checked in the order of PROTOCOL.md 5.4 ("Order of checks"); the
+        first failing check is the ERROR sent."""
         self.stats["requests"] += 1
         try:
             if payload and payload[0] in _GUARD_TYPES:

@@ -7,8 +7,10 @@ an example of what PROTOCOL.md asks of a reader beyond the link layer:
 * TXN_ID = boot counter (8 bytes) + counter restarting at 1 after each boot (section 7.1).
 * A request the link reports as SendFailed is re-sent with the **same** TXN_ID (section 7.3).
 * Only a RESULT with IN_PROGRESS = 00 ends a transaction; PROGRESS and in-progress RESULTs are
-  recorded and waited through. The application timer (30 s, restarted by PROGRESS up to 120 s
-  after the request) ends in STATUS(TXN_ID), never in "approved" (section 7.6).
+  recorded and waited through. The application timer (30 s, restarted by PROGRESS and by
+  in-progress RESULTs up to 120 s after the request) ends in STATUS(TXN_ID), never in "approved"
+  (section 7.6); so does a resync while nothing of the call is left to answer (section 7.8).
+* SYNC nonces come from the seeded RNG mixed with the boot counter (section 4.4).
 * Clear card data is only ever put on the wire; nothing here prints or logs it.
 
 ``LinkFaults`` (guard.simulation.linkfaults) damages what the reader writes (duplicate, truncate, bit flip, garbage, split and
