@@ -74,9 +74,13 @@ DOWN_RETX_EXHAUSTED: Final = "LINK_RETX_EXHAUSTED"
 DOWN_PEER_RESYNC: Final = "LINK_PEER_RESYNC"
 DOWN_LOCAL_RESYNC: Final = "LINK_LOCAL_RESYNC"
 
-# --- Reader application timer (PROTOCOL.md 4.1: PROGRESS keeps it alive, 30 s, capped at 120 s) ---
+# --- Reader application timer (PROTOCOL.md 7.6: PROGRESS keeps it alive, 30 s, capped at 120 s) ---
 READER_APP_TIMEOUT_S: Final = 30
 READER_APP_TIMEOUT_CAP_S: Final = 120
+# The guard's PROGRESS while a request waits: every 10 s, asking for 30 s more, so two PROGRESS in
+# a row may be lost before the reader's 30 s timer runs out (PROTOCOL.md 7.6).
+PROGRESS_INTERVAL_S: Final = 10.0
+PROGRESS_WAIT_S: Final = 30
 
 
 # --- Application messages: payload = type(1) then TLVs: tag(1) length(2, BE) value ---

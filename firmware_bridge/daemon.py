@@ -5,7 +5,9 @@ service's loop and clock. A delivered AUTH becomes an engine request (journaled 
 goes to the host); every engine `Reply` for this reader is sent back as a RESULT; while a sale
 waits for the host a PROGRESS keeps the reader's application timer alive. Bad input from the
 reader (undecodable TLV, invalid values, reused txn id) is answered with an ERROR carrying the
-stable code; nothing the reader sends can stop the daemon.
+stable code and, when it can be read, the request's TXN_ID; nothing the reader sends can stop the
+daemon. A RESULT the link could not deliver (SendFailed at a resync) is pushed again, in its
+then current state, once the link is up again (PROTOCOL.md 7.8).
 """
 
 from __future__ import annotations
@@ -17,14 +19,13 @@ from guard.core.model import Result, txn_key
 from guard.runtime.service import GuardService
 
 from firmware_bridge import messages as M
-from firmware_bridge.constants import ERR_TXN_UNKNOWN
+from firmware_bridge.constants import ERR_TXN_UNKNOWN, PROGRESS_INTERVAL_S, PROGRESS_WAIT_S, MsgType, Tag
 from firmware_bridge.link import Delivered, LinkDown, LinkUp, SendFailed
 from firmware_bridge.serial_port import SerialLink
 
 log = logging.getLogger("posguard.reader")
 
-PROGRESS_EVERY_S = 10.0  # well inside the reader's 30 s application timer (reader-link.md)
-PROGRESS_WAIT_S = 30
+_GUARD_TYPES = frozenset(int(t) for t in MsgType if t >= 0x80)  # guard -> reader: never a request
 
 
 class ReaderBridge:
@@ -38,6 +39,7 @@ class ReaderBridge:
         self.clock = svc.clock  # the one clock of the service and its executor
         self._prefix = reader_id + ":"
         self._waiting: dict[str, float] = {}  # key -> next PROGRESS time
+        self._repush: dict[str, None] = {}  # keys whose RESULT died with a link epoch, in order
         self.stats = {"requests": 0, "errors": 0, "results": 0, "undeliverable": 0}
         self._unsubscribe = self.guard.subscribe(self._prefix, self._send_result)
 
@@ -57,40 +59,68 @@ class ReaderBridge:
                 self._on_payload(ev.payload)
             elif isinstance(ev, LinkUp):
                 log.info("reader link up, epoch %d", ev.epoch)
+                self._push_again()
             elif isinstance(ev, LinkDown):
                 log.warning("reader link down: %s", ev.reason)
             elif isinstance(ev, SendFailed):
                 self.stats["undeliverable"] += 1
-                log.warning("a message to the reader was not acknowledged (%s); the reader can ask STATUS", ev.reason)
+                self._note_failed(ev.payload)
+                log.warning("a message to the reader was not acknowledged (%s); a RESULT is pushed again after "
+                            "the resync", ev.reason)
         now = self.clock()
         for key, due in list(self._waiting.items()):
             r = self.guard.status(key)
             if r is None or not r.in_progress:
                 self._waiting.pop(key, None)
             elif now >= due:
-                self._waiting[key] = now + PROGRESS_EVERY_S
+                self._waiting[key] = now + PROGRESS_INTERVAL_S
                 self._send(M.Progress(txn_id=bytes.fromhex(key.rpartition(":")[2]), display_text="PROCESSING",
                                       wait_s=PROGRESS_WAIT_S))
+
+    def _note_failed(self, payload: bytes) -> None:
+        """Remember the transaction of a RESULT the link gave up on. PROGRESS, PONG and ERROR are
+        not sent again: the reader's application timer and re-sent request cover them."""
+        try:
+            msg = M.decode_message(payload)
+        except PosguardError:
+            return
+        if isinstance(msg, M.ResultMessage):
+            self._repush[f"{self._prefix}{msg.txn_id.hex()}"] = None
+
+    def _push_again(self) -> None:
+        """After a resync: each RESULT that died with the old epoch again, in its current state."""
+        keys, self._repush = list(self._repush), {}
+        for key in keys:
+            r = self.guard.status(key)
+            if r is not None:
+                self._send_result(r)
 
     # ------------------------------------------------------------------ requests
 
     def _on_payload(self, payload: bytes) -> None:
+        """One reader message, checked in the order of PROTOCOL.md 5.4 ("Order of checks"); the
+        first failing check is the ERROR sent."""
         self.stats["requests"] += 1
         try:
+            if payload and payload[0] in _GUARD_TYPES:
+                raise M.MessageError(f"message type 0x{payload[0]:02x} is sent by the guard, not to it",
+                                     code="MSG_NOT_A_REQUEST")
             msg = M.decode_message(payload)
         except PosguardError as e:
-            self._error(e, None)
+            self._error(e, M.readable_txn_id(payload))
             return
         txn_id = getattr(msg, "txn_id", None)
         try:
+            sent_id = getattr(msg, "reader_id", None)
+            if sent_id is not None and sent_id != self.reader_id:
+                raise M.MessageError("READER_ID does not match this port's reader", code="MSG_READER_MISMATCH",
+                                     tag=int(Tag.READER_ID))
             if isinstance(msg, (M.Auth, M.Refund, M.Void)):
                 req = M.to_request(msg, self.reader_id)
                 log.info("request %s %s", req.kind.value, req.key)
-                self._waiting[req.key] = self.clock() + PROGRESS_EVERY_S
+                self._waiting[req.key] = self.clock() + PROGRESS_INTERVAL_S
                 self.guard.submit(req)
             elif isinstance(msg, M.Status):
-                if msg.reader_id is not None and msg.reader_id != self.reader_id:
-                    raise M.MessageError("READER_ID does not match this port's reader", code="MSG_READER_MISMATCH")
                 r = (self.guard.last_for_reader(self.reader_id) if msg.last
                      else self.guard.status(txn_key(self.reader_id, msg.txn_id or b"")))
                 if r is None:
@@ -99,7 +129,9 @@ class ReaderBridge:
             elif isinstance(msg, M.Ping):
                 self._send(M.Pong(txn_id=msg.txn_id))
             elif isinstance(msg, M.Confirm):
-                self.guard.confirm(txn_key(self.reader_id, msg.txn_id))
+                key = txn_key(self.reader_id, msg.txn_id)
+                self._waiting[key] = self.clock() + PROGRESS_INTERVAL_S  # until the released request's outcome
+                self.guard.confirm(key)
             elif isinstance(msg, M.Cancel):
                 self.guard.cancel(txn_key(self.reader_id, msg.txn_id))
             elif isinstance(msg, M.Signed):
@@ -124,6 +156,8 @@ class ReaderBridge:
             msg = M.result_message(Result(r.key, r.state, stan=r.stan, reason=r.reason, in_progress=r.in_progress))
         if not r.in_progress:
             self._waiting.pop(r.key, None)
+        else:
+            self._waiting.setdefault(r.key, self.clock() + PROGRESS_INTERVAL_S)
         self.stats["results"] += 1
         self._send(msg)
 

@@ -159,6 +159,7 @@ class LinkEndpoint:
         self._last_nonce: bytes | None = None
         self._sync_deadline: float | None = None
         self._answered: tuple[bytes, int] | None = None
+        self._peer_spoke = False  # a DATA/ACK/NAK of the current epoch arrived: the peer adopted it
         self.stats = LinkStats()
 
     # ------------------------------------------------------------------ public API
@@ -278,6 +279,7 @@ class LinkEndpoint:
         self._tx_seq = 0
         self._rx_last = None
         self._nak_armed = True
+        self._peer_spoke = False
         self._nonce = None
         self._sync_deadline = None
         events.append(LinkUp(epoch))
@@ -319,6 +321,7 @@ class LinkEndpoint:
         if self.state is not LinkState.UP or frame.epoch != self.epoch:
             self.stats.stale_epoch += 1
             return False
+        self._peer_spoke = True
         return True
 
     def _on_data(self, frame: Frame, events: list[LinkEvent]) -> None:
@@ -365,9 +368,12 @@ class LinkEndpoint:
         if self.state is LinkState.SYNCING and self.role == "reader":
             self.stats.ignored += 1
             return
-        if self.state is LinkState.UP and self._answered is not None and self._answered == (nonce, self.epoch):
-            # The same nonce again while up in the epoch it chose: a repeat (lost SYNC_ACK) or a
-            # copy duplicated on the line. Answer the same; a new SYNC always has a new nonce.
+        if (self.state is LinkState.UP and self._answered == (nonce, self.epoch) and not self._peer_spoke):
+            # The same nonce again while up in the epoch it chose, before the peer sent anything in
+            # that epoch: a repeat (lost SYNC_ACK) or a copy duplicated on the line. Answer the same.
+            # Once a DATA/ACK/NAK of the epoch has arrived, the peer had adopted it; the line keeps
+            # order, so this SYNC is new: a peer that rebooted and reused its nonce gets a new
+            # epoch at once instead of three unanswered retransmissions (PROTOCOL.md 4.4).
             self._emit(Frame(FrameType.SYNC_ACK, 0, self.epoch, nonce))
             return
         if self.state is LinkState.UP:

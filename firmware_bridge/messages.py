@@ -14,7 +14,7 @@ import unicodedata
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
-from guard.core.errors import PosguardError
+from guard.core.errors import PosguardError, RequestInvalid
 from guard.core.model import CardData, Request, Result, TxnKind, TxnState, mask_pan
 
 from firmware_bridge.constants import DISPLAY_TEXT_MAX, MAX_PAYLOAD, TLV_HEADER_LEN, TXN_ID_LEN, MsgType, Tag
@@ -23,7 +23,8 @@ from firmware_bridge.tags import CARD_DATA_TAGS, TAG_CODECS, MessageError, is_er
 __all__ = [  # MessageError and TAG_CODECS (firmware_bridge.tags) belong to this module's API
     "CARD_DATA_TAGS", "MESSAGE_CLASSES", "TAG_CODECS", "Auth", "Cancel", "Confirm", "ErrorMessage", "FieldSpec",
     "Message", "MessageError", "Ping", "Pong", "Progress", "Refund", "ResultMessage", "Signed", "Status", "Void",
-    "decode_message", "encode_message", "error_message", "fit_display_text", "result_message", "to_request",
+    "decode_message", "encode_message", "error_message", "fit_display_text", "luhn_ok", "readable_txn_id",
+    "result_message", "to_request",
 ]
 
 
@@ -325,13 +326,42 @@ def decode_message(payload: bytes) -> Message:
         raw = tlvs.get(tag)
         if raw is not None:
             kwargs[name] = TAG_CODECS[tag].decode(tag, raw)
+            TAG_CODECS[tag].check(tag, kwargs[name])  # every value before any missing tag (5.4, order of checks)
     missing = [tag for tag, name, mandatory in cls.FIELDS if mandatory and name not in kwargs]
     if missing:
         raise MessageError(f"{cls.MSG_TYPE.name} needs {missing[0].name}", code="MSG_MISSING_TAG", tag=int(missing[0]))
     return cls(**kwargs)  # type: ignore[return-value]
 
 
+def readable_txn_id(payload: bytes) -> bytes | None:
+    """The TXN_ID of a payload ``decode_message`` refused, when it can still be read: a TXN_ID TLV
+    of 16 bytes, complete, found exactly once among the TLVs before any truncation. An ERROR then
+    names the refused request (PROTOCOL.md 5.4: ERROR's TXN_ID)."""
+    found: list[bytes] = []
+    i, n = 1, len(payload)
+    while n - i >= TLV_HEADER_LEN:
+        tag, length = payload[i], int.from_bytes(payload[i + 1 : i + 3], "big")
+        i += TLV_HEADER_LEN
+        if n - i < length:
+            break
+        if tag == Tag.TXN_ID:
+            found.append(payload[i : i + length])
+        i += length
+    return found[0] if len(found) == 1 and len(found[0]) == TXN_ID_LEN else None
+
+
 # ---------------------------------------------------------------------------- converters
+
+
+def luhn_ok(digits: str) -> bool:
+    """ISO/IEC 7812-1 check digit (Luhn, mod 10) of a string of ASCII digits."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
 
 
 def to_request(msg: Message, reader_id: str) -> Request:
@@ -346,6 +376,8 @@ def to_request(msg: Message, reader_id: str) -> Request:
     if isinstance(msg, Void):
         # A VOID names the original transaction; the engine takes the card from it.
         return Request(reader_id, msg.txn_id, TxnKind.VOID, msg.amount, msg.currency, None, msg.original_txn_id)  # type: ignore[arg-type]
+    if not luhn_ok(msg.pan):  # a mistyped or misread card number never reaches the host
+        raise RequestInvalid("card number fails the Luhn check", code="REQUEST_BAD_PAN")
     card = CardData(msg.pan, msg.expiry or "")
     if isinstance(msg, Refund):
         return Request(reader_id, msg.txn_id, TxnKind.REFUND, msg.amount, msg.currency, card, msg.original_txn_id)

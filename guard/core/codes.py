@@ -61,7 +61,7 @@ class ErrorCode(enum.Enum):
     REQUEST_INVALID = READER, "the request is malformed (generic: one of the REQUEST_* codes applies)."
     REQUEST_BAD_AMOUNT = READER, "amount is not a positive number of minor units within the limit."
     REQUEST_BAD_CURRENCY = READER, "currency is not a 3-digit ISO 4217 numeric code."
-    REQUEST_BAD_PAN = READER, "card number missing or not 12-19 digits."
+    REQUEST_BAD_PAN = READER, "card number missing, not 12-19 digits, or failing the Luhn check (mistyped or misread)."
     REQUEST_BAD_EXPIRY = READER, "expiry is not YYMM."
     REQUEST_BAD_READER = READER, "reader id is empty, too long or not printable ASCII."
     REQUEST_BAD_TXN_ID = READER, "transaction id is not 16 bytes."

@@ -79,6 +79,7 @@ class Engine(HostEvents):
             t = from_intent(key, p, ts)
             o = self._get(t.original or "") if t.kind is TxnKind.VOID else None
             self.txns[key] = t
+            self.newest[key.rpartition(":")[0]] = key
             self._watch[key] = None
             if t.kind is TxnKind.VOID:
                 if o is not None:
@@ -196,6 +197,7 @@ class Engine(HostEvents):
             original=original.key if original else None,
         )
         self.txns[key] = t
+        self.newest[req.reader_id] = key
         self._writes += 1
         self._watch[key] = None
         self.by_stan[stan] = key
@@ -379,6 +381,7 @@ class Engine(HostEvents):
         v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.settled, currency=o.currency, card_token=o.card_token,
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
         self.txns[key] = v
+        self.newest[req.reader_id] = key
         self._writes += 1
         self._watch[key] = None
         rec = self._to_reversal(o, "VOID", now, {"void": key})
@@ -400,14 +403,11 @@ class Engine(HostEvents):
             return None
         return t.result(in_progress=t.state in AWAITING)
 
-    def last_for_reader(self, reader_id: str) -> Result | None:
-        """STATUS(LAST): the newest transaction of this reader still in memory."""
-        prefix = reader_id + ":"
-        for key in reversed(self.txns):
-            if key.startswith(prefix):
-                t = self.txns[key]
-                return t.result(in_progress=t.state in AWAITING)
-        return None
+    def last_for_reader(self, reader_id: str) -> Result | Load | None:
+        """STATUS(LAST): ``status`` of this reader's newest transaction by arrival (a transaction
+        read back from the journal later, e.g. for a late SIGNED, does not become the newest)."""
+        key = self.newest.get(reader_id)
+        return None if key is None else self.status(key)
 
     @entry
     def completion_failed(self, key: str, now: float) -> list[Action]:

@@ -289,7 +289,8 @@ class HostEvents(EngineState):
             self.count("reversed")
             self._finalized(t)
             vrec, vreply = self._void_follow(t, TxnState.APPROVED)
-            return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
+            # The reader was told REVERSAL_PENDING (IN_PROGRESS 00, not final): push the final state.
+            return [Append([rec, *vrec], vault_shred=self._shred(t)), Reply(t.result()), *vreply]
         if bad:  # not an answer to our reversal: like no answer, it does not count as a refusal
             return self._reversal_failed(t, now, f"ECHO_MISMATCH:{','.join(bad)}")
         return self._reversal_failed(t, now, f"RC_{rc or 'NONE'}", refused=rc)
@@ -401,7 +402,7 @@ class HostEvents(EngineState):
         self.count("needs_manual")
         self._finalized(t)
         vrec, vreply = self._void_follow(t, TxnState.NEEDS_MANUAL)
-        return [Append([rec, *vrec], vault_shred=self._shred(t)), *vreply]
+        return [Append([rec, *vrec], vault_shred=self._shred(t)), Reply(t.result()), *vreply]
 
     def _reversals_expired(self, now: float) -> list[Action]:
         """Reversals unanswered for ``reversal_max_age_s`` (default a day) since their first send go

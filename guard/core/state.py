@@ -76,6 +76,7 @@ class EngineState:
         self._loaded: dict[str, Txn | None] = {}  # handed in by ``load`` for the call being retried
         self._finals: OrderedDict[str, None] = OrderedDict()
         self.txns: dict[str, Txn] = {}
+        self.newest: dict[str, str] = {}  # reader id -> key of its newest transaction (STATUS LAST)
         self.by_stan: dict[int, str] = {}
         self.last_stan = 0
         self.host_up = False

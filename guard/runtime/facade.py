@@ -63,7 +63,10 @@ class GuardFacade:
         return r
 
     def last_for_reader(self, reader_id: str) -> Result | None:
-        return self.engine.last_for_reader(reader_id)
+        """STATUS(LAST): the newest AUTH/REFUND/VOID this reader sent (read from the journal if
+        it left memory)."""
+        key = self.engine.newest.get(reader_id)
+        return None if key is None else self.status(key)
 
     # ------------------------------------------------------------------ results
 

@@ -7,8 +7,10 @@ an example of what PROTOCOL.md asks of a reader beyond the link layer:
 * TXN_ID = boot counter (8 bytes) + counter restarting at 1 after each boot (section 7.1).
 * A request the link reports as SendFailed is re-sent with the **same** TXN_ID (section 7.3).
 * Only a RESULT with IN_PROGRESS = 00 ends a transaction; PROGRESS and in-progress RESULTs are
-  recorded and waited through. The application timer (30 s, restarted by PROGRESS up to 120 s
-  after the request) ends in STATUS(TXN_ID), never in "approved" (section 7.6).
+  recorded and waited through. The application timer (30 s, restarted by PROGRESS and by
+  in-progress RESULTs up to 120 s after the request) ends in STATUS(TXN_ID), never in "approved"
+  (section 7.6); so does a resync while nothing of the call is left to answer (section 7.8).
+* SYNC nonces come from the seeded RNG mixed with the boot counter (section 4.4).
 * Clear card data is only ever put on the wire; nothing here prints or logs it.
 
 ``LinkFaults`` (guard.simulation.linkfaults) damages what the reader writes (duplicate, truncate, bit flip, garbage, split and
@@ -151,8 +153,11 @@ class ReaderSim:
     # ------------------------------------------------------------------ lifecycle
 
     def _power_on(self) -> None:
+        # SYNC nonces stand in for a hardware RNG: the boot counter is mixed in so that two runs
+        # with the same --seed do not start with the same nonce (PROTOCOL.md 4.4).
         self.link = LinkEndpoint(
-            "reader", rng=random.Random(self._rng.getrandbits(64)), t2=self._t2, max_retx=self._max_retx
+            "reader", rng=random.Random(self._rng.getrandbits(64) ^ self.boot_counter), t2=self._t2,
+            max_retx=self._max_retx,
         )
         f = self.faults
         self._dropper = _AckDropper(f) if f is not None and f.drop_ack_rate else None
@@ -328,17 +333,26 @@ class ReaderSim:
         assert isinstance(answer, (Pong, ErrorMessage))
         return answer
 
-    def submit(self, msg: Message) -> bytes:
-        """Queue one request and put it on the wire now if the link allows; returns its payload.
-        Answers are collected by the next waiting call."""
-        payload = encode_message(msg)
+    def send_payload(self, payload: bytes, timeout: float = 5.0) -> Message:
+        """Put any payload on the link (a test's malformed message, built by hand) and return the
+        first ERROR, RESULT or PONG that arrives after it."""
+        def match(m: Message) -> bool:
+            return isinstance(m, (ErrorMessage, ResultMessage, Pong))
+
+        return self._ask(payload, match, timeout)
+
+    def submit(self, msg: Message | bytes) -> bytes:
+        """Queue one request (a message, or a payload as is) and put it on the wire now if the
+        link allows; returns its payload. Answers are collected by the next waiting call."""
+        payload = msg if isinstance(msg, bytes) else encode_message(msg)
         now = self.clock()
         if self.link.state is LinkState.IDLE:
             self.stats.syncs += 1
             self._handle(self.link.start(now), now)  # a reader SYNCs at boot before anything else
         self._begin_call((payload,))
-        self.sent.append(msg)
-        log.debug("send %r", msg)
+        if not isinstance(msg, bytes):
+            self.sent.append(msg)
+            log.debug("send %r", msg)
         self.link.send_message(payload, now)
         self._write_out(now, force=True)
         return payload
@@ -365,7 +379,7 @@ class ReaderSim:
         self._resynced = False
         self._inbox.clear()
 
-    def _ask(self, msg: Message, match: Callable[[Message], bool], timeout: float) -> Message:
+    def _ask(self, msg: Message | bytes, match: Callable[[Message], bool], timeout: float) -> Message:
         """Send a query and return the first message ``match`` accepts."""
         deadline = self.clock() + timeout
         payload = self.submit(msg)
@@ -397,9 +411,11 @@ class ReaderSim:
             now = self.clock()
             self._pump(now)
             for m in self._take_inbox():
-                if isinstance(m, Progress) and m.txn_id == txn_id:
-                    wait = m.wait_s or READER_APP_TIMEOUT_S
-                    app_deadline = min(now + wait, start + READER_APP_TIMEOUT_CAP_S)
+                if isinstance(m, (Progress, ResultMessage)) and m.txn_id == txn_id and (
+                        isinstance(m, Progress) or m.in_progress):
+                    # Restarted, never shortened, never past the cap (section 7.6).
+                    wait = (m.wait_s if isinstance(m, Progress) else None) or READER_APP_TIMEOUT_S
+                    app_deadline = max(app_deadline, min(now + wait, start + READER_APP_TIMEOUT_CAP_S))
                 elif isinstance(m, ResultMessage) and m.txn_id == txn_id and not m.in_progress:
                     if held_ends or m.state not in OPERATOR_DECISION_STATES:
                         return m

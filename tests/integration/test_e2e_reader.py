@@ -409,3 +409,133 @@ def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Pat
     mismatch = next(p for k, p in entries if k == "reversal_pending" and p.get("reason") == "ECHO_MISMATCH")
     assert set(mismatch["fields"]) & {"41", "42", "4", "11"}, mismatch
     assert sum(k == "reversed" for k, _ in entries) == 2
+
+
+def test_first_sale_after_a_reader_restart_needs_no_retransmission(rig: dict[str, Any]) -> None:
+    """Issue 13: a reader process that restarts with the same SYNC nonce as its previous run (an
+    unseeded RNG, or ``posguard readersim`` twice with one seed) used to be answered as a repeat
+    of the old SYNC: it adopted the old epoch, its AUTH seq 0 was ignored as out of sequence and
+    went through three retransmissions and a resync (about 5 s). The guard now starts a new epoch
+    for a SYNC that follows traffic of the epoch, so the first sale is as fast as any other."""
+    first = rig["reader"](boot=1)
+    for i in range(2):  # the guard has accepted seq 0 and 1 of this epoch
+        assert first.auth(first.new_txn_id(), 1000 + i, "978", PAN, "2912", timeout=10).state is TxnState.APPROVED
+    old_epoch = first.epochs[-1]
+    first.close()
+    again = rig["reader"](boot=1)  # same seed and boot counter: the very same SYNC nonce
+    assert again.epochs[-1] != old_epoch, "the restarted reader got the old epoch back"
+    again.new_txn_id(), again.new_txn_id()  # ids of the first run's sales
+    txn = again.new_txn_id()
+    res = again.auth(txn, 1500, "978", PAN, "2912", timeout=15)
+    assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert (again.retransmissions, again.stats.link_downs, again.stats.status_polls, again.stats.resends) == (0, 0, 0, 0)
+    assert rig["guard"].bridge.link.endpoint.stats.retransmissions == 0
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    return bytes([tag]) + len(value).to_bytes(2, "big") + value
+
+
+def test_refused_messages_name_their_txn_id_and_the_first_failing_check(rig: dict[str, Any]) -> None:
+    """PROTOCOL.md 5.4 (order of checks): the daemon checks a reader message in one documented order, answers the
+    first failure with its code and, whenever the TXN_ID can be read, names it. An id refused with
+    an ERROR, or used by PING, is not taken: it can still carry a sale."""
+    r = rig["reader"]()
+    t = bytes(range(1, 17))
+    txn, amt, cur = _tlv(0x01, t), _tlv(0x02, bytes.fromhex("000000001000")), _tlv(0x03, b"978")
+    pan, bad_luhn, exp = _tlv(0x04, PAN.encode()), _tlv(0x04, b"4761739001010118"), _tlv(0x05, b"2912")
+    cases = [
+        (b"", "MSG_TRUNCATED", None),
+        (b"\x01" + txn + amt[:4], "MSG_TRUNCATED", t),
+        (b"\x09" + txn, "MSG_UNKNOWN_TYPE", t),
+        (b"\x81" + txn + txn, "MSG_NOT_A_REQUEST", None),  # before its TLVs are looked at
+        (b"\x81" + txn, "MSG_NOT_A_REQUEST", t),
+        (b"\x01" + txn + amt + amt + _tlv(0x03, b"97A"), "MSG_DUPLICATE_TAG", t),  # structure before values
+        (b"\x04" + txn + pan + _tlv(0x07, b"bad:id"), "MSG_CLEAR_PAN", t),  # card data before values
+        (b"\x01" + txn + _tlv(0x02, b"\x00" * 6) + cur, "MSG_BAD_VALUE", t),  # values before missing tags
+        (b"\x01" + _tlv(0x01, t[:15]) + amt + cur + pan, "MSG_BAD_VALUE", None),
+        (b"\x01" + txn + amt + cur, "MSG_MISSING_TAG", t),
+        (b"\x05" + txn + _tlv(0x08, b"\x01"), "MSG_CONFLICTING_TAGS", t),
+        (b"\x06" + txn + _tlv(0x07, b"R2"), "MSG_READER_MISMATCH", t),
+        (b"\x04" + txn + _tlv(0x07, b"R2"), "MSG_READER_MISMATCH", t),
+        (b"\x01" + txn + amt + cur + bad_luhn + exp + _tlv(0x07, b"R2"), "MSG_READER_MISMATCH", t),
+        (b"\x01" + txn + amt + cur + bad_luhn + exp, "REQUEST_BAD_PAN", t),
+    ]
+    got = []
+    for payload, _, _ in cases:
+        answer = r.send_payload(payload, timeout=5)
+        assert isinstance(answer, M.ErrorMessage), answer
+        got.append((answer.error_code, answer.txn_id))
+    assert got == [(code, tid) for _, code, tid in cases]
+    ping = r.ping()
+    assert isinstance(ping, M.Pong)
+    for reused in (t, ping.txn_id):
+        res = r.auth(reused, 1000, "978", PAN, "2912", timeout=10)
+        assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert rig["core"].stats()["requests_by_mti"]["0200"] == 2
+
+
+def test_reversed_after_reversal_pending_is_pushed_without_a_status(rig: dict[str, Any]) -> None:
+    """PROTOCOL.md 6.1/7.8: REVERSAL_PENDING comes with IN_PROGRESS 00 (stop waiting, not final);
+    the final REVERSED that follows is pushed like the outcome after HELD, not left to a STATUS."""
+    r = rig["reader"]()
+    r.app_timeout = 600.0  # a STATUS from the application timer would hide a missing push
+    rig["core"].force("wrong_echo")
+    txn = r.new_txn_id()
+    first = r.auth(txn, 1300, "978", PAN, "2912", timeout=10)
+    assert isinstance(first, M.ResultMessage) and not first.in_progress
+    assert first.state in (TxnState.REVERSAL_PENDING, TxnState.REVERSED)
+    final = r.results[txn] if r.results[txn].state is TxnState.REVERSED else r.await_final(txn, timeout=10)
+    assert isinstance(final, M.ResultMessage) and final.state is TxnState.REVERSED and not final.in_progress
+    assert r.stats.status_polls == 0 and not any(isinstance(m, M.Status) for m in r.sent)
+
+
+def test_result_lost_at_a_resync_is_pushed_again_in_the_new_epoch(rig: dict[str, Any]) -> None:
+    """PROTOCOL.md 4.5/7.8: the RESULT outstanding when the reader rebooted (SendFailed on the
+    guard's side) is pushed again, in its current state, once the new epoch is up."""
+    r = rig["reader"]()
+    r.app_timeout = 600.0
+    bridge = rig["guard"].bridge
+    txn = r.new_txn_id()
+    r.submit(M.Auth(txn, 2700, "978", PAN, "2912", "R1"))
+    deadline = time.monotonic() + 10
+    while bridge.stats["results"] < 1 and time.monotonic() < deadline:  # sent, never read by the reader
+        time.sleep(0.01)
+    assert bridge.stats["results"] == 1
+    r.reboot()
+    r.sync(timeout=5)
+    res = r.results[txn] if txn in r.results else r.await_final(txn, timeout=10)  # it may come with the SYNC_ACK
+    assert isinstance(res, M.ResultMessage) and res.state is TxnState.APPROVED
+    assert bridge.stats["undeliverable"] >= 1
+    assert (r.stats.status_polls, r.stats.resends) == (0, 0)
+    assert_one_authorization_per_txn(rig["core"], {txn: res})
+
+
+def test_confirm_is_kept_alive_by_progress_until_the_released_sale_is_answered(
+        tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]], null_modem: NullModem,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """PROTOCOL.md 5.4/7.6: CONFIRM is answered like the request it releases: PROGRESS while the
+    host is asked, then the outcome (the PROGRESS interval is shortened here, the rule is not)."""
+    from firmware_bridge import daemon
+
+    monkeypatch.setattr(daemon, "PROGRESS_INTERVAL_S", 0.2)
+    core = HostCore(seed=9, dup_detection=True, late_delay=1.5)
+    _, port = host_server(core)
+    cfg = config(tmp_path, null_modem.a, port, timeout=5.0)
+    cfg["policy"]["confirm_amount"] = True
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(null_modem.b), reader_id="R1", rng=random.Random(11))
+    try:
+        r.sync(timeout=5)
+        txn = r.new_txn_id()
+        held = r.auth(txn, 1234, "978", PAN, "2912", timeout=10)
+        assert isinstance(held, M.ResultMessage) and held.state is TxnState.HELD
+        core.force("delay_response")
+        seen = len(r.received)
+        done = r.confirm(txn, timeout=10)
+        assert isinstance(done, M.ResultMessage) and done.state is TxnState.APPROVED
+        progress = [m for m in r.received[seen:] if isinstance(m, M.Progress) and m.txn_id == txn]
+        assert len(progress) >= 2 and {p.wait_s for p in progress} == {30}
+    finally:
+        r.close()
+        guard.stop()

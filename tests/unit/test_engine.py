@@ -136,7 +136,7 @@ def test_timeout_commits_reversal_before_reply_then_0400_then_0401_repeats() -> 
     t3 = e.tick(NOW + 20)
     assert kinds(t3) == ["append:reversal_attempt", "send:0401"]
     done = e.host_message(response(t3[1], "00"), NOW + 21)
-    assert kinds(done) == ["append:reversed"]
+    assert kinds(done) == ["append:reversed", "reply:REVERSED"]  # the final state is pushed after the commit
     assert e.txns[req().key].state is TxnState.REVERSED and not e.busy()
 
 
@@ -171,7 +171,7 @@ def test_rc94_to_a_fresh_sale_is_a_stan_collision_and_rc94_on_reversal_means_don
     assert not [a for a in e.tick(NOW + 60) if isinstance(a, SendHost) and a.fields["t"] != "0800"]
     acts = e.submit(req(2), NOW + 61)
     t = e.tick(NOW + 61 + CFG.host_timeout_s)
-    assert kinds(e.host_message(response(t[-1], "94"), NOW + 70)) == ["append:reversed"]
+    assert kinds(e.host_message(response(t[-1], "94"), NOW + 70)) == ["append:reversed", "reply:REVERSED"]
 
 
 def test_reversal_cap_counts_only_explicit_refusals_and_does_not_block_the_queue() -> None:
@@ -235,11 +235,13 @@ def test_an_unanswered_reversal_expires_to_needs_manual_after_its_horizon() -> N
     assert e.txns[req().key].state is TxnState.REVERSAL_PENDING
     e.on_host_up(now)  # connected, but silent: the first 0400 goes out now and starts the horizon
     first = now
+    told: list[str] = []
     while now < first + 3700 and e.pending_reversals():
         now += 10
-        e.tick(now)
+        told += [k for k in kinds(e.tick(now)) if k.startswith("reply:")]
     t = e.txns[req().key]
     assert t.state is TxnState.NEEDS_MANUAL and t.reason == "REVERSAL_EXPIRED"
+    assert told == ["reply:NEEDS_MANUAL"], "the reader, told REVERSAL_PENDING, is told the final state"
     assert first + 3600 <= now <= first + 3610 + CFG.reversal_timeout_s
 
 

@@ -124,7 +124,7 @@ def test_a_0411_answers_a_reversal() -> None:
     sale(e)
     rev = next(a for a in e.tick(NOW + CFG.host_timeout_s) if isinstance(a, SendHost))
     out = e.host_message(response(rev, "00", t="0411"), NOW + CFG.host_timeout_s + 1)
-    assert kinds(out) == ["append:reversed"]
+    assert kinds(out) == ["append:reversed", "reply:REVERSED"]
 
 
 @pytest.mark.parametrize("over,key", [

@@ -394,3 +394,23 @@ def test_void_after_a_reversed_refund_that_must_be_read_back_keeps_its_sale_in_m
     assert w.shown[_void(3, 1, 5000).key].state is TxnState.APPROVED
     assert w.ex.status(w.key(1)).state is TxnState.REVERSED  # type: ignore[union-attr]
     assert w.host.total_net_debits() == 0
+
+
+def test_status_last_names_the_newest_transaction_even_after_an_older_one_is_read_back(tmp_path: Path) -> None:
+    """PROTOCOL.md 5.4: STATUS(LAST) is the reader's newest AUTH/REFUND/VOID by arrival. A late
+    SIGNED reads an evicted sale back from the journal into memory; that used to make it "newest"
+    (the newest key in memory was taken), so a rebooted reader asking LAST got the wrong sale."""
+    from guard.runtime.facade import GuardFacade
+
+    w = World(tmp_path, dataclasses.replace(OFF, signature_above=5000, signature_timeout_s=600), keep_final=1)
+    w.sale(1, amount=6000)  # approved, awaiting the customer's signature
+    w.sale(2, pan=PAN_B)
+    w.sale(3, pan=PAN_B)
+    assert w.key(1) not in w.engine.txns, "sale 1 left memory"
+    w.ex.call(w.engine.signed, w.key(1))
+    assert w.key(1) in w.engine.txns, "read back for the SIGNED"
+    last = GuardFacade(w.engine, w.ex).last_for_reader("R1")
+    assert last is not None and last.key == w.key(3)
+    w.restart()
+    last = GuardFacade(w.engine, w.ex).last_for_reader("R1")
+    assert last is not None and last.key == w.key(3)
