@@ -32,7 +32,6 @@ from guard.core.model import TxnState
 
 STREAMS = 100_000
 SEED = 0x5EED_F022
-TIME_BUDGET_S = 60.0
 SPECIAL = bytes([0x10, 0x10, 0x10, 0x02, 0x03, 0x00, 0xFF])
 
 
@@ -191,4 +190,3 @@ def test_fuzz_frame_parser_and_message_decoder() -> None:
     assert counts["frames"] > STREAMS // 4  # the campaign really exercised delivery
     assert counts["frame_error:FRAME_BAD_CRC"] > 1000 and counts["decode_error:MSG_TRUNCATED"] > 100
     assert counts["novel_frames"] <= STREAMS // 10_000  # CRC-16 lets ~1/65536 random candidates through
-    assert elapsed < TIME_BUDGET_S
