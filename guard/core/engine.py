@@ -521,6 +521,7 @@ class Engine(HostEvents):
 
     def busy(self) -> bool:
         """True while anything awaits the host: used by drivers to know when a drain is done."""
-        return bool(self._saf) or bool(self._stored) or any(t.state in AWAITING and t.kind is not TxnKind.VOID
-                                                           for t in self._watched(prune=False))
+        return bool(self._saf) or bool(self._stored) or any(
+            (t.state in AWAITING and t.kind is not TxnKind.VOID) or t.state is TxnState.AWAITING_COMPLETION
+            for t in self._watched(prune=False))
 

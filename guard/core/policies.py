@@ -80,8 +80,8 @@ class OfflineConfig:
     max_total_amount: int = 50_000
     max_count: int = 250
     max_age_s: float = 86_400.0
-    # Per entry mode (emv.EntryMode value) floor limit for one sale, in place of max_sale_amount
-    # (Adyen chipFloorLimit). Swiped cards (MAGSTRIPE, FALLBACK) are never stored offline.
+    # Per entry mode (emv.EntryMode value) floor limit for one sale, below max_sale_amount (Adyen
+    # chipFloorLimit); 0 or absent: max_sale_amount. Swiped cards (MAGSTRIPE, FALLBACK) are never stored offline.
     floor_limits: tuple[tuple[str, int], ...] = ()
 
     def refuse(self, amount: int, stored_count: int, stored_total: int, entry_mode: str = "") -> str:
@@ -90,7 +90,8 @@ class OfflineConfig:
             return "NO_HOST"
         if entry_mode in SWIPED:
             return "OFFLINE_SWIPE_REFUSED"
-        if amount > dict(self.floor_limits).get(entry_mode, self.max_sale_amount):
+        floor = dict(self.floor_limits).get(entry_mode) or self.max_sale_amount
+        if amount > min(self.max_sale_amount, floor):
             return "OFFLINE_LIMIT_SALE_AMOUNT"
         if stored_count + 1 > self.max_count:
             return "OFFLINE_LIMIT_COUNT"

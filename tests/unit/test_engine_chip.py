@@ -167,3 +167,17 @@ def test_offline_never_approves_a_swipe_and_defers_chip_within_its_floor() -> No
 
 def test_an_await_completion_record_is_a_known_kind() -> None:
     assert Kind("await_completion") is Kind.AWAIT_COMPLETION
+
+
+def test_offline_floor_limits_come_from_the_config_file(tmp_path: Any) -> None:
+    from posguard.config import engine_config, load
+
+    toml = tmp_path / "guard.toml"
+    toml.write_text('[terminal]\nterminal_id = "TERM0001"\nmerchant_id = "MERCHANT0000001"\n[reader]\nurl = "loop://"\n'
+                    'completion_timeout = 45\n[host]\naddress = "127.0.0.1"\nport = 1\nksn_field = "53"\n'
+                    '[journal]\npath = "j"\nkeys = "k"\n[offline]\nenabled = true\nchip_floor_limit = 3000\n')
+    cfg = engine_config(load(toml))
+    assert cfg.completion_timeout_s == 45 and cfg.ksn_field == "53"
+    assert cfg.offline.refuse(4000, 0, 0, "CHIP") == "OFFLINE_LIMIT_SALE_AMOUNT"
+    assert cfg.offline.refuse(4000, 0, 0, "CONTACTLESS") == ""
+    assert cfg.offline.refuse(100, 0, 0, "MAGSTRIPE") == "OFFLINE_SWIPE_REFUSED"
