@@ -12,8 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from firmware_bridge.messages import Auth, ErrorMessage, ResultMessage
 from guard.core.emv import CardDecision, EntryMode
-from guard.core.model import CardData
+from guard.core.model import CardData, TxnState
 
 # What happens after the host approved (PROTOCOL.md section 12):
 ACCEPT = "accept"  # TC: COMPLETE ACCEPTED
@@ -135,3 +136,34 @@ def reader_complete(w: Any, key: str, decision: CardDecision, icc: bytes, attemp
     w.terminal("complete", key, decision, icc)
     if attempt < 2 and w.chip_rng.random() < w.cfg.resend_rate:
         w.at(w.chip_rng.uniform(0.1, 10.0), "complete", (key, decision, icc, attempt + 1))
+
+
+# ---------------------------------------------------------------------------- the reference reader
+
+
+def auth_message(card: CardData, txn_id: bytes, amount: int, currency: str, reader_id: str) -> Auth:
+    """The AUTH a reader sends for ``card`` (PROTOCOL.md section 12.1)."""
+    return Auth(txn_id, amount, currency, card.pan, card.expiry or None, reader_id,
+                entry_mode=card.entry_mode or None, pan_seq=card.pan_seq or None, track2=card.track2 or None,
+                icc=card.icc or None, pin_block=card.pin_block or None, ksn=card.ksn or None)
+
+
+Answer = ResultMessage | ErrorMessage
+
+
+def present(reader: Any, model: CardModel, txn_id: bytes, amount: int, currency: str, pan: str, expiry: str,
+            rng: random.Random, timeout: float = 30.0) -> tuple[Answer, Answer | None]:
+    """A sale with ``model`` on a ``ReaderSim``: AUTH, then, when the guard answers
+    AWAITING_COMPLETION, the card's decision as COMPLETE (after a reboot and link sync for the
+    REBOOT* behaviours; none at all for REBOOT). Returns the AUTH's answer and COMPLETE's."""
+    card = card_data(model, pan, expiry, amount, currency, rng)
+    first = reader.transact(auth_message(card, txn_id, amount, currency, reader.reader_id), timeout)
+    if not (isinstance(first, ResultMessage) and first.state is TxnState.AWAITING_COMPLETION):
+        return first, None
+    if model.behaviour in (REBOOT, REBOOT_RESEND):
+        reader.reboot()
+        reader.sync(timeout=timeout)
+    decision = model.decision
+    if model.behaviour == REBOOT or decision is None:
+        return first, None
+    return first, reader.complete(txn_id, decision.value, final_icc(decision, 1, rng), timeout)
