@@ -159,3 +159,33 @@ def test_no_card_secret_on_disk_in_logs_or_exports_after_a_chip_run(rig: dict[st
     print({k: len(v) for k, v in files.items()})
     db = b"".join(v for k, v in files.items() if k.startswith("journal.db"))
     assert b'"cryptogram":"TC"' in db and b'"entry":"CHIP"' in db, "the non-sensitive EMV facts are journaled"
+
+
+def test_guard_restarted_while_the_card_decides_still_reverses_after_the_timeout(
+        tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]], null_modem: NullModem) -> None:
+    """The completion timer is rebuilt from the journal: the guard stops (power cut at the counter)
+    while a chip sale awaits the card, the reader reboots too and never sends COMPLETE; the
+    restarted guard reverses the sale when the timer runs out."""
+    core = HostCore(seed=4, dup_detection=True)
+    _, port = host_server(core)
+    cfg = config(tmp_path, null_modem.a, port)
+    cfg["reader"]["completion_timeout"] = COMPLETION_TIMEOUT
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(null_modem.b), reader_id="R1", rng=random.Random(2))
+    try:
+        r.sync(timeout=5)
+        txn = r.new_txn_id()
+        card = cards.card_data(cards.CardModel(EntryMode.CHIP), PAN, "2912", 2200, "978", random.Random(3))
+        first = r.transact(cards.auth_message(card, txn, 2200, "978", "R1"), timeout=20)
+        assert isinstance(first, M.ResultMessage) and first.state is TxnState.AWAITING_COMPLETION
+        assert core.total_net_debits() == 1
+        guard.stop()
+        guard = Guard(cfg)  # restore: AWAITING_COMPLETION with its timer, not a recovery reversal
+        r.reboot()
+        r.sync(timeout=5)
+        res = settle({"reader": r}, txn, rounds=400)
+        assert res.state is TxnState.REVERSED and res.error_code == "COMPLETION_TIMEOUT"
+        assert core.total_net_debits() == 0
+    finally:
+        r.close()
+        guard.stop()

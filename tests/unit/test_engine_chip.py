@@ -181,3 +181,21 @@ def test_offline_floor_limits_come_from_the_config_file(tmp_path: Any) -> None:
     assert cfg.offline.refuse(4000, 0, 0, "CHIP") == "OFFLINE_LIMIT_SALE_AMOUNT"
     assert cfg.offline.refuse(4000, 0, 0, "CONTACTLESS") == ""
     assert cfg.offline.refuse(100, 0, 0, "MAGSTRIPE") == "OFFLINE_SWIPE_REFUSED"
+
+
+def test_complete_for_an_evicted_final_sale_asks_for_its_entries_and_answers_from_them() -> None:
+    e = engine(keep_final=1)
+    log: list[E] = []
+    for i in (1, 2):
+        acts = e.submit(chip_req(i), NOW)
+        _journal(e, acts, log, NOW)
+        out = e.host_message(response(acts[1], "00"), NOW + 1)
+        _journal(e, out, log, NOW + 1)
+        _journal(e, e.complete(chip_req(i).key, CardDecision.ACCEPTED, FINAL_TC, NOW + 2), log, NOW + 2)
+    key = chip_req(1).key
+    assert key not in e.txns, "evicted (keep_final=1)"
+    asked = e.complete(key, CardDecision.CARD_DECLINED, b"", NOW + 3)
+    assert len(asked) == 1 and asked[0].keys == (key,)  # type: ignore[union-attr]
+    e.load(key, [x for x in log if x.txn == key])
+    again = e.complete(key, CardDecision.CARD_DECLINED, b"", NOW + 3)
+    assert kinds(again) == ["reply:APPROVED"], "a final sale is answered from the journal, never re-decided"
