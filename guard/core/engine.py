@@ -422,33 +422,6 @@ class Engine(HostEvents):
                 return t.result(in_progress=t.state in AWAITING)
         return None
 
-    @entry
-    def complete(self, key: str, decision: emv.CardDecision, icc: bytes, now: float) -> list[Action]:
-        """The reader's COMPLETE: the card's final decision on a chip sale the host approved.
-        Accepted: APPROVED. Declined by the card, card removed, terminal error: reversed (reason =
-        the decision), the reader told "not charged". For a transaction not awaiting the card
-        (already final, a swiped sale, still at the host) the stored result, changing nothing.
-        ``icc`` (the card's final ICC data, already checked) adds the cryptogram type, ATC, TVR and
-        TSI to the journal. Raises TXN_UNKNOWN for an id never journaled."""
-        t = self._get(key)
-        if t is None:
-            raise PosguardError("no transaction with this id on this terminal", code="TXN_UNKNOWN")
-        if t.state is not TxnState.AWAITING_COMPLETION:
-            self.count("complete_replayed")
-            return [Reply(t.result(in_progress=t.state in AWAITING))]
-        extra: dict[str, Any] = {"card": decision.value}
-        if icc:
-            extra["emv"] = emv.facts(icc)
-        if decision is emv.CardDecision.ACCEPTED:
-            self.count("card_accepted")
-            return self._finish(t, TxnState.APPROVED, approval=t.approval, rrn=t.rrn, extra=extra)
-        self.count("card_" + decision.value.lower())
-        return self._reverse_many([t], decision.value, now, extra=extra)
-
-    def completion_failed(self, key: str, now: float) -> list[Action]:
-        """The host approved but the card or terminal could not complete: as COMPLETE(TERMINAL_ERROR)."""
-        return self.complete(key, emv.CardDecision.TERMINAL_ERROR, b"", now)
-
     # ------------------------------------------------------------------ host events
 
     def next_deadline(self) -> float | None:
@@ -495,11 +468,7 @@ class Engine(HostEvents):
         partials = [t for t in watched if t.state is TxnState.PARTIAL and t.deadline is not None and now >= t.deadline]
         if partials:
             acts += self._reverse_many(partials, "PARTIAL_EXPIRED", now)
-        silent = [t for t in watched if t.state is TxnState.AWAITING_COMPLETION and t.deadline is not None
-                  and now >= t.deadline]
-        if silent:  # no COMPLETE in time (the reader rebooted, the card went with the customer): undo
-            self.count("completion_timeout", len(silent))
-            acts += self._reverse_many(silent, "COMPLETION_TIMEOUT", now)
+        acts += self._completions_due(watched, now)
         if self.cfg.policy.hold_expiry_s > 0:
             for t in [t for t in watched if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
                 acts += self._finish(t, TxnState.DECLINED, reason="HOLD_EXPIRED")

@@ -10,11 +10,11 @@ from typing import Any
 
 from guard.core import constants as C
 from guard.core.actions import Action, Append, Reply, SendHost
-from guard.core.emv import issuer_data
+from guard.core.completion import CardCompletion
 from guard.core.fields import echo_mismatches, field90
 from guard.core.model import TxnKind, TxnState, mask_pan
 from guard.core.records import Kind, Record
-from guard.core.state import EngineState, entry
+from guard.core.state import entry
 from guard.core.txn import Txn
 
 
@@ -73,7 +73,7 @@ def mask_digit_runs(value: str) -> str:
     return _DIGIT_RUN.sub(one, value)
 
 
-class HostEvents(EngineState):
+class HostEvents(CardCompletion):
     """What the host says or fails to say, and what the terminal owes it."""
 
     garbage: GarbageTally | None = None  # this connection's garbage interval (None: next item is journaled at once)
@@ -261,19 +261,6 @@ class HostEvents(EngineState):
         # a system error, a code no table lists. It may have moved money: undo it (fail safe).
         self.count("unclassified_rc")
         return self._reverse_many([t], "UNCLASSIFIED_RESPONSE", now, extra={"rc": rc})
-
-    def _await_card(self, t: Txn, f: dict[str, str], approval: str, rrn: str, now: float) -> list[Action]:
-        """A chip sale the host approved: not final until the card accepts (COMPLETE). The card
-        data stays in the vault (a reversal may need it); the issuer's field 55 goes to the reader."""
-        rec = self._record(t, Kind.AWAIT_COMPLETION, {"rc": t.rc, "approval": approval, "rrn": rrn})
-        try:
-            t.issuer_icc = issuer_data(bytes.fromhex(f.get(C.F_ICC, "")))
-        except ValueError:
-            t.issuer_icc = b""
-        t.deadline = now + self.cfg.completion_timeout_s
-        self._watch[t.key] = None
-        self.count("awaiting_completion")
-        return [Append([rec]), Reply(t.result())]
 
     def _partial_amount(self, t: Txn, f: dict[str, str]) -> int | None:
         """The approved amount of a partial approval (field 4, or the first amount of field 54),
