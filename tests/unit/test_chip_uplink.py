@@ -60,3 +60,16 @@ def test_the_codec_carries_the_chip_fields_both_ways(spec: str) -> None:
 def test_logs_redact_track2_pin_block_and_icc() -> None:
     shown = repr(redact(card_fields(CARD, None, "62")))
     assert PAN not in shown and "0123456789ABCDEF" not in shown and ICC.hex().upper() not in shown
+
+
+def test_the_host_simulator_declines_a_chip_sale_without_field_55_and_answers_one_with_issuer_data() -> None:
+    from guard.simulation.hostsim import HostCore
+    from tests.support.hostmsgs import one, sale
+
+    core = HostCore(seed=1, dup_detection=True)
+    bare = one(core, {**sale(1), "22": "051"})
+    assert bare["39"] == "30" and core.total_net_debits() == 0 and core.stats()["chip_without_icc"] == 1
+    ok = one(core, {**sale(2), "22": "051", "55": ICC.hex().upper()})
+    assert ok["39"] == "00" and ok["55"].startswith("910A") and core.total_net_debits() == 1
+    swiped = one(core, {**sale(3), "22": "901"})
+    assert swiped["39"] == "00" and "55" not in swiped
