@@ -10,6 +10,7 @@ the PAN, the cardholder name or discretionary data (PCI DSS 3.3.1.1, 3.4.1): tag
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,6 +27,8 @@ FACT_TAGS: Mapping[int, str] = {0x4F: "aid", 0x84: "aid", 0x50: "label", 0x9F36:
 TAG_CID = 0x9F27  # cryptogram information data: bits 8-7 say AAC (00), TC (01), ARQC (10)
 TAG_ISSUER_AUTH = 0x91  # issuer authentication data (0210 field 55)
 CRYPTOGRAM_TYPES = {0x00: "AAC", 0x40: "TC", 0x80: "ARQC"}
+# 13+ digits standing alone, as the journal's card-number guard reads them (Luhn or not)
+_DIGIT_RUN = re.compile(r"(?<![0-9A-Za-z.])\d(?:[ -]?\d){12,}(?![0-9A-Za-z])")
 TRACK2_MAX = 37  # ISO/IEC 7813 track 2 (tag 57: n..37 with separator D)
 
 
@@ -158,17 +161,23 @@ def check_icc(data: bytes) -> tuple[Tlv, ...]:
 
 def facts(data: bytes) -> dict[str, str]:
     """The non-sensitive EMV facts of (already checked) ICC data, for the journal: AID, label,
-    ATC, TVR, TSI, CVM results (hex, the label as printable text) and the cryptogram type."""
+    ATC, TVR, TSI, CVM results (hex, the label as printable text) and the cryptogram type. A value
+    holding a run of 13 or more digits (a reader's garbage that could look like a card number, which the
+    journal refuses) has its digits replaced by ``#``: a reader cannot stop the journal with it."""
     out: dict[str, str] = {}
     for o in walk(parse_tlv(data)):
         name = FACT_TAGS.get(o.tag)
         if name == "label":
-            out[name] = "".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in o.value.decode("latin-1"))[:16]
+            out[name] = _no_pan("".join(ch if 0x20 <= ord(ch) < 0x7F else "?" for ch in o.value.decode("latin-1"))[:16])
         elif name is not None:
-            out[name] = o.value.hex().upper()
+            out[name] = _no_pan(o.value.hex().upper()[:32])
         elif o.tag == TAG_CID and len(o.value) == 1:
             out["cryptogram"] = CRYPTOGRAM_TYPES.get(o.value[0] & 0xC0, "RFU")
     return out
+
+
+def _no_pan(v: str) -> str:
+    return "".join("#" if ch.isdigit() else ch for ch in v) if _DIGIT_RUN.search(v) else v
 
 
 def issuer_data(data: bytes) -> bytes:

@@ -4,6 +4,8 @@ REQUEST_ICC_* or MSG_* code, never quote the data, and whatever is accepted hold
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,6 +13,7 @@ from firmware_bridge.constants import MsgType, Tag
 from firmware_bridge.messages import Auth, Complete, MessageError, decode_message, encode_message
 from guard.core import emv
 from guard.core.errors import RequestInvalid
+from guard.journal.records import looks_like_pan
 from tests.unit.test_emv import valid_icc
 
 ICC_CODES = {"REQUEST_ICC_MALFORMED", "REQUEST_ICC_TOO_LONG", "REQUEST_ICC_FORBIDDEN_TAG"}
@@ -27,12 +30,19 @@ def accepted_is_clean(data: bytes) -> None:
     assert not any(o.tag in emv.FORBIDDEN_TAGS for o in emv.walk(objs))
     facts = emv.facts(data)
     assert set(facts) <= {"aid", "label", "atc", "tvr", "tsi", "cvm", "cryptogram"}
+    assert not looks_like_pan(json.dumps(facts)), "the journal would refuse the intent: a reader could stop the guard"
 
 
 @settings(max_examples=3000, deadline=None)
 @given(data=st.binary(max_size=300))
 def test_arbitrary_bytes(data: bytes) -> None:
     accepted_is_clean(data)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(label=st.text("0123456789 -", min_size=13, max_size=16), aid=st.binary(min_size=5, max_size=16))
+def test_facts_from_digit_labels_and_aids_never_look_like_a_card_number(label: str, aid: bytes) -> None:
+    accepted_is_clean(bytes([0x50, len(label)]) + label.encode() + bytes([0x84, len(aid)]) + aid)
 
 
 @settings(max_examples=2000, deadline=None)

@@ -101,3 +101,14 @@ def test_track2_must_name_the_same_card() -> None:
     for bad in ("4761739001010119", "4761739001010110D2912", "4761739001010119D29X2", "4" * 30 + "D" + "1" * 10):
         with pytest.raises(RequestInvalid):
             emv.check_track2(bad, "4761739001010119")
+
+
+def test_facts_never_hold_a_card_number_like_run_the_journal_would_refuse() -> None:
+    import json
+
+    from guard.journal.records import looks_like_pan
+
+    data = tlv(0x50, b"4761739001010119") + tlv(0x84, bytes.fromhex("4761739001010119")) + tlv(0x9F36, b"\x00\x01")
+    f = emv.facts(data)
+    assert not looks_like_pan(json.dumps(f)) and f["atc"] == "0001"
+    assert emv.facts(tlv(0x84, bytes.fromhex("A0000000031010")))["aid"] == "A0000000031010"
