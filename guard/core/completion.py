@@ -19,17 +19,24 @@ from guard.core.state import AWAITING, EngineState, entry
 from guard.core.txn import Txn
 
 
+def issuer_icc_of(f: dict[str, str]) -> bytes:
+    """Field 55 of a host answer as bytes for the reader, or b"" (absent, not hex, not clean BER-TLV)."""
+    try:
+        return issuer_data(bytes.fromhex(f.get(C.F_ICC, "")))
+    except ValueError:
+        return b""
+
+
 class CardCompletion(EngineState):
     """The card's side of a chip sale the host approved (AWAITING_COMPLETION)."""
 
     def _await_card(self, t: Txn, f: dict[str, str], approval: str, rrn: str, now: float) -> list[Action]:
-        """A chip sale the host approved: not final until the card accepts (COMPLETE). The card
-        data stays in the vault (a reversal may need it); the issuer's field 55 goes to the reader."""
+        """A chip sale the host approved (or whose partial approval the operator accepted): not
+        final until the card accepts (COMPLETE). The card data stays in the vault (a reversal may
+        need it); the issuer's field 55 of ``f`` goes to the reader."""
         rec = self._record(t, Kind.AWAIT_COMPLETION, {"rc": t.rc, "approval": approval, "rrn": rrn})
-        try:
-            t.issuer_icc = issuer_data(bytes.fromhex(f.get(C.F_ICC, "")))
-        except ValueError:
-            t.issuer_icc = b""
+        if C.F_ICC in f or not t.issuer_icc:  # a partial's issuer data came with its 0210
+            t.issuer_icc = issuer_icc_of(f)
         t.deadline = now + self.cfg.completion_timeout_s
         self._watch[t.key] = None
         self.count("awaiting_completion")
@@ -54,7 +61,8 @@ class CardCompletion(EngineState):
             extra["emv"] = emv.facts(icc)
         if decision is emv.CardDecision.ACCEPTED:
             self.count("card_accepted")
-            return self._finish(t, TxnState.APPROVED, approval=t.approval, rrn=t.rrn, extra=extra)
+            return self._finish(t, TxnState.APPROVED, approval=t.approval, rrn=t.rrn, extra=extra,
+                                approved_amount=t.approved)
         self.count("card_" + decision.value.lower())
         return self._reverse_many([t], decision.value, now, extra=extra)
 

@@ -294,6 +294,8 @@ class Engine(HostEvents):
         t = self._get(key)
         if t is not None and t.state is TxnState.PARTIAL:
             self.count("partial_accepted")
+            if t.awaits_card:  # the card still has to accept the (smaller) approval
+                return self._await_card(t, {}, t.approval, t.rrn, now)
             return self._finish(t, TxnState.APPROVED, approval=t.approval, rrn=t.rrn, reason="PARTIAL_ACCEPTED",
                                 approved_amount=t.settled)
         if t is None or t.state is not TxnState.HELD:

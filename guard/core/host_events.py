@@ -10,7 +10,7 @@ from typing import Any
 
 from guard.core import constants as C
 from guard.core.actions import Action, Append, Reply, SendHost
-from guard.core.completion import CardCompletion
+from guard.core.completion import CardCompletion, issuer_icc_of
 from guard.core.fields import echo_mismatches, field90
 from guard.core.model import TxnKind, TxnState, mask_pan
 from guard.core.records import Kind, Record
@@ -248,6 +248,8 @@ class HostEvents(CardCompletion):
                 self.count("bad_response")
                 return self._reverse_many([t], "BAD_PARTIAL_AMOUNT", now, extra={"rc": rc})
             rec = self._record(t, Kind.PARTIAL, {"rc": rc, "approved_amount": amount, "approval": approval, "rrn": rrn})
+            if t.awaits_card:
+                t.issuer_icc = issuer_icc_of(f)
             self.count("partial")
             if not cfg.partial_approvals:  # the reader cannot offer it: undo it, never show a charge
                 acts = self._reverse_many([t], "PARTIAL_NOT_SUPPORTED", now)

@@ -24,7 +24,7 @@ TRANSITIONS: Mapping[TxnState, frozenset[TxnState]] = {
     S.SENT: frozenset({S.APPROVED, S.DECLINED, S.REVERSAL_PENDING, S.PARTIAL, S.AWAITING_COMPLETION}),
     # Host approved a chip sale: the card accepts (APPROVED) or not, or no COMPLETE in time (reversed).
     S.AWAITING_COMPLETION: frozenset({S.APPROVED, S.REVERSAL_PENDING}),
-    S.PARTIAL: frozenset({S.APPROVED, S.REVERSAL_PENDING}),  # operator accepts / cancels, or it expires
+    S.PARTIAL: frozenset({S.APPROVED, S.REVERSAL_PENDING, S.AWAITING_COMPLETION}),  # accepted (a chip sale: the card next), cancelled, expired
     S.HELD: frozenset({S.JOURNALED, S.DECLINED}),
     S.DEFERRED: frozenset({S.APPROVED, S.DECLINED, S.NEEDS_MANUAL}),
     S.APPROVED: frozenset({S.REVERSAL_PENDING}),  # VOID

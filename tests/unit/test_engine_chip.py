@@ -199,3 +199,20 @@ def test_complete_for_an_evicted_final_sale_asks_for_its_entries_and_answers_fro
     e.load(key, [x for x in log if x.txn == key])
     again = e.complete(key, CardDecision.CARD_DECLINED, b"", NOW + 3)
     assert kinds(again) == ["reply:APPROVED"], "a final sale is answered from the journal, never re-decided"
+
+
+@pytest.mark.parametrize("decision", [CardDecision.ACCEPTED, CardDecision.CARD_DECLINED])
+def test_an_accepted_partial_approval_of_a_chip_sale_still_waits_for_the_card(decision: CardDecision) -> None:
+    e = engine()
+    acts = e.submit(chip_req(1, amount=5000), NOW)
+    out = e.host_message(response(acts[1], "10", **{"4": f"{3000:012d}", "55": "9102AABB"}), NOW + 1)
+    assert kinds(out) == ["append:partial", "reply:PARTIAL"]
+    waiting = e.confirm(chip_req(1).key, NOW + 2)
+    assert kinds(waiting) == ["append:await_completion", "reply:AWAITING_COMPLETION"]
+    assert waiting[1].result.extra["issuer_icc"] == bytes.fromhex("9102AABB")
+    done = e.complete(chip_req(1).key, decision, b"", NOW + 3)
+    if decision is CardDecision.ACCEPTED:
+        assert kinds(done) == ["append:outcome", "reply:APPROVED"] and done[1].result.extra["approved_amount"] == 3000
+    else:
+        rev = [a for a in done if isinstance(a, SendHost)][0]
+        assert rev.fields["4"] == f"{3000:012d}", "the reversal undoes what the host approved"
