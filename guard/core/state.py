@@ -14,7 +14,7 @@ from guard.core.actions import Action, Append, EngineConfig, Load, Randomness, R
 from guard.core.errors import JournalError
 from guard.core.fields import transmission_dt
 from guard.core.keyfilter import KeyFilter
-from guard.core.model import TxnKind, TxnState
+from guard.core.model import CardData, TxnKind, TxnState
 from guard.core.policies import History
 from guard.core.records import Kind, Record
 from guard.core.txn import CardCrypto, Txn, evolve, rebuild
@@ -87,7 +87,7 @@ class EngineState:
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
         self._adv: OrderedDict[str, None] = OrderedDict()  # deferred sales owing an 0220, journal order
         self._stored: dict[str, int] = {}  # DEFERRED (not final) sales -> amount, for the offline limits
-        self._held_cards: dict[str, Any] = {}  # HELD sales with an online PIN: their card, memory only
+        self._held_cards: dict[str, CardData] = {}  # HELD sales with an online PIN: their card, memory only
         self._sig_due: dict[str, float] = {}  # approved sales awaiting a signature -> when it is missing
         # Keys that may be in a WATCHED state (a superset, pruned lazily): timers and drains look at
         # these instead of every transaction in memory (up to keep_final), once per loop round.
