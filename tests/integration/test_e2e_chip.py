@@ -189,3 +189,24 @@ def test_guard_restarted_while_the_card_decides_still_reverses_after_the_timeout
     finally:
         r.close()
         guard.stop()
+
+
+@pytest.mark.parametrize("does,final", [("accept", "APPROVED"), ("decline", "REVERS")])
+def test_readersim_cli_plays_a_chip_card(tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]],
+                                         null_modem: NullModem, capsys: pytest.CaptureFixture[str], does: str,
+                                         final: str) -> None:
+    """`posguard readersim --card chip --card-does accept|decline` against the daemon and the host simulator."""
+    from guard.simulation import readercli
+
+    core = HostCore(seed=6, dup_detection=True)
+    _, port = host_server(core)
+    guard = Guard(config(tmp_path, null_modem.a, port))
+    try:
+        code = readercli.main(["--port", null_modem.b, "--reader-id", "R1", "--card", "chip", "--card-does", does,
+                               "--boot-counter", "9", "--timeout", "15"])
+    finally:
+        guard.stop()
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "sale 1/1 txn " in out and final in out and PAN not in out
+    assert core.stats().get("chip_sales") == 1
