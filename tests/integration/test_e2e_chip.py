@@ -210,3 +210,30 @@ def test_readersim_cli_plays_a_chip_card(tmp_path: Path, keys: DeviceKeys, host_
     assert code == 0, out
     assert "sale 1/1 txn " in out and final in out and PAN not in out
     assert core.stats().get("chip_sales") == 1
+
+
+def test_host_down_a_swiped_sale_is_declined_a_chip_sale_within_its_floor_is_deferred(
+        tmp_path: Path, keys: DeviceKeys, null_modem: NullModem) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: the host is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config(tmp_path, null_modem.a, port)
+    cfg["offline"] = {"enabled": True, "max_sale_amount": 5000, "chip_floor_limit": 3000}
+    guard = Guard(cfg)
+    r = ReaderSim(open_port(null_modem.b), reader_id="R1", rng=random.Random(7))
+    try:
+        r.sync(timeout=5)
+        rng = random.Random(8)
+        _, swiped, _ = sale({"reader": r, "rng": rng}, cards.CardModel(EntryMode.MAGSTRIPE), amount=1000)
+        assert isinstance(swiped, M.ResultMessage) and swiped.state is TxnState.DECLINED
+        assert swiped.error_code == "OFFLINE_SWIPE_REFUSED" and "NOT CHARGED" in swiped.display_text
+        _, chip, none = sale({"reader": r, "rng": rng}, cards.CardModel(EntryMode.CHIP), amount=2500)
+        assert isinstance(chip, M.ResultMessage) and chip.state is TxnState.DEFERRED and none is None
+        _, big, _ = sale({"reader": r, "rng": rng}, cards.CardModel(EntryMode.CHIP), amount=4000)
+        assert isinstance(big, M.ResultMessage) and big.state is TxnState.DECLINED
+        assert big.error_code == "OFFLINE_LIMIT_SALE_AMOUNT"
+    finally:
+        r.close()
+        guard.stop()
