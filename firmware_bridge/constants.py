@@ -98,6 +98,7 @@ class MsgType(enum.IntEnum):
     PING = 0x06
     CANCEL = 0x07
     SIGNED = 0x08
+    COMPLETE = 0x09  # the card's final decision on a chip sale the host approved (PROTOCOL.md section 12)
     RESULT = 0x81
     PROGRESS = 0x82
     PONG = 0x83
@@ -115,6 +116,14 @@ class Tag(enum.IntEnum):
     ORIGINAL_TXN_ID = 0x06  # 16 bytes
     READER_ID = 0x07  # 1-32 ASCII 0x21-0x7E except ':'
     LAST = 0x08  # 1 byte 0x01: STATUS of the reader's newest transaction
+    # Chip cards (PROTOCOL.md section 12); TRACK2, PIN_BLOCK and KSN only in AUTH and REFUND
+    ENTRY_MODE = 0x09  # 1 byte, ENTRY_MODE_CODES
+    PAN_SEQ = 0x0A  # 3 ASCII digits: card sequence number (EMV 5F34)
+    TRACK2 = 0x0B  # ASCII: track 2 equivalent (EMV 57), PAN 'D' digits, at most 37
+    ICC_DATA = 0x0C  # BER-TLV, at most 255 bytes: the card's field-55 data (AUTH, REFUND, COMPLETE)
+    PIN_BLOCK = 0x0D  # 8 bytes: online PIN block (ISO 9564), encrypted under the DUKPT key
+    KSN = 0x0E  # 10 bytes: the PIN block's DUKPT key serial number
+    CARD_DECISION = 0x0F  # 1 byte, DECISION_CODES
     STATE = 0x20  # 1 byte, STATE_CODES
     RESPONSE_CODE = 0x21  # 2 ASCII (ISO 8583 field 39, an2)
     APPROVAL_CODE = 0x22  # 1-6 ASCII (field 38, an6)
@@ -126,6 +135,7 @@ class Tag(enum.IntEnum):
     STAN = 0x28  # 4 bytes big-endian, 1..999999 (field 11)
     WAIT_S = 0x29  # 2 bytes big-endian, 1..120: seconds the reader should keep waiting
     APPROVED_AMOUNT = 0x2A  # 6 bytes BCD like AMOUNT: what a partial approval (PARTIAL) approved
+    ISSUER_DATA = 0x2B  # BER-TLV, at most 255 bytes: the issuer's field 55 (91, 71, 72) for the card
 
 
 # TxnState <-> 1-byte code on the wire. 0x00 is never used, so a zeroed buffer is not a state.
@@ -141,8 +151,15 @@ STATE_CODES: Final[dict[TxnState, int]] = {
     TxnState.HELD: 0x09,
     TxnState.DEFERRED: 0x0A,
     TxnState.PARTIAL: 0x0B,
+    TxnState.AWAITING_COMPLETION: 0x0C,
 }
 STATE_BY_CODE: Final[dict[int, TxnState]] = {v: k for k, v in STATE_CODES.items()}
+
+# emv.EntryMode <-> 1 byte (the ISO 8583 field 22 entry digits); emv.CardDecision <-> 1 byte.
+ENTRY_MODE_CODES: Final[dict[str, int]] = {"MANUAL": 0x01, "MAGSTRIPE": 0x02, "CHIP": 0x05, "CONTACTLESS": 0x07,
+                                           "FALLBACK": 0x80}
+DECISION_CODES: Final[dict[str, int]] = {"ACCEPTED": 0x01, "CARD_DECLINED": 0x02, "CARD_REMOVED": 0x03,
+                                         "TERMINAL_ERROR": 0x04}
 
 TXN_ID_LEN: Final = 16
 AMOUNT_BCD_LEN: Final = 6

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from guard.core.emv import CardDecision
 from guard.core.errors import JournalError, PosguardError
 from guard.core.model import Result, txn_key
 from guard.runtime.service import GuardService
@@ -136,6 +137,10 @@ class ReaderBridge:
                 self.guard.cancel(txn_key(self.reader_id, msg.txn_id))
             elif isinstance(msg, M.Signed):
                 self.guard.signed(txn_key(self.reader_id, msg.txn_id))
+            elif isinstance(msg, M.Complete):
+                if msg.reader_id is not None and msg.reader_id != self.reader_id:
+                    raise M.MessageError("READER_ID does not match this port's reader", code="MSG_READER_MISMATCH")
+                self.guard.complete(txn_key(self.reader_id, msg.txn_id), CardDecision(msg.decision), msg.icc or b"")
             else:
                 raise M.MessageError(f"{type(msg).__name__} is not a request a reader may send", code="MSG_NOT_A_REQUEST")
         except JournalError:

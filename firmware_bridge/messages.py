@@ -18,10 +18,10 @@ from guard.core.errors import PosguardError, RequestInvalid
 from guard.core.model import CardData, Request, Result, TxnKind, TxnState, mask_pan
 
 from firmware_bridge.constants import DISPLAY_TEXT_MAX, MAX_PAYLOAD, TLV_HEADER_LEN, TXN_ID_LEN, MsgType, Tag
-from firmware_bridge.tags import CARD_DATA_TAGS, TAG_CODECS, MessageError, is_error_code
+from firmware_bridge.tags import CARD_DATA_TAGS, SECRET_FIELDS, TAG_CODECS, MessageError, is_error_code
 
 __all__ = [  # MessageError and TAG_CODECS (firmware_bridge.tags) belong to this module's API
-    "CARD_DATA_TAGS", "MESSAGE_CLASSES", "TAG_CODECS", "Auth", "Cancel", "Confirm", "ErrorMessage", "FieldSpec",
+    "CARD_DATA_TAGS", "MESSAGE_CLASSES", "TAG_CODECS", "Auth", "Cancel", "Complete", "Confirm", "ErrorMessage", "FieldSpec",
     "Message", "MessageError", "Ping", "Pong", "Progress", "Refund", "ResultMessage", "Signed", "Status", "Void",
     "decode_message", "encode_message", "error_message", "fit_display_text", "luhn_ok", "readable_txn_id",
     "result_message", "to_request",
@@ -59,6 +59,8 @@ class _Message:
                 v = mask_pan(str(v))
             elif f.name == "expiry":
                 v = "****"
+            elif f.name in SECRET_FIELDS:
+                v = f"<{len(v)} bytes>"
             elif isinstance(v, bytes):
                 v = v.hex()
             elif isinstance(v, TxnState):
@@ -79,6 +81,12 @@ class Auth(_Message):
         (Tag.PAN, "pan", True),
         (Tag.EXPIRY, "expiry", False),
         (Tag.READER_ID, "reader_id", False),
+        (Tag.ENTRY_MODE, "entry_mode", False),
+        (Tag.PAN_SEQ, "pan_seq", False),
+        (Tag.TRACK2, "track2", False),
+        (Tag.ICC_DATA, "icc", False),
+        (Tag.PIN_BLOCK, "pin_block", False),
+        (Tag.KSN, "ksn", False),
     )
     txn_id: bytes
     amount: int
@@ -86,6 +94,12 @@ class Auth(_Message):
     pan: str
     expiry: str | None = None
     reader_id: str | None = None
+    entry_mode: str | None = None
+    pan_seq: str | None = None
+    track2: str | None = None
+    icc: bytes | None = None
+    pin_block: bytes | None = None
+    ksn: bytes | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -120,6 +134,12 @@ class Refund(_Message):
         (Tag.EXPIRY, "expiry", False),
         (Tag.ORIGINAL_TXN_ID, "original_txn_id", False),
         (Tag.READER_ID, "reader_id", False),
+        (Tag.ENTRY_MODE, "entry_mode", False),
+        (Tag.PAN_SEQ, "pan_seq", False),
+        (Tag.TRACK2, "track2", False),
+        (Tag.ICC_DATA, "icc", False),
+        (Tag.PIN_BLOCK, "pin_block", False),
+        (Tag.KSN, "ksn", False),
     )
     txn_id: bytes
     amount: int
@@ -128,6 +148,12 @@ class Refund(_Message):
     expiry: str | None = None
     original_txn_id: bytes | None = None
     reader_id: str | None = None
+    entry_mode: str | None = None
+    pan_seq: str | None = None
+    track2: str | None = None
+    icc: bytes | None = None
+    pin_block: bytes | None = None
+    ksn: bytes | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -161,6 +187,24 @@ class Signed(_OperatorAction):
     """Reader -> guard: the customer signed the receipt of ``txn_id`` (RESULT said SIGNATURE REQUIRED)."""
 
     MSG_TYPE: ClassVar[MsgType] = MsgType.SIGNED
+
+
+@dataclass(frozen=True, repr=False)
+class Complete(_Message):
+    """Reader -> guard: the card's final decision on a chip sale whose RESULT was
+    AWAITING_COMPLETION, with the card's final ICC data (PROTOCOL.md section 12)."""
+
+    MSG_TYPE: ClassVar[MsgType] = MsgType.COMPLETE
+    FIELDS: ClassVar[tuple[FieldSpec, ...]] = (
+        (Tag.TXN_ID, "txn_id", True),
+        (Tag.READER_ID, "reader_id", False),
+        (Tag.ICC_DATA, "icc", False),
+        (Tag.CARD_DECISION, "decision", True),
+    )
+    txn_id: bytes
+    decision: str
+    icc: bytes | None = None
+    reader_id: str | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -218,6 +262,7 @@ class ResultMessage(_Message):
         (Tag.IN_PROGRESS, "in_progress", True),
         (Tag.STAN, "stan", False),
         (Tag.APPROVED_AMOUNT, "approved_amount", False),
+        (Tag.ISSUER_DATA, "issuer_icc", False),
     )
     txn_id: bytes
     state: TxnState
@@ -232,6 +277,7 @@ class ResultMessage(_Message):
     error_code: str | None = None
     stan: int | None = None
     approved_amount: int | None = None
+    issuer_icc: bytes | None = None
 
 
 @dataclass(frozen=True, repr=False)
@@ -273,11 +319,13 @@ class ErrorMessage(_Message):
     display_text: str | None = None
 
 
-Message = Auth | Void | Refund | Confirm | Cancel | Signed | Status | Ping | ResultMessage | Progress | Pong | ErrorMessage
+Message = (Auth | Void | Refund | Confirm | Cancel | Signed | Complete | Status | Ping | ResultMessage | Progress | Pong
+           | ErrorMessage)
 
 MESSAGE_CLASSES: dict[MsgType, type[_Message]] = {
     cls.MSG_TYPE: cls
-    for cls in (Auth, Void, Refund, Confirm, Cancel, Signed, Status, Ping, ResultMessage, Progress, Pong, ErrorMessage)
+    for cls in (Auth, Void, Refund, Confirm, Cancel, Signed, Complete, Status, Ping, ResultMessage, Progress, Pong,
+                ErrorMessage)
 }
 
 
@@ -378,7 +426,8 @@ def to_request(msg: Message, reader_id: str) -> Request:
         return Request(reader_id, msg.txn_id, TxnKind.VOID, msg.amount, msg.currency, None, msg.original_txn_id)  # type: ignore[arg-type]
     if not luhn_ok(msg.pan):  # a mistyped or misread card number never reaches the host
         raise RequestInvalid("card number fails the Luhn check", code="REQUEST_BAD_PAN")
-    card = CardData(msg.pan, msg.expiry or "")
+    card = CardData(msg.pan, msg.expiry or "", entry_mode=msg.entry_mode or "", pan_seq=msg.pan_seq or "",
+                    track2=msg.track2 or "", icc=msg.icc or b"", pin_block=msg.pin_block or b"", ksn=msg.ksn or b"")
     if isinstance(msg, Refund):
         return Request(reader_id, msg.txn_id, TxnKind.REFUND, msg.amount, msg.currency, card, msg.original_txn_id)
     return Request(reader_id, msg.txn_id, TxnKind.SALE, msg.amount, msg.currency, card)
@@ -409,6 +458,7 @@ def result_message(result: Result) -> ResultMessage:
     amount = result.extra.get("amount")
     currency = result.extra.get("currency")
     approved = result.extra.get("approved_amount")
+    issuer = result.extra.get("issuer_icc")
     return ResultMessage(
         txn_id=_txn_id_from_key(result.key),
         state=result.state,
@@ -423,6 +473,7 @@ def result_message(result: Result) -> ResultMessage:
         error_code=result.reason or None,
         stan=result.stan or None,
         approved_amount=approved if isinstance(approved, int) and approved > 0 else None,
+        issuer_icc=issuer if isinstance(issuer, bytes) and issuer else None,
     )
 
 

@@ -9,13 +9,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from guard.core import emv
 from guard.core.constants import MASK_KEEP_FIRST, MASK_KEEP_LAST
-from guard.core.errors import LinkError
+from guard.core.errors import LinkError, RequestInvalid
 from guard.core.model import TxnState
 
 from firmware_bridge.constants import (
     AMOUNT_BCD_LEN,
     AMOUNT_MAX,
+    DECISION_CODES,
+    ENTRY_MODE_CODES,
     DISPLAY_TEXT_MAX,
     ERROR_CODE_MAX,
     READER_APP_TIMEOUT_CAP_S,
@@ -154,6 +157,48 @@ def _check_wait(tag: Tag, v: object) -> None:
         raise _bad(tag, f"must be 1..{READER_APP_TIMEOUT_CAP_S} seconds")
 
 
+def _check_icc(tag: Tag, v: object) -> None:
+    """Strict BER-TLV without forbidden tags: the REQUEST_ICC_* code, as a MessageError."""
+    if not isinstance(v, bytes) or not v:
+        raise _bad(tag, "must be 1-255 bytes of BER-TLV")
+    try:
+        emv.check_icc(v)
+    except RequestInvalid as e:
+        raise MessageError(f"{tag.name}: {e}", code=e.code, tag=int(tag)) from None
+
+
+def _check_track2(tag: Tag, v: object) -> None:
+    if not _is_ascii_in(v, frozenset(b"0123456789D="), 3, emv.TRACK2_MAX):
+        raise _bad(tag, f"must be digits with one separator D, at most {emv.TRACK2_MAX}")
+
+
+def _bytes_check(n: int) -> Callable[[Tag, object], None]:
+    def check(tag: Tag, v: object) -> None:
+        if not isinstance(v, bytes) or len(v) != n:
+            raise _bad(tag, f"must be {n} bytes")
+
+    return check
+
+
+def _code_codec(codes: dict[str, int]) -> _TagCodec:
+    by_code = {c: name for name, c in codes.items()}
+
+    def check(tag: Tag, v: object) -> None:
+        if v not in codes:
+            raise _bad(tag, "unknown code")
+
+    def dec(tag: Tag, raw: bytes) -> str:
+        if len(raw) != 1 or raw[0] not in by_code:
+            raise _bad(tag, "unknown code")
+        return by_code[raw[0]]
+
+    return _TagCodec(check, lambda v: bytes([codes[v]]), dec)
+
+
+def _dec_raw(tag: Tag, raw: bytes) -> bytes:
+    return bytes(raw)
+
+
 # ---------------------------------------------------------------------------- wire codecs
 
 
@@ -250,6 +295,22 @@ TAG_CODECS: dict[Tag, _TagCodec] = {
     Tag.IN_PROGRESS: _TagCodec(_check_flag, lambda v: b"\x01" if v else b"\x00", _dec_bool),
     Tag.STAN: _TagCodec(_check_stan, lambda v: v.to_bytes(4, "big"), _dec_uint(4)),
     Tag.WAIT_S: _TagCodec(_check_wait, lambda v: v.to_bytes(2, "big"), _dec_uint(2)),
+    Tag.ENTRY_MODE: _code_codec(ENTRY_MODE_CODES),
+    Tag.PAN_SEQ: _TagCodec(lambda t, v: None if _is_digits(v, 3, 3) else _raise(_bad(t, "must be 3 ASCII digits")),
+                           _ascii, _dec_ascii),
+    Tag.TRACK2: _TagCodec(_check_track2, _ascii, _dec_ascii),
+    Tag.ICC_DATA: _TagCodec(_check_icc, bytes, _dec_raw),
+    Tag.PIN_BLOCK: _TagCodec(_bytes_check(8), bytes, _dec_fixed(8)),
+    Tag.KSN: _TagCodec(_bytes_check(10), bytes, _dec_fixed(10)),
+    Tag.CARD_DECISION: _code_codec(DECISION_CODES),
+    Tag.ISSUER_DATA: _TagCodec(_check_icc, bytes, _dec_raw),
 }
 
-CARD_DATA_TAGS = frozenset({Tag.PAN, Tag.EXPIRY})
+# Card data: refused (MSG_CLEAR_PAN) in any message other than those whose table lists them.
+CARD_DATA_TAGS = frozenset({Tag.PAN, Tag.EXPIRY, Tag.TRACK2, Tag.PIN_BLOCK, Tag.KSN})
+# Shown by repr as a length only: card data or secrets.
+SECRET_FIELDS = frozenset({"track2", "icc", "pin_block", "ksn", "issuer_icc"})
+
+
+def _raise(e: Exception) -> None:
+    raise e

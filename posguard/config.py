@@ -79,6 +79,9 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("reader", "partial_approvals"): (bool, True, None, "the reader shows PARTIAL and sends CONFIRM or CANCEL; "
                                       "false: a partial approval is reversed at once"),
     ("reader", "partial_expiry"): ((int, float), 120.0, _range(1, 3600), "seconds before an unanswered PARTIAL is reversed"),
+    ("reader", "completion_timeout"): ((int, float), C.COMPLETION_TIMEOUT_S, _range(5, 600),
+                                       "seconds a chip sale the host approved waits for the reader's COMPLETE, then "
+                                       "it is reversed (above the reader's reboot time: PROTOCOL.md section 12.5)"),
     ("host", "address"): (str, ..., None, "acquirer host name or IP"),
     ("host", "port"): (int, ..., _range(1, 65535), "TCP port"),
     ("host", "header"): (str, C.HOST_HEADER_BINARY2, _one_of(*C.HOST_HEADERS), "length header: binary2 or ascii4"),
@@ -101,6 +104,9 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
                                        "where a partial approval (code 10) carries the approved amount: 4 or 54"),
     ("host", "stan_from_clock"): (bool, True, None, "STANs never below 1 + 11 per second since UTC midnight, so a "
                                   "replaced or restored journal cannot reuse one the same day"),
+    ("host", "ksn_field"): (str, C.F_KSN, lambda v: None if v in ("53", "62", "63", "120", "123", "124", "125", "126")
+                            else "one of 53, 62, 63, 120, 123-126", "field carrying the PIN block's DUKPT KSN (20 hex)"),
+    ("host", "reversal_icc"): (bool, True, None, "a reversal (0400/0401) of a chip sale carries its fields 23 and 55"),
     ("host", "echo_idle"): ((int, float), C.ECHO_IDLE_S, _range(1, 3600), "send 0800 echo after this idle time"),
     ("response_codes", "approved"): (list, sorted(C.RC_APPROVED_CLASS), _codes, "field 39 codes that approve (must include 00)"),
     ("response_codes", "partial"): (list, sorted(C.RC_PARTIAL_CLASS), _codes, "codes that approve part of the amount"),
@@ -130,6 +136,10 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("offline", "max_total_amount"): (int, 50_000, _range(1, 10**12), "minor units stored offline at once"),
     ("offline", "max_count"): (int, 250, _range(1, 100_000), "offline sales stored at once (Moneris: 250/500)"),
     ("offline", "max_age"): ((int, float), 86_400.0, _range(60, 30 * 86400), "seconds; older unsent ones go NEEDS_MANUAL (Square: 24 h, Clover: 7 d)"),
+    ("offline", "chip_floor_limit"): (int, 0, _range(0, 10**12), "minor units: largest chip sale stored offline "
+                                      "(0: max_sale_amount, which also caps it); magstripe and fallback: never offline"),
+    ("offline", "contactless_floor_limit"): (int, 0, _range(0, 10**12), "minor units: largest contactless sale stored offline (0: max_sale_amount)"),
+    ("offline", "manual_floor_limit"): (int, 0, _range(0, 10**12), "minor units: largest keyed sale stored offline (0: max_sale_amount)"),
     ("log", "level"): (str, "INFO", _one_of("DEBUG", "INFO", "WARNING", "ERROR"), "log level"),
 }
 
@@ -310,7 +320,9 @@ def host_profile(cfg: Config) -> dict[str, Any]:
     return {"rc_approved": classes["approved"], "rc_partial": classes["partial"], "rc_declined": classes["declined"],
             "rc_duplicate": classes["duplicate"], "partial_amount_field": cfg["host.partial_amount_field"],
             "partial_approvals": cfg["reader.partial_approvals"], "partial_expiry_s": float(cfg["reader.partial_expiry"]),
-            "reversal_max_age_s": float(cfg["host.reversal_max_age"]), "stan_clock_floor": cfg["host.stan_from_clock"]}
+            "reversal_max_age_s": float(cfg["host.reversal_max_age"]), "stan_clock_floor": cfg["host.stan_from_clock"],
+            "completion_timeout_s": float(cfg["reader.completion_timeout"]), "ksn_field": cfg["host.ksn_field"],
+            "reversal_icc": cfg["host.reversal_icc"]}
 
 
 def offline_config(cfg: Config) -> "Any":
@@ -319,7 +331,10 @@ def offline_config(cfg: Config) -> "Any":
 
     return OfflineConfig(enabled=cfg["offline.enabled"], max_sale_amount=cfg["offline.max_sale_amount"],
                          max_total_amount=cfg["offline.max_total_amount"], max_count=cfg["offline.max_count"],
-                         max_age_s=float(cfg["offline.max_age"]))
+                         max_age_s=float(cfg["offline.max_age"]),
+                         floor_limits=(("CHIP", cfg["offline.chip_floor_limit"]),
+                                       ("CONTACTLESS", cfg["offline.contactless_floor_limit"]),
+                                       ("MANUAL", cfg["offline.manual_floor_limit"])))
 
 
 def engine_config(cfg: Config, **overrides: Any) -> EngineConfig:

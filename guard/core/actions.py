@@ -8,6 +8,7 @@ journal entries of some transactions before the same call is made again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Union
 
@@ -38,6 +39,10 @@ class SendHost:
     fields: dict[str, str]
     card: CardData | None = None
     card_ref: str | None = None
+    # Which card fields the executor fills: None all it has (2, 14, 22 is the engine's, 23, 35,
+    # 52 + KSN, 55); a reversal names the few its host profile asks for.
+    card_fields: frozenset[str] | None = None
+    ksn_field: str = C.F_KSN
 
     def __repr__(self) -> str:
         return f"SendHost({self.key}, mti={self.fields.get('t')}, stan={self.fields.get(C.F_STAN)})"
@@ -92,6 +97,13 @@ class EngineConfig:
     partial_approvals: bool = True  # the reader can show PARTIAL and send CONFIRM / CANCEL
     partial_expiry_s: float = 120.0  # a PARTIAL neither accepted nor cancelled is reversed
     stan_clock_floor: bool = False  # STANs never below the clock's floor (posguard run turns it on)
+    # Chip sales (docs/HOST.md): how long a host approval waits for the card's decision (COMPLETE),
+    # field 22 per entry mode, the field carrying the PIN block's KSN, and whether a reversal of a
+    # chip sale carries its fields 23 and 55.
+    completion_timeout_s: float = C.COMPLETION_TIMEOUT_S
+    entry_mode_codes: Mapping[str, str] = field(default_factory=lambda: dict(C.POS_ENTRY_CODES))
+    ksn_field: str = C.F_KSN
+    reversal_icc: bool = True
 
     def __post_init__(self) -> None:
         if len(self.terminal_id) != 8 or not (self.terminal_id.isascii() and self.terminal_id.isprintable()):
@@ -103,6 +115,12 @@ class EngineConfig:
         check_response_classes(self.rc_approved, self.rc_partial, self.rc_declined, self.rc_duplicate)
         if self.partial_amount_field not in (C.F_AMOUNT, C.F_ADDITIONAL_AMOUNTS):
             raise ConfigError("host.partial_amount_field", "must be 4 or 54")
+        if not self.completion_timeout_s > 0:
+            raise ConfigError("reader.completion_timeout_s", "must be above 0")
+        missing = sorted(set(C.POS_ENTRY_CODES) - set(self.entry_mode_codes))
+        bad = sorted(k for k, v in self.entry_mode_codes.items() if not (len(v) == 3 and v.isascii() and v.isdigit()))
+        if missing or bad:
+            raise ConfigError("host.entry_mode_codes", f"needs a 3-digit code for each of {sorted(C.POS_ENTRY_CODES)}")
 
 
 def check_response_classes(approved: frozenset[str], partial: frozenset[str], declined: frozenset[str],

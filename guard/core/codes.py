@@ -65,6 +65,12 @@ class ErrorCode(enum.Enum):
     REQUEST_BAD_EXPIRY = READER, "expiry is not YYMM."
     REQUEST_BAD_READER = READER, "reader id is empty, too long or not printable ASCII."
     REQUEST_BAD_TXN_ID = READER, "transaction id is not 16 bytes."
+    REQUEST_BAD_EMV = READER, ("entry mode, card sequence number, track 2 equivalent (PAN, D, digits, <= 37, same PAN), "
+                               "PIN block (8 bytes) or KSN (10 bytes, with the PIN block) is malformed.")
+    REQUEST_ICC_MALFORMED = READER, "ICC data is not strict BER-TLV (PROTOCOL.md §12.3); nothing was sent to the host."
+    REQUEST_ICC_TOO_LONG = READER, "ICC data is longer than 255 bytes; nothing was sent to the host."
+    REQUEST_ICC_FORBIDDEN_TAG = READER, ("ICC data holds a tag that must not travel in it (5A, 57, 5F20, 9F1F, 9F20, "
+                                         "56, 9F6B: PAN, track or cardholder data); nothing was sent to the host.")
     IDEMPOTENCY_MISMATCH = READER, "the transaction id was already used for a different request: use a new id."
     TXN_UNKNOWN = READER, "STATUS or CONFIRM names a transaction id the guard has never journaled."
     NOTHING_HELD = READER, "CONFIRM or CANCEL names a transaction that is not held for the operator."

@@ -29,6 +29,12 @@ F_STAN: Final = "11"  # 000001-999999, unique per terminal (41) + merchant (42) 
 F_LOCAL_TIME: Final = "12"  # hhmmss
 F_LOCAL_DATE: Final = "13"  # MMDD
 F_EXPIRY: Final = "14"  # YYMM
+F_POS_ENTRY_MODE: Final = "22"  # n3: entry mode (2 digits) + PIN entry capability (1 digit)
+F_CARD_SEQ: Final = "23"  # n3: card sequence number (EMV tag 5F34)
+F_TRACK2: Final = "35"  # z..37: track 2 equivalent data (EMV tag 57)
+F_PIN_BLOCK: Final = "52"  # b8: online PIN block
+F_KSN: Final = "62"  # default field for the PIN block's DUKPT KSN (20 hex); host profile: host.ksn_field
+F_ICC: Final = "55"  # b..255: ICC data, BER-TLV (request: the card's; 0210: the issuer's, tags 91/71/72)
 F_RRN: Final = "37"  # set by the acquirer
 F_APPROVAL_CODE: Final = "38"
 F_RESPONSE_CODE: Final = "39"
@@ -42,7 +48,7 @@ F_ORIGINAL_DATA: Final = "90"  # ISO 1987 n42: MTI(4)+STAN(6)+F7(10)+acq id(11)+
 # ISO 8583:1987 lengths of the host-sent fields the journal records (MTI n4, 11 n6, 37 an12,
 # 38 an6, 39 an2). A longer value (possible only with a custom host.spec) makes the message
 # malformed; none of them can then carry a 13+ digit card number into the journal.
-HOST_FIELD_MAX_LEN: Final = {"t": 4, "11": 6, "37": 12, "38": 6, "39": 2}
+HOST_FIELD_MAX_LEN: Final = {"t": 4, "11": 6, "37": 12, "38": 6, "39": 2, "55": 510}
 
 # Fields a response must echo unchanged (PayEx IFSF "ME" rule): a difference means "not ours".
 ECHO_FIELDS: Final = (F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID)
@@ -144,3 +150,12 @@ SETTLEMENT_COLUMNS: Final = ("date", "tid", "mid", "stan", "rrn", "amount", "typ
 SETTLE_SALE: Final = "SALE"  # a 0200/0201/0220/0221 the host processed, whatever the answer
 SETTLE_REFUND: Final = "REFUND"  # the same with processing code 20xxxx: a credit
 SETTLE_REVERSAL: Final = "REVERSAL"  # carries the original sale's STAN and date
+
+# POS entry mode (field 22) per emv.EntryMode: ISO 8583:1987 entry digits (01 manual, 90 full
+# magnetic stripe, 05 chip, 07 contactless chip, 80 chip fallback to stripe) + "1" (terminal can
+# accept a PIN). Acquirer specs vary: the host profile may override (EngineConfig.entry_mode_codes).
+POS_ENTRY_CODES: Final = {"MANUAL": "011", "MAGSTRIPE": "901", "CHIP": "051", "CONTACTLESS": "071", "FALLBACK": "801"}
+# How long a chip sale approved by the host waits for the reader's COMPLETE before it is reversed.
+# Above the reader's worst reboot (PROTOCOL.md: COMPLETE after a reboot) and an EMV kernel's second
+# GENERATE AC (well under 5 s), below a cashier's patience.
+COMPLETION_TIMEOUT_S: Final = 60.0

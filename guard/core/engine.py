@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from guard.core import emv
 from guard.core.actions import Action, Append, EngineConfig, Load, Randomness, Record, Reply, SendHost
 from guard.core.errors import IdempotencyConflict, JournalError, PosguardError, RequestInvalid
 from guard.core.host_events import HostEvents
@@ -129,6 +130,9 @@ class Engine(HostEvents):
         elif kind == Kind.PARTIAL:
             t.deadline = ts + self.cfg.partial_expiry_s
             self._watch[key] = None
+        elif kind == Kind.AWAIT_COMPLETION:  # the timer runs on after a restart: no COMPLETE, reversed
+            t.deadline = ts + self.cfg.completion_timeout_s
+            self._watch[key] = None
         elif kind in (Kind.REVERSED, Kind.NEEDS_MANUAL):
             self._saf.pop(key, None)
         if t.state.final and not was_final:
@@ -195,6 +199,7 @@ class Engine(HostEvents):
             f7=self.f7(now),
             created=now,
             original=original.key if original else None,
+            entry_mode=req.card.entry_mode,
         )
         self.txns[key] = t
         self.newest[req.reader_id] = key
@@ -215,6 +220,10 @@ class Engine(HostEvents):
             "tid": self.cfg.terminal_id,
             "mid": self.cfg.merchant_id,
         }
+        if req.card.entry_mode:
+            intent["entry"] = req.card.entry_mode
+        if req.card.icc:
+            intent["emv"] = emv.facts(req.card.icc)
         recs: list[Record] = [(Kind.INTENT, key, intent)]
         if original is not None:
             intent["original"] = original.key
@@ -233,6 +242,8 @@ class Engine(HostEvents):
             held = self._record(t, Kind.HELD, {"code": verdict.code, "detail": verdict.detail})
             self.history.pending(token, t)
             intent["verdict"] = verdict.code
+            if req.card.pin_block:  # memory only, for the CONFIRM that releases it
+                self._held_cards[key] = req.card
             return [Append([*recs, held], vault_put=[blob]), Reply(t.result())]
         if t.kind is TxnKind.SALE:
             self.history.count(token, now, req.amount)
@@ -243,14 +254,15 @@ class Engine(HostEvents):
     def _send_request(self, t: Txn, now: float, card: CardData | None = None) -> list[Action]:
         """Send the journaled request (0200), or fail it cleanly when there is no host."""
         if not self.host_up:
-            reason = self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values())) \
+            reason = self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values()), t.entry_mode) \
                 if t.kind is TxnKind.SALE else "NO_HOST"
             return self._finish(t, TxnState.DECLINED, reason=reason or "NO_HOST")
         move(t, TxnState.SENT)
         t.deadline = now + self.cfg.host_timeout_s
         self._watch[t.key] = None
-        fields = t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id)
-        return [SendHost(t.key, fields, card=card, card_ref=None if card else t.vault_ref)]
+        card = card or self._held_cards.pop(t.key, None)
+        fields = t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id, self.cfg.entry_mode_codes)
+        return [SendHost(t.key, fields, card=card, card_ref=None if card else t.vault_ref, ksn_field=self.cfg.ksn_field)]
 
     def _refund_original(self, req: Request, token: str) -> Txn:
         """The APPROVED sale a refund goes against; refuses what the counter must not do."""
@@ -284,6 +296,8 @@ class Engine(HostEvents):
         t = self._get(key)
         if t is not None and t.state is TxnState.PARTIAL:
             self.count("partial_accepted")
+            if t.awaits_card:  # the card still has to accept the (smaller) approval
+                return self._await_card(t, {}, t.approval, t.rrn, now)
             return self._finish(t, TxnState.APPROVED, approval=t.approval, rrn=t.rrn, reason="PARTIAL_ACCEPTED",
                                 approved_amount=t.settled)
         if t is None or t.state is not TxnState.HELD:
@@ -330,7 +344,8 @@ class Engine(HostEvents):
     # ------------------------------------------------------------------ offline (deferred) sales
 
     def _may_defer(self, t: Txn) -> bool:
-        return t.kind is TxnKind.SALE and not self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values()))
+        return t.kind is TxnKind.SALE and not self.cfg.offline.refuse(t.amount, len(self._stored), sum(self._stored.values()),
+                                                                       t.entry_mode)
 
     def _defer(self, t: Txn, recs: list[Record], now: float,
                vault_put: list[Any] | None = None) -> list[Action]:
@@ -409,21 +424,13 @@ class Engine(HostEvents):
         key = self.newest.get(reader_id)
         return None if key is None else self.status(key)
 
-    @entry
-    def completion_failed(self, key: str, now: float) -> list[Action]:
-        """Host approved but the card or terminal could not complete (jPOS 4007): reverse."""
-        t = self._get(key)
-        if t is None or t.state is not TxnState.APPROVED:
-            return []
-        rec = self._to_reversal(t, "COMPLETION_FAILED", now)
-        return [Append([rec]), Reply(t.result())]
-
     # ------------------------------------------------------------------ host events
 
     def next_deadline(self) -> float | None:
         watched = self._watched(prune=False)
         now_inf = float("inf")
-        ds = [t.deadline for t in watched if t.state in (TxnState.SENT, TxnState.PARTIAL) and t.deadline is not None]
+        ds = [t.deadline for t in watched if t.state in (TxnState.SENT, TxnState.PARTIAL, TxnState.AWAITING_COMPLETION)
+              and t.deadline is not None]
         for key in self._saf:
             t = self.txns[key]
             ds.append(t.rev_inflight_until if t.rev_inflight_until is not None
@@ -463,6 +470,7 @@ class Engine(HostEvents):
         partials = [t for t in watched if t.state is TxnState.PARTIAL and t.deadline is not None and now >= t.deadline]
         if partials:
             acts += self._reverse_many(partials, "PARTIAL_EXPIRED", now)
+        acts += self._completions_due(watched, now)
         if self.cfg.policy.hold_expiry_s > 0:
             for t in [t for t in watched if t.state is TxnState.HELD and now >= t.created + self.cfg.policy.hold_expiry_s]:
                 acts += self._finish(t, TxnState.DECLINED, reason="HOLD_EXPIRED")
@@ -484,6 +492,7 @@ class Engine(HostEvents):
 
     def busy(self) -> bool:
         """True while anything awaits the host: used by drivers to know when a drain is done."""
-        return bool(self._saf) or bool(self._stored) or any(t.state in AWAITING and t.kind is not TxnKind.VOID
-                                                           for t in self._watched(prune=False))
+        return bool(self._saf) or bool(self._stored) or any(
+            (t.state in AWAITING and t.kind is not TxnKind.VOID) or t.state is TxnState.AWAITING_COMPLETION
+            for t in self._watched(prune=False))
 

@@ -10,13 +10,19 @@ from typing import Any
 
 from guard.core import constants as C
 from guard.core.actions import Action, Append, Reply, SendHost
+from guard.core.completion import CardCompletion, issuer_icc_of
 from guard.core.fields import echo_mismatches, field90
 from guard.core.model import TxnKind, TxnState, mask_pan
 from guard.core.records import Kind, Record
-from guard.core.state import EngineState, entry
+from guard.core.state import entry
 from guard.core.txn import Txn
 
 
+# Card fields the executor fills: a reversal never carries track 2 or a PIN block (docs/HOST.md);
+# an 0220 (offline sale forwarded) carries all the vault holds (never a PIN block: memory only).
+REVERSAL_CARD_FIELDS = frozenset({C.F_PAN, C.F_EXPIRY})
+REVERSAL_ICC_FIELDS = frozenset({C.F_CARD_SEQ, C.F_ICC})
+ADVICE_CARD_FIELDS = frozenset({C.F_PAN, C.F_EXPIRY, C.F_CARD_SEQ, C.F_TRACK2, C.F_ICC})
 GARBAGE_INTERVAL_S = 10.0  # host garbage after the first of an interval is journaled as one summary per interval
 GARBAGE_SUMMARY_ITEMS = 10_000  # ... or per this many items, whichever comes first
 # A digit run, possibly split by spaces or dashes, long enough to be a card number (13+ digits).
@@ -67,7 +73,7 @@ def mask_digit_runs(value: str) -> str:
     return _DIGIT_RUN.sub(one, value)
 
 
-class HostEvents(EngineState):
+class HostEvents(CardCompletion):
     """What the host says or fails to say, and what the terminal owes it."""
 
     garbage: GarbageTally | None = None  # this connection's garbage interval (None: next item is journaled at once)
@@ -223,6 +229,8 @@ class HostEvents(EngineState):
         approval, rrn = f.get(C.F_APPROVAL_CODE, ""), f.get(C.F_RRN, "")
         if rc in cfg.rc_approved:
             t.rc = rc
+            if t.awaits_card:
+                return self._await_card(t, f, approval, rrn, now)
             return self._finish(t, TxnState.APPROVED, approval=approval, rrn=rrn)
         if rc in cfg.rc_declined:
             t.rc = rc
@@ -240,6 +248,8 @@ class HostEvents(EngineState):
                 self.count("bad_response")
                 return self._reverse_many([t], "BAD_PARTIAL_AMOUNT", now, extra={"rc": rc})
             rec = self._record(t, Kind.PARTIAL, {"rc": rc, "approved_amount": amount, "approval": approval, "rrn": rrn})
+            if t.awaits_card:
+                t.issuer_icc = issuer_icc_of(f)
             self.count("partial")
             if not cfg.partial_approvals:  # the reader cannot offer it: undo it, never show a charge
                 acts = self._reverse_many([t], "PARTIAL_NOT_SUPPORTED", now)
@@ -345,7 +355,8 @@ class HostEvents(EngineState):
                                                                "f7": self.f7(now)}))
             t.adv_inflight_until = now + self.cfg.host_timeout_s
             self.by_stan[t.stan] = t.key
-            sends.append(SendHost(t.key, t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id), card_ref=t.vault_ref))
+            sends.append(SendHost(t.key, t.request_fields(self.cfg.terminal_id, self.cfg.merchant_id, self.cfg.entry_mode_codes),
+                                  card_ref=t.vault_ref, card_fields=ADVICE_CARD_FIELDS))
         self.count("advice_sent", len(due))
         return [Append(recs), *sends]
 
@@ -416,12 +427,17 @@ class HostEvents(EngineState):
             acts += self._give_up(t, "REVERSAL_EXPIRED", t.rev_last_rc)
         return acts
 
+    @property
+    def _reversal_card_fields(self) -> frozenset[str]:
+        """Card fields of a reversal: 2 and 14, and 23 and 55 of a chip sale if the host profile asks."""
+        return REVERSAL_CARD_FIELDS | (REVERSAL_ICC_FIELDS if self.cfg.reversal_icc else frozenset())
+
     def _reversal_fields(self, t: Txn, mti: str, f7: str) -> dict[str, str]:
         """A reversal (or repeat) of ``t``: its own transmission time ``f7`` in field 7; the
         original's MTI, STAN and field 7 in field 90, which is how the host finds the original
         (a host may refuse a field 7 far from its clock, e.g. after a day-long outage)."""
         original_mti = C.MTI_ADVICE if t.deferred else C.MTI_FIN_REQUEST
-        return {
+        f = {
             "t": mti,
             C.F_PROC_CODE: C.PROC_REFUND if t.kind is TxnKind.REFUND else C.PROC_PURCHASE,
             C.F_AMOUNT: f"{t.settled:012d}",
@@ -432,6 +448,9 @@ class HostEvents(EngineState):
             C.F_CURRENCY: t.currency,
             C.F_ORIGINAL_DATA: field90(original_mti, t.stan, t.f7),
         }
+        if t.entry_mode:
+            f[C.F_POS_ENTRY_MODE] = self.cfg.entry_mode_codes[t.entry_mode]
+        return f
 
     def _due(self, queue: Iterable[str], inflight: int, ready: Callable[[Txn], bool]) -> list[Txn]:
         """The ready transactions of a queue, in journal order, up to the in-flight window."""
@@ -461,7 +480,8 @@ class HostEvents(EngineState):
             recs.append(self._record(t, Kind.REVERSAL_ATTEMPT, {"n": t.rev_attempts + 1, "mti": mti, "f7": f7}))
             t.rev_since = t.rev_since or now
             t.rev_inflight_until = now + self.cfg.reversal_timeout_s
-            sends.append(SendHost(t.key, self._reversal_fields(t, mti, f7), card_ref=t.vault_ref))
+            sends.append(SendHost(t.key, self._reversal_fields(t, mti, f7), card_ref=t.vault_ref,
+                                  card_fields=self._reversal_card_fields))
         self.count("reversal_sent", len(due))
         return [Append(recs), *sends]
 

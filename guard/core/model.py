@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from guard.core import emv
 from guard.core.errors import RequestInvalid
 
 
@@ -29,6 +30,9 @@ class TxnState(str, enum.Enum):
     NEEDS_MANUAL = "NEEDS_MANUAL"
     HELD = "HELD"  # journaled, not sent: a counter rule wants the operator's CONFIRM first
     DEFERRED = "DEFERRED"  # approved offline within the configured limits; 0220 advice still owed
+    # Chip / contactless sale the host approved: final only when the reader's COMPLETE says the card
+    # accepted; a card decline, removal, terminal error or no COMPLETE in time reverses it.
+    AWAITING_COMPLETION = "AWAITING_COMPLETION"
     PARTIAL = "PARTIAL"  # the host approved less than asked (code 10): the operator accepts or cancels
 
     @property
@@ -62,16 +66,34 @@ def txn_key(reader_id: str, txn_id: bytes) -> str:
 
 @dataclass(frozen=True, repr=False)
 class CardData:
-    """Clear card data. Lives in memory only until encrypted into the vault; never logged."""
+    """Clear card data. Lives in memory only until encrypted into the vault; never logged.
+    ``track2`` and ``icc`` go to the vault with the PAN; ``pin_block`` and ``ksn`` never do (memory
+    only: a sale interrupted by a crash is reversed, never resent, so nothing needs them later)."""
 
     pan: str
     expiry: str = ""  # YYMM
+    entry_mode: str = ""  # an emv.EntryMode value; "" (not told) behaves as MANUAL
+    pan_seq: str = ""  # card sequence number (tag 5F34), 3 digits
+    track2: str = ""  # track 2 equivalent data (tag 57)
+    icc: bytes = b""  # field-55 data (BER-TLV), checked by emv.check_icc
+    pin_block: bytes = b""  # online PIN block (ISO 9564, 8 bytes), encrypted under the DUKPT key
+    ksn: bytes = b""  # the PIN block's DUKPT key serial number (10 bytes)
 
     def __post_init__(self) -> None:
         if not (12 <= len(self.pan) <= 19 and self.pan.isdigit()):
             raise RequestInvalid("card number must be 12-19 digits", code="REQUEST_BAD_PAN")
         if self.expiry and not (len(self.expiry) == 4 and self.expiry.isdigit()):
             raise RequestInvalid("expiry must be YYMM", code="REQUEST_BAD_EXPIRY")
+        if self.entry_mode and self.entry_mode not in emv.EntryMode.__members__:
+            raise RequestInvalid("unknown POS entry mode", code="REQUEST_BAD_EMV")
+        if self.pan_seq and not (len(self.pan_seq) == 3 and self.pan_seq.isdigit()):
+            raise RequestInvalid("card sequence number must be 3 digits", code="REQUEST_BAD_EMV")
+        if self.track2:
+            emv.check_track2(self.track2, self.pan)
+        if self.icc:
+            emv.check_icc(self.icc)
+        if len(self.pin_block) not in (0, 8) or len(self.ksn) not in (0, 10) or bool(self.pin_block) != bool(self.ksn):
+            raise RequestInvalid("a PIN block is 8 bytes and comes with its 10-byte KSN", code="REQUEST_BAD_EMV")
 
     def __repr__(self) -> str:
         return f"CardData(pan={mask_pan(self.pan)!r})"
@@ -145,6 +167,11 @@ class Result:
         return display_text(self)
 
 
+# Reversal reasons of a chip sale the card did not complete, and what the cashier is shown.
+CARD_REASONS = {"CARD_DECLINED": "DECLINED BY CARD", "CARD_REMOVED": "CARD REMOVED",
+                "TERMINAL_ERROR": "TERMINAL ERROR", "COMPLETION_TIMEOUT": "CARD NOT COMPLETED"}
+
+
 def display_text(r: Result) -> str:
     """Short text for the reader's display (a cashier acts on it)."""
     if r.in_progress:
@@ -163,6 +190,8 @@ def display_text(r: Result) -> str:
         cur = r.extra.get("currency", "")
         return (f"PARTIAL APPROVAL {format_amount(r.extra.get('approved_amount', 0), cur)} OF "
                 f"{format_amount(r.extra.get('amount', 0), cur)} - CONFIRM OR CANCEL")
+    if s is TxnState.AWAITING_COMPLETION:
+        return "HOST APPROVED - COMPLETING ON CARD - DO NOT REMOVE CARD"
     if s is TxnState.DEFERRED:
         return "APPROVED OFFLINE" + (" - SIGNATURE REQUIRED" if r.extra.get("signature") == "REQUIRED" else "")
     if s is TxnState.DECLINED:
@@ -185,6 +214,8 @@ def display_text(r: Result) -> str:
         if r.response_code == "65":
             return "CARD USED TOO FREQUENTLY"
         return f"DECLINED {r.response_code}".strip()
+    if r.reason in CARD_REASONS and s in (TxnState.REVERSAL_PENDING, TxnState.REVERSED):
+        return f"{CARD_REASONS[r.reason]} - NOT CHARGED (" + ("REVERSED)" if s is TxnState.REVERSED else "REVERSAL QUEUED)")
     if s in (TxnState.REVERSAL_PENDING, TxnState.UNKNOWN):
         return "FAILED - NOT CHARGED (REVERSAL QUEUED)"
     if s is TxnState.REVERSED:

@@ -24,6 +24,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from guard.core.emv import EntryMode
 from guard.core.model import TxnKind, TxnState
 
 
@@ -79,12 +80,18 @@ class OfflineConfig:
     max_total_amount: int = 50_000
     max_count: int = 250
     max_age_s: float = 86_400.0
+    # Per entry mode (emv.EntryMode value) floor limit for one sale, below max_sale_amount (Adyen
+    # chipFloorLimit); 0 or absent: max_sale_amount. Swiped cards (MAGSTRIPE, FALLBACK) are never stored offline.
+    floor_limits: tuple[tuple[str, int], ...] = ()
 
-    def refuse(self, amount: int, stored_count: int, stored_total: int) -> str:
+    def refuse(self, amount: int, stored_count: int, stored_total: int, entry_mode: str = "") -> str:
         """The reason this sale may not be stored offline, or "" if it may."""
         if not self.enabled:
             return "NO_HOST"
-        if amount > self.max_sale_amount:
+        if entry_mode in SWIPED:
+            return "OFFLINE_SWIPE_REFUSED"
+        floor = dict(self.floor_limits).get(entry_mode) or self.max_sale_amount
+        if amount > min(self.max_sale_amount, floor):
             return "OFFLINE_LIMIT_SALE_AMOUNT"
         if stored_count + 1 > self.max_count:
             return "OFFLINE_LIMIT_COUNT"
@@ -93,6 +100,7 @@ class OfflineConfig:
         return ""
 
 
+SWIPED = frozenset(m.value for m in EntryMode if m.swiped)
 OFF = PolicyConfig(double_swipe_window_s=0.0, hold_on_pending_reversal=False, card_limits=(), terminal_limits=())
 
 
@@ -106,7 +114,8 @@ class Seen(Protocol):
     state: TxnState
 
 
-IN_FLIGHT_OR_APPROVED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.APPROVED, TxnState.DEFERRED})
+IN_FLIGHT_OR_APPROVED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.APPROVED, TxnState.DEFERRED,
+                                   TxnState.AWAITING_COMPLETION})
 
 
 class Window:

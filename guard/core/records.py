@@ -24,6 +24,7 @@ class Kind(str, enum.Enum):
     RELEASED = "released"
     OUTCOME = "outcome"
     PARTIAL = "partial"  # the host approved part of the amount; the operator accepts or cancels
+    AWAIT_COMPLETION = "await_completion"  # the host approved a chip sale; the card's decision is awaited
     REFUND_OF = "refund_of"
     SIGNATURE = "signature"
     SIGNATURE_MISSING = "signature_missing"
@@ -59,10 +60,11 @@ Record = tuple[Kind, "str | None", dict[str, Any]]
 # free-form here: their own modules check them.
 REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.INTENT: frozenset({"kind", "fp", "amount", "currency", "card_token", "masked_pan", "vault_ref", "stan",
-                            "f7", "tid", "mid"}),  # + original, verdict
+                            "f7", "tid", "mid"}),  # + original, verdict, entry, emv (non-sensitive EMV facts)
     Kind.HELD: frozenset({"code", "detail"}),
     Kind.RELEASED: frozenset({"by"}),
-    Kind.OUTCOME: frozenset({"state", "rc", "approval", "rrn", "reason"}),  # + policy, signature, approved_amount
+    Kind.OUTCOME: frozenset({"state", "rc", "approval", "rrn", "reason"}),  # + policy, signature, approved_amount, card, emv
+    Kind.AWAIT_COMPLETION: frozenset({"rc", "approval", "rrn"}),
     Kind.PARTIAL: frozenset({"rc", "approved_amount", "approval", "rrn"}),
     Kind.REFUND_OF: frozenset({"refund", "amount"}),
     Kind.SIGNATURE: frozenset({"late"}),
@@ -71,7 +73,7 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.ADVICE_ATTEMPT: frozenset({"n", "stan", "f7"}),
     Kind.ADVICE_REVERSAL_PENDING: frozenset({"reason", "stan"}),
     Kind.ADVICE_REVERSED: frozenset({"rc", "failures"}),
-    Kind.REVERSAL_PENDING: frozenset({"reason", "stan"}),  # + void, fields, rc, category, settlement_rrn
+    Kind.REVERSAL_PENDING: frozenset({"reason", "stan"}),  # + void, fields, rc, category, settlement_rrn, card, emv
     Kind.REVERSAL_ATTEMPT: frozenset({"n", "mti", "f7"}),
     Kind.REVERSAL_FAILED: frozenset({"why", "failures"}),
     Kind.REVERSED: frozenset({"rc", "attempts"}),
@@ -90,7 +92,7 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
 }
 # Kinds that describe one transaction and must carry its key.
 PER_TXN = frozenset({
-    Kind.INTENT, Kind.HELD, Kind.RELEASED, Kind.OUTCOME, Kind.PARTIAL, Kind.REFUND_OF, Kind.SIGNATURE, Kind.SIGNATURE_MISSING,
+    Kind.INTENT, Kind.HELD, Kind.RELEASED, Kind.OUTCOME, Kind.PARTIAL, Kind.AWAIT_COMPLETION, Kind.REFUND_OF, Kind.SIGNATURE, Kind.SIGNATURE_MISSING,
     Kind.DEFERRED, Kind.ADVICE_ATTEMPT, Kind.ADVICE_REVERSAL_PENDING, Kind.ADVICE_REVERSED, Kind.REVERSAL_PENDING,
     Kind.REVERSAL_ATTEMPT, Kind.REVERSAL_FAILED, Kind.REVERSED, Kind.NEEDS_MANUAL, Kind.LATE_RESPONSE,
 })

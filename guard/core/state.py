@@ -14,13 +14,13 @@ from guard.core.actions import Action, Append, EngineConfig, Load, Randomness, R
 from guard.core.errors import JournalError
 from guard.core.fields import transmission_dt
 from guard.core.keyfilter import KeyFilter
-from guard.core.model import TxnKind, TxnState
+from guard.core.model import CardData, TxnKind, TxnState
 from guard.core.policies import History
 from guard.core.records import Kind, Record
 from guard.core.txn import CardCrypto, Txn, evolve, rebuild
 
 AWAITING = frozenset({TxnState.JOURNALED, TxnState.SENT})
-WATCHED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.HELD, TxnState.PARTIAL})  # states with a timer or a drain to wait for
+WATCHED = frozenset({TxnState.JOURNALED, TxnState.SENT, TxnState.HELD, TxnState.PARTIAL, TxnState.AWAITING_COMPLETION})  # states with a timer or a drain to wait for
 
 
 class NeedData(Exception):
@@ -88,6 +88,7 @@ class EngineState:
         self._saf: OrderedDict[str, None] = OrderedDict()  # pending reversals, journal order
         self._adv: OrderedDict[str, None] = OrderedDict()  # deferred sales owing an 0220, journal order
         self._stored: dict[str, int] = {}  # DEFERRED (not final) sales -> amount, for the offline limits
+        self._held_cards: dict[str, CardData] = {}  # HELD sales with an online PIN: their card, memory only
         self._sig_due: dict[str, float] = {}  # approved sales awaiting a signature -> when it is missing
         # Keys that may be in a WATCHED state (a superset, pruned lazily): timers and drains look at
         # these instead of every transaction in memory (up to keep_final), once per loop round.
@@ -148,6 +149,7 @@ class EngineState:
         the journal when a reader asks about them (idempotency and STATUS never forget)."""
         assert t.state.final, t.state
         self._watch.pop(t.key, None)
+        self._held_cards.pop(t.key, None)
         self._adv.pop(t.key, None)
         self._stored.pop(t.key, None)
         self._finals[t.key] = None
@@ -224,7 +226,7 @@ class EngineState:
         return [ref] if ref else []
 
     def _finish(self, t: Txn, state: TxnState, *, approval: str = "", rrn: str = "", reason: str = "",
-                approved_amount: int | None = None) -> list[Action]:
+                approved_amount: int | None = None, extra: dict[str, Any] | None = None) -> list[Action]:
         if state is TxnState.APPROVED:
             self._sig_watch(t, required=True)
         payload: dict[str, Any] = {"state": state.value, "rc": t.rc, "approval": approval, "rrn": rrn, "reason": reason}
@@ -232,6 +234,7 @@ class EngineState:
             payload["approved_amount"] = approved_amount
         if t.signature:
             payload["signature"] = t.signature
+        payload.update(extra or {})
         rec = self._record(t, Kind.OUTCOME, payload)
         self.count(state.value.lower())
         self._finalized(t)
@@ -248,6 +251,7 @@ class EngineState:
     def _to_reversal(self, t: Txn, reason: str, now: float, extra: dict[str, Any] | None = None) -> Record:
         """UNKNOWN outcome or an undo: REVERSAL_PENDING, queued; returns the record to commit."""
         rec = self._record(t, Kind.REVERSAL_PENDING, {"reason": reason, "stan": t.stan, **(extra or {})})
+        t.issuer_icc = b""
         self.history.pending(t.card_token, t)
         self._finals.pop(t.key, None)
         t.rev_next_at, t.rev_since = now, 0.0

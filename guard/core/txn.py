@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from guard.core import constants as C
+from guard.core.emv import EntryMode
 from guard.core.model import CardData, Result, TxnKind, TxnState
 from guard.core.records import Kind
 
@@ -19,12 +20,14 @@ TRANSITIONS: Mapping[TxnState, frozenset[TxnState]] = {
     # VOIDs stay JOURNALED until the reversal of their sale settles them (APPROVED / NEEDS_MANUAL).
     # SENT is never journaled, so on restore a sale moves from JOURNALED straight to its answer.
     S.JOURNALED: frozenset({S.SENT, S.HELD, S.DECLINED, S.DEFERRED, S.REVERSAL_PENDING, S.APPROVED, S.NEEDS_MANUAL,
-                            S.PARTIAL}),
-    S.SENT: frozenset({S.APPROVED, S.DECLINED, S.REVERSAL_PENDING, S.PARTIAL}),
-    S.PARTIAL: frozenset({S.APPROVED, S.REVERSAL_PENDING}),  # operator accepts / cancels, or it expires
+                            S.PARTIAL, S.AWAITING_COMPLETION}),
+    S.SENT: frozenset({S.APPROVED, S.DECLINED, S.REVERSAL_PENDING, S.PARTIAL, S.AWAITING_COMPLETION}),
+    # Host approved a chip sale: the card accepts (APPROVED) or not, or no COMPLETE in time (reversed).
+    S.AWAITING_COMPLETION: frozenset({S.APPROVED, S.REVERSAL_PENDING}),
+    S.PARTIAL: frozenset({S.APPROVED, S.REVERSAL_PENDING, S.AWAITING_COMPLETION}),  # accepted (a chip sale: the card next), cancelled, expired
     S.HELD: frozenset({S.JOURNALED, S.DECLINED}),
     S.DEFERRED: frozenset({S.APPROVED, S.DECLINED, S.NEEDS_MANUAL}),
-    S.APPROVED: frozenset({S.REVERSAL_PENDING}),  # VOID, card/terminal could not complete
+    S.APPROVED: frozenset({S.REVERSAL_PENDING}),  # VOID
     S.REVERSAL_PENDING: frozenset({S.REVERSED, S.NEEDS_MANUAL}),
     # Final, except that an operator may queue a reversal of a sale the host debited anyway
     # (posguard reconcile --apply): REQUEUE_REASON only.
@@ -33,6 +36,7 @@ TRANSITIONS: Mapping[TxnState, frozenset[TxnState]] = {
     S.REVERSED: frozenset(),
     S.UNKNOWN: frozenset(),
 }
+AWAITS_CARD = frozenset(m.value for m in EntryMode if m.awaits_card)
 REQUEUE_REASON = "RECONCILE"  # the reason reconcile writes on such a reversal_pending
 
 
@@ -83,6 +87,13 @@ class Txn:
     approved: int | None = None  # a partial approval's amount (None: the whole amount)
     rev_since: float = 0.0  # when its first reversal message was sent (the horizon counts from here; 0: none yet)
     rev_last_rc: str = ""  # the host's field 39 on the last 0410 that did not end the reversal
+    entry_mode: str = ""  # emv.EntryMode value from the intent ("": not told, as MANUAL)
+    issuer_icc: bytes = b""  # field 55 of the 0210 for the reader (memory only: never journaled)
+
+    @property
+    def awaits_card(self) -> bool:
+        """A sale whose host approval is final only once the card accepts it (COMPLETE)."""
+        return self.kind is TxnKind.SALE and self.entry_mode in AWAITS_CARD
 
     @property
     def settled(self) -> int:
@@ -95,12 +106,15 @@ class Txn:
             extra["approved_amount"] = self.approved
         if self.signature:
             extra["signature"] = self.signature
+        if self.issuer_icc and self.state is TxnState.AWAITING_COMPLETION:
+            extra["issuer_icc"] = self.issuer_icc
         return Result(key=self.key, state=self.state, response_code=self.rc, approval_code=self.approval,
                       rrn=self.rrn, masked_pan=self.masked_pan, stan=self.stan, reason=self.reason,
                       in_progress=in_progress, extra=extra)
 
-    def request_fields(self, terminal_id: str, merchant_id: str) -> dict[str, str]:
-        return {
+    def request_fields(self, terminal_id: str, merchant_id: str,
+                       entry_codes: Mapping[str, str] | None = None) -> dict[str, str]:
+        f = {
             "t": C.MTI_ADVICE if self.state is TxnState.DEFERRED else C.MTI_FIN_REQUEST,
             C.F_PROC_CODE: C.PROC_REFUND if self.kind is TxnKind.REFUND else C.PROC_PURCHASE,
             C.F_AMOUNT: f"{self.amount:012d}",
@@ -110,6 +124,9 @@ class Txn:
             C.F_MERCHANT_ID: merchant_id,
             C.F_CURRENCY: self.currency,
         }
+        if self.entry_mode and entry_codes:
+            f[C.F_POS_ENTRY_MODE] = entry_codes[self.entry_mode]
+        return f
 
 
 def move(t: Txn, to: TxnState, *, requeue: bool = False) -> None:
@@ -127,6 +144,7 @@ def from_intent(key: str, p: Mapping[str, Any], ts: float) -> Txn:
             card_token=p["card_token"], masked_pan=p["masked_pan"], vault_ref=p.get("vault_ref"),
             stan=int(p["stan"]), f7=p["f7"], created=ts)
     t.original = p.get("original")
+    t.entry_mode = p.get("entry", "")
     return t
 
 
@@ -149,6 +167,10 @@ def evolve(t: Txn, kind: str, p: Mapping[str, Any]) -> None:
         move(t, S.PARTIAL)
         t.rc, t.approval, t.rrn, t.reason = p["rc"], p.get("approval", ""), p.get("rrn", ""), "PARTIAL_APPROVAL"
         t.approved, t.deadline = int(p["approved_amount"]), None
+    elif kind == Kind.AWAIT_COMPLETION:
+        move(t, S.AWAITING_COMPLETION)
+        t.rc, t.approval, t.rrn, t.reason = p["rc"], p.get("approval", ""), p.get("rrn", ""), ""
+        t.deadline = None  # set by the engine: journal time + completion_timeout_s
     elif kind == Kind.DEFERRED:
         move(t, S.DEFERRED)
         t.signature, t.deferred, t.reason = p.get("signature", ""), True, ""
@@ -200,9 +222,16 @@ def rebuild(key: str, entries: Iterable[Any]) -> Txn | None:
 
 
 def card_plaintext(card: CardData) -> bytes:
-    return f"{card.pan}|{card.expiry}".encode()
+    """What the vault keeps of a card until the sale is final: PAN, expiry and, for chip sales,
+    entry mode, card sequence number, track 2 equivalent and ICC data. Never the PIN block."""
+    if not (card.entry_mode or card.pan_seq or card.track2 or card.icc):
+        return f"{card.pan}|{card.expiry}".encode()
+    return f"{card.pan}|{card.expiry}|{card.entry_mode}|{card.pan_seq}|{card.track2}|{card.icc.hex()}".encode()
 
 
 def card_from_plaintext(data: bytes) -> CardData:
-    pan, _, expiry = data.decode().partition("|")
-    return CardData(pan, expiry)
+    parts = data.decode().split("|")
+    if len(parts) <= 2:
+        return CardData(parts[0], parts[1] if len(parts) > 1 else "")
+    pan, expiry, entry, seq, track2, icc = parts[:6]
+    return CardData(pan, expiry, entry_mode=entry, pan_seq=seq, track2=track2, icc=bytes.fromhex(icc))

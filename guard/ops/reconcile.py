@@ -28,6 +28,7 @@ Discrepancies (category -> action):
                            DECLINED / NEEDS_MANUAL -> QUEUE_REVERSAL (safe: undoes exactly that debit)
                            REVERSAL_PENDING / JOURNALED (in flight at a crash) -> NONE (replay reverses it)
                            DEFERRED (an offline sale whose 0220 may be booked) -> NONE (replay settles it)
+                           AWAITING_COMPLETION (the card's decision pending) -> NONE (completed or reversed)
                            HELD, or no such sale in the journal -> FLAG_REFUND
   REVERSED_BUT_SETTLED   terminal REVERSED, debit still settled -> FLAG_REFUND (the host already
                          answered the reversal; sending it again changes nothing)
@@ -349,6 +350,9 @@ def _judge(t: TxnView, key: Key, h: _Host) -> Discrepancy | None:
     if state == TxnState.DEFERRED.value:
         return d(FAILED_BUT_DEBITED, NONE, "an offline sale still being forwarded (its 0220 may have been booked): "
                  "run posguard replay, which reverses an unanswered advice before sending a fresh one")
+    if state == TxnState.AWAITING_COMPLETION.value:
+        return d(FAILED_BUT_DEBITED, NONE, "the host approved a chip sale whose card has not decided yet: the "
+                 "guard approves it on the card's COMPLETE or reverses it after reader.completion_timeout")
     if state in (TxnState.REVERSAL_PENDING.value, TxnState.JOURNALED.value, TxnState.SENT.value):
         return d(FAILED_BUT_DEBITED, NONE, "a reversal is already queued (or recovery queues one at the next "
                  "start): run posguard replay")

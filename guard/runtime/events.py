@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from guard.core.model import CARD_REASONS
 from guard.core.records import Kind
 
 log = logging.getLogger("posguard.events")
@@ -23,7 +24,8 @@ log = logging.getLogger("posguard.events")
 LOUD_REVERSAL_REASONS = frozenset({"ECHO_MISMATCH", "UNCLASSIFIED_RESPONSE", "BAD_RESPONSE", "BAD_PARTIAL_AMOUNT",
                                    "PARTIAL_NOT_SUPPORTED"})
 QUIET_REVERSAL_REASONS = frozenset({"VOID", "PARTIAL_CANCELLED"})  # asked for by the operator: INFO, not WARNING
-_COPIED = ("reason", "stan", "rc", "why", "note", "mti", "attempts", "last_rc", "approved_amount", "state", "fields")
+_COPIED = ("reason", "stan", "rc", "why", "note", "mti", "attempts", "last_rc", "approved_amount", "state", "fields",
+           "card")
 
 
 def event_of(kind: str, txn: str | None, payload: Mapping[str, Any]) -> tuple[int, str] | None:
@@ -38,6 +40,8 @@ def event_of(kind: str, txn: str | None, payload: Mapping[str, Any]) -> tuple[in
         return logging.WARNING, "partial_approval"
     if kind == Kind.REVERSAL_PENDING and payload.get("reason") in LOUD_REVERSAL_REASONS:
         return logging.WARNING, "echo_mismatch" if payload.get("reason") == "ECHO_MISMATCH" else "fail_safe_reversal"
+    if kind == Kind.REVERSAL_PENDING and payload.get("reason") in CARD_REASONS:
+        return logging.WARNING, "card_did_not_complete"  # the host approved; the chip card refused or went silent
     if kind == Kind.OUTCOME and payload.get("reason") == "STAN_COLLISION":
         return logging.ERROR, "stan_collision"
     if kind in (Kind.REVERSAL_PENDING, Kind.ADVICE_REVERSAL_PENDING):

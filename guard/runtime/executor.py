@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from guard.core import constants as C
 from guard.core.engine import Action, Append, Engine, Reply, SendHost, card_from_plaintext
+from guard.core.model import CardData
 from guard.hostlink.uplink import SendOutcome
 from guard.runtime import restore
 from guard.runtime.events import log_committed
@@ -43,6 +44,26 @@ class Policy:
 
 DAEMON = Policy()
 BATCH = Policy(coalesce=True, cork=True, collect=True)  # posguard replay: throughput over latency
+
+
+def card_fields(card: CardData, wanted: frozenset[str] | None, ksn_field: str) -> dict[str, str]:
+    """The ISO 8583 fields of ``card`` a message carries (``wanted``; None: all it has): 2, 14,
+    23, 35, 52 with its KSN, 55 (binary fields as hex, as the codec takes them)."""
+    out = {C.F_PAN: card.pan}
+    if card.expiry:
+        out[C.F_EXPIRY] = card.expiry
+    if card.pan_seq:
+        out[C.F_CARD_SEQ] = card.pan_seq
+    if card.track2:
+        out[C.F_TRACK2] = card.track2
+    if card.pin_block:
+        out[C.F_PIN_BLOCK] = card.pin_block.hex().upper()
+        out[ksn_field] = card.ksn.hex().upper()
+    if card.icc:
+        out[C.F_ICC] = card.icc.hex().upper()
+    if wanted is not None:
+        out = {k: v for k, v in out.items() if k in wanted}
+    return out
 
 
 class Executor:
@@ -154,9 +175,7 @@ class Executor:
             plain = self.store.vault_open(a.card_ref)
             card = card_from_plaintext(plain) if plain else None
         if card is not None:
-            fields[C.F_PAN] = card.pan
-            if card.expiry:
-                fields[C.F_EXPIRY] = card.expiry
+            fields.update(card_fields(card, a.card_fields, a.ksn_field))
         outcome = host.send(fields)
         if outcome is SendOutcome.NOT_SENT:
             acts = self.invoke(self.engine.send_failed, a.key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Callable
 
+from guard.core.emv import CardDecision
 from guard.core.engine import Engine
 from guard.core.model import Request, Result
 from guard.runtime.executor import Executor
@@ -53,9 +54,9 @@ class GuardFacade:
     def signed(self, key: str) -> None:
         self._ex().call(self.engine.signed, key)
 
-    def completion_failed(self, key: str) -> None:
-        """The host approved but the card or terminal could not complete: reverse."""
-        self._ex().call(self.engine.completion_failed, key)
+    def complete(self, key: str, decision: CardDecision, icc: bytes = b"") -> None:
+        """The reader's COMPLETE: the card's final decision on a chip sale (raises TXN_UNKNOWN)."""
+        self._ex().call(self.engine.complete, key, decision, icc)
 
     def status(self, key: str) -> Result | None:
         r = self._ex().status(key)

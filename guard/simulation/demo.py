@@ -6,7 +6,8 @@ config file, journal on disk, reader bridge, engine, uplink) --TCP 127.0.0.1--> 
 Each scripted sale meets one fault: on the host (dropped request, lost answer, late answer, cut
 connection, duplicate answer, answer for another merchant, garbage), on the serial line
 (duplicated, bit-flipped, truncated frames, garbage between frames), at the reader (reboot after
-sending, then re-send or STATUS; a reused txn id with another amount) or in the guard itself
+sending, then re-send or STATUS; a reused txn id with another amount), at the chip card (it
+declines after the host approved: the guard reverses the approval) or in the guard itself
 (SIGKILL right after the AUTH, then restart). The table shows what the reader was told and what
 the host's ledger holds. Exit 0 only if every APPROVED sale has exactly one net debit at the host,
 every other sale has none, and the journal verifies. Everything is left in the demo directory.
@@ -31,6 +32,8 @@ from rich.table import Table
 
 from firmware_bridge import messages as M
 from firmware_bridge.nullmodem import NullModem
+from guard.core.emv import EntryMode
+from guard.simulation import cards
 from guard.simulation.linkfaults import LinkFaults
 from guard.simulation.readersim import ReaderSim
 from firmware_bridge.serial_port import open_port
@@ -70,6 +73,7 @@ SCRIPT: list[tuple[str, str | None, LinkFaults | None, str | None]] = [
     ("guard killed while waiting for host", "delay_response", None, "kill_guard"),
     ("customer returns half: refund of sale 1", None, None, "refund"),
     ("host unreachable: approved offline, forwarded later", None, None, "offline"),
+    ("chip: host approves, card declines (2nd GENERATE AC)", None, None, "chip_decline"),
     ("normal sale", None, None, None),
 ]
 
@@ -238,6 +242,11 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
                     wait_for(lambda: not (isinstance(r := reader.status(txn, timeout=10), M.ResultMessage)
                                           and r.state is TxnState.DEFERRED), 30)
                     row.shown = _text(res) + "; host back: " + _text(reader.status(txn, timeout=10))
+                elif extra == "chip_decline":  # the guard reverses the host's approval itself
+                    asked, done = cards.present(reader, cards.CardModel(EntryMode.CHIP, cards.DECLINE), txn, amount,
+                                               "978", PAN, "2912", random.Random(seed), timeout=20)
+                    waited = isinstance(asked, M.ResultMessage) and asked.state is TxnState.AWAITING_COMPLETION
+                    row.shown = ("host approved, card asked; " if waited else _text(asked) + "; ") + "card declined: " + _text(done)
                 elif extra == "reboot_resend" or extra == "reboot_status" or extra == "kill_guard":
                     reader.submit(M.Auth(txn, amount, "978", PAN, "2912", READER))
                     time.sleep(0.4)  # the AUTH is journaled and forwarded by now

@@ -46,6 +46,8 @@ from guard.core.engine import Engine, EngineConfig, Txn
 from guard.core.txn import rebuild as _rebuild
 from guard.runtime.restore import restore_engine
 from guard.core.errors import PosguardError
+from guard.core.emv import CardDecision
+from guard.simulation import cards
 from guard.simulation.acquirer import AcquirerProfile
 from guard.simulation.hostsim import HostCore
 from guard.simulation.invariants import check_world
@@ -97,6 +99,8 @@ class SimConfig:
     maybe_sent_rate: float = 0.02  # per send: the link closes during it (MAYBE_SENT; half of those still arrive)
     acquirer: bool = False  # the host answers like real acquirers (AcquirerProfile.for_seed): 08/10/11/16,
     # booked wait and unknown codes, wrong MTIs, silent or refusing reversal answers, 0411
+    chip_rate: float = 0.6  # sales read from a card (cards.pick: chip, contactless, swiped; card declines, pulls,
+    # reader reboots before COMPLETE); the rest are keyed as before. Own stream: other draws unchanged
 
 
 @dataclass
@@ -156,6 +160,7 @@ class _World:
             offline=OfflineConfig(enabled=cfg.offline, max_sale_amount=20_000, max_total_amount=60_000, max_count=8),
             partial_amount_field=self.profile.partial_field,
             partial_expiry_s=20.0,
+            completion_timeout_s=30.0,
         )
         rates = {k: cfg.fault_rate / len(HOST_FAULTS) for k in HOST_FAULTS} if cfg.fault_rate else {}
         self.host = HostCore(seed=cfg.seed, dup_detection=cfg.dup_detection, faults=rates, late_delay=cfg.late_delay,
@@ -187,6 +192,9 @@ class _World:
         self.ops_sent = 0
         self.refusals: list[tuple[float, str, str, str]] = []  # (when, op key, code, why it is not legitimate or "")
         self.shown_bad: list[str] = []  # a reader told APPROVED before the host had done it
+        self.chip_rng = random.Random(f"posguard.sim.chip.{cfg.seed}")
+        self.cards: dict[str, cards.CardModel] = {}  # sale key -> the card presented (chip_rate)
+        self.card_said: dict[str, CardDecision] = {}  # sale key -> the card's decision the reader reported
 
     def _det_bytes(self, n: int) -> bytes:
         return bytes(self.rng.getrandbits(8) for _ in range(n))
@@ -274,7 +282,12 @@ class _World:
             txn_id = hashlib.sha256(f"{self.cfg.seed}:{i}".encode()).digest()[:16]
             amount = self.rng.choice([1000, 2550, 999, 12345, 5005, 4251, 700])
             card = CardData(self.rng.choice(TEST_PANS), "2912")
+            if self.cfg.chip_rate and self.chip_rng.random() < self.cfg.chip_rate:
+                model = cards.pick(self.chip_rng)
+                card = cards.card_data(model, card.pan, card.expiry, amount, "978", self.chip_rng)
             req = Request("R1", txn_id, TxnKind.SALE, amount, "978", card)
+            if card.entry_mode:
+                self.cards[req.key] = model
             self.requests[req.key] = req
             self.at(t, "submit", (req, 0))
             if self.cfg.operator_rate and self.op_rng.random() < self.cfg.operator_rate:
@@ -346,6 +359,8 @@ class _World:
             self.partials_seen.add(r.key)
             choice = self.partial_rng.choices(["accept", "cancel", "ignore"], weights=[5, 3, 1])[0]
             self.at(self.partial_rng.uniform(0.1, 5.0), "partial", (r.key, choice))
+        if r.state is TxnState.AWAITING_COMPLETION and r.key in self.cards and r.key not in self.card_said:
+            cards.card_decides(self, r.key)
         plan = self.plans.get(r.key)
         if plan is None or r.in_progress or r.key in self.op_started:
             return
@@ -449,7 +464,7 @@ class _World:
             self.now = max(self.now, t)
             if kind == "tick":
                 self.terminal("tick")
-                if not draining and not any(k in ("submit", "op", "status", "restart") for _, _, k, _ in self.events):
+                if not draining and not any(k in ("submit", "op", "status", "restart", "complete") for _, _, k, _ in self.events):
                     draining = True
                     end = self.now + self.cfg.drain_limit_s
                     self.host.faults = {}
@@ -470,6 +485,8 @@ class _World:
                 self.reader_status(data[0])
             elif kind == "partial":
                 self.operator_decides(*data)
+            elif kind == "complete":
+                cards.reader_complete(self, *data)
             elif kind == "to_host":
                 self.host_receive(*data)
             elif kind == "to_term":

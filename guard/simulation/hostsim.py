@@ -96,6 +96,16 @@ _NET_CODES = frozenset({NET_SIGN_ON, "002", NET_ECHO, NET_CHECKPOINT})
 _ECHOED = ("3", F_AMOUNT, F_STAN, F_TERMINAL_ID, F_MERCHANT_ID, "49")
 
 
+CHIP_ENTRY_MODES = frozenset({"05", "07"})  # field 22: chip, contactless chip
+F_POS_ENTRY_MODE, F_ICC = "22", "55"
+
+
+def issuer_auth_data(arpc: bytes, rc: str) -> str:
+    """Field 55 of a 0210 for a chip sale: tag 91, the ARPC and the 2-character response code, as hex."""
+    value = arpc + rc.encode("ascii")[:2]
+    return ("91" + f"{len(value):02X}" + value.hex()).upper()
+
+
 def _fixed_digits(v: str | None, n: int) -> bool:
     return v is not None and len(v) == n and v.isascii() and v.isdigit()
 
@@ -329,6 +339,10 @@ class HostCore(hostledger.LedgerViews):
             resp = self._respond(fields, now, RC_DUPLICATE)
             self._sales.append(SaleRecord(tid, mid, stan, key[3], mti, amount, "", RC_DUPLICATE, None, now, kind))
             return resp
+        chip = fields.get(F_POS_ENTRY_MODE, "")[:2] in CHIP_ENTRY_MODES
+        if chip and not fields.get(F_ICC):  # an acquirer declines a chip sale without its ICC data
+            self._counters["chip_without_icc"] += 1
+            return self._respond(fields, now, RC_FORMAT_ERROR)
         rrn = self._next_rrn()
         debit_id: int | None = None
         extra: dict[str, str] = {F_RRN: rrn}
@@ -364,6 +378,9 @@ class HostCore(hostledger.LedgerViews):
                 extra[F_ADDITIONAL_AMOUNTS] = field54(booked_amount, fields.get(F_CURRENCY, ""))
             else:
                 extra[F_AMOUNT] = f"{booked_amount:012d}"
+        if chip and moves_money(rc):  # issuer authentication data (ARPC + response code) for the card
+            self._counters["chip_sales"] += 1
+            extra[F_ICC] = issuer_auth_data(self._data_rng.randbytes(8), rc)
         resp = self._respond(fields, now, rc, **extra)
         if answer.mti is not None:
             resp["t"] = answer.mti

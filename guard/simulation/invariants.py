@@ -12,6 +12,7 @@ import collections
 import dataclasses
 from typing import TYPE_CHECKING
 
+from guard.core.emv import CardDecision
 from guard.core.model import TxnKind, TxnState
 from guard.core.txn import Txn
 from guard.journal.store import Journal
@@ -91,8 +92,12 @@ def check_world(self: _World) -> list[str]:
                 continue
             if r.state is TxnState.APPROVED and t.state is not TxnState.APPROVED and not voided:
                 bad.append(f"{key}: reader was shown APPROVED, final is {t.state.value}")
-            if r.state not in (TxnState.APPROVED, TxnState.DEFERRED, TxnState.PARTIAL) and t.state is TxnState.APPROVED:
+            if (r.state not in (TxnState.APPROVED, TxnState.DEFERRED, TxnState.PARTIAL, TxnState.AWAITING_COMPLETION)
+                    and t.state is TxnState.APPROVED):
                 bad.append(f"{key}: reader was shown {r.state.value}, final is APPROVED (charged)")
+        said = self.card_said.get(key)
+        if said is not None and said is not CardDecision.ACCEPTED and t.state is TxnState.APPROVED:
+            bad.append(f"{key}: the card did not accept ({said.value}) but the terminal is APPROVED")
         if t.kind is TxnKind.SALE and t.refunds:
             approved = [txns[k] for k in t.refunds if k in txns and txns[k].state is TxnState.APPROVED]
             if sum(r.settled for r in approved) > t.settled:

@@ -14,7 +14,9 @@ import serial
 from firmware_bridge.constants import DEFAULT_BAUDRATE, ERR_TXN_UNKNOWN, T2_S
 from firmware_bridge.messages import Auth, ErrorMessage, MessageError, ResultMessage
 from firmware_bridge.serial_port import open_port
+from guard.core.emv import EntryMode
 from guard.core.model import TxnState, mask_pan
+from guard.simulation import cards
 from guard.simulation.linkfaults import LinkFaults
 from guard.simulation.readersim import PARTIAL_CHOICES, TEST_PAN, ReaderSim, ReaderTimeout
 
@@ -52,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="when the host approves only part of the amount (PARTIAL): accept it with CONFIRM, cancel "
                    "it with CANCEL (the partial is reversed), or ignore it (the guard reverses it when "
                    "reader.partial_expiry runs out); default ignore")
+    p.add_argument("--card", choices=[m.value.lower() for m in EntryMode], default=None,
+                   help="how the card is read (PROTOCOL.md section 12): chip and contactless send ICC data and "
+                   "COMPLETE; default: the PAN alone, as a keyed sale without ENTRY_MODE")
+    p.add_argument("--card-does", choices=cards.BEHAVIOURS, default=cards.ACCEPT,
+                   help="chip/contactless after the host approved: accept, decline (2nd GENERATE AC), pulled, fail, "
+                   "reboot (the reader reboots, no COMPLETE: the guard reverses after reader.completion_timeout), "
+                   "reboot_resend (reboots, then re-sends the saved decision); default accept")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per sale (default 60)")
     p.add_argument("--baud", type=int, default=DEFAULT_BAUDRATE, help="line speed (default 115200)")
     p.add_argument("-v", "--verbose", action="store_true", help="log link events and messages (PAN masked) to stderr")
@@ -90,6 +99,11 @@ def _sale_through_reboot(
     sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float]
 ) -> ResultMessage | ErrorMessage:
     auth = Auth(txn_id, args.amount, args.currency, args.pan, args.expiry, sim.reader_id)
+    if args.card is not None and not args.reboot_after_send:
+        model = cards.CardModel(EntryMode(args.card.upper()), args.card_does, online_pin=args.card == "chip")
+        first, final = cards.present(sim, model, txn_id, args.amount, args.currency, args.pan, args.expiry or "2912",
+                                     random.Random(args.seed), left())
+        return final if final is not None else first
     if not args.reboot_after_send:
         return sim.transact(auth, left())
     sim.send(auth, left())
@@ -172,7 +186,7 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
         except ReaderTimeout:
             outcome = None
         if (isinstance(outcome, ResultMessage) and not outcome.in_progress
-                and outcome.state not in (TxnState.HELD, TxnState.PARTIAL)):
+                and outcome.state not in (TxnState.HELD, TxnState.PARTIAL, TxnState.AWAITING_COMPLETION)):
             finals += 1
         now_applied = faults.counts.as_dict() if faults else {}
         hit = ",".join(f"{k}={now_applied[k] - v}" for k, v in applied.items() if now_applied[k] > v) or "none"

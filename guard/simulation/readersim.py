@@ -47,6 +47,7 @@ from firmware_bridge.messages import (
     TAG_CODECS,
     Auth,
     Cancel,
+    Complete,
     Confirm,
     Signed,
     ErrorMessage,
@@ -293,11 +294,19 @@ class ReaderSim:
         """Report the customer's signature for an approved sale; its RESULT or an ERROR."""
         return self.transact(Signed(txn_id, self.reader_id), timeout)
 
-    def transact(self, msg: Auth | Refund | Void | Confirm | Cancel | Signed,
+    def complete(self, txn_id: bytes, decision: str, icc: bytes | None = None,
+                 timeout: float = 60.0) -> ResultMessage | ErrorMessage:
+        """COMPLETE: the card's final decision on a chip sale (section 12); the final RESULT."""
+        return self.transact(Complete(txn_id, decision, icc, self.reader_id), timeout)
+
+    def transact(self, msg: Auth | Refund | Void | Confirm | Cancel | Signed | Complete,
                  timeout: float = 60.0) -> ResultMessage | ErrorMessage:
         """Send a transaction request and wait for its final RESULT (or an ERROR)."""
         deadline = self.clock() + timeout
         payload = self.submit(msg)
+        if isinstance(msg, Complete):  # a late AWAITING_COMPLETION copy does not end the wait
+            return self._await_final(msg.txn_id, None, deadline, held_ends=False,
+                                     waiting=frozenset({TxnState.AWAITING_COMPLETION}))
         if isinstance(msg, (Confirm, Cancel, Signed)):
             return self._await_final(msg.txn_id, None, deadline, held_ends=False)
         return self._await_final(msg.txn_id, payload, deadline)
@@ -399,7 +408,8 @@ class ReaderSim:
             self._idle(deadline)
 
     def _await_final(
-        self, txn_id: bytes, request: bytes | None, deadline: float, *, held_ends: bool = True
+        self, txn_id: bytes, request: bytes | None, deadline: float, *, held_ends: bool = True,
+        waiting: frozenset[TxnState] = OPERATOR_DECISION_STATES,
     ) -> ResultMessage | ErrorMessage:
         """Wait for ``txn_id``'s RESULT with IN_PROGRESS = 00 (HELD and PARTIAL included unless
         not ``held_ends``). ``request`` is re-sent (same TXN_ID) if the guard says TXN_UNKNOWN. The
@@ -417,7 +427,7 @@ class ReaderSim:
                     wait = (m.wait_s if isinstance(m, Progress) else None) or READER_APP_TIMEOUT_S
                     app_deadline = max(app_deadline, min(now + wait, start + READER_APP_TIMEOUT_CAP_S))
                 elif isinstance(m, ResultMessage) and m.txn_id == txn_id and not m.in_progress:
-                    if held_ends or m.state not in OPERATOR_DECISION_STATES:
+                    if held_ends or m.state not in waiting:
                         return m
                     held = m
                 elif isinstance(m, ErrorMessage) and m.txn_id in (None, txn_id):

@@ -14,6 +14,7 @@ from firmware_bridge.messages import (
     MESSAGE_CLASSES,
     Auth,
     Cancel,
+    Complete,
     Confirm,
     Signed,
     ErrorMessage,
@@ -33,6 +34,9 @@ from firmware_bridge.messages import (
     result_message,
     to_request,
 )
+from firmware_bridge.constants import DECISION_CODES, ENTRY_MODE_CODES
+from firmware_bridge.tags import CARD_DATA_TAGS
+from tests.unit.test_emv import valid_icc
 from guard.core.errors import IdempotencyConflict, LinkError, PosguardError, RequestInvalid
 from guard.core.model import Result, TxnKind, TxnState
 
@@ -67,7 +71,11 @@ def opt(s: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
 
 
 STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
-    Auth: st.builds(Auth, txn_ids, amounts, currencies, pans, opt(expiries), opt(reader_ids)),
+    Auth: st.builds(Auth, txn_ids, amounts, currencies, pans, opt(expiries), opt(reader_ids),
+                    entry_mode=opt(st.sampled_from(sorted(ENTRY_MODE_CODES))), pan_seq=opt(st.text("0123456789", min_size=3, max_size=3)),
+                    track2=opt(st.text("0123456789", min_size=12, max_size=19).map(lambda p: p + "D2912201")),
+                    icc=opt(valid_icc), pin_block=opt(st.binary(min_size=8, max_size=8)), ksn=opt(st.binary(min_size=10, max_size=10))),
+    Complete: st.builds(Complete, txn_ids, st.sampled_from(sorted(DECISION_CODES)), opt(valid_icc), opt(reader_ids)),
     Void: st.builds(Void, txn_ids, amounts, currencies, txn_ids, opt(reader_ids)),
     Refund: st.builds(Refund, txn_ids, amounts, currencies, pans, opt(expiries), opt(txn_ids), opt(reader_ids)),
     Confirm: st.builds(Confirm, txn_ids, opt(reader_ids)),
@@ -92,6 +100,7 @@ STRATEGIES: dict[type[Any], st.SearchStrategy[Any]] = {
         masked_pan=opt(masked_pans()),
         error_code=opt(error_codes),
         stan=opt(st.integers(1, 999_999)),
+        issuer_icc=opt(valid_icc),
     ),
     Progress: st.builds(Progress, txn_ids, opt(display_texts), opt(st.integers(1, 120))),
     Pong: st.builds(Pong, txn_ids),
@@ -131,7 +140,7 @@ def test_tag_order_and_unknown_tags_do_not_matter(msg: Message, data: st.DataObj
     )]
     # a known tag the message type does not use is skipped too (card data excepted)
     used = {tag for tag, _, _ in msg.FIELDS}
-    unused = [t for t in Tag if t not in used and t not in (Tag.PAN, Tag.EXPIRY)]
+    unused = [t for t in Tag if t not in used and t not in CARD_DATA_TAGS and t not in (Tag.ICC_DATA, Tag.ISSUER_DATA, Tag.ENTRY_MODE, Tag.CARD_DECISION, Tag.PAN_SEQ)]
     unknown.append(tlv(data.draw(st.sampled_from(unused)), b"abc"))
     shuffled = bytes([payload[0]]) + b"".join(tlvs[:1] + unknown + tlvs[1:])
     assert decode_message(shuffled) == msg

@@ -15,7 +15,7 @@ import pytest
 from firmware_bridge import constants as K
 from firmware_bridge.constants import FLAG_RETRANSMISSION, STATE_CODES, FrameType, MsgType, Tag
 from firmware_bridge.frame import Frame, FrameError, FrameParser, crc16, encode_frame, stuff
-from firmware_bridge.messages import MESSAGE_CLASSES, Auth, Message, Ping, ResultMessage, Status, decode_message, encode_message
+from firmware_bridge.messages import MESSAGE_CLASSES, Auth, Complete, Message, Ping, ResultMessage, Status, decode_message, encode_message
 from guard.core.model import TxnState
 from tests.support import ROOT
 
@@ -37,6 +37,23 @@ PARTIAL = ResultMessage(
 )
 PING = Ping(bytes.fromhex("00000000000000070000000000000027"))
 
+
+def _tlv(tag: int, v: bytes) -> bytes:
+    return tag.to_bytes((tag.bit_length() + 7) // 8, "big") + bytes([len(v)]) + v
+
+
+AUTH_CHIP = Auth(TXN, 1250, "978", "4761739001010119", "2512", entry_mode="CHIP", pan_seq="001",
+                 track2="4761739001010119D2512201",
+                 icc=_tlv(0x9F26, bytes.fromhex("1122334455667788")) + _tlv(0x9F27, b"\x80") + _tlv(0x9F36, b"\x00\x2a")
+                 + _tlv(0x95, bytes(5)),
+                 pin_block=bytes.fromhex("0123456789abcdef"), ksn=bytes.fromhex("ffff9876543210e00001"))
+AWAITING = ResultMessage(
+    TXN, TxnState.AWAITING_COMPLETION, "HOST APPROVED - COMPLETING ON CARD - DO NOT REMOVE CARD", in_progress=False,
+    amount=1250, currency="978", response_code="00", approval_code="123456", rrn="123456789012",
+    masked_pan="476173******0119", stan=42, issuer_icc=_tlv(0x91, bytes.fromhex("0102030405060708") + b"00"),
+)
+COMPLETE = Complete(TXN, "CARD_DECLINED", icc=_tlv(0x9F27, b"\x00") + _tlv(0x9F36, b"\x00\x2a"))
+
 # name -> (frame, message carried or None); written here independently of the document
 EXPECTED: dict[str, tuple[Frame, Message | None]] = {
     "sync": (Frame(FrameType.SYNC, 0, 0, NONCE), None),
@@ -49,6 +66,9 @@ EXPECTED: dict[str, tuple[Frame, Message | None]] = {
     "result_partial": (Frame(FrameType.DATA, 1, EPOCH, encode_message(PARTIAL)), PARTIAL),
     "status_last": (Frame(FrameType.DATA, 1, EPOCH, encode_message(Status(last=True))), Status(last=True)),
     "ping": (Frame(FrameType.DATA, 2, EPOCH, encode_message(PING)), PING),
+    "auth_chip": (Frame(FrameType.DATA, 3, EPOCH, encode_message(AUTH_CHIP)), AUTH_CHIP),
+    "result_awaiting_completion": (Frame(FrameType.DATA, 2, EPOCH, encode_message(AWAITING)), AWAITING),
+    "complete_declined": (Frame(FrameType.DATA, 4, EPOCH, encode_message(COMPLETE)), COMPLETE),
 }
 
 
@@ -113,7 +133,7 @@ def test_golden_stream_with_noise_parses_to_all_frames() -> None:
 def test_test_pan_appears_only_in_the_auth_examples() -> None:
     pan_hex = b"4761739001010119".hex()
     for name, wire in goldens().items():
-        assert (pan_hex in wire.replace(b"\x10\x10", b"\x10").hex()) == (name in ("auth", "auth_retx")), name
+        assert (pan_hex in wire.replace(b"\x10\x10", b"\x10").hex()) == (name in ("auth", "auth_retx", "auth_chip")), name
 
 
 def test_golden_ping_has_a_stuffed_crc() -> None:
@@ -152,10 +172,12 @@ def test_state_table() -> None:
 
 
 def test_message_field_table_matches_the_codec() -> None:
-    rows = table("message-fields")
-    header = [c.strip() for c in re.search(r"<!-- table: message-fields -->\n(\|.*)\n", TEXT).group(1).strip("|").split("|")]  # type: ignore[union-attr]
-    tags = [Tag[h] for h in header[1:]]
-    doc = {r[0]: dict(zip(tags, r[1:], strict=True)) for r in rows}
+    doc: dict[str, dict[Tag, str]] = {}
+    for name in ("message-fields", "message-fields-chip"):  # section 5.4, and section 12's chip tags
+        header = [c.strip() for c in re.search(rf"<!-- table: {name} -->\n(\|.*)\n", TEXT).group(1).strip("|").split("|")]  # type: ignore[union-attr]
+        tags = [Tag[h] for h in header[1:]]
+        for r in table(name):
+            doc.setdefault(r[0], {}).update(zip(tags, r[1:], strict=True))
     assert set(doc) == {t.name for t in MESSAGE_CLASSES}
     for mtype, cls in MESSAGE_CLASSES.items():
         spec = {tag: ("M" if mandatory else "O") for tag, _, mandatory in cls.FIELDS}
