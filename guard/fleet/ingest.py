@@ -119,7 +119,8 @@ class _File:
             raise _Reject("FLEET_FILE_INVALID", None, f"SQLite cannot read it: {e}") from None
         self.terminal = self.meta.get("terminal_id", "")
         self.archive = self.meta.get("segment_role") == ROLE_ARCHIVE
-        self.rat_next, self.rat_key = (rat[0], rat[1]) if rat else (None, None)
+        self.rat_next: int | None = rat[0] if rat else None
+        self.rat_key: bytes | None = rat[1] if rat else None
         if not self.terminal or self.lo is None:
             raise _Reject("FLEET_FILE_INVALID", None, "no terminal id or no entries")
 
@@ -130,7 +131,7 @@ class _File:
         self.conn.close()
 
 
-def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[IngestResult], None] | None = None
+def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], None] | None = None
            ) -> list[IngestResult]:
     """Ingest every journal file (each in its own transaction); files of one terminal in seq order."""
     files = journal_files(paths)
@@ -148,11 +149,10 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[IngestResult]
     with connect(dsn) as conn:
         for res in results:
             _record_rejection(conn, res)
-        for _, _, p in opened:
-            res = ingest_file(conn, p, known)
-            results.append(res)
+        for i, (_, _, p) in enumerate(opened):
+            results.append(ingest_file(conn, p, known))
             if progress is not None:
-                progress(res)
+                progress(i + 1, len(opened))
     return results
 
 

@@ -32,6 +32,7 @@ CREATE TABLE terminals (
     pubs        text[] NOT NULL,         -- enrolled checkpoint keys, oldest first (hex)
     state       jsonb NOT NULL,          -- guard.fleet.chain.ChainState after the last accepted entry
     audit       jsonb,                   -- the same, after the last entry `fleet verify` re-checked
+    audit_problem text,                  -- what `fleet verify` found wrong in the stored rows (NULL: nothing)
     witness_seq bigint NOT NULL DEFAULT 0,  -- seq of the newest verified checkpoint
     witness_cp  text,                    -- its payload, verbatim
     last_seen   timestamptz,
