@@ -11,12 +11,13 @@ stored state, so each entry is checked once, when it arrives. The first anomaly 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from guard.core.constants import GENESIS_HASH
+from guard.core.constants import GENESIS_HASH, JOURNAL_HASH_DOMAIN
 from guard.journal.format import (
     CHECKPOINT_KIND,
     ROTATION_KIND,
@@ -31,6 +32,7 @@ from guard.journal.keychain import CP_KEYS, pub_key, rotation_ok, sig_ok
 from guard.journal.mac import mac_and_next
 
 _SEG_KEYS = frozenset((*SEGMENT_FIELDS, "sig"))
+_SPECIAL = frozenset({CHECKPOINT_KIND, ROTATION_KIND, SEGMENT_KIND})
 Row = tuple[Any, ...]  # seq, ts, kind, txn, payload (text), prev_hash, entry_hash, mac
 
 
@@ -78,12 +80,35 @@ class ChainState:
         """Check and absorb ``rows`` (consecutive, starting at ``next_seq``); returns how many.
 
         ``file_first_seq``: the first seq of the uploaded file (a segment record may only start a file).
-        On a ``ChainReject`` the state is left part-way: callers discard it (nothing is committed).
+        The loop accepts a plain entry inline when its hash, link and MAC match; anything else
+        (a record with payload checks, any mismatch) goes through ``_one``, which raises the exact
+        failure. On a ``ChainReject`` the state stays at the entry before the failing one.
         """
+        sha, enc, dom, mac_next = hashlib.sha256, json.encoder.encode_basestring_ascii, JOURNAL_HASH_DOMAIN, mac_and_next
+        special = _SPECIAL
         n = 0
+        nseq, last, key = self.next_seq, self.last_hash, self.key
+        last_mac = self.last_mac
         for row in rows:
+            seq, ts, kind, txn, payload, prev, h, mac = row
+            if seq == nseq and prev == last and kind not in special and type(kind) is str:
+                try:
+                    ok = sha(dom + seq.to_bytes(8, "big") + prev + (
+                        f'{{"kind":{enc(kind)},"payload":{payload},"ts":{ts!r},"txn":{"null" if txn is None else enc(txn)}}}'
+                    ).encode()).digest() == h
+                except (TypeError, ValueError, OverflowError, AttributeError):
+                    ok = False
+                if ok:
+                    m, nxt = mac_next(key, h)
+                    if m == mac:
+                        nseq, last, key, last_mac = seq + 1, h, nxt, mac
+                        n += 1
+                        continue
+            self.next_seq, self.last_hash, self.key, self.last_mac = nseq, last, key, last_mac
             self._one(row, file_first_seq)
+            nseq, last, key, last_mac = self.next_seq, self.last_hash, self.key, self.last_mac
             n += 1
+        self.next_seq, self.last_hash, self.key, self.last_mac = nseq, last, key, last_mac
         return n
 
     def _one(self, row: Row, file_first: int) -> None:
