@@ -187,5 +187,30 @@ def receipt_cmd(dsn: str, key_path: Path, terminal: str) -> None:
         die(2, e)
 
 
+@fleet.command("serve")
+@DSN
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8443, show_default=True)
+@click.option("--cert", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Server certificate (PEM).")
+@click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Server private key (PEM).")
+@click.option("--ca", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CA that issues the terminals' client certificates (CN = terminal id).")
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path), default=Path("fleet-spool"),
+              show_default=True, help="Where uploads wait while they are ingested.")
+@click.option("--receipt-key", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The fleet's receipt key (fleet keygen): enables GET /v1/receipt.")
+def serve_cmd(dsn: str, host: str, port: int, cert: Path, key_path: Path, ca: Path, spool: Path,
+              receipt_key: Path | None) -> None:
+    """HTTPS upload endpoint with per-terminal mTLS: PUT /v1/journal, GET /v1/receipt (docs/FLEET.md)."""
+    from guard.fleet.serve import serve
+
+    try:
+        serve(dsn, host=host, port=port, cert=cert, key=key_path, ca=ca, spool=spool, receipt_key=receipt_key)
+    except (OSError, ImportError) as e:
+        die(2, e)
+
+
 def register(main: click.Group) -> None:
     main.add_command(fleet)

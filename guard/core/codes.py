@@ -140,6 +140,7 @@ class ErrorCode(enum.Enum):
     FLEET_FORK = OPERATOR, "an upload holds another entry than the fleet accepted for the same seq."
     FLEET_ROLLBACK = OPERATOR, "a live journal ends before what the fleet already accepted: rolled back."
     FLEET_ENTRY_INVALID = OPERATOR, "a new entry fails verification (modified, MAC, chain, checkpoint, segment)."
+    FLEET_CERT_MISMATCH = OPERATOR, "fleet serve: the uploaded journal is another terminal's than the client certificate's."
     FLEET_VERIFY_FAILED = OPERATOR, "fleet verify found a stored entry that no longer verifies."
     POSGUARD_ERROR = OPERATOR, "an error without a more specific code."
 

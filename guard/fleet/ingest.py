@@ -15,6 +15,7 @@ Witness rules (a rejected file is recorded in ``rejections`` and reported, nothi
                   RATCHET_MISMATCH)
   FLEET_UNKNOWN_TERMINAL  no enrolled keys for the file's terminal
   FLEET_FILE_INVALID      not a posguard journal (unreadable, unexpected schema, no terminal id)
+  FLEET_CERT_MISMATCH     (fleet serve) the file is another terminal's than the client certificate's
 """
 
 from __future__ import annotations
@@ -159,11 +160,18 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], No
     return results
 
 
-def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] | None = None) -> IngestResult:
+def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] | None = None, *,
+                expect_terminal: str | None = None) -> IngestResult:
+    """One file, one transaction. ``expect_terminal``: the uploader's authenticated terminal id
+    (``fleet serve``'s client certificate); a file of another terminal is refused."""
     try:
         f = _File(path)
+        if expect_terminal is not None and f.terminal != expect_terminal:
+            f.close()
+            raise _Reject("FLEET_CERT_MISMATCH", None, f"the file is terminal {f.terminal!r}'s journal; the client "
+                          f"certificate names {expect_terminal!r}")
     except _Reject as r:
-        res = IngestResult(str(path), "", "rejected", code=r.code, seq=r.seq, reason=r.reason)
+        res = IngestResult(str(path), expect_terminal or "", "rejected", code=r.code, seq=r.seq, reason=r.reason)
         _record_rejection(conn, res)
         return res
     try:
