@@ -63,14 +63,16 @@ def enroll_cmd(dsn: str, terminal: str, keys_dir: Path) -> None:
 @fleet.command("ingest")
 @DSN
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--jobs", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes (each takes a disjoint set of terminals).")
 @JSON
-def ingest_cmd(dsn: str, paths: tuple[Path, ...], as_json: bool) -> None:
+def ingest_cmd(dsn: str, paths: tuple[Path, ...], jobs: int, as_json: bool) -> None:
     """Verify and store journal files and archives (FILES or DIRS); rejects rollbacks, forks, gaps."""
     from guard.fleet.ingest import ingest
 
     try:
         with progress("ingest") as update:
-            results = ingest(dsn, paths, progress=update)
+            results = ingest(dsn, paths, progress=update, jobs=jobs)
     except _db_errors() as e:
         die(2, e)
     if as_json:

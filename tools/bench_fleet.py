@@ -98,6 +98,7 @@ def run(srv: object, terms: list[tuple[str, Path, Path]], settle: Path, sales: i
             copy_s += time.perf_counter() - t
         bytes_total = conn.execute("SELECT sum(pg_total_relation_size(inhrelid)) FROM pg_inherits i JOIN pg_class c "
                                    "ON c.oid = i.inhrelid WHERE c.relkind = 'r'").fetchone()[0]
+        bytes_total = int(bytes_total)
     copy_rate = n_entries / copy_s
     # 1b. ingest + verify into a fresh database
     dsn = fresh("bench_ingest")
@@ -123,6 +124,21 @@ def run(srv: object, terms: list[tuple[str, Path, Path]], settle: Path, sales: i
     print(f"phases s: verify {phase['verify']:.1f}, COPY {phase['copy']:.1f}, transaction states {phase['states']:.1f}, "
           f"other {ingest_s - sum(phase.values()):.1f}")
     print(f"stored bytes per entry (heap+index+toast) {bytes_total / n_entries:.0f}")
+    # 1c. the same with one ingest worker per core
+    jobs = os.cpu_count() or 1
+    par = fresh("bench_ingest_par")
+    init(par)
+    for tid, _, keys in terms:
+        enroll(par, tid, keys)
+    with connect(par) as conn:
+        for _, path, _ in terms:
+            ensure_days(conn, {day_of(float(r[1])) for r in _file_rows(path)})  # type: ignore[arg-type]
+    t = time.perf_counter()
+    pres = ingest(par, [p for _, p, _ in terms], jobs=jobs)
+    par_s = time.perf_counter() - t
+    assert sum(r.added for r in pres) == added
+    print(f"ingest, {jobs} workers, entries/s            {added / par_s:,.0f}")
+    print(f"ratio ingest ({jobs} workers) / bare COPY     {added / par_s / copy_rate:.2f}")
     # 2. incremental verify of the new entries (everything is new to `fleet verify` once)
     t = time.perf_counter()
     vr = verify(dsn)
@@ -146,8 +162,7 @@ def run(srv: object, terms: list[tuple[str, Path, Path]], settle: Path, sales: i
     day_entries = TERMINALS_FLEET * ENTRIES_PER_DAY
     avg = day_entries / 86_400
     peak = avg * PEAK_FACTOR
-    ingest_rate = added / ingest_s
-    per_node = ingest_rate * (os.cpu_count() or 1)  # ingest workers scale by terminal; one per core
+    per_node = added / par_s  # measured with one ingest worker per core of this machine
     nodes_ingest = math.ceil(peak / per_node)
     verify_core_h = day_entries / v_rate / 3600
     store_day_gb = day_entries * bytes_total / n_entries / 1e9

@@ -135,9 +135,13 @@ class _File:
         self.conn.close()
 
 
-def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], None] | None = None
-           ) -> list[IngestResult]:
-    """Ingest every journal file (each in its own transaction); files of one terminal in seq order."""
+def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], None] | None = None,
+           jobs: int = 1) -> list[IngestResult]:
+    """Ingest every journal file (each in its own transaction); files of one terminal in seq order.
+
+    ``jobs`` > 1: that many worker processes, each owning a disjoint set of terminals (files of
+    different terminals are independent; a terminal's files stay in order in one worker).
+    """
     files = journal_files(paths)
     opened: list[tuple[int, str, Path]] = []
     results: list[IngestResult] = []
@@ -149,15 +153,39 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], No
         except _Reject as r:
             results.append(IngestResult(str(p), "", "rejected", code=r.code, seq=r.seq, reason=r.reason))
     opened.sort(key=lambda x: (x[1], x[0]))
-    known: set[dt.date] = set()
     with connect(dsn) as conn:
         for res in results:
             _record_rejection(conn, res)
-        for i, (_, _, p) in enumerate(opened):
-            results.append(ingest_file(conn, p, known))
-            if progress is not None:
-                progress(i + 1, len(opened))
+    if jobs > 1 and len(opened) > 1:
+        groups: list[list[Path]] = [[] for _ in range(jobs)]
+        owner: dict[str, int] = {}
+        for _, term, p in opened:
+            groups[owner.setdefault(term, len(owner) % jobs)].append(p)
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        done = 0
+        with ProcessPoolExecutor(jobs) as pool:
+            for fut in as_completed([pool.submit(_ingest_ordered, dsn, g) for g in groups if g]):
+                part = fut.result()
+                results += part
+                done += len(part)
+                if progress is not None:
+                    progress(done, len(opened))
+        return results
+    results += _ingest_ordered(dsn, [p for _, _, p in opened], progress)
     return results
+
+
+def _ingest_ordered(dsn: str, paths: list[Path], progress: Callable[[int, int], None] | None = None
+                    ) -> list[IngestResult]:
+    known: set[dt.date] = set()
+    out: list[IngestResult] = []
+    with connect(dsn) as conn:
+        for i, p in enumerate(paths):
+            out.append(ingest_file(conn, p, known))
+            if progress is not None:
+                progress(i + 1, len(paths))
+    return out
 
 
 def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] | None = None, *,
