@@ -31,13 +31,13 @@ from typing import Any
 
 import psycopg
 
-from guard.core.errors import PosguardError
+from guard.core.errors import JournalError, PosguardError
 from guard.fleet.chain import ChainReject, ChainState
 from guard.fleet.schema import connect, day_of, ensure_days
 from guard.journal.format import ROLE_ARCHIVE, archive_ratchet_commitment, entry_body, entry_hash
 from guard.journal.keys import load_k0, public_key_chain
 from guard.journal.schema import _connect, schema_problem
-from guard.ops.export import Rec, build_view
+from guard.ops.export import JournalView, Rec, build_view
 
 _COLS = "seq, ts, kind, txn, payload, prev_hash, entry_hash, mac"
 COPY_ENTRIES = "COPY entries (terminal, day, seq, ts, kind, txn, payload, prev_hash, entry_hash, mac) FROM STDIN"
@@ -323,9 +323,17 @@ def _copy_entries(conn: psycopg.Connection[Any], terminal: str, rows: list[tuple
 
 
 def _upsert_txns(conn: psycopg.Connection[Any], f: _File, first_new: int) -> None:
-    """The state of each transaction the new entries touch, as the engine restores it from the file."""
-    recs = (Rec(s, ts, k, t, json.loads(p)) for s, ts, k, t, p, _, _, _ in f.rows(int(f.lo), int(f.hi)))
-    view = build_view(f.meta, recs)
+    """The state of each transaction the new entries touch, as the engine restores it from the file.
+
+    When the file holds older entries too (a live journal uploaded again as it grows), only the
+    touched transactions' entries (and the sales their VOIDs/REFUNDs name) are restored; if the
+    engine needs anything else it says so and the whole file is restored instead.
+    """
+    view = None
+    if first_new > int(f.lo):
+        view = _restore_touched(f, first_new)
+    if view is None:
+        view = _restore(f, f"SELECT {_COLS} FROM entries ORDER BY seq", ())
     rows = [(f.terminal, t.key, t.kind, t.state, t.stan, t.date, t.amount, t.tid, t.mid, t.masked_pan, t.rrn,
              t.history[-1][0] if t.history else 0, t.updated)
             for t in view.txns.values() if t.history and t.history[-1][0] >= first_new]
@@ -340,6 +348,31 @@ def _upsert_txns(conn: psycopg.Connection[Any], f: _File, first_new: int) -> Non
                  "amount = EXCLUDED.amount, tid = EXCLUDED.tid, mid = EXCLUDED.mid, masked_pan = EXCLUDED.masked_pan, "
                  "rrn = EXCLUDED.rrn, last_seq = EXCLUDED.last_seq, updated = EXCLUDED.updated "
                  "WHERE EXCLUDED.last_seq > txns.last_seq")
+
+
+def _restore(f: _File, sql: str, args: tuple[Any, ...]) -> JournalView:
+    recs = (Rec(s, ts, k, t, json.loads(p)) for s, ts, k, t, p, _, _, _ in f.conn.execute(sql, args))
+    try:
+        return build_view(f.meta, recs)
+    except JournalError as e:
+        raise _Reject("FLEET_ENTRY_INVALID", None, f"the engine cannot restore the verified entries: {e}") from None
+
+
+def _restore_touched(f: _File, first_new: int) -> JournalView | None:
+    keys = {t for (t,) in f.conn.execute("SELECT DISTINCT txn FROM entries WHERE seq >= ? AND txn IS NOT NULL",
+                                         (first_new,))}
+    if not keys:
+        return None
+    for (p,) in f.conn.execute("SELECT payload FROM entries WHERE kind = 'intent' AND txn IN "
+                               "(SELECT value FROM json_each(?))", (json.dumps(sorted(keys)),)):
+        original = json.loads(p).get("original")
+        if isinstance(original, str):
+            keys.add(original)
+    try:
+        return _restore(f, f"SELECT {_COLS} FROM entries WHERE txn IN (SELECT value FROM json_each(?)) ORDER BY seq",
+                        (json.dumps(sorted(keys)),))
+    except _Reject:
+        return None
 
 
 __all__ = ["FleetError", "IngestResult", "enroll", "ingest", "ingest_file", "journal_files"]
