@@ -277,6 +277,9 @@ def _register_operator_commands() -> None:
     except ImportError:
         return
     register(main, journal, keys)
+    from posguard.fleet_cli import register as register_fleet
+
+    register_fleet(main)
 
 
 _register_operator_commands()

@@ -18,6 +18,7 @@ from guard.journal.store import Journal
 from guard.simulation.hostsim import HostCore
 from guard.simulation.hostserver import HostServer
 from tests.support import guard_config, write_guard_toml
+from tests.support.pg import pg_server  # noqa: F401  (session fixture: a throwaway PostgreSQL)
 
 T0 = 1_700_000_000.0
 """The creation time of the ``journal`` fixture."""

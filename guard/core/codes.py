@@ -139,6 +139,16 @@ class ErrorCode(enum.Enum):
     SETTLEMENT_INVALID = OPERATOR, "the settlement CSV is malformed: the message names the line and column."
     REPLAY_ERROR = OPERATOR, "posguard replay failed (generic)."
     REPLAY_FORBIDDEN_MTI = OPERATOR, "replay refused to send a message that is not an advice, reversal or echo."
+    # -- fleet (many terminals on PostgreSQL: docs/FLEET.md)
+    FLEET_ERROR = OPERATOR, "a posguard fleet command cannot run (database unreachable or not initialised)."
+    FLEET_UNKNOWN_TERMINAL = OPERATOR, "an upload names a terminal the fleet has no enrolled keys for (or other keys)."
+    FLEET_FILE_INVALID = OPERATOR, "an uploaded file is not a readable posguard journal or archive."
+    FLEET_GAP = OPERATOR, "an upload starts after the next entry the fleet expects: upload the archive first."
+    FLEET_FORK = OPERATOR, "an upload holds another entry than the fleet accepted for the same seq."
+    FLEET_ROLLBACK = OPERATOR, "a live journal ends before what the fleet already accepted: rolled back."
+    FLEET_ENTRY_INVALID = OPERATOR, "a new entry fails verification (modified, MAC, chain, checkpoint, segment)."
+    FLEET_CERT_MISMATCH = OPERATOR, "fleet serve: the uploaded journal is another terminal's than the client certificate's."
+    FLEET_VERIFY_FAILED = OPERATOR, "fleet verify found a stored entry that no longer verifies."
     POSGUARD_ERROR = OPERATOR, "an error without a more specific code."
 
 

@@ -97,6 +97,7 @@ class SimConfig:
     operator_rate: float = 0.0  # fraction of sales the reader later VOIDs or REFUNDs (0: the sales-only simulation)
     not_sent_rate: float = 0.01  # per send: the write fails before any byte left (NOT_SENT, link dropped)
     maybe_sent_rate: float = 0.02  # per send: the link closes during it (MAYBE_SENT; half of those still arrive)
+    tid: str = TID  # the terminal id (field 41; fleet tests run many terminals)
     acquirer: bool = False  # the host answers like real acquirers (AcquirerProfile.for_seed): 08/10/11/16,
     # booked wait and unknown codes, wrong MTIs, silent or refusing reversal answers, 0411
     chip_rate: float = 0.6  # sales read from a card (cards.pick: chip, contactless, swiped; card declines, pulls,
@@ -147,7 +148,7 @@ class _World:
         self.profile = AcquirerProfile.for_seed(cfg.seed) if cfg.acquirer else AcquirerProfile()
         self.path = workdir / "journal.db"
         self.ecfg = EngineConfig(
-            TID,
+            cfg.tid,
             MID,
             host_timeout_s=cfg.host_timeout,
             reversal_timeout_s=cfg.host_timeout,
@@ -173,7 +174,7 @@ class _World:
         # Separate streams, so vault nonces and send faults do not shift the seed's other draws.
         self.nonce_rng = random.Random(f"posguard.sim.nonce.{cfg.seed}")
         self.send_rng = random.Random(f"posguard.sim.send.{cfg.seed}")
-        self.journal: Journal | None = Journal.create(self.path, self.keys, terminal_id=TID, now=self.now)
+        self.journal: Journal | None = Journal.create(self.path, self.keys, terminal_id=cfg.tid, now=self.now)
         self.engine: Engine | None = Engine(self.ecfg, self._crypto(), random.Random(cfg.seed ^ 0x5EED))
         self.ex = self._executor(self.engine)
         self.crashes = 0
@@ -245,7 +246,7 @@ class _World:
         self.at(0.5 + self.rng.random(), "restart")
 
     def restart(self) -> None:
-        self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
+        self.journal = Journal.open(self.path, self.keys, terminal_id=self.cfg.tid)
         self.engine = restore_engine(self.ecfg, self._crypto(), self.journal, random.Random(self.rng.random()))
         self.ex = self._executor(self.engine)
         self.log(f"restart: {self.engine.pending_reversals()} reversals pending before recovery")
@@ -341,14 +342,14 @@ class _World:
             return
         if t.kind is TxnKind.VOID:
             o = self._journaled(t.original or "")
-            net = self.host.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4]) if o is not None else -1
+            net = self.host.net_debits(self.cfg.tid, MID, f"{t.stan:06d}", t.f7[:4]) if o is not None else -1
             if net != 0:
                 self.shown_bad.append(f"{r.key}: reader shown VOID APPROVED at {self.now:.3f} while the host "
                                       f"holds {net} net debits for sale {t.original}")
             return
         typ = "REFUND" if t.kind is TxnKind.REFUND else "SALE"
         held = sum(1 for d in self.host.debits() if not d.reversed and d.type == typ and (d.tid, d.mid, d.stan, d.date)
-                   == (TID, MID, f"{t.stan:06d}", t.f7[:4]))
+                   == (self.cfg.tid, MID, f"{t.stan:06d}", t.f7[:4]))
         if held != 1:
             self.shown_bad.append(f"{r.key}: reader shown {typ} APPROVED at {self.now:.3f} while the host holds {held}")
 

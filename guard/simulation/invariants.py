@@ -32,7 +32,7 @@ def check_void(self: _World, v: Txn) -> list[str]:
     o = self.engine.txns.get(v.original or "")
     if o is None:
         return [f"{v.key}: VOID of {v.original}, which the journal does not hold"]
-    net = self.host.net_debits(TID, MID, f"{o.stan:06d}", o.f7[:4])
+    net = self.host.net_debits(self.cfg.tid, MID, f"{o.stan:06d}", o.f7[:4])
     if net:
         bad.append(f"{v.key}: VOID {v.state.value} but the host still holds {net} net debits for sale {o.key}")
     if not v.state.final:
@@ -52,14 +52,14 @@ def check_world(self: _World) -> list[str]:
     if self.journal is not None:
         self.journal.close()
     # Judge by what the journal holds after a fresh restore, not by the engine's memory.
-    self.journal = Journal.open(self.path, self.keys, terminal_id=TID)
+    self.journal = Journal.open(self.path, self.keys, terminal_id=self.cfg.tid)
     self.kinds = collections.Counter(e.kind for e in self.journal.entries())
     self.engine = restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal)
     # Net records per (STAN, MMDD) and type: a SALE is a debit, a REFUND a credit.
     ledger: collections.Counter[tuple[str, str, str]] = collections.Counter()
     amounts: collections.Counter[tuple[str, str, str]] = collections.Counter()
     for d in self.host.debits():
-        if not d.reversed and (d.tid, d.mid) == (TID, MID):
+        if not d.reversed and (d.tid, d.mid) == (self.cfg.tid, MID):
             ledger[(d.stan, d.date, d.type)] += 1
             amounts[(d.stan, d.date, d.type)] += d.amount
     txns = self.engine.txns

@@ -197,7 +197,7 @@ def net_invariant(core: HostCore, txns: dict[str, Any]) -> list[str]:
 
 
 def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: float = 3.0,
-                 batch: int = 1000, seed: int = 3) -> list[dict[str, str]]:
+                 batch: int = 1000, seed: int = 3, tid: str = TID) -> list[dict[str, str]]:
     """``n`` settled sales written straight through ``Journal.append`` (2000 records per commit),
     in the engine's record format (intent, outcome), with a stan_use every 1000 sales. Returns
     the matching settlement rows (hostsim columns): the journal and the host agree exactly."""
@@ -206,7 +206,7 @@ def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: 
 
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
-    j = Journal.create(path, keys, terminal_id=TID, now=t0)
+    j = Journal.create(path, keys, terminal_id=tid, now=t0)
     stan = 0
     try:
         for b in range(0, n, batch):
@@ -223,14 +223,14 @@ def bulk_journal(path: Path, keys: DeviceKeys, n: int, *, t0: float = T0, step: 
                     "kind": "SALE", "fp": hashlib.sha256(key.encode()).hexdigest()[:32], "amount": amount,
                     "currency": "978", "card_token": hashlib.sha256(pan.encode()).hexdigest()[:32],
                     "masked_pan": mask_pan(pan), "vault_ref": hashlib.sha256(f"v{i}".encode()).hexdigest(),
-                    "stan": stan, "f7": f7, "tid": TID, "mid": MID}))
+                    "stan": stan, "f7": f7, "tid": tid, "mid": MID}))
                 rrn = f"{i + 1:012d}"
                 ok = str(amount)[-2:] not in ("51", "05")
                 rc = "00" if ok else ("51" if str(amount).endswith("51") else "05")
                 recs.append(("outcome", key, {"state": "APPROVED" if ok else "DECLINED", "rc": rc,
                                               "approval": f"{i % 999_999 + 1:06d}" if ok else "", "rrn": rrn,
                                               "reason": "" if ok else "HOST_DECLINED"}))
-                rows.append({"date": f7[:4], "tid": TID, "mid": MID, "stan": f"{stan:06d}", "rrn": rrn,
+                rows.append({"date": f7[:4], "tid": tid, "mid": MID, "stan": f"{stan:06d}", "rrn": rrn,
                              "amount": str(amount), "type": "SALE", "response": rc})
                 if i % 1000 == 999:
                     stan = stan % 999_999 + 1

@@ -16,11 +16,12 @@ ALLOWED: dict[str, set[str]] = {
     "guard.hostlink": {"guard.core"},
     "guard.runtime": {"guard.core", "guard.journal", "guard.hostlink"},
     "guard.ops": {"guard.core", "guard.journal", "guard.hostlink", "guard.runtime"},
+    "guard.fleet": {"guard.core", "guard.journal", "guard.ops"},
     "firmware_bridge": {"guard.core", "guard.runtime"},
     "guard.simulation": {"guard.core", "guard.journal", "guard.hostlink", "guard.runtime", "guard.ops",
                          "firmware_bridge"},
-    "posguard": {"guard.core", "guard.journal", "guard.hostlink", "guard.runtime", "guard.ops", "firmware_bridge",
-                 "guard.simulation"},
+    "posguard": {"guard.core", "guard.journal", "guard.hostlink", "guard.runtime", "guard.ops", "guard.fleet",
+                 "firmware_bridge", "guard.simulation"},
 }
 FIRST_PARTY = ("guard", "firmware_bridge", "posguard")
 # The sans-I/O core: no storage, network, clock, threads, processes or OS randomness. ``random``
