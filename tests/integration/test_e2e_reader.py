@@ -447,7 +447,7 @@ def test_refused_messages_name_their_txn_id_and_the_first_failing_check(rig: dic
     cases = [
         (b"", "MSG_TRUNCATED", None),
         (b"\x01" + txn + amt[:4], "MSG_TRUNCATED", t),
-        (b"\x09" + txn, "MSG_UNKNOWN_TYPE", t),
+        (b"\x7e" + txn, "MSG_UNKNOWN_TYPE", t),  # no message has type 0x7E
         (b"\x81" + txn + txn, "MSG_NOT_A_REQUEST", None),  # before its TLVs are looked at
         (b"\x81" + txn, "MSG_NOT_A_REQUEST", t),
         (b"\x01" + txn + amt + amt + _tlv(0x03, b"97A"), "MSG_DUPLICATE_TAG", t),  # structure before values
