@@ -222,6 +222,8 @@ class Engine(HostEvents):
         }
         if req.card.entry_mode:
             intent["entry"] = req.card.entry_mode
+        if req.card.pin_block:
+            intent["pin"] = True  # that a PIN was entered, never the PIN block
         if req.card.icc:
             intent["emv"] = emv.facts(req.card.icc)
         recs: list[Record] = [(Kind.INTENT, key, intent)]
@@ -309,6 +311,8 @@ class Engine(HostEvents):
             return [Reply(t.result())]
         if verdict.action is PolicyAction.DECLINE:
             return self._finish(t, TxnState.DECLINED, reason=verdict.code)
+        if t.online_pin and t.key not in self._held_cards:  # a restart lost it; never send the sale without it
+            return self._finish(t, TxnState.DECLINED, reason="PIN_LOST")
         if t.kind is TxnKind.SALE:
             self.history.count(t.card_token, now, t.amount)
         recs: list[Record] = [self._record(t, Kind.RELEASED, {"by": "operator"})]

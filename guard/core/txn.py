@@ -88,6 +88,7 @@ class Txn:
     rev_since: float = 0.0  # when its first reversal message was sent (the horizon counts from here; 0: none yet)
     rev_last_rc: str = ""  # the host's field 39 on the last 0410 that did not end the reversal
     entry_mode: str = ""  # emv.EntryMode value from the intent ("": not told, as MANUAL)
+    online_pin: bool = False  # the reader sent a PIN block (kept in memory only, never journaled)
     issuer_icc: bytes = b""  # field 55 of the 0210 for the reader (memory only: never journaled)
 
     @property
@@ -145,6 +146,7 @@ def from_intent(key: str, p: Mapping[str, Any], ts: float) -> Txn:
             stan=int(p["stan"]), f7=p["f7"], created=ts)
     t.original = p.get("original")
     t.entry_mode = p.get("entry", "")
+    t.online_pin = bool(p.get("pin", False))
     return t
 
 

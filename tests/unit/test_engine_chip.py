@@ -216,3 +216,25 @@ def test_an_accepted_partial_approval_of_a_chip_sale_still_waits_for_the_card(de
     else:
         rev = [a for a in done if isinstance(a, SendHost)][0]
         assert rev.fields["4"] == f"{3000:012d}", "the reversal undoes what the host approved"
+
+
+def test_a_held_pin_sale_whose_pin_was_lost_in_a_restart_is_declined_not_sent_without_it() -> None:
+    """The PIN block lives in memory only (PCI DSS 3.3.1.3). A sale held for the operator that a
+    restart separated from its PIN must not go to the host without it (an issuer may approve it
+    with no cardholder verification): CONFIRM declines it, PIN_LOST, and sends nothing."""
+    policy = dataclasses.replace(CFG.policy, confirm_amount=True)
+    e = engine(policy=policy)
+    log: list[E] = []
+    acts = e.submit(chip_req(), NOW)
+    assert kinds(acts) == ["append:intent+held", "reply:HELD"]
+    _journal(e, acts, log, NOW)
+    r = Engine.restore(dataclasses.replace(CFG, policy=policy), FakeCrypto(), log, random.Random(2))
+    r.on_host_up(NOW + 1)
+    out = r.confirm(chip_req().key, NOW + 2)
+    assert not any(isinstance(a, SendHost) for a in out)
+    assert kinds(out) == ["append:outcome", "reply:DECLINED"] and out[0].records[0][2]["reason"] == "PIN_LOST"
+    # the same sale confirmed without a restart still goes out with its PIN
+    e2 = engine(policy=policy)
+    e2.submit(chip_req(), NOW)
+    sent = [a for a in e2.confirm(chip_req().key, NOW + 2) if isinstance(a, SendHost)]
+    assert len(sent) == 1 and sent[0].card is not None and sent[0].card.pin_block == bytes(range(8))
