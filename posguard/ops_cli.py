@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from guard.core.errors import PosguardError
-from posguard.cli_helpers import PATH_DIR, PATH_FILE, die, load_cfg, progress, wide_console
+from posguard.cli_helpers import PATH_DIR, PATH_FILE, die, die_for, exit_for, interrupted, load_cfg, progress, wide_console
 from posguard.journal_cli import journal_anchor, journal_compact, journal_export, journal_show, journal_verify_chain
 
 
@@ -58,15 +58,14 @@ def keys_rotate(directory: Path, journal_path: Path, as_json: bool) -> None:
     Exit status: 0 rotated (or an interrupted rotation finished); 2 bad key files or journal;
     3 journal in use or the commit failed.
     """
-    from guard.core.errors import JournalError
     from guard.ops.rotation import rotate_keys
 
     try:
         res = rotate_keys(directory, journal_path, now=time.time())
-    except JournalError as e:
-        die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED") else 2, e)
     except PosguardError as e:
-        die(2, e)
+        die_for(e)
+    except KeyboardInterrupt:
+        interrupted("run the same command again to finish the rotation")
     if as_json:
         click.echo(json.dumps(res.__dict__, sort_keys=True))
     else:
@@ -154,13 +153,13 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     --timeout (host unreachable?) or interrupted; 4 journal failure while running (run again:
     nothing is lost).
     """
-    from guard.ops.replay import EXIT_JOURNAL, EXIT_USAGE
+    from guard.ops.replay import EXIT_JOURNAL, EXIT_PENDING, EXIT_USAGE
 
     cfg = load_cfg(config_path)
     try:
         svc = _open_replay(cfg, window, backoff_base, backoff_max)
     except PosguardError as e:
-        die(EXIT_USAGE, e)
+        die(EXIT_PENDING if exit_for(e) == 3 else EXIT_USAGE, e)
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -312,7 +311,9 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
                 rep.applied = apply(j, rep.discrepancies, now=time.time())
             finally:
                 j.close()
-        except (JournalError, sqlite3.Error, OSError) as e:  # one commit: nothing or everything applied
+        except PosguardError as e:  # one commit: nothing or everything applied
+            die_for(e)
+        except (sqlite3.Error, OSError) as e:
             die(3, e)
     if as_json:
         click.echo(json.dumps(rep.to_json(), sort_keys=True))

@@ -23,14 +23,22 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="posguard readersim",
         description="Reference card reader: SYNC, then N sales against a guard, with optional link faults. "
-        "Exit 0 when every sale got a final RESULT.",
+        "By default every sale uses another card (Luhn-valid numbers in the public Visa test range "
+        "47617390...) and another amount (12.50, 12.60, ...), so the guard's default double-swipe rule "
+        "(same card and amount within policy.double_swipe_window) and per-card counters do not hold them; "
+        "give --pan and --amount to repeat one card and amount. The per-terminal counter "
+        "(policy.terminal_max_count, default 30 a minute) still applies.",
+        epilog="Exit status: 0 every sale got a final RESULT; 1 a sale did not (no answer, HELD, an unanswered "
+        "PARTIAL), no SYNC_ACK, or the port failed; 2 bad arguments or the port cannot be opened.",
     )
     p.add_argument("--port", required=True, help="pyserial URL: /dev/ttyUSB0, a pty slave path, socket://127.0.0.1:PORT")
     p.add_argument("--reader-id", default="READER01", help="READER_ID sent with every request (must match the guard)")
     p.add_argument("--sales", type=int, default=1, help="number of sales (default 1)")
-    p.add_argument("--amount", type=int, default=1250, help="amount in minor units (default 1250 = 12.50)")
+    p.add_argument("--amount", type=int, default=None,
+                   help="amount in minor units for every sale (default: 1250 + 10 x the sale's index: 12.50, 12.60, ...)")
     p.add_argument("--currency", default="978", help="ISO 4217 numeric currency (default 978, EUR)")
-    p.add_argument("--pan", default=TEST_PAN, help="card number (default: the public EMV test PAN); never printed")
+    p.add_argument("--pan", default=None, help=f"card number for every sale (default: another test card per sale, "
+                   f"the first is the public EMV test PAN {mask_pan(TEST_PAN)}); never printed")
     p.add_argument("--expiry", default=None, help="card expiry YYMM (default: omitted)")
     p.add_argument("--seed", type=int, default=0, help="seed for nonces and faults (default 0)")
     p.add_argument("--boot-counter", type=int, default=None,
@@ -60,6 +68,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def test_card(i: int) -> str:
+    """Sale ``i``'s card: the public EMV test PAN for 0, then Luhn-valid numbers 47617390 + 7 digits
+    + check digit (the public Visa test range), so consecutive sales never look like a double swipe."""
+    if i == 0:
+        return TEST_PAN
+    body = f"47617390{i % 10**7:07d}"
+    total = 0
+    for n, ch in enumerate(reversed(body)):
+        d = int(ch) * (2 if n % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    return body + str((10 - total % 10) % 10)
+
+
+def sale_pan(args: argparse.Namespace, i: int) -> str:
+    return str(args.pan) if args.pan is not None else test_card(i)
+
+
+def sale_amount(args: argparse.Namespace, i: int) -> int:
+    return int(args.amount) if args.amount is not None else 1250 + 10 * (i % 100_000)  # never ends in 05 or 51 (hostsim declines those)
+
+
 def _faults_from(args: argparse.Namespace) -> LinkFaults | None:
     faults = LinkFaults(
         seed=args.seed,
@@ -74,22 +103,22 @@ def _faults_from(args: argparse.Namespace) -> LinkFaults | None:
     return faults if faults.drop_ack_rate or faults.damages_writes else None
 
 
-def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes) -> ResultMessage | ErrorMessage:
+def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, i: int) -> ResultMessage | ErrorMessage:
     deadline: float = sim.clock() + args.timeout
 
     def left() -> float:
         return max(0.0, deadline - sim.clock())
 
-    r = _sale_through_reboot(sim, args, txn_id, left)
+    r = _sale_through_reboot(sim, args, txn_id, left, i)
     if args.confirm_holds and isinstance(r, ResultMessage) and r.state is TxnState.HELD and not r.in_progress:
         r = sim.confirm(txn_id, left())
     return sim.decide_partial(r, args.partial, left())
 
 
 def _sale_through_reboot(
-    sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float]
+    sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float], i: int
 ) -> ResultMessage | ErrorMessage:
-    auth = Auth(txn_id, args.amount, args.currency, args.pan, args.expiry, sim.reader_id)
+    auth = Auth(txn_id, sale_amount(args, i), args.currency, sale_pan(args, i), args.expiry, sim.reader_id)
     if not args.reboot_after_send:
         return sim.transact(auth, left())
     sim.send(auth, left())
@@ -130,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--boot-counter must be 0 .. 2^64-1 (the first 8 bytes of every TXN_ID)")
     try:
         faults = _faults_from(args)
-        Auth(bytes(16), args.amount, args.currency, args.pan, args.expiry, args.reader_id)
+        Auth(bytes(16), sale_amount(args, 0), args.currency, sale_pan(args, 0), args.expiry, args.reader_id)
     except (ValueError, MessageError) as e:
         p.error(str(e))  # MessageError texts never contain the value itself
     if args.verbose:
@@ -158,7 +187,9 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
     except ReaderTimeout:
         print(f"readersim: no SYNC_ACK from the guard on {args.port} within {args.timeout} s", file=sys.stderr)
         return 1
-    print(f"reader {sim.reader_id} boot {sim.boot_counter} card {mask_pan(args.pan)} link up, epoch 0x{epoch:08x}")
+    cards = f"card {mask_pan(args.pan)}" if args.pan is not None else "a different test card per sale"
+    amounts = f"amount {args.amount}" if args.amount is not None else "amounts 1250, 1260, ..."
+    print(f"reader {sim.reader_id} boot {sim.boot_counter} {cards}, {amounts}; link up, epoch 0x{epoch:08x}")
     finals = 0
     for i in range(args.sales):
         txn_id = sim.new_txn_id()
@@ -168,7 +199,7 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
         applied = faults.counts.as_dict() if faults else {}
         outcome: ResultMessage | ErrorMessage | None
         try:
-            outcome = _one_sale(sim, args, txn_id)
+            outcome = _one_sale(sim, args, txn_id, i)
         except ReaderTimeout:
             outcome = None
         if (isinstance(outcome, ResultMessage) and not outcome.in_progress
