@@ -240,8 +240,10 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     response, amount):
       date      MMDD of the original sale's field 7      tid, mid   fields 41 / 42
       stan      the original sale's STAN (6 digits)      rrn        field 37 or empty
-      amount    minor units                              type       SALE or REVERSAL
+      amount    minor units                              type       SALE, REFUND or REVERSAL
       response  field 39 the host answered
+    A spreadsheet's save is read too: UTF-8 BOM, ';' or tab delimiters, STANs/dates/codes
+    without leading zeros, lower-case types.
     SALE rows include declines and 94 duplicates: only 00 is a debit. The first REVERSAL row of
     a sale decides (00: its earliest debit was reversed; later reversal rows change nothing).
     Only this terminal's rows, and journal sales of the dates they cover, are compared; sales
