@@ -88,9 +88,7 @@ def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[
     """
     from collections import deque
 
-    from rich.table import Table
-
-    from guard.ops.export import iso
+    from posguard.tables import entry_table, txn_table
 
     rows = _rows(journal_path, per, since, states, quiet=False)
     total = 0
@@ -101,23 +99,12 @@ def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[
             tail.append(r)
     except PosguardError as e:
         die(2, e)
+    console = wide_console()
     if per == "txn":
-        table = Table(title=f"{journal_path.name}: {len(tail)} of {total} transactions")
-        for col in ("created", "txn", "state", "stan", "amount", "masked_pan", "rc", "approval", "rrn", "reason",
-                    "entries"):
-            table.add_column(col, justify="right" if col in ("stan", "amount", "entries") else "left")
-        for r in tail:
-            table.add_row(r["created"], r["txn"], r["state"], f"{r['stan']:06d}", f"{r['amount']} {r['currency']}",
-                          r["masked_pan"], r["rc"], r["approval"], r["rrn"], r["reason"], str(r["entries"]))
+        table = txn_table(f"{journal_path.name}: {len(tail)} of {total} transactions", tail, console.width)
     else:
-        table = Table(title=f"{journal_path.name}: {len(tail)} of {total} entries")
-        for col in ("seq", "time", "kind", "txn", "state", "payload"):
-            table.add_column(col)
-        for r in tail:
-            p = json.dumps(r["payload"], sort_keys=True)
-            table.add_row(str(r["seq"]), iso(r["ts"]), r["kind"], r["txn"] or "", r["state"],
-                          p if len(p) <= 80 else p[:77] + "...")
-    wide_console().print(table)
+        table = entry_table(f"{journal_path.name}: {len(tail)} of {total} entries", tail, console.width)
+    console.print(table)
 
 
 @click.command("export")

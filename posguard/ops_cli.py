@@ -149,17 +149,20 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     without the reader port; opens the journal exclusively (stop the daemon first).
 
     Exit status: 0 queue drained; 1 drained, but items need manual action (or an advice was
-    declined); 2 bad config, keys or journal (or it is in use); 3 items still pending at
-    --timeout (host unreachable?) or interrupted; 4 journal failure while running (run again:
-    nothing is lost).
+    declined); 2 bad config, keys or journal; 3 journal in use (JOURNAL_BUSY), items still
+    pending at --timeout (the host and the connection error are named) or interrupted (Ctrl-C,
+    SIGTERM); 4 journal failure while running (run again: nothing is lost).
     """
     from guard.ops.replay import EXIT_JOURNAL, EXIT_PENDING, EXIT_USAGE
 
+    started = time.monotonic()
     cfg = load_cfg(config_path)
     try:
         svc = _open_replay(cfg, window, backoff_base, backoff_max)
     except PosguardError as e:
         die(EXIT_PENDING if exit_for(e) == 3 else EXIT_USAGE, e)
+    except KeyboardInterrupt:
+        interrupted("nothing was sent; run replay again")
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -172,7 +175,7 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
 
     try:
         with progress("reversing", as_json) as update:
-            rep = run_replay(svc, timeout=timeout, progress=update, stop=lambda: stop["flag"])
+            rep = run_replay(svc, timeout=timeout, progress=update, stop=lambda: stop["flag"], started=started)
     except (PosguardError, sqlite3.Error, OSError) as e:  # fail-stop: the journal holds what was done
         with contextlib.suppress(Exception):
             svc.close()
@@ -188,8 +191,11 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
 def _print_replay(rep: Any) -> None:
     from rich.table import Table
 
+    from posguard.tables import money
+
     console = wide_console()
-    t = Table(title=f"replay: {rep.started_pending} pending at start, {rep.seconds:.1f} s, {rep.rate:.0f} items/s")
+    t = Table(title=f"replay: {rep.started_pending} pending at start, {rep.elapsed:.1f} s"
+                    + (f" ({rep.rate:.0f} items/s)" if rep.rate else ""))
     t.add_column("outcome")
     t.add_column("items", justify="right")
     t.add_row("reversed", str(len(rep.reversed)))
@@ -206,14 +212,22 @@ def _print_replay(rep: Any) -> None:
         for col in ("txn", "stan", "amount", "masked_pan", "attempts", "reason"):
             d.add_column(col)
         for it in items[:50]:
-            d.add_row(it.txn, f"{it.stan:06d}", str(it.amount), it.masked_pan, str(it.attempts), it.reason)
+            d.add_row(it.txn, f"{it.stan:06d}", money(it.amount, it.currency), it.masked_pan, str(it.attempts), it.reason)
         console.print(d)
     if rep.sent:
         console.print("sent: " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.sent.items())))
+    if rep.interrupted:
+        console.print(f"interrupted: {len(rep.pending)} item(s) still pending stay queued; run replay again")
+    if rep.pending and not rep.connected:
+        console.print(f"could not connect to the host {rep.host}"
+                      + (f" ({rep.connect_error})" if rep.connect_error else "") + ": check host.address, host.port "
+                      "and the network; what is pending stays queued")
     if rep.checkpoint_rc == "00" and rep.checkpoint:
         console.print(f"checkpoint covering entry {rep.checkpoint['covers_seq']} deposited with the host")
-    elif rep.checkpoint is not None:
-        console.print(f"the host did not keep the checkpoint (answer {rep.checkpoint_rc or 'none'})")
+    else:
+        console.print(f"no checkpoint deposited: {rep.checkpoint_note}"
+                      + (f" ({rep.connect_error} at {rep.host})" if "not reachable" in rep.checkpoint_note
+                         and rep.connect_error else ""))
 
 
 # --- reconcile -------------------------------------------------------------------------------
@@ -325,7 +339,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
 
 
 def _print_reconcile(rep: Any, applied: bool) -> None:
-    from rich.table import Table
+    from posguard.tables import print_discrepancies
 
     console = wide_console()
     console.print(f"terminal {rep.terminal}, dates {', '.join(rep.dates) or '-'}: {rep.sales_compared} sales compared "
@@ -338,15 +352,6 @@ def _print_reconcile(rep: Any, applied: bool) -> None:
     if not rep.discrepancies:
         console.print("no discrepancies")
         return
-    t = Table(title=f"{len(rep.discrepancies)} discrepancies")
-    for col in ("category", "action", "date", "stan", "terminal", "term. amount", "host amount", "net", "rrn", "txn",
-                "note"):
-        t.add_column(col)
-    for d in rep.discrepancies:
-        t.add_row(d.category, d.action, d.date, d.stan, d.terminal_state or "-",
-                  "" if d.terminal_amount is None else str(d.terminal_amount),
-                  "" if d.host_amount is None else str(d.host_amount), str(d.host_net_debits), d.rrn, d.txn or "-",
-                  d.note)
-    console.print(t)
+    print_discrepancies(console, rep.discrepancies)
     if applied:
         console.print(f"{rep.applied} reversal(s) queued in the journal: run posguard replay")

@@ -131,6 +131,7 @@ class Discrepancy:
     rrn: str
     masked_pan: str
     note: str
+    currency: str = ""  # ISO 4217 numeric of the journal's sale ("" when the journal has none)
 
 
 @dataclass
@@ -344,7 +345,8 @@ def _judge(t: TxnView, key: Key, h: _Host) -> Discrepancy | None:
     rrn = rest[-1].rrn if rest else t.rrn
 
     def d(category: str, action: str, note: str) -> Discrepancy:
-        return Discrepancy(category, action, t.key, *key, state, t.amount, host_amount, net, rrn, t.masked_pan, note)
+        return Discrepancy(category, action, t.key, *key, state, t.amount, host_amount, net, rrn, t.masked_pan, note,
+                           t.currency)
 
     if state == TxnState.APPROVED.value:
         if net == 0:

@@ -132,3 +132,83 @@ def test_a_journal_in_use_is_could_not_complete_exit_3_everywhere(small_journal:
             code, out, err = cli(*args, "--json")
             assert code == 3 and "JOURNAL_BUSY" in err, (args, code, err)
             assert json.loads(out)["error"] == "JOURNAL_BUSY"
+
+
+def test_show_and_reconcile_are_readable_at_80_columns_with_money_amounts(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 17: at 80 columns the tables cut every column to 4 characters and showed
+    amounts as `2000 978`. Now: no line over 80, whole state and category names, `20.00 EUR`."""
+    import re
+
+    from rich.console import Console
+
+    import posguard.journal_cli
+    import posguard.ops_cli
+    from guard.simulation.hostsim import HostCore
+    from tests.support.ops_support import mixed_journal
+
+    core = HostCore(seed=5, dup_detection=True)
+    g = mixed_journal(tmp_path / "t", core, approved=8, lost_debited=2, lost_unprocessed=1, needs_manual=2, no_host=1)
+    core.write_settlement_csv(tmp_path / "s.csv")
+    for mod in (posguard.journal_cli, posguard.ops_cli):
+        monkeypatch.setattr(mod, "wide_console", lambda: Console(width=80, color_system=None))
+    outputs = []
+    for args in (("journal", "show", g.path), ("journal", "show", g.path, "--per", "entry"),
+                 ("reconcile", g.path, tmp_path / "s.csv")):
+        code, out, _ = cli(*args)
+        assert code in (0, 1), out
+        outputs.append(out)
+        assert max(len(ln) for ln in out.splitlines()) <= 80, out
+    show, _, rec = outputs
+    assert "NEEDS_MANUAL" in show and "REVERSAL_PENDING" in show and re.search(r"\b\d+\.\d\d EUR\b", show), show
+    assert " 978" not in show
+    assert "FAILED_BUT_DEBITED -> QUEUE_REVERSAL" in rec and re.search(r"terminal NEEDS_MANUAL \d+\.\d\d EUR", rec), rec
+
+
+def test_export_csv_zero_pads_stans_and_fills_state_per_entry(small_journal: tuple[Path, Path]) -> None:
+    import csv as csvmod
+    import io
+
+    path, _ = small_journal
+    code, out, _ = cli("journal", "export", path, "--format", "csv")
+    rows = list(csvmod.DictReader(io.StringIO(out)))
+    assert code == 0 and rows and all(len(r["stan"]) == 6 and r["stan"].isdigit() for r in rows)
+    code, out, _ = cli("journal", "export", path, "--format", "csv", "--per", "entry")
+    rows = [r for r in csvmod.DictReader(io.StringIO(out)) if r["txn"]]
+    assert code == 0 and rows and all(r["state"] == "APPROVED" for r in rows), rows[:3]
+
+
+def test_replay_names_the_unreachable_host_and_the_missing_checkpoint(tmp_path: Path) -> None:
+    """Issue 15 item 19: with the host down, replay said nothing about why; now it names the host
+    and the connection error, says no checkpoint was deposited, and reports the real elapsed time."""
+    import socket
+
+    from guard.simulation.hostsim import HostCore
+    from tests.support.ops_support import guard_toml, mixed_journal
+
+    core = HostCore(seed=6, dup_detection=True)
+    g = mixed_journal(tmp_path, core, approved=3, lost_debited=2, lost_unprocessed=0, no_host=0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
+    code, out, _ = cli("replay", "--config", cfg, "--timeout", "1.5")
+    assert code == 3, out
+    assert f"could not connect to the host 127.0.0.1:{port} (CONNECT_REFUSED)" in " ".join(out.split()), out
+    assert "no checkpoint deposited: items are still pending" in " ".join(out.split()), out
+    code, out, _ = cli("replay", "--config", cfg, "--timeout", "1.5", "--json")
+    rep = json.loads(out)
+    assert code == 3 and rep["connect_error"] == "CONNECT_REFUSED" and rep["connected"] is False
+    assert rep["checkpoint_deposited"] is None and rep["checkpoint_note"]
+    assert rep["elapsed"] >= rep["seconds"] >= 1.5  # the whole run: opening, draining, giving up
+    proc = subprocess.Popen([sys.executable, "-m", "posguard.cli", "replay", "--config", str(cfg), "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        time.sleep(2.0)  # let it start draining (a Ctrl-C during start-up is reported the same way)
+        proc.send_signal(signal.SIGINT)
+        out_b, err_b = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 3 and b"interrupted" in out_b + err_b and b"Traceback" not in err_b, (out_b, err_b)
