@@ -6,7 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 
@@ -80,39 +80,65 @@ def hostsim(ctx: click.Context) -> None:
 @click.option("--keep-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Leave each seed's journal and keys in DIR/seed-S (DIR itself with --seed); "
                    "the directory must not hold a journal yet. A seed's journal is byte-identical run after run.")
+@click.option("--max-steps", type=click.IntRange(min=0), default=0,
+              help="Events one seed may process (0: sized from --sales, 200,000 + 400 per sale). A seed that "
+                   "reaches it is reported as 'STEP LIMIT REACHED', not judged.")
 def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, acquirer: bool,
-        trace: bool, keep_dir: Path | None) -> None:
+        trace: bool, keep_dir: Path | None, max_steps: int) -> None:
     """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants.
 
+    A progress bar (sales submitted in the current seed, seeds done) is shown on a terminal,
+    never when the output is piped.
+
     Exit status: 0 every seed held its invariants; 1 a seed failed (its violations, a command
-    reproducing it and its trace are printed); 2 bad arguments.
+    reproducing it and its trace are printed); 2 bad arguments; 3 a seed reached its step limit
+    (not judged) and none failed, or interrupted (Ctrl-C).
     """
+    from posguard.cli_helpers import interrupted, progress
+
+    if sales < 0 or seeds < 0:
+        raise click.UsageError("--sales and --seeds must be >= 0")
+    todo = [seed] if seed is not None else list(range(1, seeds + 1))
+    failed = limited = 0
+    try:
+        with progress("simulating") as update:
+            for n, s in enumerate(todo):
+                rep = _sim_seed(s, n, len(todo), sales, no_dup_detection, operator_rate, acquirer, trace, keep_dir,
+                                max_steps, update, seed is not None)
+                failed += not rep.ok and not rep.step_limit_reached
+                limited += rep.step_limit_reached
+    except KeyboardInterrupt:
+        interrupted("simulation stopped")
+    click.echo(f"{len(todo) - failed - limited} passed, {failed} failed"
+               + (f", {limited} stopped at the step limit (not judged)" if limited else ""))
+    sys.exit(1 if failed else 3 if limited else 0)
+
+
+def _sim_seed(s: int, n: int, seeds: int, sales: int, no_dup_detection: bool, operator_rate: float, acquirer: bool,
+              trace: bool, keep_dir: Path | None, max_steps: int, update: Any, one: bool) -> Any:
+    """One seed of `posguard sim`: run, print its summary (and violations, reproduction, trace)."""
     from guard.simulation.deterministic import SimConfig, run_seed
 
-    todo = [seed] if seed is not None else list(range(1, seeds + 1))
-    failed = 0
-    for s in todo:
-        wd = None if keep_dir is None else (keep_dir if seed is not None else keep_dir / f"seed-{s}")
-        if wd is not None:
-            if (wd / "journal.db").exists():
-                raise click.UsageError(f"{wd} already holds a journal")
-            wd.mkdir(parents=True, exist_ok=True)
-        rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection, operator_rate=operator_rate,
-                                 acquirer=acquirer), workdir=wd, keep_trace=trace)
-        click.echo(rep.summary())
-        if not rep.ok:
-            failed += 1
-            for v in rep.violations:
-                click.echo(f"  VIOLATION {v}")
-            click.echo(f"  reproduce: posguard sim --seed {s} --sales {sales}"
-                       + (" --no-dup-detection" if no_dup_detection else "")
-                       + (f" --operator-rate {operator_rate}" if operator_rate else "")
-                       + (" --acquirer" if acquirer else "") + " --trace")
-        if trace or not rep.ok:
-            for line in rep.trace:
-                click.echo(f"    {line}")
-    click.echo(f"{len(todo) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    wd = None if keep_dir is None else (keep_dir if one else keep_dir / f"seed-{s}")
+    if wd is not None:
+        if (wd / "journal.db").exists():
+            raise click.UsageError(f"{wd} already holds a journal")
+        wd.mkdir(parents=True, exist_ok=True)
+    rep = run_seed(SimConfig(seed=s, sales=sales, dup_detection=not no_dup_detection, operator_rate=operator_rate,
+                             acquirer=acquirer, max_steps=max_steps), workdir=wd, keep_trace=trace,
+                   progress=lambda done, total: update(done, total, f"seed {s} ({n + 1}/{seeds}): sales"))
+    click.echo(rep.summary())
+    if not rep.ok and not rep.step_limit_reached:
+        for v in rep.violations:
+            click.echo(f"  VIOLATION {v}")
+        click.echo(f"  reproduce: posguard sim --seed {s} --sales {sales}"
+                   + (" --no-dup-detection" if no_dup_detection else "")
+                   + (f" --operator-rate {operator_rate}" if operator_rate else "")
+                   + (" --acquirer" if acquirer else "") + " --trace")
+    if trace or not rep.ok:
+        for line in rep.trace:
+            click.echo(f"    {line}")
+    return rep
 
 
 @main.command("run")
