@@ -142,19 +142,25 @@ def _sim_seed(s: int, n: int, seeds: int, sales: int, no_dup_detection: bool, op
 
 
 @main.command("run")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="guard.toml (see `posguard config-example`).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="guard.toml; default: $POSGUARD_CONFIG, else /etc/posguard/guard.toml "
+                   "(`posguard config-example` prints one).")
 @click.option("--max-seconds", type=float, default=None, help="Stop after this long (tests, smoke runs).")
-def run_cmd(config_path: Path, max_seconds: float | None) -> None:
+def run_cmd(config_path: Path | None, max_seconds: float | None) -> None:
     """Run the guard daemon: reader port <-> engine <-> host, reversals drained in the background.
 
     Logs JSON lines to stderr. SIGTERM/SIGINT stop it cleanly. Exit status: 0 on a clean stop, 2 on a bad
     config or key files (the message names the key), 3 on a journal failure, 4 on an internal
     error. After 3 or 4, restart: recovery reverses anything left in flight.
     """
+    from posguard.config import discover
     from posguard.run import run
 
-    sys.exit(run(config_path, max_seconds=max_seconds))
+    try:
+        path = discover(config_path)
+    except PosguardError as e:
+        _bad_input(e)
+    sys.exit(run(path, max_seconds=max_seconds))
 
 
 @main.command("config-example")

@@ -97,11 +97,16 @@ def progress(label: str, quiet: bool = False) -> Iterator[Callable[..., None]]:
         yield update
 
 
-def load_cfg(config_path: Path) -> Any:
-    from posguard.config import load
+CONFIG_HELP = ("guard.toml; default: $POSGUARD_CONFIG, else /etc/posguard/guard.toml "
+               "(`posguard config-example` prints one).")
+
+
+def load_cfg(config_path: Path | None) -> Any:
+    """Load ``--config`` (or the discovered one: ``posguard.config.discover``); exit 2 if unusable."""
+    from posguard.config import discover, load
 
     try:
-        return load(config_path)
+        return load(discover(config_path))
     except PosguardError as e:
         die(2, e)
 

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from guard.core.errors import PosguardError
-from posguard.cli_helpers import PATH_DIR, PATH_FILE, die, die_for, exit_for, interrupted, load_cfg, progress, wide_console
+from posguard.cli_helpers import CONFIG_HELP, PATH_DIR, PATH_FILE, die, die_for, exit_for, interrupted, load_cfg, progress, wide_console
 from posguard.journal_cli import journal_anchor, journal_compact, journal_export, journal_show, journal_verify_chain
 
 
@@ -121,7 +121,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
 
 
 @click.command("replay")
-@click.option("--config", "config_path", required=True, type=PATH_FILE, help="guard.toml (host, journal, keys).")
+@click.option("--config", "config_path", type=PATH_FILE, default=None, help="Host, journal and keys: " + CONFIG_HELP)
 @click.option("--window", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Reversals in flight at once (matched by STAN).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
@@ -131,7 +131,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
 @click.option("--backoff-max", type=click.FloatRange(min=0.01), default=60.0, show_default=True,
               help="Longest wait between repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bar).")
-def replay(config_path: Path, window: int, timeout: float, backoff_base: float, backoff_max: float,
+def replay(config_path: Path | None, window: int, timeout: float, backoff_base: float, backoff_max: float,
            as_json: bool) -> None:
     """Drain everything pending in the journal against the host, in journal order.
 

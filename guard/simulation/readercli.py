@@ -24,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="posguard readersim",
         description="Reference card reader: SYNC, then N sales against a guard, with optional link faults. "
         "By default every sale uses another card (Luhn-valid numbers in the public Visa test range "
-        "47617390...) and another amount (12.50, 12.60, ...), so the guard's default double-swipe rule "
+        "47617390...) and another amount (12.50 + 0.10 steps), both starting where the boot counter points so "
+        "that the next run differs too, so the guard's default double-swipe rule "
         "(same card and amount within policy.double_swipe_window) and per-card counters do not hold them; "
         "give --pan and --amount to repeat one card and amount. The per-terminal counter "
         "(policy.terminal_max_count, default 30 a minute) still applies.",
@@ -35,10 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--reader-id", default="READER01", help="READER_ID sent with every request (must match the guard)")
     p.add_argument("--sales", type=int, default=1, help="number of sales (default 1)")
     p.add_argument("--amount", type=int, default=None,
-                   help="amount in minor units for every sale (default: 1250 + 10 x the sale's index: 12.50, 12.60, ...)")
+                   help="amount in minor units for every sale (default: another per sale, 12.50 + 0.10 steps)")
     p.add_argument("--currency", default="978", help="ISO 4217 numeric currency (default 978, EUR)")
-    p.add_argument("--pan", default=None, help=f"card number for every sale (default: another test card per sale, "
-                   f"the first is the public EMV test PAN {mask_pan(TEST_PAN)}); never printed")
+    p.add_argument("--pan", default=None, help=f"card number for every sale, e.g. the public EMV test PAN "
+                   f"{mask_pan(TEST_PAN)} (default: another test card per sale); never printed")
     p.add_argument("--expiry", default=None, help="card expiry YYMM (default: omitted)")
     p.add_argument("--seed", type=int, default=0, help="seed for nonces and faults (default 0)")
     p.add_argument("--boot-counter", type=int, default=None,
@@ -68,25 +69,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_card(i: int) -> str:
-    """Sale ``i``'s card: the public EMV test PAN for 0, then Luhn-valid numbers 47617390 + 7 digits
-    + check digit (the public Visa test range), so consecutive sales never look like a double swipe."""
-    if i == 0:
-        return TEST_PAN
-    body = f"47617390{i % 10**7:07d}"
+def test_card(n: int) -> str:
+    """Card number ``n``: Luhn-valid, 47617390 + 7 digits + check digit (the public Visa test
+    range, as the EMV test PAN), so consecutive sales never look like a double swipe."""
+    body = f"47617390{n % 10**7:07d}"
     total = 0
-    for n, ch in enumerate(reversed(body)):
-        d = int(ch) * (2 if n % 2 == 0 else 1)
+    for k, ch in enumerate(reversed(body)):
+        d = int(ch) * (2 if k % 2 == 0 else 1)
         total += d - 9 if d > 9 else d
     return body + str((10 - total % 10) % 10)
 
 
-def sale_pan(args: argparse.Namespace, i: int) -> str:
-    return str(args.pan) if args.pan is not None else test_card(i)
+def sale_index(args: argparse.Namespace, boot: int, i: int) -> int:
+    """Sale ``i`` of this run, offset by the run's first boot counter (10,007 cards apart per boot)
+    so that the next run uses other cards (it would otherwise repeat the first sale's card and amount)."""
+    return boot * 10_007 % 10**7 + i
 
 
-def sale_amount(args: argparse.Namespace, i: int) -> int:
-    return int(args.amount) if args.amount is not None else 1250 + 10 * (i % 100_000)  # never ends in 05 or 51 (hostsim declines those)
+def sale_pan(args: argparse.Namespace, n: int) -> str:
+    return str(args.pan) if args.pan is not None else test_card(n)
+
+
+def sale_amount(args: argparse.Namespace, n: int) -> int:
+    """12.50, 12.60, ... 1012.40, then again: never ending in 05 or 51 (hostsim declines those)."""
+    return int(args.amount) if args.amount is not None else 1250 + 10 * (n % 10_000)
 
 
 def _faults_from(args: argparse.Namespace) -> LinkFaults | None:
@@ -118,7 +124,8 @@ def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, i: int) -
 def _sale_through_reboot(
     sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float], i: int
 ) -> ResultMessage | ErrorMessage:
-    auth = Auth(txn_id, sale_amount(args, i), args.currency, sale_pan(args, i), args.expiry, sim.reader_id)
+    n = sale_index(args, args.first_boot, i)
+    auth = Auth(txn_id, sale_amount(args, n), args.currency, sale_pan(args, n), args.expiry, sim.reader_id)
     if not args.reboot_after_send:
         return sim.transact(auth, left())
     sim.send(auth, left())
@@ -166,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)8.1f ms %(name)s %(message)s")
     # Stands in for a persisted boot counter: microseconds advance faster than any run reboots.
     boot = args.boot_counter if args.boot_counter is not None else time.time_ns() // 1000
+    args.first_boot = boot
     try:
         port = open_port(args.port, baudrate=args.baud)
     except (serial.SerialException, ValueError) as e:
@@ -188,7 +196,7 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
         print(f"readersim: no SYNC_ACK from the guard on {args.port} within {args.timeout} s", file=sys.stderr)
         return 1
     cards = f"card {mask_pan(args.pan)}" if args.pan is not None else "a different test card per sale"
-    amounts = f"amount {args.amount}" if args.amount is not None else "amounts 1250, 1260, ..."
+    amounts = f"amount {args.amount}" if args.amount is not None else "another amount per sale"
     print(f"reader {sim.reader_id} boot {sim.boot_counter} {cards}, {amounts}; link up, epoch 0x{epoch:08x}")
     finals = 0
     for i in range(args.sales):

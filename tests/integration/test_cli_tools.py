@@ -212,3 +212,25 @@ def test_replay_names_the_unreachable_host_and_the_missing_checkpoint(tmp_path: 
             proc.kill()
             proc.wait()
     assert proc.returncode == 3 and b"interrupted" in out_b + err_b and b"Traceback" not in err_b, (out_b, err_b)
+
+
+def test_config_discovery_env_then_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 23: `run` and `replay` find their config without --config: $POSGUARD_CONFIG,
+    then /etc/posguard/guard.toml; with neither, the message says all three ways."""
+    from posguard import config as C
+    from posguard.config import discover
+
+    assert discover(Path("given.toml"), {"POSGUARD_CONFIG": "env.toml"}) == Path("given.toml")
+    assert discover(None, {"POSGUARD_CONFIG": "env.toml"}) == Path("env.toml")
+    monkeypatch.setattr(C, "DEFAULT_CONFIG", tmp_path / "etc" / "guard.toml")
+    monkeypatch.delenv("POSGUARD_CONFIG", raising=False)
+    for cmd in (("run", "--max-seconds", "0.1"), ("replay", "--timeout", "0.2")):
+        code, _, err = cli(*cmd)
+        assert code == 2 and "POSGUARD_CONFIG" in err and "--config" in err, (cmd, err)
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "guard.toml").write_text("[terminal]\nterminal_id = 'SHORT'\n")
+    code, _, err = cli("replay", "--timeout", "0.2")
+    assert code == 2 and "terminal_id" in err  # the default file was read
+    monkeypatch.setenv("POSGUARD_CONFIG", str(tmp_path / "other.toml"))
+    code, _, err = cli("replay", "--timeout", "0.2")
+    assert code == 2 and "other.toml" in err
