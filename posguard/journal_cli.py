@@ -206,7 +206,8 @@ def journal_compact(journal_path: Path, older_than: float, archive_dir: Path, ke
                           progress=lambda what, d, t: update(d, t, what))
     except PosguardError as e:
         die(3 if isinstance(e, JournalError) and e.code not in ("JOURNAL_NOT_INITIALISED", "JOURNAL_MISSING",
-                                                                "JOURNAL_IS_ARCHIVE", "JOURNAL_NOT_A_FILE") else 2, e)
+                                                                "JOURNAL_IS_ARCHIVE", "JOURNAL_NOT_A_FILE",
+                                                                "JOURNAL_CORRUPT", "JOURNAL_SCHEMA_UNEXPECTED") else 2, e)
     except (OSError, sqlite3.Error) as e:
         die(3, f"compaction failed: {e}")
     except KeyboardInterrupt:

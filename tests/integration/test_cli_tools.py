@@ -117,6 +117,14 @@ def test_verify_of_a_file_that_is_no_journal_is_bad_input_and_json_failures_are_
                                              "message": f"{other} is not a posguard journal (not a SQLite database)"}
     code, out, _ = cli("replay", "--config", other, "--json")
     assert code == 2 and json.loads(out)["error"] == "CONFIG_INVALID"
+    from guard.journal.keys import init_keys
+
+    init_keys(tmp_path / "keys")
+    for args in (("journal", "show", other), ("journal", "anchor", other), ("journal", "verify-chain", other),
+                 ("journal", "compact", other, "--older-than", "1", "--archive", tmp_path / "a", "--keys",
+                  tmp_path / "keys")):
+        code, out, err = cli(*args, "--json") if args[1] in ("verify-chain", "compact") else cli(*args)
+        assert code == 2 and "JOURNAL_CORRUPT" in err, (args, code, err)
 
 
 def test_a_journal_in_use_is_could_not_complete_exit_3_everywhere(small_journal: tuple[Path, Path], tmp_path: Path) -> None:
