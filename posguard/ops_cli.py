@@ -316,7 +316,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
         from guard.journal.store import Journal
         from guard.journal.keys import load_keys
 
-        cfg = load_cfg(config_path)  # type: ignore[arg-type]
+        cfg = load_cfg(config_path)
         try:
             keys = load_keys(Path(cfg["journal.keys"]))
         except PosguardError as e:
