@@ -242,3 +242,35 @@ def test_config_discovery_env_then_default_path(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("POSGUARD_CONFIG", str(tmp_path / "other.toml"))
     code, _, err = cli("replay", "--timeout", "0.2")
     assert code == 2 and "other.toml" in err
+
+
+def test_ctrl_c_in_compact_and_rotate_exits_3_without_a_traceback(small_journal: tuple[Path, Path], tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import guard.ops.compact
+    import guard.ops.rotation
+
+    def ctrl_c(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(guard.ops.compact, "compact", ctrl_c)
+    monkeypatch.setattr(guard.ops.rotation, "rotate_keys", ctrl_c)
+    path, keys = small_journal
+    code, out, err = cli("journal", "compact", path, "--older-than", "1", "--archive", tmp_path / "a", "--keys", keys,
+                         "--json")
+    assert code == 3 and "interrupted" in err and json.loads(out)["exit_code"] == 3
+    code, _, err = cli("keys", "rotate", keys, "--journal", path)
+    assert code == 3 and "interrupted" in err and "run the same command again" in err
+
+
+def test_bench_exit_3_when_a_benchmark_fails_or_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    monkeypatch.setattr(bench, "BENCHES", [("no_such_bench.py", [], [], [])])
+    assert bench.main(["--out", str(tmp_path)]) == 3
+    (tmp_path / "failing.py").write_text("import sys\nsys.exit(1)\n")
+    monkeypatch.setattr(bench, "TOOLS", tmp_path)
+    monkeypatch.setattr(bench, "BENCHES", [("failing.py", [], [], [])])
+    assert bench.main(["--out", str(tmp_path / "out")]) == 3
