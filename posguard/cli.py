@@ -21,7 +21,24 @@ def _bad_input(e: PosguardError) -> NoReturn:
     die(2, e)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _JsonUsageGroup(click.Group):
+    """A usage error (unknown option, bad value) of a command run with ``--json`` is also printed
+    as JSON on stdout, like every other failure of such a command."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            if "--json" not in args:
+                raise
+            e.show()
+            click.echo(json.dumps({"error": "POSGUARD_ERROR", "message": e.format_message(), "exit_code": 2},
+                                  sort_keys=True))
+            sys.exit(2)
+
+
+@click.group(cls=_JsonUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="posguard")
 def main() -> None:
     """posguard: a terminal-side transaction guard for card-payment terminals.

@@ -117,6 +117,8 @@ def test_verify_of_a_file_that_is_no_journal_is_bad_input_and_json_failures_are_
                                              "message": f"{other} is not a posguard journal (not a SQLite database)"}
     code, out, _ = cli("replay", "--config", other, "--json")
     assert code == 2 and json.loads(out)["error"] == "CONFIG_INVALID"
+    code, out, err = cli("journal", "verify", other, "--json", "--no-such-option")
+    assert code == 2 and "--no-such-option" in json.loads(out)["message"] and "Usage:" in err
     from guard.journal.keys import init_keys
 
     init_keys(tmp_path / "keys")
