@@ -1,6 +1,6 @@
 """Human tables of the operator commands (`journal show`, `reconcile`, `replay`), readable at 80
-columns: on a narrow console the long columns are shortened (time of day, the txn id's last 8 hex
-digits, BIN-less card) or a discrepancy becomes a short block of lines; amounts are money
+columns: on a narrow console the long columns are shortened (UTC month-day and time, the txn id's
+last 8 hex digits, the card's last 4) or a discrepancy becomes a short block of lines; amounts are money
 (``20.00 EUR``, ``guard.core.model.format_money``). Piped output gets the full width
 (``posguard.cli_helpers.wide_console``); scripts should use ``--json`` or `journal export`."""
 
@@ -20,7 +20,7 @@ WIDE = 140  # below this many columns, the narrow layouts
 
 
 def short_txn(key: str | None) -> str:
-    """``READER01:3f90...dc6a45`` -> ``...6a45dc6a`` (last 8 hex digits): enough to find it again."""
+    """``READER01:3f90...41dc6a45`` -> ``…41dc6a45`` (last 8 hex digits): enough to find it again."""
     if not key:
         return ""
     tail = key.rsplit(":", 1)[-1]
@@ -42,7 +42,7 @@ def txn_table(title: str, rows: Iterable[dict[str, Any]], width: int) -> Table:
     narrow = width < WIDE
     t = _narrow_table(title) if narrow else Table(title=title)
     if narrow:
-        cols = [("time", "left"), ("txn", "left"), ("state", "left"), ("stan", "right"), ("amount", "right"),
+        cols = [("UTC", "left"), ("txn", "left"), ("state", "left"), ("stan", "right"), ("amount", "right"),
                 ("card", "left"), ("reason", "left")]
     else:
         cols = [("created", "left"), ("txn", "left"), ("state", "left"), ("stan", "right"), ("amount", "right"),
@@ -55,7 +55,7 @@ def txn_table(title: str, rows: Iterable[dict[str, Any]], width: int) -> Table:
         amount = money(r["amount"], r["currency"])
         if narrow:
             rc = f"rc {r['rc']}" if r["rc"] not in ("", "00") else ""
-            t.add_row(r["created"][11:19], short_txn(r["txn"]), r["state"], f"{r['stan']:06d}", amount,
+            t.add_row(r["created"][5:16].replace("T", " "), short_txn(r["txn"]), r["state"], f"{r['stan']:06d}", amount,
                       _card_tail(r["masked_pan"]), " ".join(x for x in (r["reason"], rc) if x))
         else:
             t.add_row(r["created"], r["txn"], r["state"], f"{r['stan']:06d}", amount, r["masked_pan"], r["rc"],
@@ -75,7 +75,7 @@ def entry_table(title: str, rows: Iterable[dict[str, Any]], width: int) -> Table
         p = json.dumps(r["payload"], sort_keys=True)
         p = p if len(p) <= 80 else p[:77] + "..."
         if narrow:  # the transaction's state: `journal show` per transaction, or export
-            t.add_row(str(r["seq"]), r["time"][11:19], r["kind"], short_txn(r["txn"]), p)
+            t.add_row(str(r["seq"]), r["time"][5:19].replace("T", " "), r["kind"], short_txn(r["txn"]), p)
         else:
             t.add_row(str(r["seq"]), r["time"], r["kind"], r["txn"] or "", r["state"], p)
     return t
