@@ -23,7 +23,8 @@ def _bad_input(e: PosguardError) -> NoReturn:
 
 class _JsonUsageGroup(click.Group):
     """A usage error (unknown option, bad value) of a command run with ``--json`` is also printed
-    as JSON on stdout, like every other failure of such a command."""
+    as JSON on stdout, like every other failure of such a command; Ctrl-C anywhere exits 3 (could
+    not complete) with one line, not click's "Aborted!" and exit 1 ("found a problem")."""
 
     def invoke(self, ctx: click.Context) -> object:
         args = [*getattr(ctx, "_protected_args", []), *ctx.args]
@@ -33,9 +34,17 @@ class _JsonUsageGroup(click.Group):
             if "--json" not in args:
                 raise
             e.show()
-            click.echo(json.dumps({"error": "POSGUARD_ERROR", "message": e.format_message(), "exit_code": 2},
-                                  sort_keys=True))
-            sys.exit(2)
+            _json_failure(2, e.format_message())
+        except KeyboardInterrupt:
+            click.echo("posguard: interrupted (Ctrl-C) before the command finished; run it again", err=True)
+            if "--json" in args:
+                _json_failure(3, "interrupted (Ctrl-C) before the command finished; run it again")
+            sys.exit(3)
+
+
+def _json_failure(code: int, message: str) -> NoReturn:
+    click.echo(json.dumps({"error": "POSGUARD_ERROR", "message": message, "exit_code": code}, sort_keys=True))
+    sys.exit(code)
 
 
 @click.group(cls=_JsonUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})

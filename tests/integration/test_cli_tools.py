@@ -276,3 +276,16 @@ def test_bench_exit_3_when_a_benchmark_fails_or_is_missing(monkeypatch: pytest.M
     monkeypatch.setattr(bench, "TOOLS", tmp_path)
     monkeypatch.setattr(bench, "BENCHES", [("failing.py", [], [], [])])
     assert bench.main(["--out", str(tmp_path / "out")]) == 3
+
+
+def test_ctrl_c_in_any_command_exits_3_not_clicks_aborted_1(small_journal: tuple[Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    import guard.journal.verify
+
+    def ctrl_c(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(guard.journal.verify, "verify_journal", ctrl_c)
+    path, _ = small_journal
+    code, out, err = cli("journal", "verify", path, "--json")
+    assert code == 3 and "interrupted" in err and "Aborted" not in err and json.loads(out)["exit_code"] == 3
