@@ -16,13 +16,13 @@ from pathlib import Path
 import click
 import pytest
 
-from tests.support import cli
+from tests.support import cli, free_port, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess_env()
 
 
 def _two_lines(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> list[str]:
@@ -191,16 +191,12 @@ def test_export_csv_zero_pads_stans_and_fills_state_per_entry(small_journal: tup
 def test_replay_names_the_unreachable_host_and_the_missing_checkpoint(tmp_path: Path) -> None:
     """Issue 15 item 19: with the host down, replay said nothing about why; now it names the host
     and the connection error, says no checkpoint was deposited, and reports the real elapsed time."""
-    import socket
-
     from guard.simulation.hostsim import HostCore
     from tests.support.ops_support import guard_toml, mixed_journal
 
     core = HostCore(seed=6, dup_detection=True)
     g = mixed_journal(tmp_path, core, approved=3, lost_debited=2, lost_unprocessed=0, no_host=0)
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=port)
     code, out, _ = cli("replay", "--config", cfg, "--timeout", "1.5")
     assert code == 3, out
@@ -265,11 +261,12 @@ def test_ctrl_c_in_compact_and_rotate_exits_3_without_a_traceback(small_journal:
 
 
 def test_bench_exit_3_when_a_benchmark_fails_or_is_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("posguard_tools_bench", ROOT / "tools" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
     monkeypatch.setattr(bench, "BENCHES", [("no_such_bench.py", [], [], [])])
     assert bench.main(["--out", str(tmp_path)]) == 3
     (tmp_path / "failing.py").write_text("import sys\nsys.exit(1)\n")

@@ -20,7 +20,7 @@ from guard.hostlink.iso import HostCodec
 from guard.ops.export import load_view
 from guard.simulation.hostserver import HostServer
 from guard.simulation.hostsim import HostCore
-from tests.support import cli
+from tests.support import cli, subprocess_env
 from tests.support.ops_support import guard_toml, mixed_journal, net_invariant
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def posguard_on_path(bindir: Path) -> dict[str, str]:
     exe = bindir / "posguard"
     exe.write_text(f"#!/bin/sh\nexec {sys.executable} -m posguard.cli \"$@\"\n")
     exe.chmod(0o755)
-    return {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    return subprocess_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}")
 
 
 def test_outage_recipe_as_written_reverses_what_the_host_wrongly_holds(tmp_path: Path) -> None:
