@@ -357,8 +357,7 @@ class _World:
                                       f"holds {net} net debits for sale {t.original}")
             return
         typ = "REFUND" if t.kind is TxnKind.REFUND else "SALE"
-        held = sum(1 for d in self.host.debits() if not d.reversed and d.type == typ and (d.tid, d.mid, d.stan, d.date)
-                   == (TID, MID, f"{t.stan:06d}", t.f7[:4]))
+        held = self.host.net_debits_of(TID, MID, f"{t.stan:06d}", t.f7[:4], typ)  # per key: O(1), not a ledger copy
         if held != 1:
             self.shown_bad.append(f"{r.key}: reader shown {typ} APPROVED at {self.now:.3f} while the host holds {held}")
 
