@@ -114,7 +114,9 @@ def sim(seed: int | None, seeds: int, sales: int, no_dup_detection: bool, operat
     """Deterministic fault simulation: crashes, host faults, reader re-sends; checks invariants.
 
     A progress bar (sales submitted in the current seed, seeds done) is shown on a terminal,
-    never when the output is piped.
+    never when the output is piped. A seed's cost grows faster than --sales: each simulated
+    crash (about one per ten sales) restores the journal from its start. Measured on the
+    project's 2-core VM: 1,500 sales 6 s, 11,000 sales 3.2 CPU minutes.
 
     Exit status: 0 every seed held its invariants; 1 a seed failed (its violations, a command
     reproducing it and its trace are printed); 2 bad arguments; 3 a seed reached its step limit
