@@ -4,6 +4,7 @@ exit with a message, a progress bar on stderr, config loading, atomic text outpu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -18,8 +19,58 @@ PATH_FILE = click.Path(dir_okay=False, path_type=Path)
 PATH_DIR = click.Path(file_okay=False, path_type=Path)
 
 def die(code: int, err: BaseException | str) -> NoReturn:
+    """Exit ``code`` with the message on stderr; with ``--json`` also one JSON document on stdout
+    (``{"error": CODE, "message": ..., "exit_code": N}``) so scripts parse failures like reports."""
     click.echo(f"posguard: {err}", err=True)
+    if json_requested():
+        click.echo(json.dumps(error_json(code, err), sort_keys=True))
     sys.exit(code)
+
+
+# Journal errors that mean "could not complete, run it again" (exit 3); every other one is bad input (2).
+COULD_NOT_COMPLETE = frozenset({"JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED"})
+
+
+def exit_for(e: PosguardError) -> int:
+    """The documented exit status for a PosguardError: 3 journal in use or a write failed, else 2."""
+    return 3 if e.code in COULD_NOT_COMPLETE else 2
+
+
+def die_for(e: PosguardError) -> NoReturn:
+    die(exit_for(e), e)
+
+
+def interrupted(what: str) -> NoReturn:
+    """Ctrl-C: exit 3 (could not complete) with a line, never a traceback."""
+    die(3, f"interrupted: {what}")
+
+
+def json_requested() -> bool:
+    """True inside a click command invoked with ``--json``."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx is not None and ctx.params.get("as_json"))
+
+
+def error_json(code: int, err: BaseException | str) -> dict[str, Any]:
+    if isinstance(err, PosguardError):
+        return {"error": err.code, "message": str(err.args[0]), "exit_code": code}
+    return {"error": "POSGUARD_ERROR", "message": str(err), "exit_code": code}
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def not_a_journal(path: Path) -> str | None:
+    """Why ``path`` cannot be a journal at all (empty, or not a SQLite file), else None. A SQLite
+    file whose tables were altered is a failed verification (exit 1), not bad input."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_MAGIC))
+    except OSError as e:
+        return f"{path} cannot be read: {e.strerror}"
+    if head != SQLITE_MAGIC:
+        return f"{path} is not a posguard journal ({'empty file' if not head else 'not a SQLite database'})"
+    return None
 
 
 def stderr_console() -> Any:
@@ -46,11 +97,16 @@ def progress(label: str, quiet: bool = False) -> Iterator[Callable[..., None]]:
         yield update
 
 
-def load_cfg(config_path: Path) -> Any:
-    from posguard.config import load
+CONFIG_HELP = ("guard.toml; default: $POSGUARD_CONFIG, else /etc/posguard/guard.toml "
+               "(`posguard config-example` prints one).")
+
+
+def load_cfg(config_path: Path | None) -> Any:
+    """Load ``--config`` (or the discovered one: ``posguard.config.discover``); exit 2 if unusable."""
+    from posguard.config import discover, load
 
     try:
-        return load(config_path)
+        return load(discover(config_path))
     except PosguardError as e:
         die(2, e)
 

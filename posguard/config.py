@@ -245,6 +245,26 @@ def make_uplink(cfg: Config) -> Any:
                   server_hostname=cfg["host.server_hostname"] or None, connect_timeout=cfg["host.connect_timeout"])
 
 
+CONFIG_ENV = "POSGUARD_CONFIG"
+DEFAULT_CONFIG = Path("/etc/posguard/guard.toml")
+
+
+def discover(given: Path | None, env: dict[str, str] | None = None) -> Path:
+    """The config file to use: ``--config`` if given, else ``$POSGUARD_CONFIG``, else
+    /etc/posguard/guard.toml if it exists; ConfigError naming all three otherwise."""
+    import os
+
+    if given is not None:
+        return given
+    named = (os.environ if env is None else env).get(CONFIG_ENV, "")
+    if named:
+        return Path(named)
+    if DEFAULT_CONFIG.is_file():
+        return DEFAULT_CONFIG
+    raise ConfigError("(file)", f"no config given: use --config FILE, set {CONFIG_ENV}, or create {DEFAULT_CONFIG} "
+                      "(`posguard config-example` prints one)")
+
+
 def load(path: Path) -> Config:
     """Read ``path`` ONCE and parse those bytes (``Config.raw``): a signature check over ``raw``
     verifies exactly what runs, even if the file changes afterwards."""

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from guard.core.errors import PosguardError
-from posguard.cli_helpers import PATH_DIR, PATH_FILE, atomic_text_out, die, load_cfg, progress, wide_console
+from posguard.cli_helpers import PATH_DIR, PATH_FILE, atomic_text_out, die, die_for, interrupted, load_cfg, progress, wide_console
 
 
 @click.command("anchor")
@@ -29,7 +29,8 @@ def journal_anchor(journal_path: Path) -> None:
     (detects truncation and rollback). Needs no keys; the daemon may keep running. Warns on
     stderr when the anchor covers nothing but the genesis, or newer entries follow it.
 
-    Exit status: 0 printed (warning or not); 2 the file is not a readable journal.
+    Exit status: 0 printed (warning or not); 2 the file is not a readable journal; 3 it is locked
+    by a maintenance command (JOURNAL_BUSY).
     """
     from guard.ops.export import anchor_coverage, latest_checkpoint
 
@@ -37,7 +38,7 @@ def journal_anchor(journal_path: Path) -> None:
         cp = latest_checkpoint(journal_path)
         warning = anchor_coverage(journal_path, cp)
     except PosguardError as e:
-        die(2, e)
+        die_for(e)
     click.echo(json.dumps(cp, sort_keys=True))
     if warning:
         click.echo(f"posguard: warning: {warning}", err=True)
@@ -67,14 +68,11 @@ def _rows(journal_path: Path, per: str, since: str | None, states: tuple[str, ..
 
     try:
         s, st = parse_since(since), parse_states(states)
-        view = None
-        if per == "txn" or st:
-            with progress("reading journal", quiet) as update:
-                view = load_view(journal_path, progress=update)
+        with progress("reading journal", quiet) as update:  # per entry too: every row's `state` is filled
+            view = load_view(journal_path, progress=update)
     except PosguardError as e:
-        die(2, e)
+        die_for(e)
     if per == "txn":
-        assert view is not None
         return txn_rows(view, s, st)
     return entry_rows(journal_path, view, s, st)
 
@@ -89,13 +87,12 @@ def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[
     Read-only: needs no keys, never opens the vault (masked PANs only); the daemon may keep
     running. For scripts use `posguard journal export`.
 
-    Exit status: 0 shown; 2 bad filter or unreadable journal.
+    Exit status: 0 shown; 2 bad filter or unreadable journal; 3 journal locked by a maintenance
+    command (JOURNAL_BUSY).
     """
     from collections import deque
 
-    from rich.table import Table
-
-    from guard.ops.export import iso
+    from posguard.tables import entry_table, txn_table
 
     rows = _rows(journal_path, per, since, states, quiet=False)
     total = 0
@@ -106,23 +103,12 @@ def journal_show(journal_path: Path, per: str, since: str | None, states: tuple[
             tail.append(r)
     except PosguardError as e:
         die(2, e)
+    console = wide_console()
     if per == "txn":
-        table = Table(title=f"{journal_path.name}: {len(tail)} of {total} transactions")
-        for col in ("created", "txn", "state", "stan", "amount", "masked_pan", "rc", "approval", "rrn", "reason",
-                    "entries"):
-            table.add_column(col, justify="right" if col in ("stan", "amount", "entries") else "left")
-        for r in tail:
-            table.add_row(r["created"], r["txn"], r["state"], f"{r['stan']:06d}", f"{r['amount']} {r['currency']}",
-                          r["masked_pan"], r["rc"], r["approval"], r["rrn"], r["reason"], str(r["entries"]))
+        table = txn_table(f"{journal_path.name}: {len(tail)} of {total} transactions", tail, console.width)
     else:
-        table = Table(title=f"{journal_path.name}: {len(tail)} of {total} entries")
-        for col in ("seq", "time", "kind", "txn", "state", "payload"):
-            table.add_column(col)
-        for r in tail:
-            p = json.dumps(r["payload"], sort_keys=True)
-            table.add_row(str(r["seq"]), iso(r["ts"]), r["kind"], r["txn"] or "", r["state"],
-                          p if len(p) <= 80 else p[:77] + "...")
-    wide_console().print(table)
+        table = entry_table(f"{journal_path.name}: {len(tail)} of {total} entries", tail, console.width)
+    console.print(table)
 
 
 @click.command("export")
@@ -139,7 +125,8 @@ def journal_export(journal_path: Path, per: str, since: str | None, states: tupl
     Per entry: seq, time, ts, kind, txn, state (of its transaction), payload.
     Read-only: needs no keys, never opens the vault; only masked PANs and keyed card tokens appear.
 
-    Exit status: 0 exported; 2 bad filter, unreadable journal or unwritable --out; 141 when the
+    Exit status: 0 exported; 2 bad filter, unreadable journal or unwritable --out; 3 journal
+    locked by a maintenance command (JOURNAL_BUSY); 141 when the
     reading end of a pipe closed early (`| head`).
     """
     from guard.ops.export import ENTRY_COLUMNS, TXN_COLUMNS, write_csv, write_jsonl
@@ -200,8 +187,9 @@ def journal_compact(journal_path: Path, older_than: float, archive_dir: Path, ke
     The journal is opened exclusively: stop the guard daemon first. Archives are meant to leave
     the terminal; what stays is bounded by what is live and young.
 
-    Exit status: 0 compacted (or nothing old enough); 2 bad arguments or key files; 3 journal
-    in use, unreadable or the write failed (nothing changed unless the result was printed).
+    Exit status: 0 compacted (or nothing old enough); 2 bad arguments, key files or not a live
+    journal; 3 journal in use, the write failed or interrupted (Ctrl-C; nothing changed unless the
+    result was printed).
     """
     from guard.ops.compact import compact
     from guard.core.errors import JournalError
@@ -220,12 +208,14 @@ def journal_compact(journal_path: Path, older_than: float, archive_dir: Path, ke
             res = compact(journal_path, keys, archive_dir, older_than_days=older_than, now=time.time(),
                           vacuum=not no_vacuum, archive_needs_manual=archive_needs_manual,
                           progress=lambda what, d, t: update(d, t, what))
-    except JournalError as e:
-        die(3, e)
     except PosguardError as e:
-        die(2, e)
+        die(3 if isinstance(e, JournalError) and e.code not in ("JOURNAL_NOT_INITIALISED", "JOURNAL_MISSING",
+                                                                "JOURNAL_IS_ARCHIVE", "JOURNAL_NOT_A_FILE",
+                                                                "JOURNAL_CORRUPT", "JOURNAL_SCHEMA_UNEXPECTED") else 2, e)
     except (OSError, sqlite3.Error) as e:
         die(3, f"compaction failed: {e}")
+    except KeyboardInterrupt:
+        interrupted("the live journal is unchanged unless a result was printed; run the command again")
     if as_json:
         click.echo(json.dumps(res.to_json(), sort_keys=True))
     elif res.archive is None:

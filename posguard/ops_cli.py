@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from guard.core.errors import PosguardError
-from posguard.cli_helpers import PATH_DIR, PATH_FILE, die, load_cfg, progress, wide_console
+from posguard.cli_helpers import CONFIG_HELP, PATH_DIR, PATH_FILE, die, die_for, exit_for, interrupted, load_cfg, progress, wide_console
 from posguard.journal_cli import journal_anchor, journal_compact, journal_export, journal_show, journal_verify_chain
 
 
@@ -58,15 +58,14 @@ def keys_rotate(directory: Path, journal_path: Path, as_json: bool) -> None:
     Exit status: 0 rotated (or an interrupted rotation finished); 2 bad key files or journal;
     3 journal in use or the commit failed.
     """
-    from guard.core.errors import JournalError
     from guard.ops.rotation import rotate_keys
 
     try:
         res = rotate_keys(directory, journal_path, now=time.time())
-    except JournalError as e:
-        die(3 if e.code in ("JOURNAL_BUSY", "JOURNAL_FAILED", "JOURNAL_ERROR", "JOURNAL_WRITE_FAILED") else 2, e)
     except PosguardError as e:
-        die(2, e)
+        die_for(e)
+    except KeyboardInterrupt:
+        interrupted("run the same command again to finish the rotation")
     if as_json:
         click.echo(json.dumps(res.__dict__, sort_keys=True))
     else:
@@ -122,7 +121,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
 
 
 @click.command("replay")
-@click.option("--config", "config_path", required=True, type=PATH_FILE, help="guard.toml (host, journal, keys).")
+@click.option("--config", "config_path", type=PATH_FILE, default=None, help="Host, journal and keys: " + CONFIG_HELP)
 @click.option("--window", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Reversals in flight at once (matched by STAN).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
@@ -132,7 +131,7 @@ def _open_replay(cfg: Any, window: int, backoff_base: float, backoff_max: float)
 @click.option("--backoff-max", type=click.FloatRange(min=0.01), default=60.0, show_default=True,
               help="Longest wait between repeats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (no progress bar).")
-def replay(config_path: Path, window: int, timeout: float, backoff_base: float, backoff_max: float,
+def replay(config_path: Path | None, window: int, timeout: float, backoff_base: float, backoff_max: float,
            as_json: bool) -> None:
     """Drain everything pending in the journal against the host, in journal order.
 
@@ -150,17 +149,20 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
     without the reader port; opens the journal exclusively (stop the daemon first).
 
     Exit status: 0 queue drained; 1 drained, but items need manual action (or an advice was
-    declined); 2 bad config, keys or journal (or it is in use); 3 items still pending at
-    --timeout (host unreachable?) or interrupted; 4 journal failure while running (run again:
-    nothing is lost).
+    declined); 2 bad config, keys or journal; 3 journal in use (JOURNAL_BUSY), items still
+    pending at --timeout (the host and the connection error are named) or interrupted (Ctrl-C,
+    SIGTERM); 4 journal failure while running (run again: nothing is lost).
     """
-    from guard.ops.replay import EXIT_JOURNAL, EXIT_USAGE
+    from guard.ops.replay import EXIT_JOURNAL, EXIT_PENDING, EXIT_USAGE
 
+    started = time.monotonic()
     cfg = load_cfg(config_path)
     try:
         svc = _open_replay(cfg, window, backoff_base, backoff_max)
     except PosguardError as e:
-        die(EXIT_USAGE, e)
+        die(EXIT_PENDING if exit_for(e) == 3 else EXIT_USAGE, e)
+    except KeyboardInterrupt:
+        interrupted("nothing was sent; run replay again")
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -173,7 +175,7 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
 
     try:
         with progress("reversing", as_json) as update:
-            rep = run_replay(svc, timeout=timeout, progress=update, stop=lambda: stop["flag"])
+            rep = run_replay(svc, timeout=timeout, progress=update, stop=lambda: stop["flag"], started=started)
     except (PosguardError, sqlite3.Error, OSError) as e:  # fail-stop: the journal holds what was done
         with contextlib.suppress(Exception):
             svc.close()
@@ -189,8 +191,11 @@ def replay(config_path: Path, window: int, timeout: float, backoff_base: float, 
 def _print_replay(rep: Any) -> None:
     from rich.table import Table
 
+    from posguard.tables import money
+
     console = wide_console()
-    t = Table(title=f"replay: {rep.started_pending} pending at start, {rep.seconds:.1f} s, {rep.rate:.0f} items/s")
+    t = Table(title=f"replay: {rep.started_pending} pending at start, {rep.elapsed:.1f} s"
+                    + (f" ({rep.rate:.0f} items/s)" if rep.rate else ""))
     t.add_column("outcome")
     t.add_column("items", justify="right")
     t.add_row("reversed", str(len(rep.reversed)))
@@ -207,14 +212,22 @@ def _print_replay(rep: Any) -> None:
         for col in ("txn", "stan", "amount", "masked_pan", "attempts", "reason"):
             d.add_column(col)
         for it in items[:50]:
-            d.add_row(it.txn, f"{it.stan:06d}", str(it.amount), it.masked_pan, str(it.attempts), it.reason)
+            d.add_row(it.txn, f"{it.stan:06d}", money(it.amount, it.currency), it.masked_pan, str(it.attempts), it.reason)
         console.print(d)
     if rep.sent:
         console.print("sent: " + ", ".join(f"{k} x{v}" for k, v in sorted(rep.sent.items())))
+    if rep.interrupted:
+        console.print(f"interrupted: {len(rep.pending)} item(s) still pending stay queued; run replay again")
+    if rep.pending and not rep.connected:
+        console.print(f"could not connect to the host {rep.host}"
+                      + (f" ({rep.connect_error})" if rep.connect_error else "") + ": check host.address, host.port "
+                      "and the network; what is pending stays queued")
     if rep.checkpoint_rc == "00" and rep.checkpoint:
         console.print(f"checkpoint covering entry {rep.checkpoint['covers_seq']} deposited with the host")
-    elif rep.checkpoint is not None:
-        console.print(f"the host did not keep the checkpoint (answer {rep.checkpoint_rc or 'none'})")
+    else:
+        console.print(f"no checkpoint deposited: {rep.checkpoint_note}"
+                      + (f" ({rep.connect_error} at {rep.host})" if "not reachable" in rep.checkpoint_note
+                         and rep.connect_error else ""))
 
 
 # --- reconcile -------------------------------------------------------------------------------
@@ -241,8 +254,10 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
     response, amount):
       date      MMDD of the original sale's field 7      tid, mid   fields 41 / 42
       stan      the original sale's STAN (6 digits)      rrn        field 37 or empty
-      amount    minor units                              type       SALE or REVERSAL
+      amount    minor units                              type       SALE, REFUND or REVERSAL
       response  field 39 the host answered
+    A spreadsheet's save is read too: UTF-8 BOM, ';' or tab delimiters, STANs/dates/codes
+    without leading zeros, lower-case types.
     SALE rows include declines and 94 duplicates: only 00 is a debit. The first REVERSAL row of
     a sale decides (00: its earliest debit was reversed; later reversal rows change nothing).
     Only this terminal's rows, and journal sales of the dates they cover, are compared; sales
@@ -301,7 +316,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
         from guard.journal.store import Journal
         from guard.journal.keys import load_keys
 
-        cfg = load_cfg(config_path)  # type: ignore[arg-type]
+        cfg = load_cfg(config_path)
         try:
             keys = load_keys(Path(cfg["journal.keys"]))
         except PosguardError as e:
@@ -312,7 +327,9 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
                 rep.applied = apply(j, rep.discrepancies, now=time.time())
             finally:
                 j.close()
-        except (JournalError, sqlite3.Error, OSError) as e:  # one commit: nothing or everything applied
+        except PosguardError as e:  # one commit: nothing or everything applied
+            die_for(e)
+        except (sqlite3.Error, OSError) as e:
             die(3, e)
     if as_json:
         click.echo(json.dumps(rep.to_json(), sort_keys=True))
@@ -322,7 +339,7 @@ def reconcile(journal_path: Path, settlement: Path, dates: tuple[str, ...], do_a
 
 
 def _print_reconcile(rep: Any, applied: bool) -> None:
-    from rich.table import Table
+    from posguard.tables import print_discrepancies
 
     console = wide_console()
     console.print(f"terminal {rep.terminal}, dates {', '.join(rep.dates) or '-'}: {rep.sales_compared} sales compared "
@@ -335,15 +352,6 @@ def _print_reconcile(rep: Any, applied: bool) -> None:
     if not rep.discrepancies:
         console.print("no discrepancies")
         return
-    t = Table(title=f"{len(rep.discrepancies)} discrepancies")
-    for col in ("category", "action", "date", "stan", "terminal", "term. amount", "host amount", "net", "rrn", "txn",
-                "note"):
-        t.add_column(col)
-    for d in rep.discrepancies:
-        t.add_row(d.category, d.action, d.date, d.stan, d.terminal_state or "-",
-                  "" if d.terminal_amount is None else str(d.terminal_amount),
-                  "" if d.host_amount is None else str(d.host_amount), str(d.host_net_debits), d.rrn, d.txn or "-",
-                  d.note)
-    console.print(t)
+    print_discrepancies(console, rep.discrepancies)
     if applied:
         console.print(f"{rep.applied} reversal(s) queued in the journal: run posguard replay")

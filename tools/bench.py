@@ -5,6 +5,9 @@ same run as its subject); this collects their key lines into one table with the 
 description, and keeps the full outputs in --out (default: a temp dir) for the details.
 
 usage: python tools/bench.py [--quick] [--out DIR]
+
+Exit status: 0 every benchmark ran; 2 bad arguments; 3 a benchmark failed or is missing, or
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -65,14 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[tuple[str, str, str]] = []
     machine = ""
+    failed = 0
     for script, full, quick, metrics in BENCHES:
         path = TOOLS / script
         if not path.exists():
             rows.append((script, "(not present)", ""))
+            failed += 1
             continue
         t0 = time.monotonic()
-        proc = subprocess.run([sys.executable, str(path), *(quick if args.quick else full)], capture_output=True, text=True,
-                              timeout=1800)
+        try:
+            proc = subprocess.run([sys.executable, str(path), *(quick if args.quick else full)], capture_output=True,
+                                  text=True, timeout=1800)
+        except KeyboardInterrupt:
+            print(f"interrupted during {script}", file=sys.stderr)
+            return 3
+        failed += proc.returncode != 0
         text = proc.stdout + proc.stderr
         (out / f"{path.stem}.txt").write_text(text)
         m = re.search(r"machine: (.+)", text)
@@ -87,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(r[0]) for r in rows) + 2
     for name, value, _ in rows:
         print(f"{name:<{width}} {value:>14}")
-    return 0
+    return 3 if failed else 0
 
 
 if __name__ == "__main__":

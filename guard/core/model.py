@@ -44,16 +44,33 @@ class TxnState(str, enum.Enum):
         return self is TxnState.APPROVED
 
 
-# ISO 4217 minor-unit exponents that are not 2 (the codes a terminal is likely to meet).
-CURRENCY_EXPONENT = {"392": 0, "410": 0, "704": 0, "048": 3, "368": 3, "400": 3, "414": 3, "512": 3, "788": 3}
+# ISO 4217 (list one, 2024): numeric code -> (alphabetic code, minor-unit exponent), for the
+# currencies a terminal is likely to meet. The one table every amount shown to a person uses.
+CURRENCIES: dict[str, tuple[str, int]] = {
+    "036": ("AUD", 2), "048": ("BHD", 3), "124": ("CAD", 2), "156": ("CNY", 2), "203": ("CZK", 2),
+    "208": ("DKK", 2), "344": ("HKD", 2), "348": ("HUF", 2), "352": ("ISK", 0), "356": ("INR", 2),
+    "368": ("IQD", 3), "376": ("ILS", 2), "392": ("JPY", 0), "400": ("JOD", 3), "410": ("KRW", 0),
+    "414": ("KWD", 3), "434": ("LYD", 3), "484": ("MXN", 2), "512": ("OMR", 3), "554": ("NZD", 2),
+    "578": ("NOK", 2), "643": ("RUB", 2), "682": ("SAR", 2), "702": ("SGD", 2), "704": ("VND", 0),
+    "710": ("ZAR", 2), "752": ("SEK", 2), "756": ("CHF", 2), "784": ("AED", 2), "788": ("TND", 3),
+    "826": ("GBP", 2), "840": ("USD", 2), "946": ("RON", 2), "949": ("TRY", 2), "978": ("EUR", 2),
+    "985": ("PLN", 2), "986": ("BRL", 2),
+}
+CURRENCY_EXPONENT = {num: exp for num, (_, exp) in CURRENCIES.items()}
 
 
 def format_amount(minor: int, currency: str) -> str:
-    """12345 in 978 -> '123.45'; in 392 (JPY) -> '12345'."""
+    """12345 in 978 -> '123.45'; in 392 (JPY) -> '12345'. Unknown currencies: 2 decimals."""
     exp = CURRENCY_EXPONENT.get(currency, 2)
     if exp == 0:
         return str(minor)
-    return f"{minor // 10**exp}.{minor % 10**exp:0{exp}d}"
+    sign, minor = ("-", -minor) if minor < 0 else ("", minor)
+    return f"{sign}{minor // 10**exp}.{minor % 10**exp:0{exp}d}"
+
+
+def format_money(minor: int, currency: str) -> str:
+    """For people: 2000 in 978 -> '20.00 EUR'; an unknown numeric code stays as given ('20.00 999')."""
+    return f"{format_amount(minor, currency)} {CURRENCIES.get(currency, (currency, 2))[0]}"
 
 
 FINAL_STATES = frozenset({TxnState.APPROVED, TxnState.DECLINED, TxnState.REVERSED, TxnState.NEEDS_MANUAL})

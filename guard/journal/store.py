@@ -205,6 +205,9 @@ class Journal(SegmentOps):
                 j._load_state()
                 verify_at_open(conn, keys.signing_key.public_key(), terminal_id)
             except sqlite3.OperationalError as e:
+                if "locked" in str(e) or "busy" in str(e):  # another process holds it exclusively
+                    raise JournalError(f"journal {path} is in use by another process (the guard daemon, replay, "
+                                       "compaction or a key rotation): stop it first", code="JOURNAL_BUSY") from None
                 raise JournalError(f"journal {path} cannot be opened: {e}") from None
             except (sqlite3.DatabaseError, UnicodeDecodeError) as e:  # a corrupt schema's message may not be UTF-8
                 raise JournalError(f"journal {path} is unreadable ({e.__class__.__name__})", code="JOURNAL_CORRUPT") from None

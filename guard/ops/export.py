@@ -377,7 +377,8 @@ def write_jsonl(rows: Iterable[dict[str, Any]], out: IO[str]) -> int:
 
 
 def write_csv(rows: Iterable[dict[str, Any]], columns: list[str], out: IO[str]) -> int:
-    """CSV with a header; ``history`` as ``seq/kind/time`` items joined by ``;``, ``payload`` as JSON."""
+    """CSV with a header; ``history`` as ``seq/kind/time`` items joined by ``;``, ``payload`` as JSON,
+    ``stan`` zero-padded to 6 digits."""
     w = csv.DictWriter(out, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     n = 0
@@ -387,6 +388,8 @@ def write_csv(rows: Iterable[dict[str, Any]], columns: list[str], out: IO[str]) 
             flat["history"] = ";".join(f"{s}/{k}/{iso(t)}" for s, k, t in flat["history"])
         if "payload" in flat:
             flat["payload"] = canonical_json(flat["payload"])
+        if isinstance(flat.get("stan"), int):  # as on the wire and in settlement reports: 6 digits
+            flat["stan"] = f"{flat['stan']:06d}"
         w.writerow(flat)
         n += 1
     return n

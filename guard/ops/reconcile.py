@@ -81,6 +81,8 @@ BOOKED_CODES = C.RC_APPROVED_CLASS | C.RC_PARTIAL_CLASS
 QUEUEABLE = frozenset({TxnState.DECLINED.value, TxnState.NEEDS_MANUAL.value})
 MAX_FIELD = 64
 FIELD_41_LEN, FIELD_42_LEN = 8, 15
+_DELIMITERS = (",", ";", "\t")
+_DECIMAL = re.compile(r"\d{1,10}[.,]\d\d")  # 12.50 or 12,50: a major-unit amount
 _CARD_LIKE = re.compile(r"\d(?:[ -]?\d){11,}")  # 12+ digits, maybe grouped: could be a card number
 
 Key = tuple[str, str, str, str]  # tid, mid, stan (6 digits), date (MMDD)
@@ -130,6 +132,7 @@ class Discrepancy:
     rrn: str
     masked_pan: str
     note: str
+    currency: str = ""  # ISO 4217 numeric of the journal's sale ("" when the journal has none)
 
 
 @dataclass
@@ -162,11 +165,19 @@ class ReconcileReport:
 
 
 def read_settlement(path: Path) -> list[SettlementRow]:
-    """Parse and validate every row first: any problem raises SettlementError naming line and column."""
+    """Parse and validate every row first: any problem raises SettlementError naming line and column.
+
+    Accepts what a spreadsheet writes when the file was opened and saved there: a UTF-8 byte-order
+    mark, ``;`` (or tab) as the delimiter (taken from the header line), numbers that lost their
+    leading zeros (STAN ``42`` for ``000042``, date ``315`` for ``0315``, response ``0`` for
+    ``00``) and lower-case types."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            return _parse(path, csv.reader(f))
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = f.readline()
+            f.seek(0)
+            delim = max(_DELIMITERS, key=first.count)
+            return _parse(path, csv.reader(f, delimiter=delim))
     except OSError as e:
         raise SettlementError(path, 0, "", f"cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
@@ -184,6 +195,9 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
     if dup:
         raise SettlementError(path, 1, dup[0], "column appears more than once in the header")
     missing = [c for c in SETTLEMENT_COLUMNS if c not in names]
+    if missing and len(names) == 1:
+        raise SettlementError(path, 1, "", f"the header is one column ({_shown(header[0][:60])}): the delimiter "
+                              f"must be ',', ';' or a tab (expected the columns {','.join(SETTLEMENT_COLUMNS)})")
     if missing:
         raise SettlementError(path, 1, missing[0], f"missing column(s) {', '.join(missing)} "
                               f"(expected {','.join(SETTLEMENT_COLUMNS)})")
@@ -196,6 +210,10 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
         if len(rec) != len(names):
             raise SettlementError(path, line, "", f"has {len(rec)} fields, the header has {len(names)}")
         v = {c: rec[i].strip() for c, i in idx.items()}
+        v["type"] = v["type"].upper()
+        for c, width in (("stan", 6), ("date", 4), ("response", 2)):  # leading zeros a spreadsheet dropped
+            if v[c].isascii() and v[c].isdigit() and len(v[c]) < width:
+                v[c] = v[c].zfill(width)
         for c, val in v.items():
             if len(val) > MAX_FIELD:
                 raise SettlementError(path, line, c, f"value longer than {MAX_FIELD} characters")
@@ -210,7 +228,10 @@ def _parse(path: Path, reader: Any) -> list[SettlementRow]:
         if len(v["rrn"]) > 12 or not (v["rrn"].isascii() and (v["rrn"].isalnum() or v["rrn"] == "")):
             raise SettlementError(path, line, "rrn", f"{_shown(v['rrn'])} is not empty or up to 12 letters/digits")
         if not (v["amount"].isascii() and v["amount"].isdigit() and len(v["amount"]) <= 12):
-            raise SettlementError(path, line, "amount", f"{_shown(v['amount'])} is not a whole number of minor units")
+            hint = (f" (write {v['amount'].replace('.', '').replace(',', '')} for {v['amount']})"
+                    if _DECIMAL.fullmatch(v["amount"]) else "")
+            raise SettlementError(path, line, "amount", f"{_shown(v['amount'])} is not a whole number of minor "
+                                  f"units{hint}")
         if v["type"] not in (SETTLE_SALE, SETTLE_REFUND, SETTLE_REVERSAL):
             raise SettlementError(path, line, "type", f"{_shown(v['type'])} is not SALE, REFUND or REVERSAL")
         r = v["response"]
@@ -325,7 +346,8 @@ def _judge(t: TxnView, key: Key, h: _Host) -> Discrepancy | None:
     rrn = rest[-1].rrn if rest else t.rrn
 
     def d(category: str, action: str, note: str) -> Discrepancy:
-        return Discrepancy(category, action, t.key, *key, state, t.amount, host_amount, net, rrn, t.masked_pan, note)
+        return Discrepancy(category, action, t.key, *key, state, t.amount, host_amount, net, rrn, t.masked_pan, note,
+                           t.currency)
 
     if state == TxnState.APPROVED.value:
         if net == 0:

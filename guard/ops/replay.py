@@ -136,7 +136,8 @@ class ReplayService(GuardService):
             t = eng.txns.get(key)
             if t is None or not t.state.final or t.original or t.voided_by:
                 continue
-            self.finished[key] = Item(key, t.stan, t.amount, t.masked_pan, t.state.value, t.reason, t.rev_attempts)
+            self.finished[key] = Item(key, t.stan, t.amount, t.masked_pan, t.state.value, t.reason, t.rev_attempts,
+                                      t.currency)
             eng.forget(key)
 
 
@@ -149,6 +150,7 @@ class Item:
     state: str
     reason: str
     attempts: int
+    currency: str = ""
 
 
 @dataclass
@@ -164,11 +166,16 @@ class ReplayReport:
     interrupted: bool = False
     checkpoint: dict[str, Any] | None = None  # the checkpoint deposited with the host, if any
     checkpoint_rc: str = ""  # the host's answer to the deposit ("" = not deposited)
+    checkpoint_note: str = ""  # why no checkpoint was deposited ("" when one was)
+    elapsed: float = 0.0  # wall time of the whole run: opening, recovery, draining and the deposit
+    host: str = ""  # host:port the config names
+    connect_error: str = ""  # the uplink's last connection failure (CONNECT_REFUSED, ...), "" if none
+    connected: bool = False  # the host was reached at least once
 
     @property
     def exit_code(self) -> int:
-        """0 drained, 1 drained but some items need manual action, 3 items still pending."""
-        if self.pending:
+        """0 drained, 1 drained but some items need manual action, 3 items still pending or interrupted."""
+        if self.pending or self.interrupted:
             return EXIT_PENDING
         return EXIT_NEEDS_MANUAL if (self.needs_manual or self.advice_declined) else EXIT_DRAINED
 
@@ -180,7 +187,9 @@ class ReplayReport:
                 "forwarded": len(self.forwarded), "advice_declined": items(self.advice_declined),
                 "needs_manual": items(self.needs_manual), "pending": items(self.pending), "sent": self.sent,
                 "checkpoint_deposited": (self.checkpoint or {}).get("covers_seq") if self.checkpoint_rc == "00" else None,
-                "seconds": round(self.seconds, 3), "items_per_s": round(self.rate, 1),
+                "checkpoint_note": self.checkpoint_note,
+                "seconds": round(self.seconds, 3), "elapsed": round(self.elapsed, 3), "items_per_s": round(self.rate, 1),
+                "host": self.host, "connected": self.connected, "connect_error": self.connect_error,
                 "interrupted": self.interrupted, "exit_code": self.exit_code}
 
     @property
@@ -225,9 +234,11 @@ def prune_final_txns(engine: Engine) -> int:
 
 
 def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, int], None] | None = None,
-               stop: Callable[[], bool] = lambda: False, deposit: bool = True) -> ReplayReport:
+               stop: Callable[[], bool] = lambda: False, deposit: bool = True,
+               started: float | None = None) -> ReplayReport:
     """Step the service until the queue is empty, ``timeout`` seconds pass or ``stop()``; then
-    (``deposit``) hand the host a fresh signed checkpoint."""
+    (``deposit``) hand the host a fresh signed checkpoint. ``started`` (``time.monotonic()`` when
+    the command began) makes ``elapsed`` include opening the journal."""
     eng = svc.engine
     todo = [k for k, t in eng.txns.items() if t.state in (TxnState.REVERSAL_PENDING, TxnState.DEFERRED)]
     total = len(todo)
@@ -235,11 +246,13 @@ def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, i
     end = t0 + timeout
     interrupted = False
     last_report = -1
+    link = _LinkWatch(svc)
     while eng.pending_work() and time.monotonic() < end:
         if stop():
             interrupted = True
             break
         svc.step(0.05)
+        link.look()
         done = total - eng.pending_work()
         if progress is not None and done != last_report:
             progress(done, total)
@@ -248,7 +261,7 @@ def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, i
     for k in todo:
         t = eng.txns.get(k)
         item = svc.finished[k] if t is None else Item(k, t.stan, t.amount, t.masked_pan, t.state.value, t.reason,
-                                                       t.rev_attempts)
+                                                       t.rev_attempts, t.currency)
         if item.state == TxnState.REVERSED.value:
             rep.reversed.append(item)
         elif item.state == TxnState.APPROVED.value:
@@ -259,11 +272,44 @@ def run_replay(svc: ReplayService, *, timeout: float, progress: Callable[[int, i
             rep.needs_manual.append(item)
         else:
             rep.pending.append(item)
-    if deposit and not rep.pending and not interrupted:
+    if not deposit:
+        rep.checkpoint_note = "not asked for"
+    elif interrupted:
+        rep.checkpoint_note = "interrupted before the deposit"
+    elif rep.pending:
+        rep.checkpoint_note = "items are still pending (a checkpoint is deposited once the queue is empty)"
+    else:
         rep.checkpoint, rep.checkpoint_rc = deposit_checkpoint(svc, min(10.0, max(1.0, end - time.monotonic())))
+        link.look()
+        if rep.checkpoint is None:
+            rep.checkpoint_note = "the host was not reachable"
+        elif rep.checkpoint_rc == "":
+            rep.checkpoint_note = "the host did not answer the deposit (0800) in time"
+        elif rep.checkpoint_rc != "00":
+            rep.checkpoint_note = f"the host refused the deposit (answer {rep.checkpoint_rc})"
     up = svc.uplink
     rep.sent = dict(up.sent) if isinstance(up, ReversalOnlyUplink) else {}
+    rep.host, rep.connected, rep.connect_error = link.host, link.connected, link.error
+    rep.elapsed = time.monotonic() - (t0 if started is None else started)
     return rep
+
+
+class _LinkWatch:
+    """Remembers whether the uplink ever connected and its last connection failure, to name it."""
+
+    def __init__(self, svc: GuardService) -> None:
+        up: Any = svc.uplink
+        self.inner: Any = up.inner if isinstance(up, ReversalOnlyUplink) else up
+        self.host = f"{getattr(self.inner, 'host', '?')}:{getattr(self.inner, 'port', '?')}"
+        self.connected = False
+        self.error = ""
+
+    def look(self) -> None:
+        if self.inner.connected:
+            self.connected = True
+        err = getattr(self.inner, "last_error", "")
+        if err:
+            self.error = str(err)
 
 
 def deposit_checkpoint(svc: GuardService, timeout: float) -> tuple[dict[str, Any] | None, str]:

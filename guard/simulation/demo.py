@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from firmware_bridge import messages as M
@@ -169,7 +170,7 @@ def _text(m: Any) -> str:
 
 def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, console: Console | None = None) -> int:
     """Run the scripted burst; return 0 only if the invariant holds and the journal verifies."""
-    con = console or Console(width=None if sys.stdout.isatty() else 150)
+    con = console or Console(width=None if sys.stdout.isatty() else TABLE_WIDTH)  # colour only on a terminal
     directory = directory.resolve()
     if directory.exists() and any(directory.iterdir()):
         if not (directory / MARKER).exists():
@@ -311,15 +312,7 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
     if sum(core.net_by_key().values()) != sum(r.host_net for r in rows):
         violations.append("the host holds debits for sales the demo did not make")
 
-    table = Table(title="posguard demo: what the reader was told vs. what the host holds")
-    for col in ("#", "scenario", "amount", "reader was told", "final", "STAN", "host net debits", "ok"):
-        table.add_column(col)
-    for i, row in enumerate(rows):
-        ok = row.final is not None and (row.final is TxnState.APPROVED) == (row.host_net == 1)
-        table.add_row(str(i + 1), row.label, f"{row.amount / 100:.2f}", row.shown,
-                      row.final.value if row.final else "-", f"{row.stan:06d}",
-                      f"{row.host_net} (credit)" if row.refund and row.host_net else str(row.host_net), "yes" if ok else "NO")
-    con.print(table)
+    render_results(con, rows)
 
     core.dump_ledger(directory / "host-ledger.json")
     core.write_settlement_csv(directory / "settlement.csv")
@@ -339,6 +332,47 @@ def run_demo(directory: Path, *, seed: int = 7, host_timeout: float = 1.0, conso
     con.print("[green]invariant holds[/green]: every APPROVED sale has exactly one net debit at the host; "
               "every other sale has none; the journal verifies.")
     con.print(f"left in {directory}: guard.toml, journal.db, keys/, guard.log, host-ledger.json, settlement.csv, summary.json")
-    con.print(f"verify it yourself: posguard journal verify {directory / 'journal.db'} --k0 {directory / 'keys' / 'k0.escrow'} "
-              f"--pubkey {directory / 'keys' / 'verify.pub'}")
+    print_verify_command(con, directory)
     return 0
+
+
+TABLE_WIDTH = 100  # the results table fits this many columns
+# Colours of the final states (rich styles; a console that is not a terminal prints none).
+STATE_STYLE = {TxnState.APPROVED: "green", TxnState.REVERSED: "yellow", TxnState.DECLINED: "yellow",
+               TxnState.NEEDS_MANUAL: "bold red"}
+LEGEND = (
+    "scenario: the fault this sale met; amount: EUR; reader was told: the RESULT text (or ERROR) the reader "
+    "displayed; final: the guard's journal after the drain; STAN: field 11 the host booked it under; host net: "
+    "the host ledger's debits minus reversals for it (a refund: its one credit); ok: final APPROVED exactly "
+    "when host net is 1."
+)
+
+
+def render_results(con: Console, rows: list[Row]) -> None:
+    """The results table (at most ``TABLE_WIDTH`` columns, outcomes coloured) and its legend."""
+    table = Table(title="posguard demo: what the reader was told vs. what the host holds",
+                  width=min(TABLE_WIDTH, con.width))
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("scenario", ratio=3)
+    table.add_column("amount", justify="right", no_wrap=True)
+    table.add_column("reader was told", ratio=5)
+    table.add_column("final", no_wrap=True)
+    table.add_column("STAN", no_wrap=True)
+    table.add_column("host net", justify="right", no_wrap=True)
+    table.add_column("ok", no_wrap=True)
+    for i, row in enumerate(rows):
+        ok = row.final is not None and (row.final is TxnState.APPROVED) == (row.host_net == 1)
+        final = f"[{STATE_STYLE.get(row.final, 'cyan')}]{row.final.value}[/]" if row.final else "-"
+        net = f"{row.host_net} (credit)" if row.refund and row.host_net else str(row.host_net)
+        table.add_row(str(i + 1), escape(row.label), f"{row.amount / 100:.2f}", escape(row.shown), final,
+                      f"{row.stan:06d}", net,
+                      "[green]yes[/]" if ok else "[bold red]NO[/]")
+    con.print(table)
+    con.print(LEGEND, width=min(TABLE_WIDTH, con.width), style="dim", highlight=False)
+
+
+def print_verify_command(con: Console, directory: Path) -> None:
+    """On one line however long the paths: a command to copy, never wrapped."""
+    cmd = (f"posguard journal verify {directory / 'journal.db'} --k0 {directory / 'keys' / 'k0.escrow'} "
+           f"--pubkey {directory / 'keys' / 'verify.pub'}")
+    con.print(f"verify it yourself: {cmd}", soft_wrap=True, highlight=False, markup=False)

@@ -102,6 +102,7 @@ class SimConfig:
     # booked wait and unknown codes, wrong MTIs, silent or refusing reversal answers, 0411
     chip_rate: float = 0.6  # sales read from a card (cards.pick: chip, contactless, swiped; card declines, pulls,
     # reader reboots before COMPLETE); the rest are keyed as before. Own stream: other draws unchanged
+    max_steps: int = 0  # events to process at most (0: ``step_limit_for`` sizes it from the run)
 
 
 @dataclass
@@ -126,14 +127,30 @@ class SimReport:
     host_answers: dict[str, int] = field(default_factory=dict)  # the acquirer profile's answers, by label
     partials: dict[str, int] = field(default_factory=dict)  # the simulated operator's decisions on PARTIAL
     trace: list[str] = field(default_factory=list)
+    steps: int = 0  # events processed
+    step_limit_reached: bool = False  # stopped before the drain ended: not judged (no violations checked)
 
     def summary(self) -> str:
+        if self.step_limit_reached:
+            return (f"seed {self.seed}: STEP LIMIT REACHED after {self.steps} events, before the drain ended: not "
+                    "judged (raise --max-steps)")
         return (
             f"seed {self.seed}: {'OK' if self.ok else 'FAIL'} sales={self.sales} approved={self.approved} "
             f"reversed={self.reversed} declined={self.declined} crashes={self.crashes} faults={sum(self.host_faults.values())}"
             + (f" voids={self.voids}/{self.voids_approved} refunds={self.refunds}/{self.refunds_approved} "
                f"refused={sum(self.refusals.values())}" if self.ops_sent else "")
         )
+
+
+PROGRESS_EVERY = 2048  # events between two progress callbacks
+STEPS_BASE = 200_000  # events for the drain and idle ticks whatever the size of the run
+STEPS_PER_SALE = 400  # generous: a sale with re-sends, faults, crashes and reversals takes ~30-60
+
+
+def step_limit_for(cfg: SimConfig) -> int:
+    """A bound on the events of a run of ``cfg.sales`` sales: every loop is bounded, but a long run
+    must not stop early and have its unfinished sales judged as violations."""
+    return STEPS_BASE + STEPS_PER_SALE * cfg.sales * (2 if cfg.operator_rate else 1)
 
 
 class _World:
@@ -196,6 +213,10 @@ class _World:
         self.chip_rng = random.Random(f"posguard.sim.chip.{cfg.seed}")
         self.cards: dict[str, cards.CardModel] = {}  # sale key -> the card presented (chip_rate)
         self.card_said: dict[str, CardDecision] = {}  # sale key -> the card's decision the reader reported
+        self.steps = 0
+        self.step_limit = cfg.max_steps or step_limit_for(cfg)
+        self.limit_reached = False
+        self.submitted = 0  # sales whose first submission happened
 
     def _det_bytes(self, n: int) -> bytes:
         return bytes(self.rng.getrandbits(8) for _ in range(n))
@@ -303,6 +324,8 @@ class _World:
             self.at(1.0, "submit", (req, attempt))
             return
         self.log(f"reader submits {req.key[-6:]} attempt {attempt}")
+        if attempt == 0 and req.kind is TxnKind.SALE:
+            self.submitted += 1
         self.terminal("submit", req)
         if attempt < 3 and self.rng.random() < self.cfg.resend_rate:
             kind = "status" if self.rng.random() < self.cfg.status_rate else "submit"
@@ -348,8 +371,7 @@ class _World:
                                       f"holds {net} net debits for sale {t.original}")
             return
         typ = "REFUND" if t.kind is TxnKind.REFUND else "SALE"
-        held = sum(1 for d in self.host.debits() if not d.reversed and d.type == typ and (d.tid, d.mid, d.stan, d.date)
-                   == (self.cfg.tid, MID, f"{t.stan:06d}", t.f7[:4]))
+        held = self.host.net_debits_of(self.cfg.tid, MID, f"{t.stan:06d}", t.f7[:4], typ)  # per key: O(1), not a ledger copy
         if held != 1:
             self.shown_bad.append(f"{r.key}: reader shown {typ} APPROVED at {self.now:.3f} while the host holds {held}")
 
@@ -452,15 +474,22 @@ class _World:
 
     # ---------------------------------------------------------------- main loop
 
-    def run(self) -> None:
+    def run(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Process events until the drain ends or ``step_limit`` events (``limit_reached``).
+        ``progress(sales submitted, sales)`` is called every ``PROGRESS_EVERY`` events."""
         self.schedule_sales()
         self.connect()
         self.at(0.25, "tick")
-        steps = 0
         draining = False
         end = None
-        while self.events and steps < 200_000:
-            steps += 1
+        while self.events:
+            if self.steps >= self.step_limit:
+                self.limit_reached = True
+                self.log(f"step limit reached: {self.step_limit} events processed, {len(self.events)} still queued")
+                break
+            self.steps += 1
+            if progress is not None and self.steps % PROGRESS_EVERY == 0:
+                progress(self.submitted, self.cfg.sales)
             t, _, kind, data = heapq.heappop(self.events)
             self.now = max(self.now, t)
             if kind == "tick":
@@ -514,14 +543,16 @@ class _World:
         return check_world(self)
 
 
-def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = True) -> SimReport:
-    """Run one seed end to end and check the invariants."""
+def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> SimReport:
+    """Run one seed end to end and check the invariants. A run stopped by its step limit is not
+    judged (``step_limit_reached``): its unfinished sales are no evidence of a violation."""
     own = workdir is None
     wd = Path(tempfile.mkdtemp(prefix="posguard-sim-")) if workdir is None else workdir
     try:
         w = _World(cfg, wd)
         try:
-            w.run()
+            w.run(progress)
         except Exception as e:  # noqa: BLE001 - an engine that raises is a finding: reported with its seed and trace
             w.log(f"EXCEPTION {e!r}")
             violations = [f"the terminal raised {type(e).__name__}: {e} at {w.now:.3f}"]
@@ -529,15 +560,23 @@ def run_seed(cfg: SimConfig, workdir: Path | None = None, keep_trace: bool = Tru
             if w.journal is not None:
                 w.journal.close()
         else:
-            violations = w.check()
+            if w.limit_reached:
+                violations = []
+                if w.journal is not None:
+                    w.journal.close()
+                    w.journal = None
+            else:
+                violations = w.check()
         txns = list(w.engine.txns.values()) if w.engine else []
         states = [t.state for t in txns if t.kind is TxnKind.SALE]
         voids = [t for t in txns if t.kind is TxnKind.VOID]
         refunds = [t for t in txns if t.kind is TxnKind.REFUND]
         return SimReport(
             seed=cfg.seed,
-            ok=not violations,
+            ok=not violations and not w.limit_reached,
             violations=violations,
+            steps=w.steps,
+            step_limit_reached=w.limit_reached,
             sales=len(states),
             approved=sum(s is TxnState.APPROVED for s in states),
             reversed=sum(s is TxnState.REVERSED for s in states),

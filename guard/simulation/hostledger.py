@@ -121,6 +121,11 @@ class LedgerViews:
         with self._lock:
             return sum(1 for d in self._by_key.get((tid, mid, s, mmdd), []) if not d.reversed)
 
+    def net_debits_of(self, tid: str, mid: str, stan: str, mmdd: str, type_: str) -> int:
+        """``net_debits`` counting only records of ``type_`` (SALE or REFUND): no copy of the ledger."""
+        with self._lock:
+            return sum(1 for d in self._by_key.get((tid, mid, stan, mmdd), []) if not d.reversed and d.type == type_)
+
     def net_by_key(self) -> dict[LedgerKey, int]:
         """Active debit count per ledger key (tid, mid, stan, MMDD), for every key ever debited."""
         with self._lock:

@@ -25,14 +25,23 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="posguard readersim",
         description="Reference card reader: SYNC, then N sales against a guard, with optional link faults. "
-        "Exit 0 when every sale got a final RESULT.",
+        "By default every sale uses another card (Luhn-valid numbers in the public Visa test range "
+        "47617390...) and another amount (12.50 + 0.10 steps), both starting where the boot counter points so "
+        "that the next run differs too, so the guard's default double-swipe rule "
+        "(same card and amount within policy.double_swipe_window) and per-card counters do not hold them; "
+        "give --pan and --amount to repeat one card and amount. The per-terminal counter "
+        "(policy.terminal_max_count, default 30 a minute) still applies.",
+        epilog="Exit status: 0 every sale got a final RESULT; 1 a sale did not (no answer, HELD, an unanswered "
+        "PARTIAL), no SYNC_ACK, or the port failed; 2 bad arguments or the port cannot be opened.",
     )
     p.add_argument("--port", required=True, help="pyserial URL: /dev/ttyUSB0, a pty slave path, socket://127.0.0.1:PORT")
     p.add_argument("--reader-id", default="READER01", help="READER_ID sent with every request (must match the guard)")
     p.add_argument("--sales", type=int, default=1, help="number of sales (default 1)")
-    p.add_argument("--amount", type=int, default=1250, help="amount in minor units (default 1250 = 12.50)")
+    p.add_argument("--amount", type=int, default=None,
+                   help="amount in minor units for every sale (default: another per sale, 12.50 + 0.10 steps)")
     p.add_argument("--currency", default="978", help="ISO 4217 numeric currency (default 978, EUR)")
-    p.add_argument("--pan", default=TEST_PAN, help="card number (default: the public EMV test PAN); never printed")
+    p.add_argument("--pan", default=None, help=f"card number for every sale, e.g. the public EMV test PAN "
+                   f"{mask_pan(TEST_PAN)} (default: another test card per sale); never printed")
     p.add_argument("--expiry", default=None, help="card expiry YYMM (default: omitted)")
     p.add_argument("--seed", type=int, default=0, help="seed for nonces and faults (default 0)")
     p.add_argument("--boot-counter", type=int, default=None,
@@ -69,6 +78,32 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def test_card(n: int) -> str:
+    """Card number ``n``: Luhn-valid, 47617390 + 7 digits + check digit (the public Visa test
+    range, as the EMV test PAN), so consecutive sales never look like a double swipe."""
+    body = f"47617390{n % 10**7:07d}"
+    total = 0
+    for k, ch in enumerate(reversed(body)):
+        d = int(ch) * (2 if k % 2 == 0 else 1)
+        total += d - 9 if d > 9 else d
+    return body + str((10 - total % 10) % 10)
+
+
+def sale_index(args: argparse.Namespace, boot: int, i: int) -> int:
+    """Sale ``i`` of this run, offset by the run's first boot counter (10,007 cards apart per boot)
+    so that the next run uses other cards (it would otherwise repeat the first sale's card and amount)."""
+    return boot * 10_007 % 10**7 + i
+
+
+def sale_pan(args: argparse.Namespace, n: int) -> str:
+    return str(args.pan) if args.pan is not None else test_card(n)
+
+
+def sale_amount(args: argparse.Namespace, n: int) -> int:
+    """12.50, 12.60, ... 1012.40, then again: never ending in 05 or 51 (hostsim declines those)."""
+    return int(args.amount) if args.amount is not None else 1250 + 10 * (n % 10_000)
+
+
 def _faults_from(args: argparse.Namespace) -> LinkFaults | None:
     faults = LinkFaults(
         seed=args.seed,
@@ -83,25 +118,26 @@ def _faults_from(args: argparse.Namespace) -> LinkFaults | None:
     return faults if faults.drop_ack_rate or faults.damages_writes else None
 
 
-def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes) -> ResultMessage | ErrorMessage:
+def _one_sale(sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, i: int) -> ResultMessage | ErrorMessage:
     deadline: float = sim.clock() + args.timeout
 
     def left() -> float:
         return max(0.0, deadline - sim.clock())
 
-    r = _sale_through_reboot(sim, args, txn_id, left)
+    r = _sale_through_reboot(sim, args, txn_id, left, i)
     if args.confirm_holds and isinstance(r, ResultMessage) and r.state is TxnState.HELD and not r.in_progress:
         r = sim.confirm(txn_id, left())
     return sim.decide_partial(r, args.partial, left())
 
 
 def _sale_through_reboot(
-    sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float]
+    sim: ReaderSim, args: argparse.Namespace, txn_id: bytes, left: Callable[[], float], i: int
 ) -> ResultMessage | ErrorMessage:
-    auth = Auth(txn_id, args.amount, args.currency, args.pan, args.expiry, sim.reader_id)
+    n = sale_index(args, args.first_boot, i)
+    auth = Auth(txn_id, sale_amount(args, n), args.currency, sale_pan(args, n), args.expiry, sim.reader_id)
     if args.card is not None and not args.reboot_after_send:
         model = cards.CardModel(EntryMode(args.card.upper()), args.card_does, online_pin=args.card == "chip")
-        first, final = cards.present(sim, model, txn_id, args.amount, args.currency, args.pan, args.expiry or "2912",
+        first, final = cards.present(sim, model, txn_id, auth.amount, args.currency, auth.pan, args.expiry or "2912",
                                      random.Random(args.seed), left())
         return final if final is not None else first
     if not args.reboot_after_send:
@@ -144,13 +180,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--boot-counter must be 0 .. 2^64-1 (the first 8 bytes of every TXN_ID)")
     try:
         faults = _faults_from(args)
-        Auth(bytes(16), args.amount, args.currency, args.pan, args.expiry, args.reader_id)
+        Auth(bytes(16), sale_amount(args, 0), args.currency, sale_pan(args, 0), args.expiry, args.reader_id)
     except (ValueError, MessageError) as e:
         p.error(str(e))  # MessageError texts never contain the value itself
     if args.verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)8.1f ms %(name)s %(message)s")
     # Stands in for a persisted boot counter: microseconds advance faster than any run reboots.
     boot = args.boot_counter if args.boot_counter is not None else time.time_ns() // 1000
+    args.first_boot = boot
     try:
         port = open_port(args.port, baudrate=args.baud)
     except (serial.SerialException, OSError, ValueError) as e:
@@ -172,7 +209,9 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
     except ReaderTimeout:
         print(f"readersim: no SYNC_ACK from the guard on {args.port} within {args.timeout} s", file=sys.stderr)
         return 1
-    print(f"reader {sim.reader_id} boot {sim.boot_counter} card {mask_pan(args.pan)} link up, epoch 0x{epoch:08x}")
+    cards = f"card {mask_pan(args.pan)}" if args.pan is not None else "a different test card per sale"
+    amounts = f"amount {args.amount}" if args.amount is not None else "another amount per sale"
+    print(f"reader {sim.reader_id} boot {sim.boot_counter} {cards}, {amounts}; link up, epoch 0x{epoch:08x}")
     finals = 0
     for i in range(args.sales):
         txn_id = sim.new_txn_id()
@@ -182,7 +221,7 @@ def _run_sales(sim: ReaderSim, args: argparse.Namespace, faults: LinkFaults | No
         applied = faults.counts.as_dict() if faults else {}
         outcome: ResultMessage | ErrorMessage | None
         try:
-            outcome = _one_sale(sim, args, txn_id)
+            outcome = _one_sale(sim, args, txn_id, i)
         except ReaderTimeout:
             outcome = None
         if (isinstance(outcome, ResultMessage) and not outcome.in_progress

@@ -175,9 +175,10 @@ def journal_last_seq(path: Path) -> int:
         c.close()
 
 
-def test_journal_locked_by_maintenance_exit_2(mixed: Path, tmp_path: Path) -> None:
+def test_journal_locked_by_maintenance_exit_3(mixed: Path, tmp_path: Path) -> None:
+    """A journal in use is "could not complete" (3), as the documented exit-code rule says."""
     j = tmp_path / "j.db"
     shutil.copy(mixed, j)
     with Journal.open_exclusive(j, load_keys(mixed.parent / "keys"), terminal_id=TID):
         code, _, err = cli("journal", "export", j, "--format", "jsonl")
-    assert code == 2 and "JOURNAL_BUSY" in err
+    assert code == 3 and "JOURNAL_BUSY" in err

@@ -159,6 +159,35 @@ def test_header_may_name_columns_by_iso_field_number(settled: tuple[Path, Path, 
     assert code == 2 and "column 'tid'" in err and "more than once" in err
 
 
+def test_settlement_as_a_spreadsheet_saves_it_reads_the_same(settled: tuple[Path, Path, HostCore], tmp_path: Path) -> None:
+    """Issue 15 item 18: opened and saved in a spreadsheet, the host's CSV gains a UTF-8 BOM, ';'
+    delimiters, loses the STANs' (and responses') leading zeros; types may be lower case. Same rows."""
+    path, src, _ = settled
+    with open(src, newline="") as f:
+        data = list(csv.reader(f))
+    h = data[0]
+    col = {name: h.index(name) for name in ("stan", "type", "response", "date")}
+    saved = []
+    for r in data[1:]:
+        r = list(r)
+        r[col["stan"]] = str(int(r[col["stan"]]))
+        r[col["response"]] = str(int(r[col["response"]])) if r[col["response"]].isdigit() else r[col["response"]]
+        r[col["date"]] = str(int(r[col["date"]]))
+        r[col["type"]] = r[col["type"]].lower()
+        saved.append(r)
+    assert any(len(r[col["stan"]]) < 6 for r in saved) and any(r[col["response"]] == "0" for r in saved)
+    sheet = tmp_path / "sheet.csv"
+    with open(sheet, "w", newline="", encoding="utf-8-sig") as f:
+        csv.writer(f, delimiter=";", lineterminator="\r\n").writerows([h, *saved])
+    assert sheet.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert [r.__dict__ if hasattr(r, "__dict__") else r for r in read_settlement(sheet)] == read_settlement(src)
+    assert cli("reconcile", path, sheet)[0] == 0
+    one = tmp_path / "pipes.csv"
+    one.write_text("|".join(h) + "\n")
+    code, _, err = cli("reconcile", path, one)
+    assert code == 2 and "delimiter must be ',', ';' or a tab" in err
+
+
 def test_settlement_columns_are_the_host_simulators() -> None:
     from guard.ops import reconcile as R
 

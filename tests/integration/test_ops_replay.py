@@ -221,14 +221,15 @@ def test_intents_without_outcome_are_reversed(tmp_path: Path) -> None:
     assert core.total_net_debits() == 0
 
 
-def test_busy_journal_exit_2(tmp_path: Path) -> None:
+def test_busy_journal_exit_3(tmp_path: Path) -> None:
+    """A journal in use is "could not complete" (3, run it again), as the documented rule says."""
     core = HostCore(seed=28, dup_detection=True)
     g = backlog(tmp_path, core, debited=1, unprocessed=0, approved=0)
     cfg = guard_toml(tmp_path / "guard.toml", journal=g.path, keys=tmp_path / "keys", port=9)
     with Journal.open(g.path, load_keys(tmp_path / "keys"), terminal_id=TID):  # the daemon is running
         proc = subprocess.run([sys.executable, "-m", "posguard.cli", "replay", "--config", str(cfg)], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "JOURNAL_BUSY" in proc.stderr
+    assert proc.returncode == 3 and "JOURNAL_BUSY" in proc.stderr
 
 
 def test_reversal_only_uplink_refuses_sales() -> None:

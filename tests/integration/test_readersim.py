@@ -12,6 +12,7 @@ import logging
 import os
 import pty
 import random
+import re
 import select
 import threading
 import time
@@ -441,18 +442,48 @@ def test_cli_sales_and_no_clear_pan(
     assert main(argv) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].startswith(f"reader {READER} boot 42 card 476173******0119 link up")
+    assert lines[0].startswith(f"reader {READER} boot 42 a different test card per sale, another amount per sale; "
+                               "link up")
     sales = [ln for ln in lines if ln.startswith("sale ")]
     assert len(sales) == 3 and all(" APPROVED rc=00 " in ln for ln in sales), out
     assert lines[-1].startswith("done: 3/3 final")
     assert TEST_PAN not in out + err + caplog.text
+    assert not re.search(r"(?<![0-9a-f])\d{13,19}(?![0-9a-f])", out + err + caplog.text)  # no other card either
     assert sorted(guard.created.values()) == [1, 1, 1]
+
+
+@pytest.mark.parametrize("rig", [{"hold_repeats": True}], indirect=True)
+def test_cli_varies_cards_and_amounts_by_default_so_no_sale_is_held(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 15 item 14: `readersim --sales N` used one card and amount, so a guard with the default
+    double-swipe rule held every sale after the first. Now each sale has its own Luhn-valid test
+    card and amount; --pan/--amount repeat one."""
+    guard, _, path = rig
+    assert main(["--port", path, "--sales", "4", "--t2", str(T2), "--timeout", "5", "--boot-counter", "300"]) == 0
+    sales = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sale ")]
+    assert len(sales) == 4 and all(" APPROVED " in ln for ln in sales), sales
+    pans = [pan for pan, _ in guard.seen]
+    assert len(set(pans)) == 4 and len({a for _, a in guard.seen}) == 4
+    assert all(luhn_ok(pan) for pan in pans)
+    seen = set(guard.seen)
+    assert main(["--port", path, "--sales", "4", "--t2", str(T2), "--timeout", "5", "--boot-counter", "301"]) == 0
+    assert not (seen & (set(guard.seen) - seen)) and len(guard.seen) == 8  # the next run: other cards and amounts
+    capsys.readouterr()
+    assert main(["--port", path, "--sales", "2", "--t2", str(T2), "--timeout", "5", "--boot-counter", "400",
+                 "--pan", TEST_PAN, "--amount", "1250"]) == 1  # one card and amount again: the repeat is held
+
+
+def luhn_ok(pan: str) -> bool:
+    total = 0
+    for n, ch in enumerate(reversed(pan)):
+        d = int(ch) * (2 if n % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
 
 
 @pytest.mark.parametrize("rig", [{"hold_repeats": True}], indirect=True)
 def test_cli_confirms_holds_and_counts_unconfirmed_ones(rig: Rig, capsys: pytest.CaptureFixture[str]) -> None:
     _, _, path = rig
-    base = ["--port", path, "--sales", "3", "--t2", str(T2), "--timeout", "5"]
+    base = ["--port", path, "--sales", "3", "--t2", str(T2), "--timeout", "5", "--pan", TEST_PAN, "--amount", "1250"]
     assert main([*base, "--boot-counter", "100", "--confirm-holds"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("sale ")]
     assert ["(held, confirmed)" in ln and " APPROVED " in ln for ln in lines] == [False, True, True], lines

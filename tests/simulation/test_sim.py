@@ -164,3 +164,23 @@ def test_engine_that_voids_a_refunded_sale_is_caught(monkeypatch: pytest.MonkeyP
             found = rep.violations[0]
             break
     assert found is not None and "money back twice" in found
+
+
+def test_step_limit_is_sized_from_the_run_and_reported_as_such_not_as_violations() -> None:
+    """Issue 15 item 21: `posguard sim --sales 50000` hit a hidden 200,000-event limit and judged
+    the unfinished sales as violations. The limit now grows with the sales; a run that reaches it
+    is reported as "step limit reached", with no violations and no verdict."""
+    from guard.simulation.deterministic import step_limit_for
+    from tests.support import cli
+
+    small = run_seed(SimConfig(seed=3, sales=40), keep_trace=False)
+    assert small.ok and not small.step_limit_reached
+    per_sale = small.steps / 40
+    assert step_limit_for(SimConfig(seed=1, sales=50_000)) > 50_000 * per_sale * 5
+    cut = run_seed(SimConfig(seed=3, sales=40, max_steps=small.steps // 3), keep_trace=False)
+    assert cut.step_limit_reached and not cut.ok and cut.violations == [] and cut.steps == small.steps // 3
+    assert "STEP LIMIT REACHED" in cut.summary() and "VIOLATION" not in cut.summary()
+    code, out, _ = cli("sim", "--seed", "3", "--sales", "40", "--max-steps", str(small.steps // 3))
+    assert code == 3 and "VIOLATION" not in out and "1 stopped at the step limit (not judged)" in out, out
+    code, out, _ = cli("sim", "--seeds", "2", "--sales", "4")
+    assert code == 0 and out.splitlines()[-1] == "2 passed, 0 failed" and "━" not in out  # no bar when piped
