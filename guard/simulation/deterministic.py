@@ -50,6 +50,7 @@ from guard.core.emv import CardDecision
 from guard.simulation import cards
 from guard.simulation.acquirer import AcquirerProfile
 from guard.simulation.hostsim import HostCore
+from guard.simulation import invariants
 from guard.simulation.invariants import check_world
 from guard.journal.store import Journal
 from guard.journal.keys import DeviceKeys, init_keys
@@ -355,25 +356,7 @@ class _World:
         return [op(0, TxnKind.VOID, sale.amount), op(1, TxnKind.REFUND, part)]
 
     def check_shown(self, r: Result) -> None:
-        """What the reader is told APPROVED must already be true at the host, at that moment: the
-        sale's debit booked, the refund's credit booked, the voided sale's debit reversed."""
-        if r.in_progress or r.state is not TxnState.APPROVED:
-            return
-        t = self._journaled(r.key)
-        if t is None:
-            self.shown_bad.append(f"{r.key}: reader shown APPROVED for an id the journal does not hold")
-            return
-        if t.kind is TxnKind.VOID:
-            o = self._journaled(t.original or "")
-            net = self.host.net_debits(self.cfg.tid, MID, f"{t.stan:06d}", t.f7[:4]) if o is not None else -1
-            if net != 0:
-                self.shown_bad.append(f"{r.key}: reader shown VOID APPROVED at {self.now:.3f} while the host "
-                                      f"holds {net} net debits for sale {t.original}")
-            return
-        typ = "REFUND" if t.kind is TxnKind.REFUND else "SALE"
-        held = self.host.net_debits_of(self.cfg.tid, MID, f"{t.stan:06d}", t.f7[:4], typ)  # per key: O(1), not a ledger copy
-        if held != 1:
-            self.shown_bad.append(f"{r.key}: reader shown {typ} APPROVED at {self.now:.3f} while the host holds {held}")
+        invariants.check_shown(self, r)
 
     def on_shown(self, r: Result) -> None:
         """A sale the reader saw APPROVED starts its operator plan; APPROVED OFFLINE sometimes tempts
@@ -410,7 +393,7 @@ class _World:
         try:
             self.terminal("submit", req)
         except PosguardError as err:
-            why = self.refusal_problem(req, sale_key, err.code)
+            why = invariants.refusal_problem(self, req, sale_key, err.code)
             self.refusals.append((self.now, req.key, err.code, why))
             self.log(f"refused {req.key[-6:]} {err.code}{' NOT LEGITIMATE: ' + why if why else ''}")
             if attempt < 3 and self.op_rng.random() < 0.5:  # the operator tries again later, same txn id
@@ -425,32 +408,6 @@ class _World:
         """A transaction as the journal holds it right now (independent of the engine's memory)."""
         assert self.journal is not None
         return _rebuild(key, self.journal.entries_for(key))
-
-    def refusal_problem(self, req: Request, sale_key: str, code: str) -> str:
-        """Why a refusal is NOT legitimate given what the journal holds at that moment ("" if it is)."""
-        if self._journaled(req.key) is not None:
-            return "the refused id is already journaled (known ids must be answered, not refused)"
-        o = self._journaled(sale_key)
-        state = o.state if o is not None else None
-        live = [x for x in (self._journaled(k) for k in (o.refunds if o else []))
-                if x is not None and x.state not in (TxnState.DECLINED, TxnState.REVERSED)]
-        voided = o is not None and self.journal is not None and any(
-            e.kind == "reversal_pending" and e.payload.get("void") for e in self.journal.entries_for(sale_key))
-        seen = f"original {state.value if state else 'unknown'}, {len(live)} live refund(s), voided={voided}"
-        if req.kind is TxnKind.VOID:  # the amount must be what the sale settled (a partial's approved amount)
-            ok = code == "VOID_NOT_ALLOWED" and (state is not TxnState.APPROVED or bool(live)
-                                                 or (o is not None and req.amount != o.settled))
-        elif code == "REFUND_ORIGINAL_UNKNOWN":
-            ok = o is None
-        elif code == "REFUND_ORIGINAL_PENDING_REVERSAL":
-            ok = state is TxnState.REVERSAL_PENDING
-        elif code == "REFUND_NOT_ALLOWED":
-            ok = state is not TxnState.APPROVED or voided
-        elif code == "REFUND_EXCEEDS_ORIGINAL":
-            ok = o is not None and sum(x.settled for x in live) + req.amount > o.settled
-        else:
-            ok = False
-        return "" if ok else f"{code} but {seen}"
 
     def operator_decides(self, key: str, choice: str) -> None:
         """The operator's answer to a partial approval: CONFIRM (accept) or CANCEL; or nothing."""
