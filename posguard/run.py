@@ -72,8 +72,8 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
     if signature is not None:
         try:
-            previous = config_signing.changed_unsigned(
-                (e for e in svc.journal.entries() if e.kind == "config_loaded"), signature)
+            last = svc.journal.last_of_kind("config_loaded")  # indexed: start-up never reads the whole journal
+            previous = config_signing.changed_unsigned([last] if last else [], signature)
             if previous is not None:
                 raise config_signing.ConfigSignatureError(
                     f"{cfg.source} changed since the last run (sha256 {previous[:12]}... -> {signature['sha256'][:12]}...) "

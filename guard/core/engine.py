@@ -70,7 +70,7 @@ class Engine(HostEvents):
         return None
 
     def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float) -> None:
-        if kind == Kind.STAN_USE:
+        if kind == Kind.STAN_USE or kind == Kind.SNAPSHOT:
             self.last_stan = int(p["stan"])
             return
         if key is None:
@@ -79,6 +79,7 @@ class Engine(HostEvents):
             t = from_intent(key, p, ts)
             o = self._get(t.original or "") if t.kind is TxnKind.VOID else None
             self.txns[key] = t
+            self._evicted.add(key)
             self._watch[key] = None
             if t.kind is TxnKind.VOID:
                 if o is not None:
@@ -196,6 +197,7 @@ class Engine(HostEvents):
             original=original.key if original else None,
         )
         self.txns[key] = t
+        self._evicted.add(key)
         self._writes += 1
         self._watch[key] = None
         self.by_stan[stan] = key
@@ -379,6 +381,7 @@ class Engine(HostEvents):
         v = Txn(key=key, kind=TxnKind.VOID, fp=fp, amount=o.settled, currency=o.currency, card_token=o.card_token,
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
         self.txns[key] = v
+        self._evicted.add(key)
         self._writes += 1
         self._watch[key] = None
         rec = self._to_reversal(o, "VOID", now, {"void": key})

@@ -30,7 +30,7 @@ from guard.journal.fsync import fsync_path
 from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next
 from guard.journal.records import _check_now, _prepare
-from guard.journal.schema import INSERT_ENTRY, _connect, _migrate_in_txn
+from guard.journal.schema import INSERT_ENTRY, MARKED_KINDS_SQL, _connect, _migrate_in_txn
 
 
 class SegmentOps:
@@ -75,7 +75,7 @@ class SegmentOps:
         out: list[dict[str, Any]] = []
         if first is not None and first[0] == SEGMENT_KIND:
             out += json.loads(first[1])["keys"]
-        out += [json.loads(p) for (p,) in c.execute("SELECT payload FROM entries WHERE kind = ? ORDER BY seq",
+        out += [json.loads(p) for (p,) in c.execute(f"SELECT payload FROM entries WHERE {MARKED_KINDS_SQL} AND kind = ? ORDER BY seq",
                                                     (ROTATION_KIND,))]
         return out
 
