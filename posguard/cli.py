@@ -133,14 +133,11 @@ def config_example() -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def bench(ctx: click.Context) -> None:
-    """Run every benchmark and print one table of medians and ratios (needs a source checkout:
-    the benchmarks live in tools/). `posguard bench --quick` for a short smoke run."""
-    import subprocess
+    """Run every benchmark and print one table of medians and ratios (they ship with posguard:
+    posguard.bench). `posguard bench --quick` for a short run, `--only startup` for one."""
+    from posguard.bench.__main__ import main as bench_main
 
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
-    if not script.exists():
-        raise click.ClickException("benchmarks live in tools/ of a source checkout (install with pip install -e .)")
-    sys.exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+    sys.exit(bench_main(list(ctx.args)))
 
 
 @main.group("config")

@@ -63,7 +63,9 @@ class ChainBroken(JournalError):
 
 def verify_at_open(conn: sqlite3.Connection, signing_pub: Ed25519PublicKey, terminal_id: str) -> None:
     """Raise :class:`ChainBroken` unless the checkpoints and the tail chain verify (module docstring)."""
-    lo, hi = conn.execute("SELECT min(seq), max(seq) FROM entries").fetchone()
+    # Two queries: SQLite answers min() or max() alone from the b-tree's ends, both at once by a full scan.
+    (lo,) = conn.execute("SELECT min(seq) FROM entries").fetchone()
+    (hi,) = conn.execute("SELECT max(seq) FROM entries").fetchone()
     if lo is None:
         raise ChainBroken(1, "the journal has no entries")
     kind, prev = conn.execute("SELECT kind, prev_hash FROM entries WHERE seq = ?", (lo,)).fetchone()

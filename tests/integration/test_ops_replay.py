@@ -92,7 +92,7 @@ def test_backlog_of_5000_drains_pipelined_and_reruns_send_nothing(tmp_path: Path
         assert code == 0, rep
         assert rep["started_pending"] == 5000 and rep["reversed"] == 5000 and not rep["pending"]
         assert rep["sent"] == {"0400": 5000, "0800": 1}, "the reversals, then one checkpoint deposit"
-        assert rep["items_per_s"] > 300, rep  # tools/bench_ops.py measures the rate properly
+        assert rep["items_per_s"] > 300, rep  # posguard.bench.ops measures the rate properly
         anchor = core.checkpoints()[-1]
         assert anchor["covers_seq"] == rep["checkpoint_deposited"] > 5000
         code, again = replay(cfg)

@@ -1,7 +1,7 @@
 """Memory benchmark: process RSS while sales run through the real guard.
 
 Each sale goes through GuardService (real journal file, WAL + synchronous=FULL, real ISO 8583 codec
-both ways) with HostCore in-process (``InProcessUplink`` from tools/bench_engine.py). Time is
+both ways) with HostCore in-process (``InProcessUplink`` from posguard.bench.engine). Time is
 simulated (``--seconds-per-sale``, default 30 s: a busy lane) so the counter rules (whose history is
 bounded by their longest window, one day by default), checkpoints and journal timestamps see a
 realistic clock; every card is different so no rule declines. The in-process host keeps a ledger of every debit, which is the acquirer's memory, not the
@@ -13,14 +13,13 @@ Engine.txns/by_stan keep per transaction, and what a restart costs (Engine.resto
 journal), extrapolated to a year. Targets: RSS after 10,000 sales
 <= 60 MB and growth 10,000 -> 20,000 <= 5 MB; exit status 1 if missed.
 
-usage: python tools/bench_memory.py [--sales 20000] [--policy off|default] [--drop-replies] [--dir DIR]
+usage: python -m posguard.bench.memory [--sales 20000] [--policy off|default] [--drop-replies] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import random
 import shutil
 import subprocess
@@ -33,8 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the packages
 
 
 def status_kb(field: str) -> int:
@@ -48,17 +46,7 @@ def status_kb(field: str) -> int:
 RSS_BEFORE_IMPORTS_KB = status_kb("VmRSS")
 
 
-def _bench_engine() -> Any:
-    """tools/ is not a package: load tools/bench_engine.py by path (InProcessUplink, machine)."""
-    spec = importlib.util.spec_from_file_location("posguard_bench_engine", ROOT / "tools" / "bench_engine.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-BE = _bench_engine()
-InProcessUplink, machine = BE.InProcessUplink, BE.machine
+from posguard.bench.engine import InProcessUplink, machine
 
 from guard.core.engine import Engine, EngineConfig
 from guard.runtime.restore import restore_engine
@@ -116,7 +104,8 @@ class Rig:
                        check=True, timeout=120)
         self.ecfg = EngineConfig(TID, MID, policy=policy)
         self.up = InProcessUplink(self._host(), HostCodec())
-        self.svc = open_guard(path, self.keys, self.ecfg, self.up, rng=random.Random(1), clock=lambda: self.now)
+        self.svc = open_guard(path, self.keys, self.ecfg, self.up,  # type: ignore[arg-type]
+                              rng=random.Random(1), clock=lambda: self.now)
         self.engine, self.journal = self.svc.engine, self.svc.journal
         self.svc.execute(self.engine.on_host_up(self.now))
         self.step, self.host_reset = seconds_per_sale, host_reset
