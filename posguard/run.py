@@ -20,10 +20,11 @@ from typing import Any
 
 from guard.core.errors import PosguardError
 from guard.journal.keys import load_keys
+from guard.runtime.retention import Retention
 from guard.runtime.service import GuardService, open_guard
 
 from posguard import config_signing
-from posguard.config import Config, engine_config, load, make_uplink
+from posguard.config import Config, engine_config, load, make_uplink, retention_config
 
 log = logging.getLogger("posguard.daemon")
 STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, a loop round stuck this long (a blocked write) ends the process
@@ -70,6 +71,9 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
     uplink = make_uplink(cfg)
     ecfg = engine_config(cfg)
     svc = open_guard(Path(cfg["journal.path"]), keys, ecfg, uplink, rng=random.Random())
+    retention = retention_config(cfg)
+    if retention is not None:
+        svc.retention = Retention(svc, retention)
     if signature is not None:
         try:
             last = svc.journal.last_of_kind("config_loaded")  # indexed: start-up never reads the whole journal

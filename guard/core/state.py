@@ -180,6 +180,10 @@ class EngineState:
                 out.append(key)
         return out
 
+    def in_flight(self) -> bool:
+        """A request sits between its intent and its answer (retention waits for a moment without one)."""
+        return any(t.state in AWAITING for t in self._watched(prune=False))
+
     def key_filter(self) -> bytes:
         """The filter of every journaled key, for a snapshot (restored by ``load_key_filter``)."""
         return bytes(self._evicted.bits)

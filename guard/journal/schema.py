@@ -119,10 +119,11 @@ EXPECTED_SCHEMA: frozenset[SchemaRow] = frozenset({
     ("trigger", "ratchet_no_delete", "ratchet", "CREATE TRIGGER ratchet_no_delete BEFORE DELETE ON ratchet BEGIN "
      "SELECT RAISE(ABORT, 'ratchet state cannot be deleted'); END"),
 })
-# Rare record kinds start-up looks up by kind (checkpoints, key rotations, snapshots, the config a
-# start ran with): a partial index over them, so finding them never scans the whole journal. A
-# query uses it by repeating MARKED_KINDS_SQL in its WHERE (SQLite's rule for partial indexes).
-MARKED_KINDS_SQL = "kind IN ('checkpoint', 'segment', 'key_rotation', 'snapshot', 'config_loaded')"
+# Rare record kinds looked up by kind (checkpoints, key rotations, snapshots, the config a start
+# ran with; needs_manual, which retention keeps live): a partial index over them, so finding them
+# never scans the whole journal. A query uses it by repeating MARKED_KINDS_SQL in its WHERE
+# (SQLite's rule for partial indexes).
+MARKED_KINDS_SQL = "kind IN ('checkpoint', 'segment', 'key_rotation', 'snapshot', 'config_loaded', 'needs_manual')"
 MARKS_INDEX = f"CREATE INDEX entries_marks ON entries (kind, seq) WHERE {MARKED_KINDS_SQL}"
 # The newest snapshot's key filter (guard.runtime.snapshot): written with its snapshot record.
 SNAPSHOT_TABLE = ("CREATE TABLE snapshot_filter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, "

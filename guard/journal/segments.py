@@ -30,7 +30,7 @@ from guard.journal.fsync import fsync_path
 from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next
 from guard.journal.records import _check_now, _prepare
-from guard.journal.schema import INSERT_ENTRY, MARKED_KINDS_SQL, _connect, _migrate_in_txn
+from guard.journal.schema import INSERT_ENTRY, MARKED_KINDS_SQL, SNAPSHOT_TABLE, _connect, _migrate_in_txn
 
 
 class SegmentOps:
@@ -153,7 +153,8 @@ class SegmentOps:
         return int(first), self._last_seq
 
     def restart_segment(self, carry_txns: Collection[str], *, records: Sequence[tuple[str, str | None, dict[str, Any]]] = (),
-                        note: dict[str, Any] | None = None, now: float, archive: str | None = None) -> tuple[int, int]:
+                        note: dict[str, Any] | None = None, now: float, archive: str | None = None,
+                        snapshot_bits: bytes | None = None) -> tuple[int, int]:
         """Start a new segment IN PLACE, in ONE durable commit; returns (segment seq, carried entries).
 
         Precondition: every current entry is archived verbatim (:meth:`write_archive`). Deletes all
@@ -163,6 +164,8 @@ class SegmentOps:
         entry of the carried transactions in journal order, ``records``, and a checkpoint.
         ``archive`` (the archive file's path) is recorded for every transaction not carried in the
         ``archived_txns`` index, so their ids stay taken: ``entries_for`` reads them from there.
+        ``snapshot_bits``: the key filter of a ``snapshot`` record ending ``records`` (the daemon's
+        retention: the restarted file restores from it, guard.runtime.snapshot).
         """
         conn = self._db_for_write()
         ts = _check_now(now)
@@ -196,6 +199,9 @@ class SegmentOps:
             mac, key = mac_and_next(key, h)
             rows.append((seq, ets, kind, txn, payload, prev, h, mac))
             prev = h
+        if snapshot_bits is not None and (not prepared or prepared[-1][0] != "snapshot"):
+            raise JournalError("snapshot_bits needs a snapshot record last", code="JOURNAL_BAD_RECORD")
+        snap = (seq, bytes(snapshot_bits)) if snapshot_bits is not None else None
         seq += 1
         row, cp, key = self._checkpoint_row(seq, prev, key, ts, self._cp["counter"] + 1)
         rows.append(row)
@@ -223,6 +229,9 @@ class SegmentOps:
             self._set_ratchet(cur, seq + 1, key)
             cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
             cur.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('segment_first_seq', ?)", (str(rows[0][0]),))
+            if snap is not None:
+                cur.execute(SNAPSHOT_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+                cur.execute("INSERT OR REPLACE INTO snapshot_filter (id, seq, bits) VALUES (1, ?, ?)", snap)
         except BaseException:
             self._abort(conn, committing=False)
             raise

@@ -136,6 +136,7 @@ class GuardService:
         self._deposited_cp_seq = self._cp_seq()  # the newest checkpoint handed to (or skipped for) the host
         self._deposit_sent_at = 0.0
         self.snapshots: Snapshotter | None = None  # open_guard sets it: the daemon snapshots its state
+        self.retention: Any = None  # a guard.runtime.retention.Retention: the daemon archives on its own
 
     @property
     def replies(self) -> OrderedDict[str, Result]:
@@ -254,6 +255,8 @@ class GuardService:
             self._deposit_if_due(now)
         if self.snapshots is not None:
             self.snapshots.maybe(self.clock())
+        if self.retention is not None:
+            self.retention.step(self.clock())
 
     def _cp_seq(self) -> int:
         """The seq of the journal's newest checkpoint (it covers the entry before it)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import deque
 
 from guard.core.engine import Engine
@@ -56,6 +57,13 @@ class Snapshotter:
         self.last_seq = journal.last_seq
         self.written = 0
         self.skipped = 0
+        self.seconds: list[float] = []  # wall time of each snapshot commit (a loop round a sale may wait for)
+
+    def restart(self, floor: int) -> None:
+        """The live file was restarted at ``floor`` (retention) with a snapshot: start over from there."""
+        self.floor = max(1, floor)
+        self.samples = deque(self.journal.checkpoint_marks(self.floor))
+        self.last_seq = self.journal.last_seq
 
     def note(self, now: float) -> None:
         """Remember where the journal stood at ``now`` (every horizon/SAMPLES seconds at most)."""
@@ -95,7 +103,9 @@ class Snapshotter:
             self.skipped += 1
             log.warning("snapshot skipped: %d open transactions do not fit one record", len(open_keys))
             return None
+        t0 = time.perf_counter()
         res = self.journal.append([(Kind.SNAPSHOT.value, None, payload)], now=now, snapshot_bits=bits)
+        self.seconds.append(time.perf_counter() - t0)
         self.last_seq = self.journal.last_seq
         self.written += 1
         return res.seqs[-1]
