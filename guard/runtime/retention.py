@@ -18,9 +18,10 @@ file restarted in place from a signed ``segment`` record, ids of archived transa
 4. Archives older than ``archive_keep_s`` are deleted, but only once a checkpoint written after
    them was deposited with the host and answered as approved (in this run of the daemon).
 
-Crash at any step: before the rename, a ``.tmp`` is left (removed by the next run); after it and
-before the restart, the live file is intact and the next run archives a superset under the
-same first seq (the shorter archive is removed); the restart is one SQLite transaction.
+Crash at any step: before the rename, a ``.tmp`` is left; after it and before the restart, an
+archive whose entries the live file still holds: both are removed when the daemon starts again
+(the live file is intact; the next run archives them again); the restart is one SQLite
+transaction (tests/simulation/test_crash.py kills the daemon at each of these steps).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("posguard.retention")
 DAY_S = 86_400.0
-MIN_KEEP_S = 60.0  # never cut closer to now than this
+MIN_KEEP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RetentionConfig:
     check_every_s: float = 60.0
     quiet_s: float = 2.0
     slice_entries: int = 200
+    min_keep_s: float = MIN_KEEP_S  # never cut closer to now than this (nor than the rules' window)
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Retention:
         j = self.svc.journal
         if self._run is None:
             if now >= self._next_check:
+                if not self._next_check:
+                    self._drop_orphans()
                 self._next_check = now + self.cfg.check_every_s
                 self._delete_old_archives(now)
                 self._start(now)
@@ -116,7 +120,7 @@ class Retention:
         row = c.execute("SELECT ts FROM entries ORDER BY seq LIMIT 1").fetchone()
         if row is None:
             return None
-        window = max(horizon_s(self.svc.engine.cfg.policy), MIN_KEEP_S)
+        window = max(horizon_s(self.svc.engine.cfg.policy), self.cfg.min_keep_s)
         keep = max(self.cfg.retain_s, window)
         if self.cfg.retain_s > 0 and row[0] < now - 1.5 * keep:
             return now - keep, "age"
@@ -219,6 +223,24 @@ class Retention:
             if eng.deposit_result in eng.cfg.rc_approved:
                 self.confirmed_seq = max(self.confirmed_seq, self._dep[1])
             self._dep = None
+
+    def _drop_orphans(self) -> None:
+        """At start: an archive written by a run that died before restarting the live file covers
+        entries the live file still holds (a copy, not the only one): removed, as is a ``.tmp``."""
+        if not self.cfg.archive_dir.is_dir():
+            return
+        j = self.svc.journal
+        stem = Path(j.path).stem
+        live_first = int(j._db().execute("SELECT min(seq) FROM entries").fetchone()[0])
+        for a in self.cfg.archive_dir.glob(f"{stem}.*.archive.*"):
+            try:
+                first = int(a.name[len(stem) + 1:].split(".")[0].split("-")[0])
+            except ValueError:
+                continue
+            if a.name.endswith(".tmp") or first >= live_first:
+                a.chmod(0o600)
+                a.unlink()
+                log.warning("retention: removed %s, left by a run that did not finish", a.name)
 
     def _delete_old_archives(self, now: float) -> None:
         if self.cfg.archive_keep_s <= 0 or not self.cfg.archive_dir.is_dir():
