@@ -111,8 +111,9 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("journal", "keys"): (str, ..., None, "directory with device keys (posguard keys init)"),
     ("journal", "checkpoint_every"): (int, C.CHECKPOINT_EVERY_ENTRIES, _range(1, 1_000_000), "entries between signed checkpoints"),
     ("journal", "checkpoint_interval"): ((int, float), C.CHECKPOINT_EVERY_S, _range(1, 86400), "seconds between checkpoints even when idle"),
-    ("journal", "retain_days"): ((int, float), 7.0, _range(0, 3650), "days final transactions stay in the live journal; "
-                                 "the daemon then moves them to a sealed archive on its own (0: only the budget)"),
+    ("journal", "retain_days"): ((int, float), 1.0, _range(0, 3650), "days final transactions stay in the live journal "
+                                 "(at least the counter rules' window); the daemon then moves them to a sealed archive "
+                                 "on its own, at an idle minute (0: only the budget)"),
     ("journal", "max_live_mb"): ((int, float), 64.0, _range(0, 1_000_000), "MB of live journal data above which the daemon "
                                  "archives every final transaction older than the counter rules' window (0: no budget)"),
     ("journal", "archive_dir"): (str, "", None, "where the daemon's archives go (empty: archive/ beside the journal)"),

@@ -4,7 +4,7 @@ The same cut as ``posguard journal compact`` (guard.ops.compact: verbatim sealed
 file restarted in place from a signed ``segment`` record, ids of archived transactions kept in
 ``archived_txns``), done from the daemon loop (``GuardService.step``) without stopping it:
 
-1. Due when the live file's first entry is older than 1.5 x ``retain_s``, or its data (pages in
+1. Due when the live file's first entry is older than 2 x ``retain_s``, or its data (pages in
    use) exceed ``max_live_bytes``; checked every ``check_every_s``.
 2. Archive in slices: ``slice_entries`` entries a loop round (a few ms) are copied into ``<archive>.tmp``
    (guard.journal.archive), reading the live file between two commits.
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ from guard.core.records import Kind
 from guard.core.txn import Txn, rebuild
 from guard.journal.archive import ArchiveWriter
 from guard.journal.schema import MARKED_KINDS_SQL
+
+from guard.journal.schema import _connect
 
 if TYPE_CHECKING:
     from guard.runtime.service import GuardService
@@ -54,7 +57,7 @@ class RetentionConfig:
     archive_dir: Path
     archive_keep_s: float = 0.0  # 0: never delete archives
     check_every_s: float = 60.0
-    quiet_s: float = 2.0
+    quiet_s: float = 60.0  # the cut waits for this long without a transaction (an idle shop)
     slice_entries: int = 200
     min_keep_s: float = MIN_KEEP_S  # never cut closer to now than this (nor than the rules' window)
 
@@ -75,6 +78,7 @@ class Retention:
     pauses: list[float] = field(default_factory=list)  # seconds of each run's final (blocking) round
     slices: list[float] = field(default_factory=list)  # seconds of each copying slice
     confirmed_seq: int = 0  # newest checkpoint seq the host confirmed holding (this run of the daemon)
+    deleted: int = 0  # archives deleted
     _run: Run | None = None
     _next_check: float = 0.0
     _dep: tuple[int, int] | None = None  # (stan, checkpoint seq) of the deposit in flight
@@ -122,7 +126,7 @@ class Retention:
             return None
         window = max(horizon_s(self.svc.engine.cfg.policy), self.cfg.min_keep_s)
         keep = max(self.cfg.retain_s, window)
-        if self.cfg.retain_s > 0 and row[0] < now - 1.5 * keep:
+        if self.cfg.retain_s > 0 and row[0] < now - 2 * keep:
             return now - keep, "age"
         if self.cfg.max_live_bytes and self.live_data_bytes() > self.cfg.max_live_bytes and row[0] < now - window:
             return now - window, "budget"
@@ -188,11 +192,10 @@ class Retention:
         """Transactions the restarted file keeps (module docstring, step 3)."""
         j, eng = self.svc.journal, self.svc.engine
         c = j._db()
-        young_from = 1  # entries after a checkpoint are no older than it: carry from the last one before the cut-off
-        for t, seq in j.checkpoint_marks(1):
-            if t > cutoff:
-                break
-            young_from = seq + 1
+        # entries after a checkpoint are no older than it: carry from the newest one before the cut-off
+        row = c.execute(f"SELECT seq FROM entries WHERE {MARKED_KINDS_SQL} AND kind = 'checkpoint' AND ts <= ? "
+                        "ORDER BY seq DESC LIMIT 1", (cutoff,)).fetchone()
+        young_from = row[0] if row else 1
         keep = set(eng.open_keys())
         keep.update(k for (k,) in c.execute("SELECT DISTINCT txn FROM entries WHERE seq >= ? AND txn IS NOT NULL",
                                            (young_from,)))
@@ -249,11 +252,22 @@ class Retention:
         for a in sorted(self.cfg.archive_dir.glob(f"{stem}.*-*.archive.db")):
             try:
                 last = int(a.name[len(stem) + 1:].split(".")[0].split("-")[1])
-                old = now - a.stat().st_mtime > self.cfg.archive_keep_s
-            except (ValueError, IndexError, OSError):
+                old = now - _archived_at(a) > self.cfg.archive_keep_s
+            except (ValueError, IndexError, OSError, sqlite3.Error):
                 continue
             if old and last < self.confirmed_seq:
                 a.chmod(0o600)
                 a.unlink()
+                self.deleted += 1
                 log.info("retention: deleted %s (older than %.0f days, a later checkpoint is with the host)",
                          a.name, self.cfg.archive_keep_s / DAY_S)
+
+
+def _archived_at(path: Path) -> float:
+    """When the archive was cut (its meta, on the daemon's clock)."""
+    c = _connect(path, mode="ro")
+    try:
+        row = c.execute("SELECT v FROM meta WHERE k = 'archived_at'").fetchone()
+    finally:
+        c.close()
+    return float(row[0]) if row else float("inf")

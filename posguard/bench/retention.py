@@ -1,7 +1,8 @@
 """A daemon left running for a simulated month or year with automatic retention (and the soak test's driver).
 
 The real ``GuardService`` (open_guard, executor, journal, snapshots, retention) takes ``--sales``
-sales spread over ``--days`` simulated days from an in-process host (the clock is simulated, the
+sales over ``--days`` simulated days (12 opening hours a day, the loop running through the night)
+from an in-process host (the clock is simulated, the
 journal and its fsyncs are real unless ``--no-fsync``). Between two sales the loop runs one round
 (``step``): checkpoints, deposits, snapshots, retention. Printed: how often retention ran, the
 longest loop round it took (the longest a sale arriving then would wait) beside the median sale,
@@ -41,6 +42,7 @@ from posguard.bench.data import MID, T0, TID
 from posguard.bench.engine import InProcessUplink, machine
 
 MB = 1024 * 1024
+OPEN_HOURS_S = 12 * 3600.0  # the shop sells 12 hours a day; retention's cut waits for an idle minute
 
 
 def luhn_pan(n: int) -> str:
@@ -68,6 +70,8 @@ class SoakResult:
     chain_ok: bool
     snapshots: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    confirmed_seq: int = 0  # the newest checkpoint the host confirmed (archives before it may go)
+    deleted: int = 0  # archives deleted (older than keep_days, covered by a deposited checkpoint)
     states: dict[str, int] = field(default_factory=dict)
 
 
@@ -89,7 +93,6 @@ def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_l
     svc.retention = ret
     eng = svc.engine
     svc.execute(eng.on_host_up(now[0]))
-    step = days * DAY_S / max(1, sales)
     walls: list[float] = []
     max_data = max_file = 0
     states: dict[str, int] = {}
@@ -98,12 +101,20 @@ def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_l
         for m in up.poll():
             svc.execute(eng.host_message(m.fields, now[0]))
 
+    per_day = max(1, round(sales / days))
+    gap = OPEN_HOURS_S / per_day  # sales during opening hours; the loop keeps running at night
     try:
         for i in range(sales):
-            now[0] += step / 2
-            svc.step(0.0)  # the loop round between two sales: retention runs here at a quiet moment
+            if i and i % per_day == 0:  # closing time: the night passes, one loop round every 10 minutes
+                night_end = now[0] + DAY_S - OPEN_HOURS_S
+                while now[0] < night_end:
+                    now[0] += 600.0
+                    svc.step(0.0)
+                    feed()
+            now[0] += gap / 2
+            svc.step(0.0)  # the loop round between two sales
             feed()
-            now[0] += step / 2
+            now[0] += gap / 2
             req = Request("SK", i.to_bytes(16, "big"), TxnKind.SALE, 1000 + (i % 997) * 10, "978",
                           CardData(luhn_pan(i), "2912"))
             t0 = time.perf_counter()
@@ -128,7 +139,8 @@ def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_l
         ok, problems = rep.ok, rep.problems + [f"{f.path.name}: {f.report.reason}" for f in rep.files if not f.report.ok]
     snaps = svc.snapshots.seconds if svc.snapshots is not None else []
     return SoakResult(sales, ret.runs, ret.pauses, ret.slices, walls, max_data, max_file, archives, ok,
-                      problems=problems, states=states, snapshots=snaps)
+                      problems=problems, states=states, snapshots=snaps, confirmed_seq=ret.confirmed_seq,
+                      deleted=ret.deleted)
 
 
 def main(argv: list[str] | None = None) -> int:
