@@ -23,13 +23,20 @@ PACKAGES = Path(__file__).resolve().parents[2]  # the directory holding posguard
 
 # (module of posguard.bench, args, quick args, [(label, regex with one group per printed value)])
 BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
-    ("startup", [], ["--sizes", "10000,100000", "--runs", "3"], [
+    ("startup", [], ["--sizes", "10000,100000", "--runs", "1"], [
         ("start-up, 10,000 sales in the live journal, ms", r"^\s+10,000\s+[\d,]+\s+([\d.]+)"),
         ("start-up, 100,000 sales, ms", r"^\s+100,000\s+[\d,]+\s+([\d.]+)"),
         ("  bare SELECT of those 100,000 sales' entries, ms", r"^\s+100,000\s+[\d,]+\s+[\d.]+\s+([\d.]+)"),
         ("start-up, 1,000,000 sales, ms", r"^\s+1,000,000\s+[\d,]+\s+([\d.]+)"),
         ("  bare SELECT of those 1,000,000 sales' entries, ms", r"^\s+1,000,000\s+[\d,]+\s+[\d.]+\s+([\d.]+)"),
         ("start-up growth 100,000 -> 1,000,000 sales", r"< 2x: \w+ \(([\d.]+x)\)"),
+    ]),
+    ("retention", ["--sales", "60000", "--days", "30"], ["--sales", "1200", "--days", "6", "--retain-days", "1"], [
+        ("retention cuts: median round, ms", r"retention cut round, ms \(median\)\s+([\d.]+)"),
+        ("longest pause a sale could see from retention, ms", r"longest pause a sale could see from retention \(ms\)\s+([\d.]+)"),
+        ("  median sale, wall ms (same run)", r"sale, wall \(ms, median\)\s+([\d.]+)"),
+        ("  live journal data, max MB", r"live journal data, max \(MB\)\s+([\d.]+)"),
+        ("  verify-chain over archives + live", r"verify-chain over \d+ archives \+ live: (\w+)"),
     ]),
     ("engine", ["--sales", "2000", "--history", "100000"], ["--sales", "300", "--history", "20000"], [
         ("sale through guard, wall ms (median)", r"sale through guard, wall \(ms\)\s+([\d.]+)"),

@@ -76,7 +76,7 @@ class SoakResult:
 
 
 def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_live_mb: float = 16.0,
-         fsync: bool = True, keep_days: float = 0.0, verify: bool = True) -> SoakResult:
+         fsync: bool = True, keep_days: float = 0.0, verify: bool = True, deposits: bool = True) -> SoakResult:
     """Run the daemon for ``days`` simulated days with ``sales`` sales (module docstring)."""
     base.mkdir(parents=True, exist_ok=True)
     keys = init_keys(base / "keys")
@@ -84,7 +84,7 @@ def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_l
     now = [T0]
     up = InProcessUplink(HostCore(seed=1, dup_detection=True, faults={}), HostCodec())
     svc = open_guard(path, keys, EngineConfig(TID, MID), up, rng=random.Random(1),  # type: ignore[arg-type]
-                     clock=lambda: now[0], deposit_checkpoints=True)
+                     clock=lambda: now[0], deposit_checkpoints=deposits)
     if not fsync:
         svc.journal._db().execute("PRAGMA synchronous = OFF")  # a soak's shortcut: retention's logic is the same
     cfg = RetentionConfig(retain_s=retain_days * DAY_S, max_live_bytes=int(max_live_mb * MB),
