@@ -8,13 +8,15 @@ file restarted in place from a signed ``segment`` record, ids of archived transa
    use) exceed ``max_live_bytes``; checked every ``check_every_s``.
 2. Archive in slices: ``slice_entries`` entries a loop round (a few ms) are copied into ``<archive>.tmp``
    (guard.journal.archive), reading the live file between two commits.
-3. At a quiet moment (no request between intent and answer, no transaction's record for ``quiet_s``), in the
-   same loop round: a sealing checkpoint, the last entries copied, the archive made durable and
-   renamed into place, then ONE commit restarts the live file. It carries every transaction not
-   final, every NEEDS_MANUAL, every transaction with an entry younger than the cut-off (at least
-   the counter rules' window, so a restart counts what they count) and the VOIDs and refunds
-   linked to them; it ends with a ``snapshot`` (so the next start reads only the restarted file).
-   The pause a sale can see is this round; ``pauses`` keeps their lengths (posguard.bench).
+3. At a quiet moment (no request between intent and answer, no transaction's record for
+   ``quiet_s``), ONE loop round seals a checkpoint, copies the last entries, makes the archive
+   durable and puts it in place, then restarts the live file in one commit. That carries every
+   transaction not final, every NEEDS_MANUAL, every transaction with an entry younger than the
+   cut-off (at least the counter rules' window, so a restart counts what they count) and the
+   VOIDs and refunds linked to them; it ends with a ``snapshot`` (so the next start reads only
+   the restarted file). The pause a sale can see is this round; ``pauses`` keeps their lengths
+   (posguard.bench.retention). Two rounds would not do: the deposit of the sealing checkpoint
+   or an idle-time checkpoint would be journaled in between, after the archive's end.
 4. Archives older than ``archive_keep_s`` are deleted, but only once a checkpoint written after
    them was deposited with the host and answered as approved (in this run of the daemon).
 
@@ -68,6 +70,7 @@ class Run:
     cutoff: float
     started: float
     reason: str
+    archived: tuple[int, int] | None = None  # (first, last) once the archive is in place
 
 
 @dataclass
@@ -102,7 +105,10 @@ class Retention:
             self._run.writer.copy(self.cfg.slice_entries)
             self.slices.append(time.perf_counter() - t0)
             return
-        self._finish(now)
+        t0 = time.perf_counter()
+        self._seal(now)
+        self._restart(now)  # the same round: nothing (not even a deposit) may be journaled in between
+        self.pauses.append(time.perf_counter() - t0)
 
     def _last_entry_ts(self) -> float:
         """When a transaction's record was last journaled (echoes, deposits, checkpoints do not count)."""
@@ -145,26 +151,32 @@ class Retention:
 
     # -- the cut -------------------------------------------------------------------------------
 
-    def _finish(self, now: float) -> None:
-        """The one blocking round: seal, complete the archive, restart the live file."""
+    def _seal(self, now: float) -> None:
+        """A sealing checkpoint, the archive completed, durable and in place."""
         run = self._run
         assert run is not None
-        self._run = None
-        t0 = time.perf_counter()
-        j, eng = self.svc.journal, self.svc.engine
+        j = self.svc.journal
         try:
             j.checkpoint(now)
-            first, last = run.writer.finish()
+            run.archived = run.writer.finish()
         except BaseException:
             run.writer.abort()
+            self._run = None
             raise
-        final = run.writer.dest
-        assert final is not None
-        name = final.name
+        first = run.archived[0]
         for stale in self.cfg.archive_dir.glob(f"{Path(j.path).stem}.{first:012d}-*.archive.db"):
-            if stale != final:  # an interrupted run's shorter archive: a prefix of this one
+            if stale != run.writer.dest:  # an interrupted run's shorter archive: a prefix of this one
                 stale.chmod(0o600)
                 stale.unlink()
+
+    def _restart(self, now: float) -> None:
+        """Restart the live file (nothing journaled since the seal)."""
+        run = self._run
+        assert run is not None and run.archived is not None and run.writer.dest is not None
+        self._run = None
+        j, eng = self.svc.journal, self.svc.engine
+        (first, last), final = run.archived, run.writer.dest
+        name = final.name
         carry = self._carry(run.cutoff)
         seg_seq = j.last_seq + 1
         bits = eng.key_filter()
@@ -182,11 +194,8 @@ class Retention:
         snaps = self.svc.snapshots
         if snaps is not None:
             snaps.restart(seg_seq)
-        pause = time.perf_counter() - t0
-        self.pauses.append(pause)
         self.runs += 1
-        log.info("retention: archived entries %d-%d to %s, carried %d transactions, paused %.1f ms",
-                 first, last, name, len(carry), pause * 1e3)
+        log.info("retention: archived entries %d-%d to %s, carried %d transactions", first, last, name, len(carry))
 
     def _carry(self, cutoff: float) -> set[str]:
         """Transactions the restarted file keeps (module docstring, step 3)."""
