@@ -30,7 +30,8 @@ from guard.journal.fsync import fsync_path
 from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next
 from guard.journal.records import _check_now, _prepare
-from guard.journal.schema import INSERT_ENTRY, MARKED_KINDS_SQL, SNAPSHOT_TABLE, _connect, _migrate_in_txn
+from guard.journal.schema import INSERT_ENTRY, MARKED_KINDS_SQL, _connect, _migrate_in_txn
+from guard.journal.snapshot import snapshot_row, write_snapshot_row
 
 
 class SegmentOps:
@@ -75,8 +76,8 @@ class SegmentOps:
         out: list[dict[str, Any]] = []
         if first is not None and first[0] == SEGMENT_KIND:
             out += json.loads(first[1])["keys"]
-        out += [json.loads(p) for (p,) in c.execute(f"SELECT payload FROM entries WHERE {MARKED_KINDS_SQL} AND kind = ? ORDER BY seq",
-                                                    (ROTATION_KIND,))]
+        out += [json.loads(p) for (p,) in c.execute(
+            f"SELECT payload FROM entries WHERE {MARKED_KINDS_SQL} AND kind = ? ORDER BY seq", (ROTATION_KIND,))]
         return out
 
     def rotate_signing_key(self, new_key: Ed25519PrivateKey, *, now: float) -> int:
@@ -199,9 +200,7 @@ class SegmentOps:
             mac, key = mac_and_next(key, h)
             rows.append((seq, ets, kind, txn, payload, prev, h, mac))
             prev = h
-        if snapshot_bits is not None and (not prepared or prepared[-1][0] != "snapshot"):
-            raise JournalError("snapshot_bits needs a snapshot record last", code="JOURNAL_BAD_RECORD")
-        snap = (seq, bytes(snapshot_bits)) if snapshot_bits is not None else None
+        snap = snapshot_row(seq, prepared[-1][0] if prepared else "", snapshot_bits)
         seq += 1
         row, cp, key = self._checkpoint_row(seq, prev, key, ts, self._cp["counter"] + 1)
         rows.append(row)
@@ -230,8 +229,7 @@ class SegmentOps:
             cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
             cur.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('segment_first_seq', ?)", (str(rows[0][0]),))
             if snap is not None:
-                cur.execute(SNAPSHOT_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
-                cur.execute("INSERT OR REPLACE INTO snapshot_filter (id, seq, bits) VALUES (1, ?, ?)", snap)
+                write_snapshot_row(cur, snap)
         except BaseException:
             self._abort(conn, committing=False)
             raise

@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from guard.journal.format import CHECKPOINT_KIND, Entry, checkpoint_message, entry_body, entry_hash
 from guard.journal.keychain import CP_KEYS, sig_ok
 from guard.journal.records import MAX_PAYLOAD_CHARS, _payload
-from guard.journal.schema import MARKED_KINDS_SQL
+from guard.core.errors import JournalError
+from guard.journal.schema import MARKED_KINDS_SQL, SNAPSHOT_TABLE
 
 log = logging.getLogger("posguard.journal")
 SNAPSHOT_KIND = "snapshot"
@@ -35,6 +36,21 @@ _ROW = (f"SELECT seq, ts, kind, txn, CASE WHEN length(CAST(payload AS BLOB)) <= 
 class StoredSnapshot:
     entry: Entry  # the snapshot record (payload parsed)
     bits: bytes  # the key filter stored with it
+
+
+def snapshot_row(seq: int, last_kind: str, bits: bytes | None) -> tuple[int, bytes] | None:
+    """The ``snapshot_filter`` row for a commit whose last record (``seq``) is a snapshot, or None."""
+    if bits is None:
+        return None
+    if last_kind != SNAPSHOT_KIND:
+        raise JournalError("snapshot_bits needs a snapshot record last", code="JOURNAL_BAD_RECORD")
+    return seq, bytes(bits)
+
+
+def write_snapshot_row(cur: sqlite3.Cursor, row: tuple[int, bytes]) -> None:
+    """Store the newest snapshot's key filter, inside the commit that writes its record."""
+    cur.execute(SNAPSHOT_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+    cur.execute("INSERT OR REPLACE INTO snapshot_filter (id, seq, bits) VALUES (1, ?, ?)", row)
 
 
 class SnapshotOps:

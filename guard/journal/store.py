@@ -67,7 +67,6 @@ from guard.journal.schema import (
     INSERT_ENTRY,
     MARKED_KINDS_SQL,
     MARKS_INDEX,
-    SNAPSHOT_TABLE,
     _connect,
     _migrate_in_txn,
     apply_pragmas,
@@ -78,17 +77,13 @@ from guard.journal.schema import (
     schema_version,
 )
 from guard.journal.segments import SegmentOps
-from guard.journal.snapshot import SnapshotOps
+from guard.journal.snapshot import SnapshotOps, snapshot_row, write_snapshot_row
 from guard.journal.startup import verify_at_open
 
 log = logging.getLogger("posguard.journal")
 _sha256 = hashlib.sha256
 # NULL (then JOURNAL_CORRUPT naming the entry) instead of loading a payload longer than append allows.
 _PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
-
-
-def _bad_snapshot() -> tuple[int, bytes]:
-    raise JournalError("snapshot_bits needs a snapshot record last", code="JOURNAL_BAD_RECORD")
 
 
 class Journal(SegmentOps, SnapshotOps):
@@ -311,9 +306,7 @@ class Journal(SegmentOps, SnapshotOps):
             key, prev = next_key, h
         seqs = tuple(range(self._last_seq + 1, seq + 1))
         cp_seq, cp = None, None
-        snap = None
-        if snapshot_bits is not None:  # the record is last: the checkpoint right after it signs it
-            snap = (seq, bytes(snapshot_bits)) if prepared[-1][0] == "snapshot" else _bad_snapshot()
+        snap = snapshot_row(seq, prepared[-1][0], snapshot_bits)  # the checkpoint right after it signs it
         if snap is not None or seq - self._cp_seq >= self._every or ts - self._cp["time"] >= self._interval:
             seq += 1
             cp_seq = seq
@@ -389,8 +382,7 @@ class Journal(SegmentOps, SnapshotOps):
             if cp is not None:
                 cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
             if snap is not None:
-                cur.execute(SNAPSHOT_TABLE.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
-                cur.execute("INSERT OR REPLACE INTO snapshot_filter (id, seq, bits) VALUES (1, ?, ?)", snap)
+                write_snapshot_row(cur, snap)
         except BaseException:
             self._abort(conn, committing=False)
             raise
