@@ -2,9 +2,10 @@
 
 The same file ``SegmentOps.write_archive`` writes (entries copied VERBATIM, meta ``segment_role``
 = archive, empty vault, the ratchet row holding ``archive_ratchet_commitment(k_{last+1})``), but
-built a slice of entries at a time into ``<dest>.tmp`` inside one open SQLite transaction on the
-archive alone: the live journal is only read between two of its commits, so no sale waits for
-the copy. ``finish`` copies the last few entries, commits, fsyncs and renames the archive into
+built a slice of entries at a time into a ``.tmp`` file, each slice its own commit on the archive
+alone without fsync (the kernel writes it back meanwhile; the file counts only once ``finish``
+made it durable): the live journal is only read between two of its commits, so no sale waits
+for the copy. ``finish`` copies the last few entries, commits, fsyncs and renames the archive into
 place (``<stem>.<first>-<last>.archive.db``) at the moment the caller then restarts the live
 segment (nothing appended in between). A crash leaves at most ``<stem>.<first>.archive.tmp``,
 replaced by the next ``start``.
@@ -41,13 +42,14 @@ class ArchiveWriter:
         a = _connect(self.tmp, mode="rw")
         self._conn = a
         a.execute("PRAGMA journal_mode = DELETE").fetchall()
-        a.execute("PRAGMA synchronous = FULL")
+        a.execute("PRAGMA synchronous = OFF")  # a .tmp until finish(): durable only then
         a.execute("BEGIN IMMEDIATE")
         _migrate_in_txn(a)
         live = self.journal._db()
         meta = {k: v for k, v in live.execute("SELECT k, v FROM meta") if k != "schema_version"}
         meta.update(segment_role=ROLE_ARCHIVE, archived_at=repr(float(now)))
         a.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", sorted(meta.items()))
+        a.execute("COMMIT")
 
     def copy(self, max_entries: int) -> int:
         """Copy up to ``max_entries`` more entries (those appended meanwhile included); returns how many."""
@@ -56,7 +58,9 @@ class ArchiveWriter:
             "SELECT seq, ts, kind, txn, payload, prev_hash, entry_hash, mac FROM entries WHERE seq > ? ORDER BY seq "
             "LIMIT ?", (self.copied, max_entries)).fetchall()
         if rows:
+            a.execute("BEGIN IMMEDIATE")
             a.executemany(INSERT_ENTRY, rows)
+            a.execute("COMMIT")
             self.copied = rows[-1][0]
         return len(rows)
 
@@ -68,6 +72,8 @@ class ArchiveWriter:
         a = self._db()
         j = self.journal
         assert self.copied == j.last_seq, "entries were appended after the archive's last copy"
+        a.execute("PRAGMA synchronous = FULL")
+        a.execute("BEGIN IMMEDIATE")
         a.execute("INSERT INTO ratchet (id, next_seq, key) VALUES (1, ?, ?)",
                   (j.last_seq + 1, archive_ratchet_commitment(j._key)))
         a.execute("COMMIT")
