@@ -31,7 +31,7 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         ("  bare SELECT of those 1,000,000 sales' entries, ms", r"^\s+1,000,000\s+[\d,]+\s+[\d.]+\s+([\d.]+)"),
         ("start-up growth 100,000 -> 1,000,000 sales", r"< 2x: \w+ \(([\d.]+x)\)"),
     ]),
-    ("retention", ["--sales", "60000", "--days", "30"], ["--sales", "1200", "--days", "6", "--retain-days", "1"], [
+    ("retention", ["--sales", "60000", "--days", "30"], ["--sales", "800", "--days", "5", "--retain-days", "1"], [
         ("retention cuts: median round, ms", r"retention cut round, ms \(median\)\s+([\d.]+)"),
         ("longest pause a sale could see from retention, ms", r"longest pause a sale could see from retention \(ms\)\s+([\d.]+)"),
         ("  median sale, wall ms (same run)", r"sale, wall \(ms, median\)\s+([\d.]+)"),
