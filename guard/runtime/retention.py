@@ -9,7 +9,7 @@ file restarted in place from a signed ``segment`` record, ids of archived transa
 2. Archive in slices: ``slice_entries`` entries a loop round (a few ms) are copied into ``<archive>.tmp``
    (guard.journal.archive), reading the live file between two commits.
 3. At a quiet moment (no request between intent and answer, no transaction's record for
-   ``quiet_s``), ONE loop round seals a checkpoint, copies the last entries, makes the archive
+   ``quiet_s``; after ``max_wait_s`` without one, ``busy_quiet_s`` will do), ONE loop round seals a checkpoint, copies the last entries, makes the archive
    durable and puts it in place, then restarts the live file in one commit. That carries every
    transaction not final, every NEEDS_MANUAL, every transaction with an entry younger than the
    cut-off (at least the counter rules' window, so a restart counts what they count) and the
@@ -60,6 +60,8 @@ class RetentionConfig:
     archive_keep_s: float = 0.0  # 0: never delete archives
     check_every_s: float = 60.0
     quiet_s: float = 60.0  # the cut waits for this long without a transaction (an idle shop)
+    max_wait_s: float = 3600.0  # ... for at most this long; then a moment with nothing in flight will do
+    busy_quiet_s: float = 2.0  # what "quiet" means once max_wait_s has passed (a shop never idle)
     slice_entries: int = 200
     min_keep_s: float = MIN_KEEP_S  # never cut closer to now than this (nor than the rules' window)
 
@@ -98,7 +100,8 @@ class Retention:
                 self._delete_old_archives(now)
                 self._start(now)
             return
-        quiet = now - self._last_entry_ts() >= self.cfg.quiet_s and not self.svc.engine.in_flight()
+        need = self.cfg.quiet_s if now - self._run.started < self.cfg.max_wait_s else self.cfg.busy_quiet_s
+        quiet = now - self._last_entry_ts() >= need and not self.svc.engine.in_flight()
         behind = j.last_seq - self._run.writer.copied
         if not quiet or behind > self.cfg.slice_entries:
             t0 = time.perf_counter()

@@ -76,7 +76,8 @@ class SoakResult:
 
 
 def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_live_mb: float = 16.0,
-         fsync: bool = True, keep_days: float = 0.0, verify: bool = True, deposits: bool = True) -> SoakResult:
+         fsync: bool = True, keep_days: float = 0.0, verify: bool = True, deposits: bool = True,
+         open_hours_s: float = OPEN_HOURS_S) -> SoakResult:
     """Run the daemon for ``days`` simulated days with ``sales`` sales (module docstring)."""
     base.mkdir(parents=True, exist_ok=True)
     keys = init_keys(base / "keys")
@@ -102,11 +103,11 @@ def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_l
             svc.execute(eng.host_message(m.fields, now[0]))
 
     per_day = max(1, round(sales / days))
-    gap = OPEN_HOURS_S / per_day  # sales during opening hours; the loop keeps running at night
+    gap = open_hours_s / per_day  # sales during opening hours; the loop keeps running at night
     try:
         for i in range(sales):
             if i and i % per_day == 0:  # closing time: the night passes, one loop round every 10 minutes
-                night_end = now[0] + DAY_S - OPEN_HOURS_S
+                night_end = now[0] + DAY_S - open_hours_s
                 while now[0] < night_end:
                     now[0] += 600.0
                     svc.step(0.0)

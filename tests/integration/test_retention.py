@@ -21,6 +21,13 @@ def test_no_archive_is_deleted_before_a_later_checkpoint_is_with_the_host(tmp_pa
     assert r.chain_ok, r.problems
 
 
+def test_a_shop_never_idle_for_a_minute_still_gets_its_cut(tmp_path: Path) -> None:
+    """Sales every ~35 s around the clock: never the idle minute the cut prefers; after an hour
+    of waiting, a moment with nothing in flight does."""
+    r = soak(tmp_path, 10_000, 4, retain_days=1.0, max_live_mb=0, fsync=False, open_hours_s=DAY_S)
+    assert r.runs >= 1 and r.chain_ok, r.problems
+
+
 def test_an_unfinished_run_leaves_nothing_the_next_start_keeps(tmp_path: Path) -> None:
     r = soak(tmp_path, 800, 5, retain_days=1.0, max_live_mb=0, fsync=False, verify=False)
     assert r.runs >= 1
