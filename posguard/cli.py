@@ -208,26 +208,17 @@ def config_example() -> None:
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []})
 @click.pass_context
 def bench(ctx: click.Context) -> None:
-    """Run every benchmark and print one table of medians and ratios (needs a source checkout:
-    the benchmarks live in tools/). `posguard bench --quick` for a short smoke run.
+    """Run every benchmark and print one table of medians and ratios (they ship with posguard:
+    posguard.bench). `posguard bench --quick` for a short run, `--only startup` for one.
 
-    Exit status: 0 every benchmark ran; 2 bad arguments; 3 not a source checkout, a benchmark
-    failed, or interrupted (Ctrl-C).
+    Exit status: 0 every benchmark ran; 2 bad arguments; 3 a benchmark failed, or interrupted
+    (Ctrl-C).
     """
-    import subprocess
+    from posguard.bench.__main__ import main as bench_main
+    from posguard.cli_helpers import interrupted
 
-    from posguard.cli_helpers import die, interrupted
-
-    if {"-h", "--help"} & set(ctx.args):
-        click.echo(ctx.get_help())
-        click.echo("\nOptions of tools/bench.py: --quick (smaller runs), --out DIR (each benchmark's full output).")
-        sys.exit(0)
-
-    script = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
-    if not script.exists():
-        die(3, "benchmarks live in tools/ of a source checkout (install with pip install -e .)")
     try:
-        sys.exit(subprocess.call([sys.executable, str(script), *ctx.args]))
+        sys.exit(bench_main(list(ctx.args)))
     except KeyboardInterrupt:
         interrupted("benchmarks stopped")
 

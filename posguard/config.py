@@ -117,6 +117,14 @@ SCHEMA: dict[tuple[str, str], tuple[type | tuple[type, ...], Any, Callable[[Any]
     ("journal", "keys"): (str, ..., None, "directory with device keys (posguard keys init)"),
     ("journal", "checkpoint_every"): (int, C.CHECKPOINT_EVERY_ENTRIES, _range(1, 1_000_000), "entries between signed checkpoints"),
     ("journal", "checkpoint_interval"): ((int, float), C.CHECKPOINT_EVERY_S, _range(1, 86400), "seconds between checkpoints even when idle"),
+    ("journal", "retain_days"): ((int, float), 1.0, _range(0, 3650), "days final transactions stay in the live journal "
+                                 "(at least the counter rules' window); the daemon then moves them to a sealed archive "
+                                 "on its own, at an idle minute (0: only the budget)"),
+    ("journal", "max_live_mb"): ((int, float), 64.0, _range(0, 1_000_000), "MB of live journal data above which the daemon "
+                                 "archives every final transaction older than the counter rules' window (0: no budget)"),
+    ("journal", "archive_dir"): (str, "", None, "where the daemon's archives go (empty: archive/ beside the journal)"),
+    ("journal", "archive_keep_days"): ((int, float), 0.0, _range(0, 36500), "delete archives older than this once a "
+                                       "later checkpoint was deposited with the host (0: keep them)"),
     ("policy", "double_swipe_window"): ((int, float), 120.0, _range(0, 86400), "seconds; same card+amount is HELD (0: off)"),
     ("policy", "hold_on_pending_reversal"): (bool, True, None, "hold sales/refunds on a card with a pending reversal"),
     ("policy", "hold_expiry"): ((int, float), 300.0, _range(1, 86400), "seconds before an unconfirmed hold is DECLINED"),
@@ -355,6 +363,19 @@ def offline_config(cfg: Config) -> "Any":
                          floor_limits=(("CHIP", cfg["offline.chip_floor_limit"]),
                                        ("CONTACTLESS", cfg["offline.contactless_floor_limit"]),
                                        ("MANUAL", cfg["offline.manual_floor_limit"])))
+
+
+def retention_config(cfg: Config) -> Any:
+    """The daemon's automatic retention (guard.runtime.retention), or None when both triggers are off."""
+    from guard.runtime.retention import DAY_S, RetentionConfig
+
+    if not cfg["journal.retain_days"] and not cfg["journal.max_live_mb"]:
+        return None
+    journal = Path(cfg["journal.path"])
+    return RetentionConfig(retain_s=float(cfg["journal.retain_days"]) * DAY_S,
+                           max_live_bytes=int(float(cfg["journal.max_live_mb"]) * 1024 * 1024),
+                           archive_dir=Path(cfg["journal.archive_dir"] or journal.parent / "archive"),
+                           archive_keep_s=float(cfg["journal.archive_keep_days"]) * DAY_S)
 
 
 def engine_config(cfg: Config, **overrides: Any) -> EngineConfig:

@@ -23,10 +23,11 @@ from typing import Any
 from guard.core.errors import JournalError, PosguardError
 from guard.journal.keys import load_keys
 from guard.journal.lock import WriterLock
+from guard.runtime.retention import Retention
 from guard.runtime.service import GuardService, open_guard
 
 from posguard import config_signing
-from posguard.config import Config, engine_config, load, make_uplink
+from posguard.config import Config, engine_config, load, make_uplink, retention_config
 
 log = logging.getLogger("posguard.daemon")
 STOP_GRACE_S = 5.0  # after SIGTERM/SIGINT, a loop round stuck this long (a blocked write) ends the process
@@ -116,11 +117,14 @@ def build(cfg: Config) -> tuple[GuardService, Any]:
         raise
     try:
         svc.journal.writer_lock = lock or WriterLock.acquire(jpath)  # released by svc.close()
+        retention = retention_config(cfg)
+        if retention is not None:
+            svc.retention = Retention(svc, retention)
         record = None
         if signature is not None:
             record = {**signature, "identity": config_signing.identity(cfg, signature["files"])}
-            changed = config_signing.changed_unsigned(
-                (e for e in svc.journal.entries() if e.kind == "config_loaded"), record)
+            last = svc.journal.last_of_kind("config_loaded")  # indexed: start-up never reads the whole journal
+            changed = config_signing.changed_unsigned([last] if last else [], record)
             if changed:
                 raise config_signing.unsigned_change_error(cfg.source or Path("guard.toml"), changed)
         url = cfg["reader.url"]

@@ -1,104 +1,11 @@
-"""Every benchmark of the project in one command, and one table of medians and ratios.
+"""Kept for old habits: the benchmarks ship with posguard (``posguard bench``, ``python -m posguard.bench``)."""
 
-Each benchmark is its own script (run with the same Python, so its baseline is measured in the
-same run as its subject); this collects their key lines into one table with the machine
-description, and keeps the full outputs in --out (default: a temp dir) for the details.
-
-usage: python tools/bench.py [--quick] [--out DIR]
-
-Exit status: 0 every benchmark ran; 2 bad arguments; 3 a benchmark failed or is missing, or
-interrupted (Ctrl-C).
-"""
-
-from __future__ import annotations
-
-import argparse
-import re
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-TOOLS = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# (script, args, quick args, [(label, regex with one group per printed value)])
-BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
-    ("bench_engine.py", ["--sales", "2000", "--history", "100000"], ["--sales", "300", "--history", "20000"], [
-        ("sale through guard, wall ms (median)", r"sale through guard, wall \(ms\)\s+([\d.]+)"),
-        ("two bare WAL+FULL commits, wall ms (median)", r"two bare WAL\+FULL commits, wall \(ms\)\s+([\d.]+)"),
-        ("ratio sale / two bare commits", r"ratio sale / two bare commits\s+([\d.]+)"),
-        ("durable commits per sale (counted)", r"durable commits per sale \(counted\)\s+(\S+)"),
-        ("guard CPU per sale excl. SQLite, ms (median)", r"guard CPU per sale excl. SQLite txns \(ms\)\s+([\d.]+)"),
-        ("journal bytes per sale", r"journal bytes per sale \(db\+wal\)\s+([\d.]+)"),
-        ("policy cost ratio on/off over 100k past sales (CPU)", r"policy cost ratio \(on / off, guard CPU\)\s+([\d.]+)"),
-        ("idle daemon loop round, 5,000 final txns in memory, ms", r"idle loop round, 5,000 final txns in memory \(ms\)\s+([\d.]+)"),
-        ("  one full scan over those txns (the old per-round cost x4), ms", r"one scan over those 5,000 txns \(ms\)\s+([\d.]+)"),
-    ]),
-    ("bench_latency.py", ["--sales", "300"], ["--sales", "60"], [
-        ("AUTH frame transmission at 115200, ms", r"serial transmission at 115200 8N1: ([\d.]+) ms"),
-        ("link encode+decode per AUTH frame, ms", r"link encode\+decode per AUTH frame \(ms\)\s+([\d.]+)"),
-        ("last AUTH byte -> first 0200 byte incl. fsync, ms (median)", r"incl. fsync \(ms\)\s+([\d.]+)"),
-        ("same, minus the intent commit, ms (median)", r"minus the intent commit \(ms\)\s+([\d.]+)"),
-        ("ratio added latency / frame transmission", r"/ frame transmission\s+([\d.]+)"),
-    ]),
-    ("bench_verify.py", [], ["--entries", "20000", "--runs", "3"], [
-        ("verify with k0 (chain + MAC), entries/s", r"verify (?:with k0|chain\+mac)\S*\s+median\s+([\d,]+)"),
-        ("baseline: SELECT every row + one SHA-256, /s", r"SELECT every row \+ one SHA-256 median\s+([\d,]+)"),
-    ]),
-    ("bench_memory.py", [], ["--sales", "4000"], [
-        ("daemon RSS after 10,000 sales, MB", r"target RSS after \d+ sales <= 60 MB: \w+ \(([\d.]+) MB\)"),
-        ("RSS growth 10,000 -> 20,000 sales, MB", r"target growth \d+ -> \d+ <= 5.0 MB: \w+ \(([\d.]+) MB\)"),
-    ]),
-    ("bench_ops.py", ["--runs", "3"], ["--runs", "1", "--entries-sales", "10000", "--backlog", "1000", "--wide-window", "0"], [
-        ("verify chain+MAC, entries/s", r"verify chain\+MAC \(entries/s\)\s+([\d,]+)"),
-        ("replay backlog, window 32, items/s", r"replay \d+ backlog, window 32 \(items/s\)\s+([\d,]+)"),
-        ("replay / host simulator max rate", r"replay \d+ backlog, window 32 \(items/s\)\s+[\d,]+\s+([\d.]+x)"),
-        ("journal bytes per sale", r"journal bytes per sale\s+([\d,]+)"),
-    ]),
-]
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the benchmarks)")
-    ap.add_argument("--out", type=Path, default=None, help="directory for each benchmark's full output")
-    args = ap.parse_args(argv)
-    out = args.out or Path(tempfile.mkdtemp(prefix="posguard-bench-all-"))
-    out.mkdir(parents=True, exist_ok=True)
-    rows: list[tuple[str, str, str]] = []
-    machine = ""
-    failed = 0
-    for script, full, quick, metrics in BENCHES:
-        path = TOOLS / script
-        if not path.exists():
-            rows.append((script, "(not present)", ""))
-            failed += 1
-            continue
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run([sys.executable, str(path), *(quick if args.quick else full)], capture_output=True,
-                                  text=True, timeout=1800)
-        except KeyboardInterrupt:
-            print(f"interrupted during {script}", file=sys.stderr)
-            return 3
-        failed += proc.returncode != 0
-        text = proc.stdout + proc.stderr
-        (out / f"{path.stem}.txt").write_text(text)
-        m = re.search(r"machine: (.+)", text)
-        machine = machine or (m.group(1).strip() if m else "")
-        status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
-        rows.append((f"{script} ({time.monotonic() - t0:.0f} s, {status})", "", ""))
-        for label, rx in metrics:
-            hit = re.search(rx, text)
-            rows.append(("  " + label, hit.group(1) if hit else "n/a", ""))
-    print(f"machine: {machine}")
-    print(f"full outputs: {out}")
-    width = max(len(r[0]) for r in rows) + 2
-    for name, value, _ in rows:
-        print(f"{name:<{width}} {value:>14}")
-    return 3 if failed else 0
-
+from posguard.bench.__main__ import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

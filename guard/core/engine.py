@@ -71,7 +71,7 @@ class Engine(HostEvents):
         return None
 
     def _apply_entry(self, kind: str, key: str | None, p: dict[str, Any], ts: float) -> None:
-        if kind == Kind.STAN_USE:
+        if kind == Kind.STAN_USE or kind == Kind.SNAPSHOT:
             self.last_stan = int(p["stan"])
             return
         if key is None:
@@ -81,6 +81,7 @@ class Engine(HostEvents):
             o = self._get(t.original or "") if t.kind is TxnKind.VOID else None
             self.txns[key] = t
             self.newest[key.rpartition(":")[0]] = key
+            self._evicted.add(key)
             self._watch[key] = None
             if t.kind is TxnKind.VOID:
                 if o is not None:
@@ -203,6 +204,7 @@ class Engine(HostEvents):
         )
         self.txns[key] = t
         self.newest[req.reader_id] = key
+        self._evicted.add(key)
         self._writes += 1
         self._watch[key] = None
         self.by_stan[stan] = key
@@ -401,6 +403,7 @@ class Engine(HostEvents):
                 masked_pan=o.masked_pan, vault_ref=None, stan=o.stan, f7=o.f7, created=now, original=orig_key)
         self.txns[key] = v
         self.newest[req.reader_id] = key
+        self._evicted.add(key)
         self._writes += 1
         self._watch[key] = None
         rec = self._to_reversal(o, "VOID", now, {"void": key})

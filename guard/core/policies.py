@@ -101,6 +101,15 @@ class OfflineConfig:
 
 
 SWIPED = frozenset(m.value for m in EntryMode if m.swiped)
+
+
+def horizon_s(cfg: PolicyConfig) -> float:
+    """How far back the rules look (double-swipe and velocity windows): a restore that starts
+    later than this before its snapshot would forget what they count."""
+    windows = [cfg.double_swipe_window_s, *(lim.window_s for lim in (*cfg.card_limits, *cfg.terminal_limits))]
+    return max(windows, default=0.0)
+
+
 OFF = PolicyConfig(double_swipe_window_s=0.0, hold_on_pending_reversal=False, card_limits=(), terminal_limits=())
 
 

@@ -48,6 +48,7 @@ class Kind(str, enum.Enum):
     SEGMENT = "segment"  # compaction: restart point of a compacted live file
     KEY_ROTATION = "key_rotation"  # keys rotate
     CONFIG_LOADED = "config_loaded"  # daemon at start
+    SNAPSHOT = "snapshot"  # daemon: where a restore may start (guard.runtime.snapshot)
 
     def __str__(self) -> str:
         return self.value
@@ -86,6 +87,10 @@ REQUIRED: Mapping[Kind, frozenset[str]] = {
     Kind.STAN_USE: frozenset({"stan", "purpose"}),
     Kind.CHECKPOINT_DEPOSITED: frozenset({"stan", "rc"}),
     Kind.CONFIG_LOADED: frozenset(),
+    # from_seq: the first entry a restore replays in full; open: keys of transactions still open
+    # (their earlier entries are read too); stan: the last STAN; digest: SHA-256 of the key filter
+    # stored beside it; horizon_s: the policy window the replay from from_seq covers
+    Kind.SNAPSHOT: frozenset({"from_seq", "open", "stan", "digest", "horizon_s"}),
     Kind.CHECKPOINT: frozenset(),
     Kind.SEGMENT: frozenset(),
     Kind.KEY_ROTATION: frozenset(),

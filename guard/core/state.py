@@ -72,7 +72,9 @@ class EngineState:
         self.cfg = cfg
         self.crypto = crypto
         self.rng: Randomness = rng or Random(0)
-        self._evicted = KeyFilter()  # keys the journal holds but memory does not (evicted, archived)
+        # Every key the journal holds (added at its intent, and archived ones): a key in neither
+        # memory nor this filter is new; one in the filter but not in memory is read back.
+        self._evicted = KeyFilter()
         self._loaded: dict[str, Txn | None] = {}  # handed in by ``load`` for the call being retried
         self._finals: OrderedDict[str, None] = OrderedDict()
         self.txns: dict[str, Txn] = {}
@@ -168,6 +170,32 @@ class EngineState:
         for n, h in enumerate(key_hashes, 1):
             self._evicted.add_hash(h)
         return n
+
+    def open_keys(self) -> list[str]:
+        """Transactions a restore must bring back even if their entries lie before where it
+        starts reading (``guard.runtime.snapshot``): not final, or owing the host or the operator
+        something (a reversal, an advice, a signature)."""
+        queued = (self._saf, self._adv, self._stored, self._sig_due)
+        out = []
+        for key in dict.fromkeys([*self._watch, *self._saf, *self._adv, *self._stored, *self._sig_due]):
+            t = self.txns.get(key)
+            if t is not None and (not t.state.final or any(key in q for q in queued)):
+                out.append(key)
+        return out
+
+    def in_flight(self) -> bool:
+        """A request sits between its intent and its answer (retention waits for a moment without one)."""
+        return any(t.state in AWAITING for t in self._watched(prune=False))
+
+    def key_filter(self) -> bytes:
+        """The filter of every journaled key, for a snapshot (restored by ``load_key_filter``)."""
+        return bytes(self._evicted.bits)
+
+    def load_key_filter(self, bits: bytes) -> None:
+        """Start from a snapshot's key filter instead of reading every key of the journal."""
+        if len(bits) != len(self._evicted.bits):
+            raise JournalError("snapshot key filter has the wrong size", code="JOURNAL_CORRUPT")
+        self._evicted.bits[:] = bits
 
     def forget(self, key: str) -> None:
         """Drop a transaction from memory; the executor can hand it back with ``load``."""

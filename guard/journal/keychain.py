@@ -20,6 +20,7 @@ from guard.journal.format import (
 )
 from guard.journal.keys import public_key_hex
 from guard.journal.records import MAX_PAYLOAD_CHARS
+from guard.journal.schema import MARKED_KINDS_SQL
 
 CP_KEYS = frozenset((*CHECKPOINT_FIELDS, "sig"))
 _ROT_KEYS = frozenset((*ROTATION_FIELDS, "sig", "pop"))
@@ -75,8 +76,8 @@ class KeyChain:
             except (ValueError, KeyError, TypeError):
                 return kc  # the scan reports the malformed segment record at its seq
         in_file = []
-        for (payload,) in conn.execute(f"SELECT {_BOUNDED_PAYLOAD} FROM entries WHERE kind = ? ORDER BY seq",
-                                       (ROTATION_KIND,)):
+        for (payload,) in conn.execute(f"SELECT {_BOUNDED_PAYLOAD} FROM entries WHERE {MARKED_KINDS_SQL} "
+                                       "AND kind = ? ORDER BY seq", (ROTATION_KIND,)):
             try:
                 in_file.append(json.loads(payload))
             except (ValueError, TypeError):

@@ -119,6 +119,15 @@ EXPECTED_SCHEMA: frozenset[SchemaRow] = frozenset({
     ("trigger", "ratchet_no_delete", "ratchet", "CREATE TRIGGER ratchet_no_delete BEFORE DELETE ON ratchet BEGIN "
      "SELECT RAISE(ABORT, 'ratchet state cannot be deleted'); END"),
 })
+# Rare record kinds looked up by kind (checkpoints, key rotations, snapshots, the config a start
+# ran with; needs_manual, which retention keeps live): a partial index over them, so finding them
+# never scans the whole journal. A query uses it by repeating MARKED_KINDS_SQL in its WHERE
+# (SQLite's rule for partial indexes).
+MARKED_KINDS_SQL = "kind IN ('checkpoint', 'segment', 'key_rotation', 'snapshot', 'config_loaded', 'needs_manual')"
+MARKS_INDEX = f"CREATE INDEX entries_marks ON entries (kind, seq) WHERE {MARKED_KINDS_SQL}"
+# The newest snapshot's key filter (guard.runtime.snapshot): written with its snapshot record.
+SNAPSHOT_TABLE = ("CREATE TABLE snapshot_filter (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, "
+                  "bits BLOB NOT NULL) STRICT")
 # What compaction adds to a live file (guard.journal.segments.restart_segment): the archived-txn index.
 OPTIONAL_SCHEMA: frozenset[SchemaRow] = frozenset({
     ("table", "archive_files", "archive_files",
@@ -126,7 +135,19 @@ OPTIONAL_SCHEMA: frozenset[SchemaRow] = frozenset({
     ("index", "sqlite_autoindex_archive_files_1", "archive_files", None),
     ("table", "archived_txns", "archived_txns",
      "CREATE TABLE archived_txns (h INTEGER PRIMARY KEY, archive INTEGER NOT NULL) WITHOUT ROWID"),
+    ("index", "entries_marks", "entries", MARKS_INDEX),
+    ("table", "snapshot_filter", "snapshot_filter", SNAPSHOT_TABLE),
 })
+
+
+def ensure_marks_index(conn: sqlite3.Connection) -> None:
+    """Add the rare-kinds index to a journal written before it existed (one scan, once). A
+    read-only file is left as it is: its start-up lookups scan instead."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'entries_marks'").fetchone() is None:
+        try:
+            conn.execute(MARKS_INDEX)
+        except sqlite3.OperationalError:
+            pass
 
 
 def schema_problem(conn: sqlite3.Connection) -> tuple[str, str] | None:
@@ -147,7 +168,7 @@ def schema_problem(conn: sqlite3.Connection) -> tuple[str, str] | None:
         found.add((row[0], row[1], row[2], row[3]))
     extra = found - EXPECTED_SCHEMA - OPTIONAL_SCHEMA
     if extra:
-        names = ", ".join(sorted(f"{t} {n[:40]!r}" for t, n, _, _ in extra)[:5])
+        names = ", ".join(f"{t} {n[:40]!r}" for t, n, _, _ in sorted(extra, key=lambda r: (r[0] != "view", r[:2]))[:5])
         return "unexpected", f"the journal schema has unexpected or altered objects: {names}"
     tables = sorted(n for t, n, _, _ in EXPECTED_SCHEMA - found if t == "table")
     if tables:

@@ -30,7 +30,8 @@ from guard.journal.fsync import fsync_path
 from guard.journal.keys import public_key_hex
 from guard.journal.mac import mac_and_next
 from guard.journal.records import _check_now, _prepare
-from guard.journal.schema import INSERT_ENTRY, _connect, _migrate_in_txn
+from guard.journal.schema import INSERT_ENTRY, MARKED_KINDS_SQL, _connect, _migrate_in_txn
+from guard.journal.snapshot import snapshot_row, write_snapshot_row
 
 
 class SegmentOps:
@@ -75,8 +76,8 @@ class SegmentOps:
         out: list[dict[str, Any]] = []
         if first is not None and first[0] == SEGMENT_KIND:
             out += json.loads(first[1])["keys"]
-        out += [json.loads(p) for (p,) in c.execute("SELECT payload FROM entries WHERE kind = ? ORDER BY seq",
-                                                    (ROTATION_KIND,))]
+        out += [json.loads(p) for (p,) in c.execute(
+            f"SELECT payload FROM entries WHERE {MARKED_KINDS_SQL} AND kind = ? ORDER BY seq", (ROTATION_KIND,))]
         return out
 
     def rotate_signing_key(self, new_key: Ed25519PrivateKey, *, now: float) -> int:
@@ -153,7 +154,8 @@ class SegmentOps:
         return int(first), self._last_seq
 
     def restart_segment(self, carry_txns: Collection[str], *, records: Sequence[tuple[str, str | None, dict[str, Any]]] = (),
-                        note: dict[str, Any] | None = None, now: float, archive: str | None = None) -> tuple[int, int]:
+                        note: dict[str, Any] | None = None, now: float, archive: str | None = None,
+                        snapshot_bits: bytes | None = None) -> tuple[int, int]:
         """Start a new segment IN PLACE, in ONE durable commit; returns (segment seq, carried entries).
 
         Precondition: every current entry is archived verbatim (:meth:`write_archive`). Deletes all
@@ -163,6 +165,8 @@ class SegmentOps:
         entry of the carried transactions in journal order, ``records``, and a checkpoint.
         ``archive`` (the archive file's path) is recorded for every transaction not carried in the
         ``archived_txns`` index, so their ids stay taken: ``entries_for`` reads them from there.
+        ``snapshot_bits``: the key filter of a ``snapshot`` record ending ``records`` (the daemon's
+        retention: the restarted file restores from it, guard.runtime.snapshot).
         """
         conn = self._db_for_write()
         ts = _check_now(now)
@@ -196,6 +200,7 @@ class SegmentOps:
             mac, key = mac_and_next(key, h)
             rows.append((seq, ets, kind, txn, payload, prev, h, mac))
             prev = h
+        snap = snapshot_row(seq, prepared[-1][0] if prepared else "", snapshot_bits)
         seq += 1
         row, cp, key = self._checkpoint_row(seq, prev, key, ts, self._cp["counter"] + 1)
         rows.append(row)
@@ -223,6 +228,8 @@ class SegmentOps:
             self._set_ratchet(cur, seq + 1, key)
             cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
             cur.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('segment_first_seq', ?)", (str(rows[0][0]),))
+            if snap is not None:
+                write_snapshot_row(cur, snap)
         except BaseException:
             self._abort(conn, committing=False)
             raise

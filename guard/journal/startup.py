@@ -5,14 +5,18 @@
   fields, counter, terminal, that each covers the stored hash of the entry before it, its own
   hash, and its signature along the device's signing-key chain (Ed25519 verification is ~0.1 ms a
   checkpoint: the bound keeps start-up well under a second however long the file grew);
-- the first entry is the genesis checkpoint or a segment record, and the entry count matches the
-  first..last seq span (nothing deleted or inserted in between);
+- the first entry is the genesis checkpoint or a segment record, and the entry count from the
+  oldest checked checkpoint on matches its seq span (nothing deleted or inserted in between);
 - the full hash chain of the tail from the newest checkpoint on (at most ``checkpoint_every``
   entries or ``checkpoint_interval_s`` of traffic), which no signature covers yet.
 
 Left to ``journal verify`` (the auditor, with k0): the hash of every entry between checkpoints,
 older checkpoints, the MACs, the ratchet state against k0, anchors. The schema (guard.journal.schema.check_schema)
 is checked before this runs. Failure: JOURNAL_CORRUPT naming the first bad seq (``ChainBroken.seq``).
+
+Nothing here reads the whole file: checkpoints, segment records and key rotations are found
+through the partial index of rare kinds (guard.journal.schema.MARKS_INDEX), so the cost is the
+same at 10,000 entries and at 10 million.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from guard.journal.format import (
 )
 from guard.journal.keychain import CP_KEYS, KeyChain, pub_key, rotation_ok, sig_ok
 from guard.journal.records import MAX_PAYLOAD_CHARS
+from guard.journal.schema import MARKED_KINDS_SQL
 
 _PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
 _TEXT_OK = (f"length(CAST(kind AS BLOB)) <= {MAX_PAYLOAD_CHARS} "
@@ -58,12 +63,11 @@ class ChainBroken(JournalError):
 
 def verify_at_open(conn: sqlite3.Connection, signing_pub: Ed25519PublicKey, terminal_id: str) -> None:
     """Raise :class:`ChainBroken` unless the checkpoints and the tail chain verify (module docstring)."""
-    first = conn.execute("SELECT min(seq), max(seq), count(*) FROM entries").fetchone()
-    lo, hi, n = first
+    # Two queries: SQLite answers min() or max() alone from the b-tree's ends, both at once by a full scan.
+    (lo,) = conn.execute("SELECT min(seq) FROM entries").fetchone()
+    (hi,) = conn.execute("SELECT max(seq) FROM entries").fetchone()
     if lo is None:
         raise ChainBroken(1, "the journal has no entries")
-    if n != hi - lo + 1:
-        raise ChainBroken(lo, f"{hi - lo + 1 - n} entries are missing between {lo} and {hi}")
     kind, prev = conn.execute("SELECT kind, prev_hash FROM entries WHERE seq = ?", (lo,)).fetchone()
     if (kind, prev == GENESIS_HASH) != ((CHECKPOINT_KIND, True) if lo == 1 else (SEGMENT_KIND, False)):
         raise ChainBroken(lo, "the file starts with neither the genesis checkpoint nor a segment record")
@@ -71,9 +75,13 @@ def verify_at_open(conn: sqlite3.Connection, signing_pub: Ed25519PublicKey, term
     if chain.problem:
         raise JournalError(f"journal checkpoints were not signed by this device's key chain: {chain.problem}",
                            code="JOURNAL_KEY_MISMATCH")
-    oldest = conn.execute("SELECT seq FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1 OFFSET ?",
-                          (CHECKPOINT_KIND, STARTUP_CHECKPOINTS - 1)).fetchone()
-    newest = _records(conn, chain, terminal_id, lo, oldest[0] if oldest else lo)
+    oldest = conn.execute(f"SELECT seq FROM entries WHERE {MARKED_KINDS_SQL} AND kind = ? ORDER BY seq DESC "
+                          "LIMIT 1 OFFSET ?", (CHECKPOINT_KIND, STARTUP_CHECKPOINTS - 1)).fetchone()
+    since = oldest[0] if oldest else lo
+    (n,) = conn.execute("SELECT count(*) FROM entries WHERE seq >= ?", (since,)).fetchone()
+    if n != hi - since + 1:
+        raise ChainBroken(since, f"{hi - since + 1 - n} entries are missing between {since} and {hi}")
+    newest = _records(conn, chain, terminal_id, lo, since)
     _tail(conn, newest)
 
 
@@ -83,7 +91,7 @@ def _records(conn: sqlite3.Connection, chain: KeyChain, terminal_id: str, lo: in
     counter: int | None = 0 if since == lo else None  # unknown until the first checked checkpoint
     newest, rotated_at = 0, 0
     rows = conn.execute(f"SELECT seq, ts, kind, txn, {_PAYLOAD}, prev_hash, entry_hash FROM entries "
-                        "WHERE kind IN (?, ?) OR (kind = ? AND seq >= ?) ORDER BY seq",
+                        f"WHERE {MARKED_KINDS_SQL} AND (kind IN (?, ?) OR (kind = ? AND seq >= ?)) ORDER BY seq",
                         (SEGMENT_KIND, ROTATION_KIND, CHECKPOINT_KIND, since))
     for seq, ts, kind, txn, payload, prev, h in rows:
         if chain.pending is not None and seq > rotated_at + 1:

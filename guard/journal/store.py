@@ -66,15 +66,19 @@ from guard.journal.mac import mac_and_next
 from guard.journal.records import MAX_PAYLOAD_CHARS, _check_blob, _check_now, _check_terminal, _payload, _prepare
 from guard.journal.schema import (
     INSERT_ENTRY,
+    MARKED_KINDS_SQL,
+    MARKS_INDEX,
     _connect,
     _migrate_in_txn,
     apply_pragmas,
     check_schema,
+    ensure_marks_index,
     migrate,
     schema_problem,
     schema_version,
 )
 from guard.journal.segments import SegmentOps
+from guard.journal.snapshot import SnapshotOps, snapshot_row, write_snapshot_row
 from guard.journal.startup import verify_at_open
 
 log = logging.getLogger("posguard.journal")
@@ -83,7 +87,7 @@ _sha256 = hashlib.sha256
 _PAYLOAD = f"CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload END"
 
 
-class Journal(SegmentOps):
+class Journal(SegmentOps, SnapshotOps):
     """Append-only journal on one SQLite file. Not thread-safe: one driver owns it."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, keys: DeviceKeys, *, terminal_id: str,
@@ -146,6 +150,7 @@ class Journal(SegmentOps):
             row, cp, k_next = j._checkpoint_row(1, GENESIS_HASH, keys.k0, ts, 1)
             conn.execute("BEGIN IMMEDIATE")
             _migrate_in_txn(conn)
+            conn.execute(MARKS_INDEX)
             conn.executemany("INSERT INTO meta (k, v) VALUES (?, ?)", [
                 ("terminal_id", terminal_id), ("created_at", repr(ts)), ("checkpoint_counter", "1")])
             conn.execute(INSERT_ENTRY, row)
@@ -200,6 +205,7 @@ class Journal(SegmentOps):
                 if version != JOURNAL_SCHEMA_VERSION:
                     migrate(conn)
                 check_schema(conn)  # before reading entries: a view or trigger would run the attacker's SQL
+                ensure_marks_index(conn)
                 j = cls(conn, path, keys, terminal_id=terminal_id, checkpoint_every=checkpoint_every,
                         checkpoint_interval_s=checkpoint_interval_s)
                 j._load_state()
@@ -227,7 +233,8 @@ class Journal(SegmentOps):
         last = c.execute("SELECT seq, entry_hash FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
         rat = c.execute("SELECT next_seq, key FROM ratchet WHERE id = 1").fetchone()
         cp = c.execute(f"SELECT seq, CASE WHEN length(CAST(payload AS BLOB)) <= {MAX_PAYLOAD_CHARS} THEN payload "
-                       "END FROM entries WHERE kind = ? ORDER BY seq DESC LIMIT 1", (CHECKPOINT_KIND,)).fetchone()
+                       f"END FROM entries WHERE {MARKED_KINDS_SQL} AND kind = ? ORDER BY seq DESC LIMIT 1",
+                       (CHECKPOINT_KIND,)).fetchone()
         if last is None or cp is None:
             raise JournalError("journal has no genesis checkpoint", code="JOURNAL_CORRUPT")
         if rat is None or rat[0] != last[0] + 1 or len(rat[1]) != 32:
@@ -288,8 +295,12 @@ class Journal(SegmentOps):
         return blob
 
     def append(self, records: Sequence[tuple[str, str | None, dict[str, Any]]], *, now: float,
-               vault_put: Sequence[VaultBlob] = (), vault_shred: Sequence[str] = ()) -> AppendResult:
-        """Append records, vault inserts/shreds, the ratchet step and any due checkpoint in ONE durable commit."""
+               vault_put: Sequence[VaultBlob] = (), vault_shred: Sequence[str] = (),
+               snapshot_bits: bytes | None = None) -> AppendResult:
+        """Append records, vault inserts/shreds, the ratchet step and any due checkpoint in ONE durable commit.
+
+        ``snapshot_bits``: the key filter of the ``snapshot`` record that ends ``records``, stored
+        beside it in the same commit, which then also ends with a checkpoint that signs it."""
         conn = self._db_for_write()
         ts = now if type(now) is float and math.isfinite(now) else _check_now(now)
         prepared = _prepare(records, self._clean_txns)
@@ -305,13 +316,14 @@ class Journal(SegmentOps):
             key, prev = next_key, h
         seqs = tuple(range(self._last_seq + 1, seq + 1))
         cp_seq, cp = None, None
-        if seq - self._cp_seq >= self._every or ts - self._cp["time"] >= self._interval:
+        snap = snapshot_row(seq, prepared[-1][0], snapshot_bits)  # the checkpoint right after it signs it
+        if snap is not None or seq - self._cp_seq >= self._every or ts - self._cp["time"] >= self._interval:
             seq += 1
             cp_seq = seq
             row, cp, key = self._checkpoint_row(seq, prev, key, ts, self._cp["counter"] + 1)
             rows.append(row)
             prev = row[6]
-        self._write(conn, rows, blobs, shred, seq, key, cp)
+        self._write(conn, rows, blobs, shred, seq, key, cp, snap)
         self._set_state(seq, prev, key, cp_seq or self._cp_seq, cp or self._cp)
         if cp is not None:
             self._after_checkpoint()
@@ -349,9 +361,10 @@ class Journal(SegmentOps):
         return (seq, ts, CHECKPOINT_KIND, None, text, prev, h, mac), fields, next_key
 
     def _write(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]], blobs: list[tuple[str, str, bytes, bytes]],
-               shred: list[tuple[str]], last_seq: int, key: bytes, cp: dict[str, Any] | None) -> None:
+               shred: list[tuple[str]], last_seq: int, key: bytes, cp: dict[str, Any] | None,
+               snap: tuple[int, bytes] | None = None) -> None:
         try:
-            self._write_txn(conn, rows, blobs, shred, last_seq, key, cp)
+            self._write_txn(conn, rows, blobs, shred, last_seq, key, cp, snap)
         except sqlite3.IntegrityError:
             raise  # the caller's records broke a constraint (e.g. a vault blob twice): a bug, not the medium
         except sqlite3.DatabaseError as e:
@@ -362,7 +375,7 @@ class Journal(SegmentOps):
 
     def _write_txn(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]],
                    blobs: list[tuple[str, str, bytes, bytes]], shred: list[tuple[str]], last_seq: int, key: bytes,
-                   cp: dict[str, Any] | None) -> None:
+                   cp: dict[str, Any] | None, snap: tuple[int, bytes] | None = None) -> None:
         cur = conn.cursor()
         t0, c0 = time.perf_counter(), time.process_time()
         cur.execute("BEGIN IMMEDIATE")
@@ -378,6 +391,8 @@ class Journal(SegmentOps):
             self._set_ratchet(cur, last_seq + 1, key)
             if cp is not None:
                 cur.execute("UPDATE meta SET v = ? WHERE k = 'checkpoint_counter'", (str(cp["counter"]),))
+            if snap is not None:
+                write_snapshot_row(cur, snap)
         except BaseException:
             self._abort(conn, committing=False)
             raise

@@ -24,7 +24,8 @@ from guard.core.records import Kind
 from guard.journal.format import CHECKPOINT_KIND, canonical_json
 from guard.journal.keys import CARD_TOKEN_HEX_LEN
 from guard.journal.store import Journal
-from guard.runtime.restore import restore_engine
+from guard.runtime.restore import restore
+from guard.runtime.snapshot import Snapshotter
 from guard.runtime.executor import DAEMON, Executor, Policy
 from guard.runtime.facade import REPLIES_KEPT, GuardFacade
 from guard.runtime.ports import Clock, RandBytes, Record
@@ -136,6 +137,8 @@ class GuardService:
         self._deposited_cp_seq = self._cp_seq()  # the newest checkpoint handed to (or skipped for) the host
         self._deposit_sent_at = 0.0
         self._down: dict[str, Any] = {}  # the current host outage: since, reason, attempts, logged_at
+        self.snapshots: Snapshotter | None = None  # open_guard sets it: the daemon snapshots its state
+        self.retention: Any = None  # a guard.runtime.retention.Retention: the daemon archives on its own
 
     @property
     def replies(self) -> OrderedDict[str, Result]:
@@ -276,6 +279,10 @@ class GuardService:
         self.executor.checkpoint_if_due()
         if self.deposit_checkpoints:
             self._deposit_if_due(now)
+        if self.snapshots is not None:
+            self.snapshots.maybe(self.clock())
+        if self.retention is not None:
+            self.retention.step(self.clock())
 
     def _cp_seq(self) -> int:
         """The seq of the journal's newest checkpoint (it covers the entry before it)."""
@@ -347,9 +354,10 @@ def open_guard(
     else:
         journal = Journal.create(path, keys, terminal_id=ecfg.terminal_id, now=clock())
     try:
-        engine = restore_engine(ecfg, JournalCrypto(journal, keys.token_key, randbytes), journal, rng)
+        engine, floor = restore(ecfg, JournalCrypto(journal, keys.token_key, randbytes), journal, rng)
         svc = GuardService(engine, journal, uplink, clock=clock, **kwargs)
         svc.executor.call(engine.recover)
+        svc.snapshots = Snapshotter(engine, journal, floor)
     except BaseException:
         journal.close()
         raise

@@ -54,7 +54,8 @@ def check_world(self: _World) -> list[str]:
     # Judge by what the journal holds after a fresh restore, not by the engine's memory.
     self.journal = Journal.open(self.path, self.keys, terminal_id=self.cfg.tid)
     self.kinds = collections.Counter(e.kind for e in self.journal.entries())
-    self.engine = restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal)
+    self.engine = restore_engine(dataclasses.replace(self.ecfg, keep_final=10**9), self._crypto(), self.journal,
+                                 snapshot=False)
     # Net records per (STAN, MMDD) and type: a SALE is a debit, a REFUND a credit.
     ledger: collections.Counter[tuple[str, str, str]] = collections.Counter()
     amounts: collections.Counter[tuple[str, str, str]] = collections.Counter()

@@ -21,7 +21,7 @@ from guard.core.errors import JournalError, PosguardError
 from guard.journal.keys import DeviceKeys, init_keys
 from guard.journal.records import MAX_PAYLOAD_CHARS
 from guard.journal.startup import ChainBroken
-from guard.journal.schema import EXPECTED_SCHEMA, OPTIONAL_SCHEMA, _migrate_in_txn
+from guard.journal.schema import EXPECTED_SCHEMA, MARKS_INDEX, OPTIONAL_SCHEMA, SNAPSHOT_TABLE, _migrate_in_txn
 from guard.journal.store import Journal
 from guard.journal.verify import VerifyReport, verify_journal
 from tests.support import subprocess_env
@@ -111,9 +111,12 @@ def test_expected_schema_is_what_this_software_writes(jf: tuple[Path, DeviceKeys
     assert set(c.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")) == EXPECTED_SCHEMA
     c.execute("CREATE TABLE IF NOT EXISTS archive_files (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL)")
     c.execute("CREATE TABLE IF NOT EXISTS archived_txns (h INTEGER PRIMARY KEY, archive INTEGER NOT NULL) WITHOUT ROWID")
+    c.execute(MARKS_INDEX)
+    c.execute(SNAPSHOT_TABLE)
     assert set(c.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")) == EXPECTED_SCHEMA | OPTIONAL_SCHEMA
     path, keys = jf
-    assert set(attacker(path).execute("SELECT type, name, tbl_name, sql FROM sqlite_master")) == EXPECTED_SCHEMA
+    marks = {r for r in OPTIONAL_SCHEMA if r[1] == "entries_marks"}
+    assert set(attacker(path).execute("SELECT type, name, tbl_name, sql FROM sqlite_master")) == EXPECTED_SCHEMA | marks
     assert full(path, keys).ok and open_code(path, keys) is None
 
 

@@ -5,6 +5,9 @@ product code has no switch for them.
 usage: crash_child.py DIR PORT START COUNT POINT NTH
   POINT: none | before_intent_commit | after_intent_commit | after_send |
          after_response_before_commit | after_outcome_commit | mid_reversal_commit | mid_reversal_send
+  with snapshots every few entries and automatic retention on (a cut every second or so):
+         retention_none | snapshot_before_commit | snapshot_after_commit | retention_mid_copy |
+         retention_before_archive | retention_before_restart | retention_after_restart
 """
 
 from __future__ import annotations
@@ -37,6 +40,33 @@ def die() -> None:
 def request(i: int) -> Request:
     txn = hashlib.sha256(f"crash:{i}".encode()).digest()[:16]
     return Request("CR", txn, TxnKind.SALE, 1000 + i, "978", CardData(PANS[i % 2], "2912"))
+
+
+def retention_on(svc: object, d: Path, point: str, hit: object) -> None:
+    """Snapshots every 16 entries and a retention cut about every second (real clock), with the
+    kill hooks of the retention points around the archive writer."""
+    from guard.journal.archive import ArchiveWriter
+    from guard.runtime.retention import Retention, RetentionConfig
+
+    svc.snapshots.every = 16  # type: ignore[attr-defined]
+    cfg = RetentionConfig(retain_s=0.3, max_live_bytes=0, archive_dir=d / "archive", check_every_s=0.2, quiet_s=0.05,
+                          slice_entries=4, min_keep_s=0.3)
+    svc.retention = Retention(svc, cfg)  # type: ignore[arg-type, attr-defined]
+    real_copy, real_finish = ArchiveWriter.copy, ArchiveWriter.finish
+
+    def copy(self, n):  # type: ignore[no-untyped-def]
+        got = real_copy(self, n)
+        if point == "retention_mid_copy" and got:
+            hit()  # type: ignore[operator]
+        return got
+
+    def finish(self):  # type: ignore[no-untyped-def]
+        if point == "retention_before_archive":  # sealed, the archive not yet durable nor in place
+            hit()  # type: ignore[operator]
+        return real_finish(self)
+
+    ArchiveWriter.copy = copy  # type: ignore[method-assign]
+    ArchiveWriter.finish = finish  # type: ignore[method-assign]
 
 
 def main() -> int:
@@ -76,6 +106,8 @@ def main() -> int:
                 hit()
             if point == "after_response_before_commit" and "outcome" in ks:
                 hit()
+            if point == "snapshot_before_commit" and "snapshot" in ks:
+                hit()
             out = real_append(records, **kw)
             if point == "after_intent_commit" and "intent" in ks:
                 hit()
@@ -83,9 +115,22 @@ def main() -> int:
                 hit()
             if point == "mid_reversal_commit" and "reversal_attempt" in ks:
                 hit()
+            if point == "snapshot_after_commit" and "snapshot" in ks:
+                hit()
             return out
 
         j.append = append  # type: ignore[attr-defined]
+        real_restart = j.restart_segment  # type: ignore[attr-defined]
+
+        def restart_segment(*a, **kw):  # type: ignore[no-untyped-def]
+            if point == "retention_before_restart":  # the archive is in place, the live file intact
+                hit()
+            out = real_restart(*a, **kw)
+            if point == "retention_after_restart":
+                hit()
+            return out
+
+        j.restart_segment = restart_segment  # type: ignore[attr-defined]
 
     # Recovery itself may be where we die (mid-reversal): wrap before opening the service.
     import guard.runtime.service as service_mod
@@ -103,6 +148,8 @@ def main() -> int:
     service_mod.Journal.create = opened(real_journal_create)  # type: ignore[method-assign]
 
     svc = open_guard(d / "journal.db", keys, ecfg, uplink, rng=random.Random(start), reconnect_s=0.05)
+    if point.startswith(("snapshot_", "retention_")):
+        retention_on(svc, d, point, hit)
     svc.run_until(lambda: svc.uplink.connected, 5.0)
     svc.drain(10.0)
     progress, tmp = d / "progress", d / "progress.tmp"
@@ -122,6 +169,9 @@ def main() -> int:
             continue
         svc.run_until(lambda: req.key in svc.replies and not svc.replies[req.key].in_progress, 3.0)
     set_progress(start + count)
+    if svc.retention is not None:  # quiet now: give the retention cut its moment
+        runs = svc.retention.runs
+        svc.run_until(lambda: svc.retention.runs > runs, 3.0)
     ok = svc.drain(20.0)
     svc.close()
     return 0 if ok else 3

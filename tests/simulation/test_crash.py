@@ -4,12 +4,16 @@ and the journal verifies."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -34,6 +38,15 @@ POINTS = [
     "after_outcome_commit",
     "mid_reversal_commit",
     "mid_reversal_send",
+]
+# Snapshots and automatic retention (the child turns both on, with a cut about every second).
+RETENTION_POINTS = [
+    "snapshot_before_commit",
+    "snapshot_after_commit",
+    "retention_mid_copy",
+    "retention_before_archive",
+    "retention_before_restart",
+    "retention_after_restart",
 ]
 KILLS_PER_POINT = int(os.environ.get("POSGUARD_KILLS_PER_POINT", "36"))
 RANDOM_KILLS = int(os.environ.get("POSGUARD_RANDOM_KILLS", "64"))
@@ -129,3 +142,73 @@ def test_sigkill_at_every_named_point_and_at_random(tmp_path: Path, keys: Device
         server.stop()
     print(f"kills={kills} sales={start} outcomes={counts} host={core.stats()}")
     assert kills >= len(POINTS) * per_point + random_kills * 0.8, f"only {kills} kills happened"
+
+
+def check_invariant_with_archives(d: Path, core: HostCore) -> dict[str, int]:
+    """``check_invariant`` over archives + live file: each transaction's latest complete history
+    (a carried transaction's copy in a later file supersedes the archived one); verify-chain passes."""
+    from guard.core.txn import rebuild
+    from guard.ops.compact import archives_in, verify_chain
+
+    keys = load_keys(d / "keys")
+    files = [*archives_in(d / "archive", "journal"), d / "journal.db"]
+    rep = verify_chain(files, k0=keys.k0, public_keys=[keys.signing_key.public_key()])
+    assert rep.ok, f"verify-chain: {rep.problems} {[(f.path.name, f.report.reason) for f in rep.files]}"
+    txns = {}
+    for f in files:
+        c = sqlite3.connect(f"file:{f}?mode=ro", uri=True)
+        by: dict[str, list[Any]] = {}
+        for seq, ts, kind, txn, payload in c.execute("SELECT seq, ts, kind, txn, payload FROM entries "
+                                                     "WHERE txn IS NOT NULL ORDER BY seq"):
+            by.setdefault(txn, []).append(SimpleNamespace(seq=seq, ts=ts, kind=kind, payload=json.loads(payload)))
+        c.close()
+        for key, es in by.items():
+            t = rebuild(key, es)
+            if t is not None:
+                txns[key] = t
+    counts: dict[str, int] = {}
+    known = set()
+    for key, t in txns.items():
+        known.add((f"{t.stan:06d}", t.f7[:4]))
+        counts[t.state.value] = counts.get(t.state.value, 0) + 1
+        net = core.net_debits(TID, MID, f"{t.stan:06d}", t.f7[:4])
+        assert t.state.final, f"{key} still {t.state.value} after the final drain"
+        assert net == (1 if t.state is TxnState.APPROVED else 0), f"{key} {t.state.value}: host holds {net} net debits"
+    for (tid, mid, stan, mmdd), net in core.net_by_key().items():
+        assert not net or (stan, mmdd) in known, f"host debit for stan {stan} unknown to the journal"
+    return counts
+
+
+@pytest.mark.slow
+def test_sigkill_at_every_step_of_snapshots_and_retention(tmp_path: Path, keys: DeviceKeys) -> None:
+    """Snapshots every 16 entries and a retention cut about every second; SIGKILL at each step of
+    both. After restart and drain: the invariant over archives + live, and verify-chain passes."""
+    faults = {"drop_request": 0.05, "delay_response": 0.05, "debit_drop_response": 0.05}
+    core = HostCore(seed=12, dup_detection=True, faults=faults, late_delay=0.8)
+    server = HostServer(core, HostCodec())
+    port = server.start()
+    rng = random.Random(7)
+    per_point = max(1, KILLS_PER_POINT // 6)
+    start, kills = 0, 0
+
+    def progress() -> int:
+        p = tmp_path / "progress"
+        return int(p.read_text()) if p.exists() else start
+
+    try:
+        for point in RETENTION_POINTS:
+            hit = tries = 0
+            while hit < per_point and tries < 6 * per_point:
+                tries += 1
+                rc = run_child(tmp_path, port, start, 12, point, rng.randint(1, 2))
+                hit += rc == -signal.SIGKILL
+                start = progress()
+            assert hit == per_point, f"{point}: only {hit} kills in {tries} runs"
+            kills += hit
+        core.faults = {}
+        assert run_child(tmp_path, port, start, 4, "retention_none", 0) == 0, "final drain did not finish"
+        counts = check_invariant_with_archives(tmp_path, core)
+    finally:
+        server.stop()
+    print(f"kills={kills} sales={start} outcomes={counts} archives={len(list((tmp_path / 'archive').glob('*')))}")
+    assert counts.get("APPROVED", 0) > 0

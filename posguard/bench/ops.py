@@ -11,7 +11,7 @@
 3. journal bytes per sale: a journal written by GuardService (one commit per action, real ISO
    8583 codec, in-process host), file size after close / sales. Target <= 1 KB.
 
-usage: python tools/bench_ops.py [--runs 5] [--entries-sales 50000] [--backlog 5000] [--window 32]
+usage: python -m posguard.bench.ops [--runs 5] [--entries-sales 50000] [--backlog 5000] [--window 32]
                                 [--wide-window 128] [--dir DIR]
 """
 
@@ -32,22 +32,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from posguard.bench.data import MID, TID, Gen, bulk_journal
 
-from tests.support.ops_support import MID, TID, Gen, bulk_journal  # noqa: E402
-
-from guard.core import constants as C  # noqa: E402
-from guard.core.engine import EngineConfig  # noqa: E402
-from guard.ops.export import load_view  # noqa: E402
-from guard.simulation.hostsim import HostCore  # noqa: E402
-from guard.simulation.hostserver import HostServer  # noqa: E402
-from guard.hostlink.iso import HostCodec, field90  # noqa: E402
-from guard.journal.keys import init_keys, load_keys  # noqa: E402
-from guard.core.policies import OFF  # noqa: E402
-from guard.ops.replay import open_replay, run_replay  # noqa: E402
-from guard.hostlink.uplink import Uplink  # noqa: E402
-from guard.journal.verify import verify_journal  # noqa: E402
+from guard.core import constants as C
+from guard.core.engine import EngineConfig
+from guard.ops.export import load_view
+from guard.simulation.hostsim import HostCore
+from guard.simulation.hostserver import HostServer
+from guard.hostlink.iso import HostCodec, field90
+from guard.journal.keys import init_keys, load_keys
+from guard.core.policies import OFF
+from guard.ops.replay import open_replay, run_replay
+from guard.hostlink.uplink import Uplink
+from guard.journal.verify import verify_journal
 
 med = statistics.median
 
@@ -83,7 +80,7 @@ def bench_verify(base: Path, sales: int, runs: int) -> dict[str, float]:
 def _enc(s: str) -> str:
     import json
 
-    return json.encoder.encode_basestring_ascii(s)  # type: ignore[attr-defined,no-any-return]
+    return json.encoder.encode_basestring_ascii(s)
 
 
 # --- 2. replay against HostServer in its own process -----------------------------------------
@@ -198,7 +195,7 @@ def bench_replay(base: Path, n: int, window: int, runs: int) -> dict[str, float]
 
 
 def bench_bytes(base: Path, sales: int, runs: int) -> dict[str, float]:
-    from bench_engine import run as engine_run  # tools/bench_engine.py: GuardService, one commit per action
+    from posguard.bench.engine import run as engine_run  # GuardService, one commit per action
 
     sizes = []
     for r in range(runs):
@@ -230,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bytes-sales", type=int, default=2_000)
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir under /tmp)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tools"))
     base = Path(tempfile.mkdtemp(prefix="posguard-bench-ops-", dir=args.dir))
     (base / "wide").mkdir()
     print(f"machine: {machine()}")

@@ -1,7 +1,7 @@
 """Link codec cost vs. line time: median µs to encode and decode a typical AUTH frame, printed
 beside the time the same frame takes on the wire (8N1: 10 bits per byte).
 
-    python tools/bench_link.py [--baud 115200] [--rounds 301] [--batch 200]
+    python -m posguard.bench.link [--baud 115200] [--rounds 301] [--batch 200]
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firmware_bridge.constants import BITS_PER_BYTE_8N1, DEFAULT_BAUDRATE, FrameType  # noqa: E402
-from firmware_bridge.frame import Frame, FrameParser, encode_frame  # noqa: E402
-from firmware_bridge.messages import Auth, decode_message, encode_message  # noqa: E402
+from firmware_bridge.constants import BITS_PER_BYTE_8N1, DEFAULT_BAUDRATE, FrameType
+from firmware_bridge.frame import Frame, FrameParser, encode_frame
+from firmware_bridge.messages import Auth, decode_message, encode_message
 
 EPOCH = 0x1B2C3D4E
 AUTH = Auth(bytes.fromhex("00000000000000070000000000000001"), 1250, "978", "4761739001010119", "2512", "lane-01")

@@ -1,6 +1,6 @@
 """Benchmark the journal: verify entries/s beside the same crypto in a bare loop, and append cost.
 
-    python tools/bench_verify.py [--entries 100000] [--runs 5] [--appends 2000]
+    python -m posguard.bench.verify [--entries 100000] [--runs 5] [--appends 2000]
 
 Prints medians (wall entries/s; CPU per entry counts the MAC worker process too). The main baseline
 is the same SHA-256 chain hash and HMAC/ratchet computations over the same bytes already in memory,
@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guard.core.constants import JOURNAL_HASH_DOMAIN, JOURNAL_RATCHET_LABEL
 from guard.journal.format import entry_body
@@ -84,6 +83,7 @@ def bench_verify(path: Path, keys: DeviceKeys, runs: int) -> None:
     p36, p5c = b"\x36" * 32, b"\x5c" * 32
     for _ in range(runs):
         t = time.perf_counter()
+        assert keys.k0 is not None
         key, bad = keys.k0, 0
         for m, (h, mac) in zip(msgs, pairs):  # exactly the computations verify must do per entry, nothing else
             bad += sha(m).digest() != h
@@ -156,9 +156,9 @@ def bench_append(j: Journal, n: int) -> None:
         commit_s.append(time.perf_counter() - t)
         commit_cpu.append(time.process_time() - c)
 
-    def timed_seal() -> bool:
+    def timed_seal(wait_s: float = 0.0) -> bool:
         t = time.perf_counter()
-        ok = real_seal()
+        ok = real_seal(wait_s)
         seal_s.append(time.perf_counter() - t)
         return ok
 

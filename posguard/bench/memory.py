@@ -1,7 +1,7 @@
 """Memory benchmark: process RSS while sales run through the real guard.
 
 Each sale goes through GuardService (real journal file, WAL + synchronous=FULL, real ISO 8583 codec
-both ways) with HostCore in-process (``InProcessUplink`` from tools/bench_engine.py). Time is
+both ways) with HostCore in-process (``InProcessUplink`` from posguard.bench.engine). Time is
 simulated (``--seconds-per-sale``, default 30 s: a busy lane) so the counter rules (whose history is
 bounded by their longest window, one day by default), checkpoints and journal timestamps see a
 realistic clock; every card is different so no rule declines. The in-process host keeps a ledger of every debit, which is the acquirer's memory, not the
@@ -9,18 +9,17 @@ terminal's: it is replaced by a fresh HostCore every ``--host-reset`` sales so R
 
 Printed: the machine, VmRSS (/proc/self/status) at 0, N/2 and N sales, the engine's in-memory
 containers, where the per-sale growth lives (tracemalloc over extra sales, by file and line), what
-Engine.txns/by_stan keep per transaction, and what a restart costs (Engine.restore reads the whole
+Engine.txns/by_stan keep per transaction, and what a restart costs (without a snapshot it reads the whole
 journal), extrapolated to a year. Targets: RSS after 10,000 sales
 <= 60 MB and growth 10,000 -> 20,000 <= 5 MB; exit status 1 if missed.
 
-usage: python tools/bench_memory.py [--sales 20000] [--policy off|default] [--drop-replies] [--dir DIR]
+usage: python -m posguard.bench.memory [--sales 20000] [--policy off|default] [--drop-replies] [--dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import random
 import shutil
 import subprocess
@@ -33,8 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the directory that holds the packages
 
 
 def status_kb(field: str) -> int:
@@ -48,20 +46,10 @@ def status_kb(field: str) -> int:
 RSS_BEFORE_IMPORTS_KB = status_kb("VmRSS")
 
 
-def _bench_engine() -> Any:
-    """tools/ is not a package: load tools/bench_engine.py by path (InProcessUplink, machine)."""
-    spec = importlib.util.spec_from_file_location("posguard_bench_engine", ROOT / "tools" / "bench_engine.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-BE = _bench_engine()
-InProcessUplink, machine = BE.InProcessUplink, BE.machine
+from posguard.bench.engine import InProcessUplink, machine
 
 from guard.core.engine import Engine, EngineConfig
-from guard.runtime.restore import restore_engine
+from guard.runtime.restore import restore, restore_engine
 from guard.simulation.hostsim import HostCore
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
@@ -116,7 +104,8 @@ class Rig:
                        check=True, timeout=120)
         self.ecfg = EngineConfig(TID, MID, policy=policy)
         self.up = InProcessUplink(self._host(), HostCodec())
-        self.svc = open_guard(path, self.keys, self.ecfg, self.up, rng=random.Random(1), clock=lambda: self.now)
+        self.svc = open_guard(path, self.keys, self.ecfg, self.up,  # type: ignore[arg-type]
+                              rng=random.Random(1), clock=lambda: self.now)
         self.engine, self.journal = self.svc.engine, self.svc.journal
         self.svc.execute(self.engine.on_host_up(self.now))
         self.step, self.host_reset = seconds_per_sale, host_reset
@@ -241,15 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     tracemalloc.stop()
     rig.svc.close()
 
-    # A restart rebuilds the engine from every journal entry: time (untraced), then memory.
+    # A restart from every journal entry (no snapshot): time (untraced), then memory; and from
+    # the daemon's newest snapshot, as ``posguard run`` does.
     j = Journal.open(base / "journal.db", rig.keys, terminal_id=TID)
     crypto = JournalCrypto(j, rig.keys.token_key)
     t0 = time.perf_counter()
-    restore_engine(rig.ecfg, crypto, j)
+    restore_engine(rig.ecfg, crypto, j, snapshot=False)
     restore_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, snap_from = restore(rig.ecfg, crypto, j)
+    snap_s = time.perf_counter() - t0
     gc.collect()
     tracemalloc.start(1)
-    restored = restore_engine(rig.ecfg, crypto, j)
+    restored = restore_engine(rig.ecfg, crypto, j, snapshot=False)
     restored.history.prune(rig.now)  # restore prunes every 4096 entries; the next sale would prune the rest
     gc.collect()
     held = tracemalloc.get_traced_memory()[0]
@@ -301,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"GuardService.replies: {n_replies_end + rig.sales - first} results, {per_reply:.0f} bytes each "
               f"(Result objects and the strings they keep), never removed: {per_reply * 10_000 / MB:.1f} MB per 10,000 sales")
     per_sale_s = restore_s / max(1, rig.sales)
-    print(f"restart: restore reads all {entries} entries: {restore_s:.2f} s "
+    print(f"restart without a snapshot: restore reads all {entries} entries: {restore_s:.2f} s "
           f"({per_sale_s * 1e6:.0f} us per sale in the journal), {held / MB:.1f} MB held after it")
+    print(f"restart from the daemon's snapshot: {snap_s:.2f} s, reads {entries - snap_from + 1 if snap_from else entries} "
+          "entries (the counter rules' window and what is open; posguard.bench.startup: 10k to 1M sales)")
     for per_day in (500, 2_000):
         year = per_day * 365
-        print(f"  at {per_day} sales/day, after a year: restart reads {year:,} sales (~{per_sale_s * year:.0f} s)"
+        print(f"  without snapshots, at {per_day} sales/day after a year a restart would read {year:,} sales "
+              f"(~{per_sale_s * year:.0f} s)"
               + (f"; GuardService.replies ~{per_reply * year / MB:.0f} MB if the process ran all year"
                  if replies_unbounded else ""))
     ok_rss = rss_half <= RSS_AT_10K_MAX_MB if half == 10_000 else None

@@ -7,7 +7,7 @@ ratio to two bare commits of the same size. "Guard time" is the sale's wall time
 SQLite transactions (BEGIN..COMMIT, what the baseline also does) and minus the simulated host's
 own decode/approve/encode work; it includes our ISO 8583 encode+decode, hashing, MACs, AES-GCM.
 
-usage: python tools/bench_engine.py [--sales N] [--dir DIR]
+usage: python -m posguard.bench.engine [--sales N] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -24,18 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guard.core.engine import Engine, EngineConfig  # noqa: E402
-from guard.runtime.restore import restore_engine  # noqa: E402
-from guard.simulation.hostsim import HostCore  # noqa: E402
-from guard.hostlink.iso import HostCodec, HostMessage  # noqa: E402
-from guard.journal.store import Journal  # noqa: E402
-from guard.journal.keys import init_keys  # noqa: E402
-from guard.core.policies import OFF, PolicyConfig, VelocityLimit  # noqa: E402
-from guard.core.model import CardData, Request, TxnKind, TxnState  # noqa: E402
-from guard.runtime.service import GuardService, JournalCrypto  # noqa: E402
-from guard.hostlink.uplink import SendOutcome  # noqa: E402
+from guard.core.engine import Engine, EngineConfig
+from guard.runtime.restore import restore_engine
+from guard.simulation.hostsim import HostCore
+from guard.hostlink.iso import HostCodec, HostMessage
+from guard.journal.store import Journal
+from guard.journal.keys import init_keys
+from guard.core.policies import OFF, PolicyConfig, VelocityLimit
+from guard.core.model import CardData, Request, TxnKind, TxnState
+from guard.runtime.service import GuardService, JournalCrypto
+from guard.hostlink.uplink import SendOutcome
 
 TID, MID = "BENCH001", "BENCHMERCHANT01"
 
@@ -117,7 +116,7 @@ def run(sales: int, workdir: Path, policy: PolicyConfig | None = None, history: 
     engine = restore_engine(ecfg, JournalCrypto(journal, keys.token_key), journal, random.Random(1))
     core = HostCore(seed=1, dup_detection=True, faults={})
     up = InProcessUplink(core, HostCodec())
-    svc = GuardService(engine, journal, up)  # type: ignore[arg-type]
+    svc = GuardService(engine, journal, up)
     svc.execute(engine.on_host_up(time.time()))
     walls, engine_only, engine_cpu, commits = [], [], [], []
     sizes: list[int] = []
@@ -174,6 +173,7 @@ def codec_pair_seconds(n: int = 3000) -> float:
     f = {"t": "0200", "2": "4761739001010119", "14": "2912", "3": "000000", "4": "000000001000",  # public EMV test card
          "7": "1122010203", "11": "000001", "41": TID, "42": MID, "49": "978"}
     resp = [r.fields for r in HostCore(seed=1, dup_detection=False).handle(f, time.time())][0]
+    assert resp is not None
     raw = codec.encode(resp)
     dec = codec.decoder()
     ts = []
@@ -199,7 +199,7 @@ def loop_round_seconds(finals: int = 5000, n: int = 2000) -> tuple[float, float]
     """Median cost of one idle daemon loop round (next_deadline + tick) with ``finals`` final
     transactions in memory (the engine keeps up to keep_final=5000), and of a plain Python scan
     over that many transactions (what a round cost before timers watched only live ones)."""
-    eng = Engine(EngineConfig(TID, MID, policy=OFF), _BenchCrypto(), random.Random(1))  # type: ignore[arg-type]
+    eng = Engine(EngineConfig(TID, MID, policy=OFF), _BenchCrypto(), random.Random(1))
     now = time.time()
     eng.on_host_up(now)
     codec = HostCodec()
@@ -210,7 +210,9 @@ def loop_round_seconds(finals: int = 5000, n: int = 2000) -> tuple[float, float]
             if hasattr(a, "fields") and a.fields:
                 for r in core.handle(dict(a.fields, **{"2": "4761739000000000"}), now):
                     if r.fields is not None:
-                        eng.host_message(codec.decoder().feed(codec.encode(r.fields))[0].fields, now)
+                        msg = codec.decoder().feed(codec.encode(r.fields))[0]
+                        assert isinstance(msg, HostMessage)
+                        eng.host_message(msg.fields, now)
     assert not eng.busy() and len(eng.txns) == finals
     rounds, scans = [], []
     for _ in range(n):
@@ -222,6 +224,11 @@ def loop_round_seconds(finals: int = 5000, n: int = 2000) -> tuple[float, float]
         rounds.append(t1 - t0)
         scans.append(time.perf_counter() - t1)
     return statistics.median(rounds), statistics.median(scans)
+
+
+def q(xs: list[float], p: float) -> float:
+    """The ``p`` quantile of ``xs`` (nearest rank)."""
+    return sorted(xs)[int(p * (len(xs) - 1))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,7 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     on = {k: runs[1][k] + runs[2][k] for k in ("engine_cpu", "walls")}
     bare = bare_commits(base / "bare.db", (600, 300), args.sales)
     med = statistics.median
-    q = lambda xs, p: sorted(xs)[int(p * (len(xs) - 1))]  # noqa: E731
     commits = set(r["commits"])
     print(f"machine: {machine()}")
     print(f"journal dir: {base}")

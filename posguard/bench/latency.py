@@ -8,7 +8,7 @@ the first byte of each request and answers at once. One monotonic clock for both
 The latency includes the intent's durable commit (the fsync), which must precede the send; it is
 also printed without it, using the journal's own timing of that commit.
 
-usage: python tools/bench_latency.py [--sales N]
+usage: python -m posguard.bench.latency [--sales N]
 """
 
 from __future__ import annotations
@@ -25,19 +25,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firmware_bridge import messages as M  # noqa: E402
-from firmware_bridge.frame import Frame, FrameParser, encode_frame  # noqa: E402
-from firmware_bridge.constants import FrameType  # noqa: E402
-from firmware_bridge.link import Delivered, LinkEndpoint  # noqa: E402
-from firmware_bridge.nullmodem import NullModem  # noqa: E402
-from firmware_bridge.serial_port import open_port  # noqa: E402
-from guard.simulation.hostsim import HostCore  # noqa: E402
-from guard.hostlink.iso import HostCodec, HostMessage  # noqa: E402
-from guard.journal.keys import init_keys  # noqa: E402
-from posguard.config import parse  # noqa: E402
-from posguard.run import build  # noqa: E402
+from firmware_bridge import messages as M
+from firmware_bridge.frame import Frame, FrameParser, encode_frame
+from firmware_bridge.constants import FrameType
+from firmware_bridge.link import Delivered, LinkEndpoint
+from firmware_bridge.nullmodem import NullModem
+from firmware_bridge.serial_port import open_port
+from guard.simulation.hostsim import HostCore
+from guard.hostlink.iso import HostCodec, HostMessage
+from guard.journal.keys import init_keys
+from posguard.config import parse
+from posguard.run import build
 
 PAN = "4761739001010119"
 
@@ -104,6 +103,11 @@ def link_cost(n: int = 5000) -> tuple[float, int]:
         M.decode_message(out[0].payload)  # type: ignore[union-attr]
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts), len(wire)
+
+
+def q(xs: list[float], p: float) -> float:
+    """The ``p`` quantile of ``xs`` (nearest rank)."""
+    return sorted(xs)[int(p * (len(xs) - 1))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     cable.close()
     host.stop()
     med = statistics.median
-    q = lambda xs, p: sorted(xs)[int(p * (len(xs) - 1))]  # noqa: E731
     tx = frame_bytes * 10 / 115200
     cost, size = link_cost()
     print(f"AUTH frame: {frame_bytes} bytes; serial transmission at 115200 8N1: {tx * 1e3:.3f} ms")
