@@ -217,6 +217,11 @@ def bench(ctx: click.Context) -> None:
     from posguard.bench.__main__ import main as bench_main
     from posguard.cli_helpers import interrupted
 
+    if {"-h", "--help"} & set(ctx.args):
+        click.echo(ctx.get_help())
+        click.echo("\nOptions of python -m posguard.bench: --quick (smaller runs), --only NAMES (comma-separated), "
+                   "--out DIR (each benchmark's full output).")
+        sys.exit(0)
     try:
         sys.exit(bench_main(list(ctx.args)))
     except KeyboardInterrupt:

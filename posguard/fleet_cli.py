@@ -27,7 +27,11 @@ def _db_errors() -> tuple[type[BaseException], ...]:
 
 @click.group("fleet")
 def fleet() -> None:
-    """Many terminals' journals on PostgreSQL: ingest (witness), verify, reconcile, report."""
+    """Many terminals' journals on PostgreSQL: ingest (witness), verify, reconcile, report.
+
+    Exit status: 0 all good; 1 something was found (a rejected upload, an entry that no longer
+    verifies, a discrepancy); 2 bad input or the database cannot be used.
+    """
 
 
 @fleet.command("init")
@@ -35,7 +39,10 @@ def fleet() -> None:
 @click.option("--hash-parts", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Hash partitions per business day (fixed at creation).")
 def init_cmd(dsn: str, hash_parts: int) -> None:
-    """Create or migrate the fleet schema (idempotent)."""
+    """Create or migrate the fleet schema (idempotent).
+
+    Exit status: 0 the schema is current; 2 the database cannot be used.
+    """
     from guard.fleet.schema import SCHEMA_VERSION, init
 
     try:
@@ -50,7 +57,10 @@ def init_cmd(dsn: str, hash_parts: int) -> None:
 @click.argument("terminal")
 @click.argument("keys_dir", metavar="KEYDIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def enroll_cmd(dsn: str, terminal: str, keys_dir: Path) -> None:
-    """Register TERMINAL's escrowed k0 and public key chain from KEYDIR (keys export-verifier output)."""
+    """Register TERMINAL's escrowed k0 and public key chain from KEYDIR (keys export-verifier output).
+
+    Exit status: 0 enrolled; 2 bad key files or the database cannot be used.
+    """
     from guard.fleet.ingest import enroll
 
     try:
@@ -67,7 +77,11 @@ def enroll_cmd(dsn: str, terminal: str, keys_dir: Path) -> None:
               help="Worker processes (each takes a disjoint set of terminals).")
 @JSON
 def ingest_cmd(dsn: str, paths: tuple[Path, ...], jobs: int, as_json: bool) -> None:
-    """Verify and store journal files and archives (FILES or DIRS); rejects rollbacks, forks, gaps."""
+    """Verify and store journal files and archives (FILES or DIRS); rejects rollbacks, forks, gaps.
+
+    Exit status: 0 every file accepted (or already held); 1 an upload was rejected (terminal, seq
+    and reason printed and kept in the database); 2 bad input or the database cannot be used.
+    """
     from guard.fleet.ingest import ingest
 
     try:
@@ -92,7 +106,11 @@ def ingest_cmd(dsn: str, paths: tuple[Path, ...], jobs: int, as_json: bool) -> N
 @click.option("--terminal", "terminals", multiple=True, help="Only these terminals (default: all).")
 @JSON
 def verify_cmd(dsn: str, terminals: tuple[str, ...], as_json: bool) -> None:
-    """Re-check the entries stored since the last run (chain, MACs, signatures), per terminal."""
+    """Re-check the entries stored since the last run (chain, MACs, signatures), per terminal.
+
+    Exit status: 0 everything verifies; 1 a stored entry no longer verifies; 2 the database cannot
+    be used.
+    """
     from guard.fleet.verify import verify
 
     try:
@@ -122,7 +140,11 @@ def verify_cmd(dsn: str, terminals: tuple[str, ...], as_json: bool) -> None:
 @click.argument("settlement", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @JSON
 def reconcile_cmd(dsn: str, settlement: tuple[Path, ...], as_json: bool) -> None:
-    """Every terminal's sales against SETTLEMENT files (categories of posguard reconcile), in SQL."""
+    """Every terminal's sales against SETTLEMENT files (categories of posguard reconcile), in SQL.
+
+    Exit status: 0 no discrepancy; 1 discrepancies listed; 2 a bad settlement file or the database
+    cannot be used.
+    """
     from guard.fleet.reconcile import reconcile
 
     try:
@@ -146,7 +168,10 @@ def reconcile_cmd(dsn: str, settlement: tuple[Path, ...], as_json: bool) -> None
 @DSN
 @JSON
 def report_cmd(dsn: str, as_json: bool) -> None:
-    """Per terminal: last seen, accepted/verified up to, pending reversals, NEEDS_MANUAL, discrepancies."""
+    """Per terminal: last seen, accepted/verified up to, pending reversals, NEEDS_MANUAL, discrepancies.
+
+    Exit status: 0 printed; 2 the database cannot be used.
+    """
     from guard.fleet.report import report
 
     try:
@@ -166,7 +191,10 @@ def report_cmd(dsn: str, as_json: bool) -> None:
 @fleet.command("keygen")
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def keygen_cmd(path: Path) -> None:
-    """Create the fleet's Ed25519 receipt-signing key at PATH (0600); prints its public key."""
+    """Create the fleet's Ed25519 receipt-signing key at PATH (0600); prints its public key.
+
+    Exit status: 0 created; 2 the file cannot be created.
+    """
     from guard.fleet.report import generate_fleet_key
 
     try:
@@ -180,7 +208,10 @@ def keygen_cmd(path: Path) -> None:
 @click.option("--key", "key_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("terminal")
 def receipt_cmd(dsn: str, key_path: Path, terminal: str) -> None:
-    """The fleet's countersigned receipt of TERMINAL's newest accepted checkpoint (JSON)."""
+    """The fleet's countersigned receipt of TERMINAL's newest accepted checkpoint (JSON).
+
+    Exit status: 0 printed; 2 bad key file, unknown terminal or the database cannot be used.
+    """
     from guard.fleet.report import load_fleet_key, receipt
 
     try:
@@ -205,7 +236,11 @@ def receipt_cmd(dsn: str, key_path: Path, terminal: str) -> None:
               help="The fleet's receipt key (fleet keygen): enables GET /v1/receipt.")
 def serve_cmd(dsn: str, host: str, port: int, cert: Path, key_path: Path, ca: Path, spool: Path,
               receipt_key: Path | None) -> None:
-    """HTTPS upload endpoint with per-terminal mTLS: PUT /v1/journal, GET /v1/receipt (docs/FLEET.md)."""
+    """HTTPS upload endpoint with per-terminal mTLS: PUT /v1/journal, GET /v1/receipt (docs/FLEET.md).
+
+    Exit status: 0 stopped cleanly (Ctrl-C, SIGTERM); 2 bad certificates or keys, the port cannot be
+    bound, or the database cannot be used.
+    """
     from guard.fleet.serve import serve
 
     try:
