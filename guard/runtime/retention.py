@@ -75,6 +75,15 @@ class Run:
     archived: tuple[int, int] | None = None  # (first, last) once the archive is in place
 
 
+@dataclass(frozen=True)
+class Cut:
+    """One cut round's parts (posguard.bench.retention prints them: the restart grows with ``carried``)."""
+    seal_s: float  # sealing checkpoint, last copies, archive fsync and rename
+    restart_s: float  # the live file restarted in one commit (re-link and re-MAC of the carried entries)
+    archived: int  # entries in the archive (all the live file held)
+    carried: int  # entries copied into the restarted file
+
+
 @dataclass
 class Retention:
     svc: GuardService
@@ -82,6 +91,7 @@ class Retention:
     runs: int = 0
     pauses: list[float] = field(default_factory=list)  # seconds of each run's final (blocking) round
     slices: list[float] = field(default_factory=list)  # seconds of each copying slice
+    cuts: list[Cut] = field(default_factory=list)  # each cut round's parts (``pauses`` holds their sums)
     confirmed_seq: int = 0  # newest checkpoint seq the host confirmed holding (this run of the daemon)
     deleted: int = 0  # archives deleted
     _run: Run | None = None
@@ -109,13 +119,14 @@ class Retention:
             self.slices.append(time.perf_counter() - t0)
             return
         t0 = time.perf_counter()
-        self._seal(now)
+        first, last = self._seal(now)
         t1 = time.perf_counter()
-        self._restart(now)  # the same round: nothing (not even a deposit) may be journaled in between
+        carried = self._restart(now)  # the same round: nothing (not even a deposit) may be journaled in between
         t2 = time.perf_counter()
         self.pauses.append(t2 - t0)
-        log.info("retention: the cut took %.1f ms (seal and archive %.1f, live restart %.1f)",
-                 (t2 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3)
+        self.cuts.append(Cut(t1 - t0, t2 - t1, last - first + 1, carried))
+        log.info("retention: the cut took %.1f ms (seal and archive %.1f, live restart %.1f, %d entries carried)",
+                 (t2 - t0) * 1e3, (t1 - t0) * 1e3, (t2 - t1) * 1e3, carried)
 
     def _last_entry_ts(self) -> float:
         """When a transaction's record was last journaled (echoes, deposits, checkpoints do not count)."""
@@ -158,8 +169,8 @@ class Retention:
 
     # -- the cut -------------------------------------------------------------------------------
 
-    def _seal(self, now: float) -> None:
-        """A sealing checkpoint, the archive completed, durable and in place."""
+    def _seal(self, now: float) -> tuple[int, int]:
+        """A sealing checkpoint, the archive completed, durable and in place; (first, last) archived seq."""
         run = self._run
         assert run is not None
         j = self.svc.journal
@@ -175,9 +186,10 @@ class Retention:
             if stale != run.writer.dest:  # an interrupted run's shorter archive: a prefix of this one
                 stale.chmod(0o600)
                 stale.unlink()
+        return run.archived
 
-    def _restart(self, now: float) -> None:
-        """Restart the live file (nothing journaled since the seal)."""
+    def _restart(self, now: float) -> int:
+        """Restart the live file (nothing journaled since the seal); returns the entries carried."""
         run = self._run
         assert run is not None and run.archived is not None and run.writer.dest is not None
         self._run = None
@@ -197,12 +209,13 @@ class Retention:
                                                   "digest": hashlib.sha256(bits).hexdigest(),
                                                   "horizon_s": horizon_s(eng.cfg.policy)}))
         note = {"retention": run.reason, "cutoff": run.cutoff, "archive": name}
-        j.restart_segment(carry, records=recs, note=note, now=now, archive=str(final.resolve()), snapshot_bits=bits)
+        _, carried = j.restart_segment(carry, records=recs, note=note, now=now, archive=str(final.resolve()), snapshot_bits=bits)
         snaps = self.svc.snapshots
         if snaps is not None:
             snaps.restart(seg_seq)
         self.runs += 1
         log.info("retention: archived entries %d-%d to %s, carried %d transactions", first, last, name, len(carry))
+        return carried
 
     def _carry(self, cutoff: float) -> set[str]:
         """Transactions the restarted file keeps (module docstring, step 3)."""

@@ -35,7 +35,7 @@ from guard.core.model import CardData, Request, TxnKind
 from guard.hostlink.iso import HostCodec
 from guard.journal.keys import init_keys, load_keys
 from guard.ops.compact import archives_in, journal_bytes, verify_chain
-from guard.runtime.retention import DAY_S, Retention, RetentionConfig
+from guard.runtime.retention import DAY_S, Cut, Retention, RetentionConfig
 from guard.runtime.service import open_guard
 from guard.simulation.hostsim import HostCore
 from posguard.bench.data import MID, T0, TID
@@ -73,6 +73,7 @@ class SoakResult:
     confirmed_seq: int = 0  # the newest checkpoint the host confirmed (archives before it may go)
     deleted: int = 0  # archives deleted (older than keep_days, covered by a deposited checkpoint)
     states: dict[str, int] = field(default_factory=dict)
+    cuts: list[Cut] = field(default_factory=list)  # each cut round's parts
 
 
 def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_live_mb: float = 16.0,
@@ -141,7 +142,7 @@ def soak(base: Path, sales: int, days: float, *, retain_days: float = 2.0, max_l
     snaps = svc.snapshots.seconds if svc.snapshots is not None else []
     return SoakResult(sales, ret.runs, ret.pauses, ret.slices, walls, max_data, max_file, archives, ok,
                       problems=problems, states=states, snapshots=snaps, confirmed_seq=ret.confirmed_seq,
-                      deleted=ret.deleted)
+                      deleted=ret.deleted, cuts=ret.cuts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sale, wall (ms, median)':52} {statistics.median(r.sale_walls) * 1e3:9.3f}")
     print(f"{'sale, wall (ms, max)':52} {max(r.sale_walls) * 1e3:9.3f}")
     print(f"{'retention cut round, ms (median)':52} {statistics.median(r.pauses or [0]) * 1e3:9.3f}")
+    print(f"{'retention cut round, ms (max)':52} {max(r.pauses or [0]) * 1e3:9.3f}")
+    if r.cuts:
+        seal, restart = [c.seal_s * 1e3 for c in r.cuts], [c.restart_s * 1e3 for c in r.cuts]
+        print(f"{'  seal + archive in place, ms (median / max)':52} {statistics.median(seal):9.3f} / {max(seal):.3f}")
+        print(f"{'  live restart, ms (median / max)':52} {statistics.median(restart):9.3f} / {max(restart):.3f}")
+        print(f"{'  entries archived / carried a cut (median)':52} {statistics.median(c.archived for c in r.cuts):9.0f} / "
+              f"{statistics.median(c.carried for c in r.cuts):.0f}")
+        per = [c.restart_s * 1e6 / c.carried for c in r.cuts if c.carried]
+        print(f"{'  live restart per carried entry, us (median)':52} {statistics.median(per or [0]):9.1f}")
     print(f"{'longest pause a sale could see from retention (ms)':52} {longest * 1e3:9.3f}")
     print(f"{'archive copy slice, ms (median)':52} {statistics.median(r.slices or [0]) * 1e3:9.3f}")
     print(f"{'snapshot commit, ms (median / max)':52} {statistics.median(r.snapshots or [0]) * 1e3:9.3f} / "

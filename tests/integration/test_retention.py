@@ -19,6 +19,10 @@ def test_no_archive_is_deleted_before_a_later_checkpoint_is_with_the_host(tmp_pa
     r = soak(tmp_path, 1600, 8, retain_days=1.0, max_live_mb=0, fsync=False, keep_days=1.0, deposits=False)
     assert r.runs >= 2 and r.deleted == 0 and r.confirmed_seq == 0  # old enough, but never confirmed
     assert r.chain_ok, r.problems
+    # the cut's parts the benchmark prints: one per run, sized by the archive it made
+    spans = [int(b) - int(a) + 1 for a, b in (p.name.split(".")[1].split("-") for p in r.archives)]
+    assert [c.archived for c in r.cuts] == spans
+    assert all(0 < c.carried < c.archived for c in r.cuts)
 
 
 def test_a_shop_never_idle_for_a_minute_still_gets_its_cut(tmp_path: Path) -> None:
