@@ -14,8 +14,9 @@ file restarted in place from a signed ``segment`` record, ids of archived transa
    transaction not final, every NEEDS_MANUAL, every transaction with an entry younger than the
    cut-off (at least the counter rules' window, so a restart counts what they count) and the
    VOIDs and refunds linked to them; it ends with a ``snapshot`` (so the next start reads only
-   the restarted file). The pause a sale can see is this round; ``pauses`` keeps their lengths
-   (posguard.bench.retention). Two rounds would not do: the deposit of the sealing checkpoint
+   the restarted file). The pause a sale can see is this round; ``pauses`` keeps their lengths,
+   ``cuts`` their parts (posguard.bench.retention): it grows with the entries carried (~30 us
+   each), it is not bounded. Two rounds would not do: the deposit of the sealing checkpoint
    or an idle-time checkpoint would be journaled in between, after the archive's end.
 4. Archives older than ``archive_keep_s`` are deleted, but only once a checkpoint written after
    them was deposited with the host and answered as approved (in this run of the daemon).
