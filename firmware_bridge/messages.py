@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 from guard.core.errors import PosguardError, RequestInvalid
-from guard.core.model import CardData, Request, Result, TxnKind, TxnState, mask_pan
+from guard.core.model import CardData, Request, Result, TxnKind, TxnState, luhn_ok, mask_pan
 
 from firmware_bridge.constants import DISPLAY_TEXT_MAX, MAX_PAYLOAD, TLV_HEADER_LEN, TXN_ID_LEN, MsgType, Tag
 from firmware_bridge.tags import CARD_DATA_TAGS, SECRET_FIELDS, TAG_CODECS, MessageError, is_error_code
@@ -401,15 +401,6 @@ def readable_txn_id(payload: bytes) -> bytes | None:
 # ---------------------------------------------------------------------------- converters
 
 
-def luhn_ok(digits: str) -> bool:
-    """ISO/IEC 7812-1 check digit (Luhn, mod 10) of a string of ASCII digits."""
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i & 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
 
 
 def to_request(msg: Message, reader_id: str) -> Request:

@@ -157,6 +157,22 @@ def fingerprint(kind: TxnKind, amount: int, currency: str, card_token: str, orig
     return hashlib.sha256(canon).hexdigest()[:32]
 
 
+def luhn_ok(digits: str) -> bool:
+    """ISO/IEC 7812-1 check digit (Luhn, mod 10) of a string of ASCII digits."""
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def luhn_complete(body: str) -> str:
+    """``body`` with the Luhn check digit appended (test card numbers for simulators and benchmarks)."""
+    return next(body + d for d in "0123456789" if luhn_ok(body + d))
+
+
 def mask_pan(pan: str) -> str:
     """BIN (first 6) and last 4 only (PCI DSS 3.4.1)."""
     if len(pan) < 13:

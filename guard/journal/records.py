@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from guard.core.errors import JournalError
+from guard.core.model import luhn_ok
 from guard.core.records import kind_of
 from guard.journal.format import CHECKPOINT_KIND, VAULT_NONCE_LEN, VaultBlob, canonical_json, vault_ref
 
@@ -33,7 +34,7 @@ def looks_like_pan(text: str) -> bool:
     if _THIRTEEN_DIGITS not in text.encode("utf-8", "replace").translate(_DIGIT_CLASS, b" -"):
         return False
     for m in _PAN_RE.finditer(text):
-        if _luhn_ok(m.group().replace(" ", "").replace("-", "")):
+        if luhn_ok(m.group().replace(" ", "").replace("-", "")):
             return True
     return False
 
@@ -50,14 +51,6 @@ def _pan_outside_exempt(obj: Any) -> bool:
     return looks_like_pan(canonical_json(obj))
 
 
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i & 1:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
 
 
 

@@ -15,7 +15,7 @@ from firmware_bridge.constants import DEFAULT_BAUDRATE, ERR_TXN_UNKNOWN, T2_S
 from firmware_bridge.messages import Auth, ErrorMessage, MessageError, ResultMessage
 from firmware_bridge.serial_port import open_port
 from guard.core.emv import EntryMode
-from guard.core.model import TxnState, mask_pan
+from guard.core.model import TxnState, luhn_complete, mask_pan
 from guard.simulation import cards
 from guard.simulation.linkfaults import LinkFaults
 from guard.simulation.readersim import PARTIAL_CHOICES, TEST_PAN, ReaderSim, ReaderTimeout
@@ -81,12 +81,7 @@ def _parser() -> argparse.ArgumentParser:
 def test_card(n: int) -> str:
     """Card number ``n``: Luhn-valid, 47617390 + 7 digits + check digit (the public Visa test
     range, as the EMV test PAN), so consecutive sales never look like a double swipe."""
-    body = f"47617390{n % 10**7:07d}"
-    total = 0
-    for k, ch in enumerate(reversed(body)):
-        d = int(ch) * (2 if k % 2 == 0 else 1)
-        total += d - 9 if d > 9 else d
-    return body + str((10 - total % 10) % 10)
+    return luhn_complete(f"47617390{n % 10**7:07d}")
 
 
 def sale_index(args: argparse.Namespace, boot: int, i: int) -> int:

@@ -54,7 +54,7 @@ from guard.simulation.hostsim import HostCore
 from guard.hostlink.iso import HostCodec
 from guard.journal.store import Journal
 from guard.journal.keys import init_keys
-from guard.core.model import CardData, Request, TxnKind
+from guard.core.model import CardData, Request, TxnKind, luhn_complete
 from guard.core.policies import OFF, PolicyConfig
 from guard.runtime.service import JournalCrypto, open_guard
 
@@ -79,14 +79,7 @@ def rss_mb() -> float:
 
 def luhn_pan(n: int) -> str:
     """A distinct Luhn-valid 16-digit card number per sale (so no counter rule fires)."""
-    body = f"476173{n:09d}"
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch)
-        if i % 2 == 0:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return body + str((10 - total % 10) % 10)
+    return luhn_complete(f"476173{n:09d}")
 
 
 class Rig:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.core.engine import EngineConfig
-from guard.core.model import CardData, Request, TxnKind
+from guard.core.model import CardData, Request, TxnKind, luhn_complete
 from guard.hostlink.iso import HostCodec
 from guard.journal.keys import init_keys, load_keys
 from guard.ops.compact import archives_in, journal_bytes, verify_chain
@@ -47,14 +47,7 @@ OPEN_HOURS_S = 12 * 3600.0  # the shop sells 12 hours a day; retention's cut wai
 
 def luhn_pan(n: int) -> str:
     """A distinct Luhn-valid card number per sale (no counter rule fires)."""
-    body = f"476173{n % 10**9:09d}"
-    total = 0
-    for i, ch in enumerate(reversed(body)):
-        d = int(ch)
-        if i % 2 == 0:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return body + str((10 - total % 10) % 10)
+    return luhn_complete(f"476173{n % 10**9:09d}")
 
 
 @dataclass

@@ -12,37 +12,7 @@ from guard.hostlink.uplink import SendOutcome
 from guard.runtime.executor import DAEMON, Executor, Policy
 from guard.simulation.hostsim import HostCore
 from guard.simulation.hosttypes import ACTION_SEND
-
-
-class Shown:
-    """ReaderPort: the latest result per key."""
-
-    def __init__(self) -> None:
-        self.results: dict[str, Result] = {}
-
-    def deliver(self, result: Result) -> None:
-        self.results[result.key] = result
-
-
-class RecordingHost:
-    """HostPort that is always connected and keeps what was sent (fields 2 / 14 filled)."""
-
-    def __init__(self) -> None:
-        self.sent: list[dict[str, str]] = []
-
-    @property
-    def connected(self) -> bool:
-        return True
-
-    def send(self, fields: dict[str, str]) -> SendOutcome:
-        self.sent.append(fields)
-        return SendOutcome.SENT
-
-    def drop(self, now: float) -> None:
-        pass
-
-    def cork(self, on: bool) -> None:
-        pass
+from posguard.bench.data import RecordingHost, Shown  # noqa: F401  (one copy: the benchmarks use them too)
 
 
 class CoreHost(RecordingHost):
