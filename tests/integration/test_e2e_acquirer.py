@@ -27,36 +27,10 @@ from firmware_bridge.serial_port import open_port
 from guard.core.model import TxnState
 from guard.journal.keys import init_keys
 from guard.simulation.readersim import ReaderSim
-from tests.integration.test_e2e_reader import PAN, TID, Guard, _journal_kinds, config, status_after
+from tests.support.e2e import AMOUNT, PAN, SETTLE_S, TID, Guard, config, counter, journal_kinds, settled, status_after  # noqa: F401
 from tests.support import subprocess_env, write_guard_toml
 from tests.support.acquirer_host import AcquirerHost, Answer, ReversalRule, Script
 
-AMOUNT = 1250
-SETTLE_S = 20.0  # bound on a reversal's round trip under a loaded machine
-
-
-@contextlib.contextmanager
-def counter(tmp: Path, acq: AcquirerHost, seed: int = 1, reader: dict[str, Any] | None = None,
-            **host: Any) -> Iterator[ReaderSim]:
-    """The daemon's objects on a fresh journal, talking to ``acq``, and a synced reader on a
-    pty null-modem; torn down in order (reader, guard, cable). ``host`` adds [host] keys,
-    ``reader`` [reader] keys."""
-    if not (tmp / "keys").exists():
-        init_keys(tmp / "keys")
-    cable = NullModem()
-    try:
-        cfg = config(tmp, cable.a, acq.port, **host)
-        cfg["reader"].update(reader or {})
-        guard = Guard(cfg)
-        r = ReaderSim(open_port(cable.b), reader_id="R1", rng=random.Random(seed), boot_counter=seed)
-        try:
-            r.sync(timeout=5)
-            yield r
-        finally:
-            r.close()
-            guard.stop()
-    finally:
-        cable.close()
 
 
 @contextlib.contextmanager
@@ -68,15 +42,6 @@ def acquirer(script: Script = (), reversals: ReversalRule | None = None) -> Iter
         yield host
     finally:
         host.stop()
-
-
-def settled(r: ReaderSim, res: M.ResultMessage | M.ErrorMessage) -> M.ResultMessage | M.ErrorMessage:
-    """The sale's state once a reversal it started has been answered (bounded)."""
-    if isinstance(res, M.ResultMessage) and res.state is TxnState.REVERSAL_PENDING:
-        final: M.ResultMessage | M.ErrorMessage = status_after(r, res.txn_id, TxnState.REVERSAL_PENDING,
-                                                               time.monotonic() + SETTLE_S)
-        return final
-    return res
 
 
 def assert_agrees(final: M.ResultMessage | M.ErrorMessage, host: AcquirerHost) -> None:
@@ -304,7 +269,7 @@ def test_a_mispaired_answer_never_approves_and_the_debit_is_reversed(tmp_path: P
         assert not any(isinstance(m, M.ResultMessage) and m.state is TxnState.APPROVED for m in r.received)
         assert_agrees(final, host)
         assert [e.response["39"] for e in host.log if e.request["t"] in ("0400", "0401") and e.response][-1] == "00"
-    unmatched = _journal_kinds(tmp_path, "unmatched_response")
+    unmatched = journal_kinds(tmp_path, "unmatched_response")
     assert [p["why"] for _, p in unmatched] == ["MTI_MISMATCH"], unmatched
 
 

@@ -25,7 +25,7 @@ from guard.simulation import cards
 from guard.simulation.hostserver import HostServer
 from guard.simulation.hostsim import HostCore
 from guard.simulation.readersim import ReaderSim
-from tests.integration.test_e2e_reader import Guard, config
+from tests.support.e2e import Guard, config
 
 PAN = "4761739001010119"
 COMPLETION_TIMEOUT = 5  # the shortest the config allows

@@ -19,8 +19,8 @@ from guard.core.model import TxnState
 from guard.simulation.hostserver import HostServer
 from guard.simulation.hostsim import HostCore
 from guard.hostlink.iso import HostCodec
-from tests.integration.test_e2e_acquirer import AMOUNT, counter, settled
-from tests.integration.test_e2e_reader import PAN
+from tests.support.e2e import AMOUNT, counter, settled
+from tests.support.e2e import PAN
 
 
 @contextlib.contextmanager

@@ -31,52 +31,7 @@ from guard.core.model import TxnState
 from posguard.config import parse
 from posguard.run import build
 from tests.support import write_guard_toml
-
-TID, MID = "E2ETERM1", "E2EMERCHANT0001"
-PAN = "4761739001010119"
-
-
-def config(tmp: Path, reader_url: str, host_port: int, **host: Any) -> dict[str, Any]:
-    return {
-        "terminal": {"terminal_id": TID, "merchant_id": MID},
-        "reader": {"url": reader_url, "reader_id": "R1"},
-        "host": {"address": "127.0.0.1", "port": host_port, "timeout": 1.0, "reversal_timeout": 1.0, **host},
-        "journal": {"path": str(tmp / "journal.db"), "keys": str(tmp / "keys")},
-        "policy": {"double_swipe_window": 0, "card_max_count": 0, "card_max_amount": 0, "terminal_max_count": 0},
-    }
-
-
-class Guard:
-    """The daemon's objects (posguard.run.build) stepped in a thread, as `posguard run` does."""
-
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        self._cfg = parse(cfg)
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self.error: BaseException | None = None
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        assert self._ready.wait(10) and self.error is None, repr(self.error)
-
-    def _loop(self) -> None:
-        try:
-            self.svc, self.bridge = build(self._cfg)  # SQLite objects belong to this thread
-            self._ready.set()
-            try:
-                while not self._stop.is_set():
-                    self.svc.step(0.01)
-            finally:
-                self.bridge.link.port.close()
-                self.svc.close()
-        except BaseException as e:  # surfaced by stop()
-            self.error = e
-            self._ready.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._t.join(timeout=5)
-        assert self.error is None, repr(self.error)
-
+from tests.support.e2e import MID, PAN, TID, Guard, config, journal_kinds, status_after  # noqa: F401
 
 @pytest.fixture
 def rig(tmp_path: Path, keys: DeviceKeys, host_server: Callable[..., tuple[HostServer, int]],
@@ -263,17 +218,6 @@ def test_double_swipe_rule_end_to_end_held_then_confirmed_over_the_link(tmp_path
     assert kinds == [("held", "HOLD_DOUBLE_SWIPE"), ("released", None)]
 
 
-def _journal_kinds(tmp_path: Path, *kinds: str) -> list[tuple[str, dict[str, Any]]]:
-    from guard.journal.store import Journal
-    from guard.journal.keys import load_keys
-
-    j = Journal.open(tmp_path / "journal.db", load_keys(tmp_path / "keys"), terminal_id=TID)
-    try:
-        return [(e.kind, e.payload) for e in j.entries() if e.kind in kinds]
-    finally:
-        j.close()
-
-
 def test_operator_error_remedies_end_to_end_over_the_link(tmp_path: Path) -> None:
     """Field problem 4 through the reader link: the amount is confirmed before anything is sent
     (CANCEL drops a wrong one), a large sale asks for a signature (SIGNED records it), a refund goes
@@ -302,18 +246,9 @@ def test_operator_error_remedies_end_to_end_over_the_link(tmp_path: Path) -> Non
         led = core.ledger()
         assert [(d["type"], d["amount"]) for d in led["debits"]] == [("SALE", 12_340), ("REFUND", 340)]
         assert led["totals"]["net_amount"] == 12_000
-    kinds = _journal_kinds(tmp_path, "held", "outcome", "signature", "refund_of")
+    kinds = journal_kinds(tmp_path, "held", "outcome", "signature", "refund_of")
     assert [k for k, _ in kinds] == ["held", "outcome", "held", "outcome", "signature", "refund_of", "held", "outcome"]
     assert kinds[1][1]["reason"] == "OPERATOR_CANCELLED" and kinds[3][1]["signature"] == "REQUIRED"
-
-
-def status_after(r: ReaderSim, txn: bytes, state: TxnState, deadline: float) -> Any:
-    """STATUS of ``txn`` until it leaves ``state`` or the monotonic ``deadline`` passes."""
-    final = r.status(txn, timeout=10)
-    while isinstance(final, M.ResultMessage) and final.state is state and time.monotonic() < deadline:
-        time.sleep(0.1)
-        final = r.status(txn, timeout=10)
-    return final
 
 
 def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(tmp_path: Path, keys: DeviceKeys) -> None:
@@ -353,7 +288,7 @@ def test_offline_sale_end_to_end_deferred_then_forwarded_when_the_host_returns(t
         cable.close()
         if server is not None:
             server.stop()
-    kinds = [k for k, _ in _journal_kinds(tmp_path, "deferred", "advice_attempt", "outcome")]
+    kinds = [k for k, _ in journal_kinds(tmp_path, "deferred", "advice_attempt", "outcome")]
     assert kinds == ["deferred", "outcome", "advice_attempt", "outcome"]
 
 
@@ -402,7 +337,7 @@ def test_velocity_identity_and_void_rules_end_to_end_over_the_link(tmp_path: Pat
         led = core.ledger()
         assert led["totals"]["net_amount"] == 2000, "only sale two stays charged"
         assert core.total_net_debits() == 1
-    entries = _journal_kinds(tmp_path, "outcome", "reversal_pending", "reversed")
+    entries = journal_kinds(tmp_path, "outcome", "reversal_pending", "reversed")
     reasons = [(k, p.get("reason")) for k, p in entries]
     assert ("outcome", "VELOCITY_CARD_COUNT") in reasons
     assert ("reversal_pending", "ECHO_MISMATCH") in reasons and ("reversal_pending", "VOID") in reasons
