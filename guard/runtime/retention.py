@@ -5,7 +5,9 @@ file restarted in place from a signed ``segment`` record, ids of archived transa
 ``archived_txns``), done from the daemon loop (``GuardService.step``) without stopping it:
 
 1. Due when the live file's first entry is older than 2 x ``retain_s``, or its data (pages in
-   use) exceed ``max_live_bytes``; checked every ``check_every_s``.
+   use) exceed ``BUDGET_START_FRACTION`` of ``max_live_bytes`` (the budget is a ceiling: sales
+   go on while the archive is copied and the cut waits for a quiet moment); checked every
+   ``check_every_s``.
 2. Archive in slices: ``slice_entries`` entries a loop round (a few ms) are copied into ``<archive>.tmp``
    (guard.journal.archive), reading the live file between two commits.
 3. At a quiet moment (no request between intent and answer, no transaction's record for
@@ -52,6 +54,8 @@ log = logging.getLogger("posguard.retention")
 DAY_S = 86_400.0
 MIN_KEEP_S = 60.0
 
+
+BUDGET_START_FRACTION = 0.75  # a run starts here, so what is written until its cut still fits the budget
 
 @dataclass(frozen=True)
 class RetentionConfig:
@@ -153,7 +157,8 @@ class Retention:
         keep = max(self.cfg.retain_s, window)
         if self.cfg.retain_s > 0 and row[0] < now - 2 * keep:
             return now - keep, "age"
-        if self.cfg.max_live_bytes and self.live_data_bytes() > self.cfg.max_live_bytes and row[0] < now - window:
+        start_at = self.cfg.max_live_bytes * BUDGET_START_FRACTION
+        if self.cfg.max_live_bytes and self.live_data_bytes() > start_at and row[0] < now - window:
             return now - window, "budget"
         return None
 
