@@ -25,23 +25,27 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 
-from guard.core.errors import JournalError, PosguardError
+from guard.core.errors import PosguardError
 from guard.fleet.chain import ChainReject, ChainState
 from guard.fleet.schema import connect, day_of, ensure_days
+from guard.fleet.states import StateError, copy_field, txns_copy_text
 from guard.journal.format import ROLE_ARCHIVE, archive_ratchet_commitment, entry_body, entry_hash
 from guard.journal.keys import load_k0, public_key_chain
 from guard.journal.schema import _connect, schema_problem
-from guard.ops.export import JournalView, Rec, build_view
 
 _COLS = "seq, ts, kind, txn, payload, prev_hash, entry_hash, mac"
 COPY_ENTRIES = "COPY entries (terminal, day, seq, ts, kind, txn, payload, prev_hash, entry_hash, mac) FROM STDIN"
 JOURNAL_SUFFIXES = (".db", ".sqlite", ".journal")
+_VERIFY_CHUNK = 4096  # rows verified, then queued for COPY while the next ones are verified
+_APART_FROM = 8192  # new entries from which the states are folded in the helper process
 
 
 class FleetError(PosguardError):
@@ -161,8 +165,6 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], No
         owner: dict[str, int] = {}
         for _, term, p in opened:
             groups[owner.setdefault(term, len(owner) % jobs)].append(p)
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         done = 0
         with ProcessPoolExecutor(jobs) as pool:
             for fut in as_completed([pool.submit(_ingest_ordered, dsn, g) for g in groups if g]):
@@ -172,26 +174,33 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], No
                 if progress is not None:
                     progress(done, len(opened))
         return results
-    results += _ingest_ordered(dsn, [p for _, _, p in opened], progress)
+    results += _ingest_ordered(dsn, [p for _, _, p in opened], progress, apart=True)
     return results
 
 
-def _ingest_ordered(dsn: str, paths: list[Path], progress: Callable[[int, int], None] | None = None
-                    ) -> list[IngestResult]:
+def _ingest_ordered(dsn: str, paths: list[Path], progress: Callable[[int, int], None] | None = None, *,
+                    apart: bool = False) -> list[IngestResult]:
+    """``apart``: fold transaction states in a helper process (when this is the only worker)."""
     known: set[dt.date] = set()
     out: list[IngestResult] = []
-    with connect(dsn) as conn:
-        for i, p in enumerate(paths):
-            out.append(ingest_file(conn, p, known))
-            if progress is not None:
-                progress(i + 1, len(paths))
+    deriver = _Deriver() if apart else None
+    try:
+        with connect(dsn) as conn:
+            for i, p in enumerate(paths):
+                out.append(ingest_file(conn, p, known, deriver=deriver))
+                if progress is not None:
+                    progress(i + 1, len(paths))
+    finally:
+        if deriver is not None:
+            deriver.close()
     return out
 
 
 def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] | None = None, *,
-                expect_terminal: str | None = None) -> IngestResult:
+                expect_terminal: str | None = None, deriver: _Deriver | None = None) -> IngestResult:
     """One file, one transaction. ``expect_terminal``: the uploader's authenticated terminal id
-    (``fleet serve``'s client certificate); a file of another terminal is refused."""
+    (``fleet serve``'s client certificate); a file of another terminal is refused. ``deriver``:
+    the helper process that folds transaction states of big uploads meanwhile."""
     try:
         f = _File(path)
         if expect_terminal is not None and f.terminal != expect_terminal:
@@ -207,7 +216,7 @@ def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] |
         ensure_days(conn, days, known)
         try:
             with conn.transaction():
-                return _ingest_locked(conn, f)
+                return _ingest_locked(conn, f, deriver)
         except _Reject as r:
             res = IngestResult(str(path), f.terminal, "rejected", f.lo, f.hi, code=r.code, seq=r.seq, reason=r.reason)
             _record_rejection(conn, res)
@@ -221,7 +230,7 @@ def _record_rejection(conn: psycopg.Connection[Any], res: IngestResult) -> None:
                  (res.terminal, res.seq, res.code, res.reason, res.file))
 
 
-def _ingest_locked(conn: psycopg.Connection[Any], f: _File) -> IngestResult:
+def _ingest_locked(conn: psycopg.Connection[Any], f: _File, deriver: _Deriver | None) -> IngestResult:
     row = conn.execute("SELECT state, witness_seq FROM terminals WHERE terminal = %s FOR UPDATE",
                        (f.terminal,)).fetchone()
     if row is None:
@@ -243,27 +252,37 @@ def _ingest_locked(conn: psycopg.Connection[Any], f: _File) -> IngestResult:
     if hi < n:
         return IngestResult(str(f.path), f.terminal, "unchanged", lo, hi, 0)
     clock = time.perf_counter
-    t0 = clock()
     new = list(f.rows(n, hi))
-    try:
-        st.feed(new, file_first_seq=lo)
-    except ChainReject as e:
-        raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"{e.reason}: {e.detail}") from None
-    want = archive_ratchet_commitment(st.key) if f.archive else st.key
-    if f.rat_key != want:
-        raise _Reject("FLEET_ENTRY_INVALID", hi + 1, f"RATCHET_MISMATCH: the file's ratchet key is not k_{hi + 1}")
-    t1 = clock()
-    _copy_entries(conn, f.terminal, new)
-    t2 = clock()
-    _upsert_txns(conn, f, n)
+    t0 = clock()
+    pending = _derive_apart(f, n, new, deriver)
+    verify_s = 0.0
+    with conn.cursor() as cur, cur.copy(COPY_ENTRIES, writer=QueuedLibpqWriter(cur)) as cp:
+        for i in range(0, len(new), _VERIFY_CHUNK):
+            part = new[i:i + _VERIFY_CHUNK]
+            tv = clock()
+            try:
+                st.feed(part, file_first_seq=lo)
+            except ChainReject as e:
+                raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"{e.reason}: {e.detail}") from None
+            verify_s += clock() - tv
+            for text in copy_text(f.terminal, part):
+                cp.write(text)
+        want = archive_ratchet_commitment(st.key) if f.archive else st.key
+        if f.rat_key != want:
+            raise _Reject("FLEET_ENTRY_INVALID", hi + 1, f"RATCHET_MISMATCH: the file's ratchet key is not k_{hi + 1}")
+        t1 = clock()
+        states = _txn_text(f, n, new, pending)  # the server still ingests the entries meanwhile
+        t2 = clock()
     t3 = clock()
+    _upsert_txns(conn, states)
+    t4 = clock()
     conn.execute("UPDATE terminals SET state = %s, witness_seq = %s, witness_cp = %s, last_seen = now(), "
                  "first_seq = CASE WHEN state->>'next_seq' = '1' THEN %s ELSE first_seq END WHERE terminal = %s",
                  (json.dumps(st.to_json()), st.last_cp_seq, st.last_cp or None, lo, f.terminal))
     conn.execute("INSERT INTO ingests (terminal, file, first_seq, last_seq, added) VALUES (%s, %s, %s, %s, %s)",
                  (f.terminal, str(f.path), n, hi, len(new)))
     return IngestResult(str(f.path), f.terminal, "added", lo, hi, len(new),
-                        seconds={"verify": t1 - t0, "copy": t2 - t1, "states": t3 - t2})
+                        seconds={"verify": verify_s, "copy": t1 - t0 - verify_s + t3 - t2, "states": t2 - t1 + t4 - t3})
 
 
 def _check_overlap(conn: psycopg.Connection[Any], f: _File, lo: int, hi: int) -> None:
@@ -285,18 +304,10 @@ def _check_overlap(conn: psycopg.Connection[Any], f: _File, lo: int, hi: int) ->
             raise _Reject("FLEET_FORK", seq, f"entry {seq} differs from the entry the fleet accepted for that seq")
 
 
-_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _t(v: str | None) -> str:
-    """A text value in COPY's text format."""
-    return "\\N" if v is None else v.translate(_ESC)
-
-
 def copy_text(terminal: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
     """``entries`` rows in COPY text format, about 1 MB per chunk (formatting here is several times
     cheaper than psycopg's per-row ``write_row``)."""
-    term = _t(terminal)
+    term = copy_field(terminal)
     days: dict[int, str] = {}
     buf: list[str] = []
     size = 0
@@ -305,7 +316,7 @@ def copy_text(terminal: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
         day = days.get(d)
         if day is None:
             day = days[d] = day_of(ts).isoformat()
-        line = (f"{term}\t{day}\t{seq}\t{ts!r}\t{_t(kind)}\t{_t(txn)}\t{_t(payload)}\t\\\\x{prev.hex()}\t"
+        line = (f"{term}\t{day}\t{seq}\t{ts!r}\t{copy_field(kind)}\t{copy_field(txn)}\t{copy_field(payload)}\t\\\\x{prev.hex()}\t"
                 f"\\\\x{h.hex()}\t\\\\x{mac.hex()}\n")
         buf.append(line)
         size += len(line)
@@ -316,63 +327,64 @@ def copy_text(terminal: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
         yield "".join(buf)
 
 
-def _copy_entries(conn: psycopg.Connection[Any], terminal: str, rows: list[tuple[Any, ...]]) -> None:
-    with conn.cursor() as cur, cur.copy(COPY_ENTRIES) as cp:
-        for chunk in copy_text(terminal, rows):
-            cp.write(chunk)
-
-
-def _upsert_txns(conn: psycopg.Connection[Any], f: _File, first_new: int) -> None:
-    """The state of each transaction the new entries touch, as the engine restores it from the file.
-
-    When the file holds older entries too (a live journal uploaded again as it grows), only the
-    touched transactions' entries (and the sales their VOIDs/REFUNDs name) are restored; if the
-    engine needs anything else it says so and the whole file is restored instead.
-    """
-    view = None
+def _state_rows(f: _File, first_new: int, new: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The records the touched transactions' states are folded from: the new entries and, when the
+    file holds older ones too (a live journal uploaded again as it grows), those transactions'
+    older records (seq, ts, kind, txn, payload; rows without a transaction id play no part)."""
+    rows = [r[:5] for r in new if r[3] is not None]
     if first_new > int(f.lo):
-        view = _restore_touched(f, first_new)
-    if view is None:
-        view = _restore(f, f"SELECT {_COLS} FROM entries ORDER BY seq", ())
-    rows = [(f.terminal, t.key, t.kind, t.state, t.stan, t.date, t.amount, t.tid, t.mid, t.masked_pan, t.rrn,
-             t.history[-1][0] if t.history else 0, t.updated)
-            for t in view.txns.values() if t.history and t.history[-1][0] >= first_new]
-    if not rows:
+        keys = sorted({r[3] for r in rows})
+        rows[:0] = f.conn.execute("SELECT seq, ts, kind, txn, payload FROM entries WHERE seq < ? AND txn IN "
+                                  "(SELECT value FROM json_each(?)) ORDER BY seq", (first_new, json.dumps(keys))).fetchall()
+    return rows
+
+
+def _derive_apart(f: _File, first_new: int, new: list[tuple[Any, ...]], deriver: _Deriver | None
+                  ) -> Future[str] | None:
+    """Start folding the states in the helper process (big uploads only: it costs a pickle)."""
+    if deriver is None or len(new) < _APART_FROM:
+        return None
+    return deriver.pool().submit(txns_copy_text, f.terminal, _state_rows(f, first_new, new), first_new)
+
+
+def _txn_text(f: _File, first_new: int, new: list[tuple[Any, ...]], pending: Future[str] | None) -> str:
+    """``txns`` rows (COPY text) for the transactions the new entries touch (``guard.fleet.states``)."""
+    try:
+        if pending is not None:
+            return pending.result()
+        return txns_copy_text(f.terminal, _state_rows(f, first_new, new), first_new)
+    except StateError as e:
+        raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"the engine cannot restore the verified entries: {e}") from None
+
+
+class _Deriver:
+    """One helper process, started on the first big upload, that folds transaction states while
+    the ingesting process verifies and COPYs (the fold is pure Python: it needs its own core)."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    def pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(1)
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+
+def _upsert_txns(conn: psycopg.Connection[Any], text: str) -> None:
+    if not text:
         return
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS txns_in (LIKE txns) ON COMMIT DELETE ROWS")
     with conn.cursor() as cur, cur.copy("COPY txns_in FROM STDIN") as cp:
-        for r in rows:
-            cp.write_row(r)
+        cp.write(text)
     conn.execute("INSERT INTO txns SELECT * FROM txns_in ON CONFLICT (terminal, txn) DO UPDATE SET "
                  "kind = EXCLUDED.kind, state = EXCLUDED.state, stan = EXCLUDED.stan, date = EXCLUDED.date, "
                  "amount = EXCLUDED.amount, tid = EXCLUDED.tid, mid = EXCLUDED.mid, masked_pan = EXCLUDED.masked_pan, "
                  "rrn = EXCLUDED.rrn, last_seq = EXCLUDED.last_seq, updated = EXCLUDED.updated "
                  "WHERE EXCLUDED.last_seq > txns.last_seq")
-
-
-def _restore(f: _File, sql: str, args: tuple[Any, ...]) -> JournalView:
-    recs = (Rec(s, ts, k, t, json.loads(p)) for s, ts, k, t, p, _, _, _ in f.conn.execute(sql, args))
-    try:
-        return build_view(f.meta, recs)
-    except JournalError as e:
-        raise _Reject("FLEET_ENTRY_INVALID", None, f"the engine cannot restore the verified entries: {e}") from None
-
-
-def _restore_touched(f: _File, first_new: int) -> JournalView | None:
-    keys = {t for (t,) in f.conn.execute("SELECT DISTINCT txn FROM entries WHERE seq >= ? AND txn IS NOT NULL",
-                                         (first_new,))}
-    if not keys:
-        return None
-    for (p,) in f.conn.execute("SELECT payload FROM entries WHERE kind = 'intent' AND txn IN "
-                               "(SELECT value FROM json_each(?))", (json.dumps(sorted(keys)),)):
-        original = json.loads(p).get("original")
-        if isinstance(original, str):
-            keys.add(original)
-    try:
-        return _restore(f, f"SELECT {_COLS} FROM entries WHERE txn IN (SELECT value FROM json_each(?)) ORDER BY seq",
-                        (json.dumps(sorted(keys)),))
-    except _Reject:
-        return None
 
 
 __all__ = ["FleetError", "IngestResult", "enroll", "ingest", "ingest_file", "journal_files"]
