@@ -274,7 +274,7 @@ def _ingest_locked(conn: psycopg.Connection[Any], f: _File, deriver: _Deriver | 
         states = _txn_text(f, n, new, pending)  # the server still ingests the entries meanwhile
         t2 = clock()
     t3 = clock()
-    _upsert_txns(conn, states)
+    _upsert_txns(conn, states, first=n == 1)
     t4 = clock()
     conn.execute("UPDATE terminals SET state = %s, witness_seq = %s, witness_cp = %s, last_seen = now(), "
                  "first_seq = CASE WHEN state->>'next_seq' = '1' THEN %s ELSE first_seq END WHERE terminal = %s",
@@ -374,8 +374,13 @@ class _Deriver:
             self._pool.shutdown(cancel_futures=True)
 
 
-def _upsert_txns(conn: psycopg.Connection[Any], text: str) -> None:
+def _upsert_txns(conn: psycopg.Connection[Any], text: str, *, first: bool) -> None:
+    """``first``: the terminal's first entries, so it has no ``txns`` rows yet (COPY them straight in)."""
     if not text:
+        return
+    if first:
+        with conn.cursor() as cur, cur.copy("COPY txns FROM STDIN") as cp:
+            cp.write(text)
         return
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS txns_in (LIKE txns) ON COMMIT DELETE ROWS")
     with conn.cursor() as cur, cur.copy("COPY txns_in FROM STDIN") as cp:

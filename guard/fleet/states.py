@@ -72,8 +72,13 @@ _ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def copy_field(v: object) -> str:
-    """A text value in COPY's text format."""
-    return "\\N" if v is None else str(v).translate(_ESC)
+    """A text value in COPY's text format (``translate`` only when needed: it is slow per character)."""
+    if v is None:
+        return "\\N"
+    s = v if type(v) is str else str(v)
+    if "\\" in s or "\t" in s or "\n" in s or "\r" in s:
+        return s.translate(_ESC)
+    return s
 
 
 def txns_copy_text(terminal: str, rows: list[tuple[Any, ...]], first_new: int) -> str:
