@@ -34,7 +34,7 @@ class StateError(Exception):
 def txn_rows(terminal: str, rows: Iterable[tuple[Any, ...]], first_new: int) -> list[TxnRow]:
     """``txns`` rows for the transactions whose last record in ``rows`` is at or after ``first_new``.
 
-    ``rows``: (seq, ts, kind, txn, payload text, ...) in seq order, holding every record of those
+    ``rows``: (seq, ts, kind, txn, payload text) in seq order, holding every record of those
     transactions that the file holds. Records of a transaction whose intent is not among them
     change nothing (as in a restore); rows without a transaction id are skipped.
     """
@@ -44,7 +44,7 @@ def txn_rows(terminal: str, rows: Iterable[tuple[Any, ...]], first_new: int) -> 
     ids: dict[str, tuple[str, str]] = {}
     seq = 0
     try:
-        for seq, ts, kind, key, payload, *_ in rows:
+        for seq, ts, kind, key, payload in rows:
             if key is None:
                 continue
             last[key] = (seq, ts)
