@@ -25,7 +25,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ _COLS = "seq, ts, kind, txn, payload, prev_hash, entry_hash, mac"
 COPY_ENTRIES = "COPY entries (terminal, day, seq, ts, kind, txn, payload, prev_hash, entry_hash, mac) FROM STDIN"
 JOURNAL_SUFFIXES = (".db", ".sqlite", ".journal")
 _VERIFY_CHUNK = 4096  # rows verified, then queued for COPY while the next ones are verified
-_APART_FROM = 8192  # new entries from which the states are folded in the helper process
 
 
 class FleetError(PosguardError):
@@ -174,33 +173,26 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], No
                 if progress is not None:
                     progress(done, len(opened))
         return results
-    results += _ingest_ordered(dsn, [p for _, _, p in opened], progress, apart=True)
+    results += _ingest_ordered(dsn, [p for _, _, p in opened], progress)
     return results
 
 
-def _ingest_ordered(dsn: str, paths: list[Path], progress: Callable[[int, int], None] | None = None, *,
-                    apart: bool = False) -> list[IngestResult]:
-    """``apart``: fold transaction states in a helper process (when this is the only worker)."""
+def _ingest_ordered(dsn: str, paths: list[Path], progress: Callable[[int, int], None] | None = None
+                    ) -> list[IngestResult]:
     known: set[dt.date] = set()
     out: list[IngestResult] = []
-    deriver = _Deriver() if apart else None
-    try:
-        with connect(dsn) as conn:
-            for i, p in enumerate(paths):
-                out.append(ingest_file(conn, p, known, deriver=deriver))
-                if progress is not None:
-                    progress(i + 1, len(paths))
-    finally:
-        if deriver is not None:
-            deriver.close()
+    with connect(dsn) as conn:
+        for i, p in enumerate(paths):
+            out.append(ingest_file(conn, p, known))
+            if progress is not None:
+                progress(i + 1, len(paths))
     return out
 
 
 def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] | None = None, *,
-                expect_terminal: str | None = None, deriver: _Deriver | None = None) -> IngestResult:
+                expect_terminal: str | None = None) -> IngestResult:
     """One file, one transaction. ``expect_terminal``: the uploader's authenticated terminal id
-    (``fleet serve``'s client certificate); a file of another terminal is refused. ``deriver``:
-    the helper process that folds transaction states of big uploads meanwhile."""
+    (``fleet serve``'s client certificate); a file of another terminal is refused."""
     try:
         f = _File(path)
         if expect_terminal is not None and f.terminal != expect_terminal:
@@ -216,7 +208,7 @@ def ingest_file(conn: psycopg.Connection[Any], path: Path, known: set[dt.date] |
         ensure_days(conn, days, known)
         try:
             with conn.transaction():
-                return _ingest_locked(conn, f, deriver)
+                return _ingest_locked(conn, f)
         except _Reject as r:
             res = IngestResult(str(path), f.terminal, "rejected", f.lo, f.hi, code=r.code, seq=r.seq, reason=r.reason)
             _record_rejection(conn, res)
@@ -230,7 +222,7 @@ def _record_rejection(conn: psycopg.Connection[Any], res: IngestResult) -> None:
                  (res.terminal, res.seq, res.code, res.reason, res.file))
 
 
-def _ingest_locked(conn: psycopg.Connection[Any], f: _File, deriver: _Deriver | None) -> IngestResult:
+def _ingest_locked(conn: psycopg.Connection[Any], f: _File) -> IngestResult:
     row = conn.execute("SELECT state, witness_seq FROM terminals WHERE terminal = %s FOR UPDATE",
                        (f.terminal,)).fetchone()
     if row is None:
@@ -254,7 +246,6 @@ def _ingest_locked(conn: psycopg.Connection[Any], f: _File, deriver: _Deriver | 
     clock = time.perf_counter
     new = list(f.rows(n, hi))
     t0 = clock()
-    pending = _derive_apart(f, n, new, deriver)
     verify_s = 0.0
     with conn.cursor() as cur, cur.copy(COPY_ENTRIES, writer=QueuedLibpqWriter(cur)) as cp:
         for i in range(0, len(new), _VERIFY_CHUNK):
@@ -271,7 +262,7 @@ def _ingest_locked(conn: psycopg.Connection[Any], f: _File, deriver: _Deriver | 
         if f.rat_key != want:
             raise _Reject("FLEET_ENTRY_INVALID", hi + 1, f"RATCHET_MISMATCH: the file's ratchet key is not k_{hi + 1}")
         t1 = clock()
-        states = _txn_text(f, n, new, pending)  # the server still ingests the entries meanwhile
+        states = _txn_text(f, n, new)  # the server still ingests the queued entries meanwhile
         t2 = clock()
     t3 = clock()
     _upsert_txns(conn, states, first=n == 1)
@@ -339,39 +330,12 @@ def _state_rows(f: _File, first_new: int, new: list[tuple[Any, ...]]) -> list[tu
     return rows
 
 
-def _derive_apart(f: _File, first_new: int, new: list[tuple[Any, ...]], deriver: _Deriver | None
-                  ) -> Future[str] | None:
-    """Start folding the states in the helper process (big uploads only: it costs a pickle)."""
-    if deriver is None or len(new) < _APART_FROM:
-        return None
-    return deriver.pool().submit(txns_copy_text, f.terminal, _state_rows(f, first_new, new), first_new)
-
-
-def _txn_text(f: _File, first_new: int, new: list[tuple[Any, ...]], pending: Future[str] | None) -> str:
+def _txn_text(f: _File, first_new: int, new: list[tuple[Any, ...]]) -> str:
     """``txns`` rows (COPY text) for the transactions the new entries touch (``guard.fleet.states``)."""
     try:
-        if pending is not None:
-            return pending.result()
         return txns_copy_text(f.terminal, _state_rows(f, first_new, new), first_new)
     except StateError as e:
         raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"the engine cannot restore the verified entries: {e}") from None
-
-
-class _Deriver:
-    """One helper process, started on the first big upload, that folds transaction states while
-    the ingesting process verifies and COPYs (the fold is pure Python: it needs its own core)."""
-
-    def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
-
-    def pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(1)
-        return self._pool
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
 
 
 def _upsert_txns(conn: psycopg.Connection[Any], text: str, *, first: bool) -> None:

@@ -24,7 +24,7 @@ class StateError(Exception):
     """A verified record the engine's functions cannot apply (the seq and what went wrong)."""
 
     def __init__(self, seq: int, detail: str) -> None:
-        super().__init__(seq, detail)  # both in args: it is raised in a worker process and pickled back
+        super().__init__(seq, detail)
         self.seq, self.detail = seq, detail
 
     def __str__(self) -> str:
@@ -82,8 +82,7 @@ def copy_field(v: object) -> str:
 
 
 def txns_copy_text(terminal: str, rows: list[tuple[Any, ...]], first_new: int) -> str:
-    """``txn_rows`` as COPY text for ``txns`` (what ``fleet ingest`` runs in a helper process while
-    it verifies and COPYs the entries)."""
+    """``txn_rows`` as COPY text for ``txns``."""
     return "".join(f"{copy_field(a)}\t{copy_field(b)}\t{copy_field(c)}\t{copy_field(d)}\t{e}\t{copy_field(f)}\t{g}\t"
                    f"{copy_field(h)}\t{copy_field(i)}\t{copy_field(j)}\t{copy_field(k)}\t{s}\t{ts!r}\n"
                    for a, b, c, d, e, f, g, h, i, j, k, s, ts in txn_rows(terminal, rows, first_new))

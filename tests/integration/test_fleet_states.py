@@ -1,16 +1,13 @@
 """The fleet's transaction states (``guard.fleet.states``: the engine's ``from_intent``/``evolve``
 per record) equal what the engine's full restore gives for every transaction of seeded simulated
 journals with host faults, crashes, VOIDs and REFUNDs, for a whole file and for the records after
-any seq; and ``fleet ingest`` stores the same ``txns`` whether it folds them inline or in its
-helper process."""
+any seq (what ``fleet ingest`` stored before the fold)."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from guard.fleet.states import TxnRow, txn_rows
 from guard.ops.export import load_view
@@ -44,25 +41,3 @@ def test_fold_equals_engine_restore(tmp_path: Path) -> None:
             assert got == _restored(t.tid, t.journal, first_new), (seed, first_new)
             compared += len(got)
     assert compared > 500  # the seeds produce enough transactions to mean something
-
-
-@pytest.mark.slow
-def test_ingest_helper_process_stores_the_same(tmp_path: Path, pg_server: Any, monkeypatch: pytest.MonkeyPatch
-                                               ) -> None:
-    psycopg = pytest.importorskip("psycopg")
-    import guard.fleet.ingest as ing
-    from guard.fleet.schema import init
-
-    terms = [run_terminal(seed, tmp_path / "j") for seed in range(6)]
-    tables = []
-    for name, apart_from in (("inline", 10**9), ("apart", 1)):
-        monkeypatch.setattr(ing, "_APART_FROM", apart_from)
-        dsn = pg_server.fresh_dsn(f"states_{name}")
-        init(dsn, hash_parts=2)
-        for t in terms:
-            ing.enroll(dsn, t.tid, t.keys)
-        res = ing.ingest(dsn, [t.journal for t in terms])
-        assert {r.status for r in res} == {"added"}, [r.line() for r in res]
-        with psycopg.connect(dsn) as c:
-            tables.append(c.execute("SELECT * FROM txns ORDER BY terminal, txn").fetchall())
-    assert tables[0] == tables[1] and len(tables[0]) > 50
