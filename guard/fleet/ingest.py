@@ -25,23 +25,26 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 
-from guard.core.errors import JournalError, PosguardError
+from guard.core.errors import PosguardError
 from guard.fleet.chain import ChainReject, ChainState
 from guard.fleet.schema import connect, day_of, ensure_days
+from guard.fleet.states import StateError, copy_field, txns_copy_text
 from guard.journal.format import ROLE_ARCHIVE, archive_ratchet_commitment, entry_body, entry_hash
 from guard.journal.keys import load_k0, public_key_chain
 from guard.journal.schema import _connect, schema_problem
-from guard.ops.export import JournalView, Rec, build_view
 
 _COLS = "seq, ts, kind, txn, payload, prev_hash, entry_hash, mac"
 COPY_ENTRIES = "COPY entries (terminal, day, seq, ts, kind, txn, payload, prev_hash, entry_hash, mac) FROM STDIN"
 JOURNAL_SUFFIXES = (".db", ".sqlite", ".journal")
+_VERIFY_CHUNK = 4096  # rows verified, then queued for COPY while the next ones are verified
 
 
 class FleetError(PosguardError):
@@ -161,8 +164,6 @@ def ingest(dsn: str, paths: Iterable[Path], *, progress: Callable[[int, int], No
         owner: dict[str, int] = {}
         for _, term, p in opened:
             groups[owner.setdefault(term, len(owner) % jobs)].append(p)
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
         done = 0
         with ProcessPoolExecutor(jobs) as pool:
             for fut in as_completed([pool.submit(_ingest_ordered, dsn, g) for g in groups if g]):
@@ -243,27 +244,36 @@ def _ingest_locked(conn: psycopg.Connection[Any], f: _File) -> IngestResult:
     if hi < n:
         return IngestResult(str(f.path), f.terminal, "unchanged", lo, hi, 0)
     clock = time.perf_counter
-    t0 = clock()
     new = list(f.rows(n, hi))
-    try:
-        st.feed(new, file_first_seq=lo)
-    except ChainReject as e:
-        raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"{e.reason}: {e.detail}") from None
-    want = archive_ratchet_commitment(st.key) if f.archive else st.key
-    if f.rat_key != want:
-        raise _Reject("FLEET_ENTRY_INVALID", hi + 1, f"RATCHET_MISMATCH: the file's ratchet key is not k_{hi + 1}")
-    t1 = clock()
-    _copy_entries(conn, f.terminal, new)
-    t2 = clock()
-    _upsert_txns(conn, f, n)
+    t0 = clock()
+    verify_s = 0.0
+    with conn.cursor() as cur, cur.copy(COPY_ENTRIES, writer=QueuedLibpqWriter(cur)) as cp:
+        for i in range(0, len(new), _VERIFY_CHUNK):
+            part = new[i:i + _VERIFY_CHUNK]
+            tv = clock()
+            try:
+                st.feed(part, file_first_seq=lo)
+            except ChainReject as e:
+                raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"{e.reason}: {e.detail}") from None
+            verify_s += clock() - tv
+            for text in copy_text(f.terminal, part):
+                cp.write(text)
+        want = archive_ratchet_commitment(st.key) if f.archive else st.key
+        if f.rat_key != want:
+            raise _Reject("FLEET_ENTRY_INVALID", hi + 1, f"RATCHET_MISMATCH: the file's ratchet key is not k_{hi + 1}")
+        t1 = clock()
+        states = _txn_text(f, n, new)  # the server still ingests the queued entries meanwhile
+        t2 = clock()
     t3 = clock()
+    _upsert_txns(conn, states, first=n == 1)
+    t4 = clock()
     conn.execute("UPDATE terminals SET state = %s, witness_seq = %s, witness_cp = %s, last_seen = now(), "
                  "first_seq = CASE WHEN state->>'next_seq' = '1' THEN %s ELSE first_seq END WHERE terminal = %s",
                  (json.dumps(st.to_json()), st.last_cp_seq, st.last_cp or None, lo, f.terminal))
     conn.execute("INSERT INTO ingests (terminal, file, first_seq, last_seq, added) VALUES (%s, %s, %s, %s, %s)",
                  (f.terminal, str(f.path), n, hi, len(new)))
     return IngestResult(str(f.path), f.terminal, "added", lo, hi, len(new),
-                        seconds={"verify": t1 - t0, "copy": t2 - t1, "states": t3 - t2})
+                        seconds={"verify": verify_s, "copy": t1 - t0 - verify_s + t3 - t2, "states": t2 - t1 + t4 - t3})
 
 
 def _check_overlap(conn: psycopg.Connection[Any], f: _File, lo: int, hi: int) -> None:
@@ -285,18 +295,10 @@ def _check_overlap(conn: psycopg.Connection[Any], f: _File, lo: int, hi: int) ->
             raise _Reject("FLEET_FORK", seq, f"entry {seq} differs from the entry the fleet accepted for that seq")
 
 
-_ESC = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _t(v: str | None) -> str:
-    """A text value in COPY's text format."""
-    return "\\N" if v is None else v.translate(_ESC)
-
-
 def copy_text(terminal: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
     """``entries`` rows in COPY text format, about 1 MB per chunk (formatting here is several times
     cheaper than psycopg's per-row ``write_row``)."""
-    term = _t(terminal)
+    term = copy_field(terminal)
     days: dict[int, str] = {}
     buf: list[str] = []
     size = 0
@@ -305,7 +307,7 @@ def copy_text(terminal: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
         day = days.get(d)
         if day is None:
             day = days[d] = day_of(ts).isoformat()
-        line = (f"{term}\t{day}\t{seq}\t{ts!r}\t{_t(kind)}\t{_t(txn)}\t{_t(payload)}\t\\\\x{prev.hex()}\t"
+        line = (f"{term}\t{day}\t{seq}\t{ts!r}\t{copy_field(kind)}\t{copy_field(txn)}\t{copy_field(payload)}\t\\\\x{prev.hex()}\t"
                 f"\\\\x{h.hex()}\t\\\\x{mac.hex()}\n")
         buf.append(line)
         size += len(line)
@@ -316,63 +318,42 @@ def copy_text(terminal: str, rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
         yield "".join(buf)
 
 
-def _copy_entries(conn: psycopg.Connection[Any], terminal: str, rows: list[tuple[Any, ...]]) -> None:
-    with conn.cursor() as cur, cur.copy(COPY_ENTRIES) as cp:
-        for chunk in copy_text(terminal, rows):
-            cp.write(chunk)
-
-
-def _upsert_txns(conn: psycopg.Connection[Any], f: _File, first_new: int) -> None:
-    """The state of each transaction the new entries touch, as the engine restores it from the file.
-
-    When the file holds older entries too (a live journal uploaded again as it grows), only the
-    touched transactions' entries (and the sales their VOIDs/REFUNDs name) are restored; if the
-    engine needs anything else it says so and the whole file is restored instead.
-    """
-    view = None
+def _state_rows(f: _File, first_new: int, new: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The records the touched transactions' states are folded from: the new entries and, when the
+    file holds older ones too (a live journal uploaded again as it grows), those transactions'
+    older records (seq, ts, kind, txn, payload; rows without a transaction id play no part)."""
+    rows = [r[:5] for r in new if r[3] is not None]
     if first_new > int(f.lo):
-        view = _restore_touched(f, first_new)
-    if view is None:
-        view = _restore(f, f"SELECT {_COLS} FROM entries ORDER BY seq", ())
-    rows = [(f.terminal, t.key, t.kind, t.state, t.stan, t.date, t.amount, t.tid, t.mid, t.masked_pan, t.rrn,
-             t.history[-1][0] if t.history else 0, t.updated)
-            for t in view.txns.values() if t.history and t.history[-1][0] >= first_new]
-    if not rows:
+        keys = sorted({r[3] for r in rows})
+        rows[:0] = f.conn.execute("SELECT seq, ts, kind, txn, payload FROM entries WHERE seq < ? AND txn IN "
+                                  "(SELECT value FROM json_each(?)) ORDER BY seq", (first_new, json.dumps(keys))).fetchall()
+    return rows
+
+
+def _txn_text(f: _File, first_new: int, new: list[tuple[Any, ...]]) -> str:
+    """``txns`` rows (COPY text) for the transactions the new entries touch (``guard.fleet.states``)."""
+    try:
+        return txns_copy_text(f.terminal, _state_rows(f, first_new, new), first_new)
+    except StateError as e:
+        raise _Reject("FLEET_ENTRY_INVALID", e.seq, f"the engine cannot restore the verified entries: {e}") from None
+
+
+def _upsert_txns(conn: psycopg.Connection[Any], text: str, *, first: bool) -> None:
+    """``first``: the terminal's first entries, so it has no ``txns`` rows yet (COPY them straight in)."""
+    if not text:
+        return
+    if first:
+        with conn.cursor() as cur, cur.copy("COPY txns FROM STDIN") as cp:
+            cp.write(text)
         return
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS txns_in (LIKE txns) ON COMMIT DELETE ROWS")
     with conn.cursor() as cur, cur.copy("COPY txns_in FROM STDIN") as cp:
-        for r in rows:
-            cp.write_row(r)
+        cp.write(text)
     conn.execute("INSERT INTO txns SELECT * FROM txns_in ON CONFLICT (terminal, txn) DO UPDATE SET "
                  "kind = EXCLUDED.kind, state = EXCLUDED.state, stan = EXCLUDED.stan, date = EXCLUDED.date, "
                  "amount = EXCLUDED.amount, tid = EXCLUDED.tid, mid = EXCLUDED.mid, masked_pan = EXCLUDED.masked_pan, "
                  "rrn = EXCLUDED.rrn, last_seq = EXCLUDED.last_seq, updated = EXCLUDED.updated "
                  "WHERE EXCLUDED.last_seq > txns.last_seq")
-
-
-def _restore(f: _File, sql: str, args: tuple[Any, ...]) -> JournalView:
-    recs = (Rec(s, ts, k, t, json.loads(p)) for s, ts, k, t, p, _, _, _ in f.conn.execute(sql, args))
-    try:
-        return build_view(f.meta, recs)
-    except JournalError as e:
-        raise _Reject("FLEET_ENTRY_INVALID", None, f"the engine cannot restore the verified entries: {e}") from None
-
-
-def _restore_touched(f: _File, first_new: int) -> JournalView | None:
-    keys = {t for (t,) in f.conn.execute("SELECT DISTINCT txn FROM entries WHERE seq >= ? AND txn IS NOT NULL",
-                                         (first_new,))}
-    if not keys:
-        return None
-    for (p,) in f.conn.execute("SELECT payload FROM entries WHERE kind = 'intent' AND txn IN "
-                               "(SELECT value FROM json_each(?))", (json.dumps(sorted(keys)),)):
-        original = json.loads(p).get("original")
-        if isinstance(original, str):
-            keys.add(original)
-    try:
-        return _restore(f, f"SELECT {_COLS} FROM entries WHERE txn IN (SELECT value FROM json_each(?)) ORDER BY seq",
-                        (json.dumps(sorted(keys)),))
-    except _Reject:
-        return None
 
 
 __all__ = ["FleetError", "IngestResult", "enroll", "ingest", "ingest_file", "journal_files"]

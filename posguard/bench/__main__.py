@@ -5,6 +5,9 @@ Python, so its baseline is measured in the same run as its subject); this collec
 lines into one table with the machine description, and keeps the full outputs in --out
 (default: a temp dir) for the details. They ship with the package: no source checkout needed.
 
+A benchmark whose prerequisites are missing (fleet: psycopg and the PostgreSQL server binaries)
+prints "skipped: why" and shows as skipped.
+
 usage: posguard bench [--quick] [--only startup,engine] [--out DIR]
 """
 
@@ -64,6 +67,13 @@ BENCHES: list[tuple[str, list[str], list[str], list[tuple[str, str]]]] = [
         ("daemon RSS after 10,000 sales, MB", r"target RSS after \d+ sales <= 60 MB: \w+ \(([\d.]+) MB\)"),
         ("RSS growth 10,000 -> 20,000 sales, MB", r"target growth \d+ -> \d+ <= 5.0 MB: \w+ \(([\d.]+) MB\)"),
     ]),
+    ("fleet", [], ["--quick"], [
+        ("fleet ingest (verify, COPY, states), entries/s (median)", r"^ingest \+ verify \+ states, entries/s\s+([\d,]+)"),
+        ("  bare COPY of the same rows, entries/s (median)", r"^bare COPY, entries/s\s+([\d,]+)"),
+        ("ratio fleet ingest / bare COPY", r"^ratio ingest \(all\) / bare COPY\s+([\d.]+)"),
+        ("fleet verify of new entries, entries/s", r"^fleet verify of new entries, entries/s\s+([\d,]+)"),
+        ("fleet reconcile of the settlement rows, s", r"^reconcile [\d,]+ settlement rows vs [\d,]+ sales, s\s+([\d.]+)"),
+    ]),
     ("ops", ["--runs", "3"], ["--runs", "1", "--entries-sales", "10000", "--backlog", "1000", "--wide-window", "0"], [
         ("verify chain+MAC, entries/s", r"verify chain\+MAC \(entries/s\)\s+([\d,]+)"),
         ("replay backlog, window 32, items/s", r"replay \d+ backlog, window 32 \(items/s\)\s+([\d,]+)"),
@@ -101,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         m = re.search(r"machine: (.+)", text)
         machine = machine or (m.group(1).strip() if m else "")
         status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
+        if proc.returncode == 0 and re.search(r"^skipped: ", text, re.MULTILINE):
+            status = "skipped"  # e.g. fleet without PostgreSQL
         rows.append((f"{name} ({time.monotonic() - t0:.0f} s, {status})", "", ""))
         for label, rx in metrics:
             hit = re.search(rx, text, re.MULTILINE)

@@ -29,3 +29,15 @@ def test_bench_runs_from_the_packages_alone(tmp_path: Path) -> None:
     detail = (tmp_path / "out" / "startup.txt").read_text()
     assert f"posguard from: {site / 'posguard'}" in detail  # not from the source checkout
     assert re.search(r"start-up, 100,000 sales, ms\s+[\d.]+\n", r.stdout), r.stdout
+
+
+def test_fleet_bench_skips_without_postgresql(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                                              ) -> None:
+    """`posguard bench` on a machine without PostgreSQL: the fleet benchmark says why and exits 0
+    (the table shows it as skipped), generating nothing."""
+    import posguard.bench.fleet as fleet
+
+    monkeypatch.setattr(fleet, "find_bindir", lambda: None)
+    assert fleet.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert re.match(r"skipped: PostgreSQL server binaries not found", out) and "generated" not in out, out
