@@ -13,7 +13,8 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from guard.core.records import Kind
+from guard.core.errors import JournalError
+from guard.core.records import Kind, check
 from guard.core.txn import Txn, evolve, from_intent
 
 TxnRow = tuple[str, str, str, str, int, str, int, str, str, str, str, int, float]
@@ -36,7 +37,7 @@ def txn_rows(terminal: str, rows: Iterable[tuple[Any, ...]], first_new: int) -> 
 
     ``rows``: (seq, ts, kind, txn, payload text) in seq order, holding every record of those
     transactions that the file holds. Records of a transaction whose intent is not among them
-    change nothing (as in a restore); rows without a transaction id are skipped.
+    change nothing (as in a restore); rows without a transaction id are checked, then skipped.
     """
     loads = json.loads
     txns: dict[str, Txn] = {}
@@ -45,10 +46,11 @@ def txn_rows(terminal: str, rows: Iterable[tuple[Any, ...]], first_new: int) -> 
     seq = 0
     try:
         for seq, ts, kind, key, payload in rows:
+            p = loads(payload)
+            check(kind, key, p)  # what a restore refuses (unknown kind, missing key), also without a txn
             if key is None:
                 continue
             last[key] = (seq, ts)
-            p = loads(payload)
             if kind == _INTENT:
                 txns[key] = from_intent(key, p, ts)
                 ids[key] = (str(p.get("tid", "")), str(p.get("mid", "")))
@@ -56,7 +58,7 @@ def txn_rows(terminal: str, rows: Iterable[tuple[Any, ...]], first_new: int) -> 
                 t = txns.get(key)
                 if t is not None:
                     evolve(t, kind, p)
-    except (KeyError, ValueError, TypeError, AttributeError) as e:  # JSONDecodeError and IllegalTransition too
+    except (KeyError, ValueError, TypeError, AttributeError, JournalError) as e:  # JSONDecodeError, IllegalTransition
         raise StateError(seq, f"{e.__class__.__name__}: {e}") from None
     out: list[TxnRow] = []
     for key, t in txns.items():

@@ -41,3 +41,23 @@ def test_fold_equals_engine_restore(tmp_path: Path) -> None:
             assert got == _restored(t.tid, t.journal, first_new), (seed, first_new)
             compared += len(got)
     assert compared > 500  # the seeds produce enough transactions to mean something
+
+
+def test_a_record_no_restore_could_read_rejects_the_upload_even_without_a_txn() -> None:
+    """A MACed file from a device holding its keys can still carry a record the engine's restore
+    refuses (a stan_use without its STAN, a kind this version does not know): the fold names its
+    seq instead of skipping rows that have no transaction id."""
+    import pytest
+
+    from guard.fleet.states import StateError
+
+    intent = ('{"kind": "SALE", "fp": "f", "amount": 100, "currency": "978", "card_token": "t", '
+              '"masked_pan": "476173******0119", "vault_ref": null, "stan": 1, "f7": "1202120000", '
+              '"tid": "T", "mid": "M"}')
+    ok = [(1, 1.0, "intent", "R1:a", intent), (2, 2.0, "stan_use", None, '{"stan": 2, "purpose": "echo"}')]
+    assert [r[1] for r in txn_rows("T", ok, 1)] == ["R1:a"]
+    for bad in ((3, 3.0, "stan_use", None, '{"purpose": "echo"}'), (3, 3.0, "no_such_kind", None, "{}"),
+                (3, 3.0, "stan_use", None, "not json")):
+        with pytest.raises(StateError) as e:
+            txn_rows("T", [*ok, bad], 1)
+        assert e.value.seq == 3
