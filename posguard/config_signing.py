@@ -50,10 +50,12 @@ NAMED_FILES = ("host.cafile", "host.certfile", "host.keyfile", "host.spec")
 IDENTITY_KEYS = (
     "terminal.terminal_id", "terminal.merchant_id",
     "host.address", "host.port", "host.tls", "host.server_hostname", "host.header", "host.tpdu", "host.spec",
-    "host.cafile", "host.certfile", "host.keyfile", "host.partial_amount_field",
+    "host.cafile", "host.certfile", "host.keyfile", "host.partial_amount_field", "host.ksn_field", "host.reversal_icc",
     "response_codes.approved", "response_codes.partial", "response_codes.declined", "response_codes.duplicate",
     "policy.card_max_amount", "policy.terminal_max_amount", "policy.confirm_amount", "policy.signature_above",
+    "policy.card_max_count", "policy.terminal_max_count", "policy.double_swipe_window",
     "offline.enabled", "offline.max_sale_amount", "offline.max_total_amount", "offline.max_count",
+    "offline.chip_floor_limit", "offline.contactless_floor_limit", "offline.manual_floor_limit",
     "reader.partial_approvals",
 )
 SIGN_HOW = ("sign it: posguard config init-signer DIR (once, off the terminal; copy DIR/config.pub into the key "

@@ -167,3 +167,15 @@ def test_unsigned_check_against_a_config_loaded_written_before_identity_was_jour
     assert changed_unsigned([legacy], other) == ["terminal.merchant_id"]
     assert changed_unsigned([legacy], {**other, "signed": True}) == []
     assert changed_unsigned([], other) == [], "first start"
+
+
+def test_every_limit_on_money_or_on_how_often_a_card_is_charged_is_covered_by_the_signature() -> None:
+    """The keys added with chip cards (offline floor limits per entry mode, the KSN field and
+    what a reversal carries) and the count limits that stop a card being charged again and
+    again may not change without a signature, like the amount limits beside them."""
+    from posguard.config_signing import IDENTITY_KEYS
+
+    for key in ("offline.chip_floor_limit", "offline.contactless_floor_limit", "offline.manual_floor_limit",
+                "host.ksn_field", "host.reversal_icc", "policy.card_max_count", "policy.terminal_max_count",
+                "policy.double_swipe_window"):
+        assert key in IDENTITY_KEYS, key
